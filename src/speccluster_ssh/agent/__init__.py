@@ -1,0 +1,264 @@
+"""The head's side of the host agent: start it over a connection and talk to it.
+
+One :class:`HostAgent` runs per host and cluster. It ships the source of
+:mod:`speccluster_ssh.agent.remote` over its channel (nothing of this package
+needs to be installed on the host), then sends requests as JSON lines and
+routes the agent's events (ready, exited) to whoever waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+from ..connection import Channel, HostConnection
+from ..errors import HostError
+from ..inventory import HostSpec
+
+logger = logging.getLogger(__name__)
+
+# Reads a JSON config line and the agent's source from stdin byte-exactly
+# (no buffered reader, so nothing meant for the agent is swallowed), then runs it.
+BOOTSTRAP = """\
+import os, sys, json
+def line():
+    data = b''
+    while not data.endswith(b'\\n'):
+        chunk = os.read(0, 1)
+        if not chunk:
+            sys.exit(3)
+        data += chunk
+    return data
+config = json.loads(line())
+size = int(line())
+source = b''
+while len(source) < size:
+    chunk = os.read(0, size - len(source))
+    if not chunk:
+        sys.exit(3)
+    source += chunk
+namespace = {'__name__': 'speccluster_agent'}
+exec(compile(source, 'speccluster_agent', 'exec'), namespace)
+namespace['main'](config)
+"""
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+def agent_source() -> bytes:
+    """The agent program's source, as shipped to hosts."""
+    return resources.files(__package__).joinpath("remote.py").read_bytes()
+
+
+def agent_argv(host: HostSpec) -> list[str]:
+    """The argv that starts the agent bootstrap on ``host``."""
+    return [host.python, "-u", "-c", BOOTSTRAP]
+
+
+class HostAgent:
+    """A live agent on one host, for one cluster.
+
+    Parameters
+    ----------
+    connection
+        The shared connection to the host.
+    cluster_id
+        Identifies the cluster; names the per-cluster directory on the host.
+    silence
+        Seconds without a word from the head after which the agent kills
+        everything; the head pings every quarter of that.
+    """
+
+    def __init__(
+        self,
+        connection: HostConnection,
+        cluster_id: str,
+        *,
+        silence: float = 15.0,
+        base_dir: str | None = None,
+    ) -> None:
+        self.connection = connection
+        self.host = connection.host
+        self.cluster_id = cluster_id
+        self.silence = silence
+        self.base_dir = base_dir
+        self.facts: dict[str, Any] = {}
+        self._channel: Channel | None = None
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._handlers: dict[str, list[EventHandler]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
+        self._last_heard = time.monotonic()
+        self.lost_reason: str | None = None
+        self._lost = asyncio.Event()
+        self._on_lost: list[Callable[[str], None]] = []
+
+    @property
+    def alive(self) -> bool:
+        return self._channel is not None and not self._lost.is_set()
+
+    async def start(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Start the agent and return the facts it reports (versions, cpus, memory)."""
+        await self.connection.open()
+        channel = await self.connection.open_channel(agent_argv(self.host), self.host.prologue)
+        self._channel = channel
+        config = {
+            "cluster": self.cluster_id,
+            "host_label": self.host.name,
+            "silence": self.silence,
+            "base_dir": self.base_dir,
+            "listen_address": "127.0.0.1" if self.host.is_local else None,
+        }
+        source = agent_source()
+        channel.write(json.dumps(config).encode() + b"\n" + str(len(source)).encode() + b"\n" + source)
+        try:
+            line = await asyncio.wait_for(channel.readline(), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            await channel.close()
+            raise HostError(self.host.name, f"the agent did not start within {timeout:g} s", channel.stderr_tail()) from None
+        hello = _parse(line)
+        if hello.get("event") != "hello":
+            await channel.close()
+            raise HostError(self.host.name, _start_failure(self.host, channel.stderr_tail()), channel.stderr_tail())
+        self.facts = hello
+        self._last_heard = time.monotonic()
+        self._reader = asyncio.ensure_future(self._read_loop())
+        self._pinger = asyncio.ensure_future(self._ping_loop())
+        return hello
+
+    def on(self, event: str, handler: EventHandler) -> Callable[[], None]:
+        """Call ``handler(message)`` for each ``event``; returns an unsubscribe function."""
+        self._handlers.setdefault(event, []).append(handler)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._handlers[event].remove(handler)
+
+        return unsubscribe
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` once when the agent or its channel is lost."""
+        self._on_lost.append(callback)
+
+    async def request(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply; raise :class:`HostError` on failure."""
+        if not self.alive or self._channel is None:
+            raise HostError(self.host.name, f"agent is not running ({self.lost_reason or 'not started'})")
+        self._next_id += 1
+        request_id = self._next_id
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        message = {"op": op, "id": request_id, **fields}
+        try:
+            self._channel.write(json.dumps(message).encode() + b"\n")
+            reply = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise HostError(self.host.name, f"agent did not answer {op!r} within {timeout:g} s") from None
+        except (OSError, ConnectionError) as exc:
+            raise HostError(self.host.name, f"lost the agent while sending {op!r}: {exc}") from exc
+        finally:
+            self._pending.pop(request_id, None)
+        if not reply.get("ok"):
+            raise HostError(self.host.name, f"{op} failed: {reply.get('error')}")
+        return reply
+
+    async def write_file(self, relative_path: str, data: bytes, mode: int = 0o600) -> str:
+        """Write ``data`` into the cluster directory on the host; return its path there."""
+        reply = await self.request("write_file", path=relative_path, data_b64=base64.b64encode(data).decode(), mode=mode)
+        return str(reply["path"])
+
+    async def _read_loop(self) -> None:
+        channel = self._channel
+        reason = "the agent's channel closed"
+        try:
+            while channel is not None:
+                line = await channel.readline()
+                if not line:
+                    tail = channel.stderr_tail().strip()
+                    if tail:
+                        reason += ": " + tail.splitlines()[-1]
+                    break
+                self._last_heard = time.monotonic()
+                message = _parse(line)
+                request_id = message.get("id")
+                if request_id is not None and "event" not in message:
+                    future = self._pending.get(request_id)
+                    if future is not None and not future.done():
+                        future.set_result(message)
+                    continue
+                for handler in list(self._handlers.get(str(message.get("event")), ())):
+                    try:
+                        handler(message)
+                    except Exception:  # one broken handler must not stop the others
+                        logger.exception("handler for %s on %s failed", message.get("event"), self.host.name)
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            reason = f"reading from the agent failed: {exc}"
+        except asyncio.CancelledError:
+            reason = "closed"
+            raise
+        finally:
+            self._mark_lost(reason)
+
+    async def _ping_loop(self) -> None:
+        interval = max(0.2, self.silence / 4)
+        while self.alive and self._channel is not None:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self._last_heard > self.silence:
+                self._mark_lost(f"no word from the agent for {self.silence:g} s")
+                return
+            try:
+                self._channel.write(b'{"op": "ping"}\n')
+            except (OSError, ConnectionError, RuntimeError) as exc:
+                self._mark_lost(f"cannot write to the agent: {exc}")
+                return
+
+    def _mark_lost(self, reason: str) -> None:
+        if self._lost.is_set():
+            return
+        self.lost_reason = reason
+        self._lost.set()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result({"ok": False, "error": f"agent lost: {reason}"})
+        for callback in self._on_lost:
+            try:
+                callback(reason)
+            except Exception:
+                logger.exception("lost-agent callback on %s failed", self.host.name)
+
+    async def close(self, *, remove_files: bool = True, timeout: float = 15.0) -> None:
+        """Stop every process of this cluster on the host, then the agent itself."""
+        if self.alive:
+            with contextlib.suppress(HostError):
+                await self.request("shutdown", remove=remove_files, timeout=timeout)
+        self._mark_lost("closed")
+        for task in (self._pinger, self._reader):
+            if task is not None:
+                task.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return {"event": "garbage", "data": line[:200].decode("utf-8", "replace")}
+    return message if isinstance(message, dict) else {"event": "garbage"}
+
+
+def _start_failure(host: HostSpec, stderr: str) -> str:
+    if "No module named 'distributed'" in stderr or 'No module named "distributed"' in stderr:
+        return f"python {host.python} has no 'distributed'; install it there or set speccluster_python"
+    if "not found" in stderr or "No such file" in stderr:
+        return f"cannot run python {host.python!r}; set speccluster_python to a python 3 with distributed"
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+    return f"the agent failed to start with {host.python}: {last}"

@@ -1,0 +1,432 @@
+"""SpecCluster process interfaces for dask servers run by host agents.
+
+A spec entry names its host and cluster; the interface finds the cluster's
+:class:`AgentPool`, asks that host's agent to start one process (or one per
+group suffix) and waits for each to report its real address. The agent tells
+us the moment a process exits, so ``status`` and ``finished()`` follow the
+remote process without waiting for a heartbeat timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from distributed.core import Status
+from distributed.deploy.spec import ProcessInterface
+
+from .agent import HostAgent
+from .connection import ConnectSettings, HostConnection
+from .errors import HostError
+from .inventory import HostSpec
+
+logger = logging.getLogger(__name__)
+
+
+def same_release(a: str, b: str) -> bool:
+    """True when two dask versions share their first two components."""
+    return a.split(".")[:2] == b.split(".")[:2]
+
+
+class HostState:
+    """What the cluster knows about one host: up, down or put aside, and why."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.state = "new"  # new | up | down | aside
+        self.reason = ""
+        self.failures: list[tuple[float, str]] = []
+        self.retry_at = 0.0
+        self.backoff = 1.0
+
+    def record_failure(self, reason: str) -> None:
+        self.failures.append((time.time(), reason))
+        del self.failures[:-10]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "failures": [{"time": t, "reason": r} for t, r in self.failures],
+        }
+
+
+class AgentPool:
+    """The agents of one cluster, one per host, started on first use.
+
+    Parameters
+    ----------
+    cluster_id
+        Unique id of the cluster (names remote directories and the marker).
+    hosts
+        Every host the cluster may use, by inventory name.
+    settings
+        Connection settings.
+    silence
+        Agent silence timeout in seconds.
+    """
+
+    _registry: ClassVar[weakref.WeakValueDictionary[str, AgentPool]] = weakref.WeakValueDictionary()
+
+    def __init__(
+        self,
+        cluster_id: str,
+        hosts: Mapping[str, HostSpec],
+        settings: ConnectSettings | None = None,
+        *,
+        silence: float = 15.0,
+        base_dir: str | None = None,
+        agent_timeout: float = 60.0,
+    ) -> None:
+        self.cluster_id = cluster_id
+        self.hosts = dict(hosts)
+        self.settings = settings or ConnectSettings()
+        self.silence = silence
+        self.base_dir = base_dir
+        self.agent_timeout = agent_timeout
+        self.connections: dict[str, HostConnection] = {}
+        self.agents: dict[str, HostAgent] = {}
+        self.states: dict[str, HostState] = {name: HostState(name) for name in self.hosts}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lost_callbacks: list[Callable[[str, str], None]] = []
+        self.files: dict[str, bytes] = {}  # relative path -> content, written to every host
+        self.head_scheduler: tuple[str, int] | None = None  # (protocol, port) of a head scheduler
+        self.closed = False
+        AgentPool._registry[cluster_id] = self
+
+    @classmethod
+    def lookup(cls, cluster_id: str) -> AgentPool:
+        try:
+            return cls._registry[cluster_id]
+        except KeyError:
+            raise RuntimeError(f"no agent pool for cluster {cluster_id!r}") from None
+
+    def on_host_lost(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(host_name, reason)`` when a host's agent is lost."""
+        self._lost_callbacks.append(callback)
+
+    def connection(self, name: str) -> HostConnection:
+        if name not in self.connections:
+            self.connections[name] = HostConnection(self.hosts[name], self.settings)
+        return self.connections[name]
+
+    async def agent(self, name: str) -> HostAgent:
+        """The running agent on host ``name``, starting it (once) if needed."""
+        if self.closed:
+            raise HostError(name, "the cluster is closing")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            agent = self.agents.get(name)
+            if agent is not None and agent.alive:
+                return agent
+            state = self.states[name]
+            try:
+                agent = await self._start_agent(name)
+            except HostError as exc:
+                state.state = "down"
+                state.reason = exc.reason
+                state.record_failure(exc.reason)
+                raise
+            state.state = "up"
+            state.reason = ""
+            state.backoff = 1.0
+            self.agents[name] = agent
+            return agent
+
+    async def _start_agent(self, name: str) -> HostAgent:
+        import distributed
+
+        connection = self.connection(name)
+        agent = HostAgent(connection, self.cluster_id, silence=self.silence, base_dir=self.base_dir)
+        facts = await agent.start(timeout=self.agent_timeout)
+        remote_version = str(facts.get("distributed", "?"))
+        if not same_release(remote_version, distributed.__version__):
+            await agent.close()
+            raise HostError(
+                name,
+                f"distributed {remote_version} at {facts.get('python')} does not match the head's "
+                f"{distributed.__version__}; install distributed=={distributed.__version__} there",
+            )
+        for path, data in self.files.items():
+            await agent.write_file(path, data)
+        agent.on_lost(lambda reason, host=name, a=agent: self._lost(host, a, reason))
+        return agent
+
+    def _lost(self, name: str, agent: HostAgent, reason: str) -> None:
+        if self.closed or self.agents.get(name) is not agent or reason == "closed":
+            return
+        state = self.states[name]
+        state.state = "down"
+        state.reason = reason
+        state.record_failure(reason)
+        state.retry_at = time.monotonic() + state.backoff
+        state.backoff = min(state.backoff * 2, 60.0)
+        self.agents.pop(name, None)
+        # The connection may be dead too; the next attempt reconnects.
+        conn = self.connections.pop(name, None)
+        if conn is not None:
+            asyncio.ensure_future(conn.close())
+        for callback in self._lost_callbacks:
+            try:
+                callback(name, reason)
+            except Exception:
+                logger.exception("host-lost callback failed for %s", name)
+
+    def head_address_for(self, name: str) -> str | None:
+        """The head's address as seen from host ``name`` (local end of the SSH link)."""
+        conn = self.connections.get(name)
+        return conn.local_address if conn is not None else None
+
+    def scheduler_address_for(self, name: str) -> str | None:
+        """Where host ``name`` reaches a scheduler that runs on the head.
+
+        The head may have several addresses (or a NAT one, as under Vagrant);
+        the local end of the SSH connection to that host is one the host can
+        reach. ``None`` when the scheduler is not on the head or an explicit
+        address was set.
+        """
+        if self.head_scheduler is None:
+            return None
+        protocol, port = self.head_scheduler
+        address = self.head_address_for(name)
+        if not address:
+            return None
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{protocol}://{address}:{port}"
+
+    async def close(self) -> None:
+        """Stop every agent (and so every process) and close the connections."""
+        self.closed = True
+        await asyncio.gather(*(a.close() for a in self.agents.values()), return_exceptions=True)
+        self.agents.clear()
+        await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
+        self.connections.clear()
+
+
+class RemoteProcess(ProcessInterface):
+    """One spec entry: one dask server, or a group of them, on one host.
+
+    Parameters
+    ----------
+    scheduler
+        The scheduler address given by SpecCluster (workers only).
+    name
+        The spec key; workers register as ``str(name)`` or ``f"{name}{suffix}"``.
+    host
+        Inventory name of the host to run on.
+    cluster
+        Id of the cluster whose :class:`AgentPool` owns the host's agent.
+    options
+        Keyword options for the dask server class (JSON-able values).
+    env
+        Extra environment for the process.
+    group
+        Suffixes for a group entry: one process per suffix.
+    start_timeout
+        Seconds to wait for every process of the entry to report ready.
+    """
+
+    role: ClassVar[str] = "worker"
+
+    def __init__(
+        self,
+        scheduler: str | None = None,
+        name: str | int | None = None,
+        *,
+        host: str,
+        cluster: str,
+        options: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        group: Sequence[str] | None = None,
+        start_timeout: float = 60.0,
+        stop_grace: float = 5.0,
+        **extra: Any,
+    ) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+        self.name = name
+        self.host = host
+        self.cluster = cluster
+        self.options = dict(options or {})
+        self.options.update(extra)
+        self.env = dict(env or {})
+        self.group = list(group) if group else None
+        self.start_timeout = start_timeout
+        self.stop_grace = stop_grace
+        self.members: dict[str, dict[str, Any]] = {}
+        self.exit_info: dict[str, dict[str, Any]] = {}
+        self._agent: HostAgent | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._closing = False
+
+    @property
+    def member_names(self) -> list[str]:
+        base = str(self.name)
+        return [base + suffix for suffix in self.group] if self.group else [base]
+
+    @property
+    def worker_address(self) -> str | list[str] | None:
+        """Address of the dask worker(s) started, as the scheduler sees them."""
+        addresses = [self.members.get(m, {}).get("worker_address") for m in self.member_names]
+        if self.group:
+            return addresses  # type: ignore[return-value]
+        return addresses[0]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {m: int(info["pid"]) for m, info in self.members.items() if "pid" in info}
+
+    def _scheduler_for_host(self, pool: AgentPool) -> str | None:
+        if self.scheduler is None:
+            return None
+        return pool.scheduler_address_for(self.host) or self.scheduler
+
+    def _process_options(self, member: str, agent: HostAgent) -> dict[str, Any]:
+        options = dict(self.options)
+        if self.role != "scheduler":
+            options["name"] = member
+        if "host" not in options and "interface" not in options:
+            listen = agent.facts.get("listen_address")
+            if listen:
+                options["host"] = listen
+        return options
+
+    async def start(self) -> None:
+        pool = AgentPool.lookup(self.cluster)
+        agent = await pool.agent(self.host)
+        self._agent = agent
+        ready: dict[str, asyncio.Future[dict[str, Any]]] = {
+            m: asyncio.get_running_loop().create_future() for m in self.member_names
+        }
+
+        def on_ready(message: dict[str, Any]) -> None:
+            member = message.get("name")
+            if member in ready and not ready[member].done():
+                ready[member].set_result(message)
+
+        def on_failed(message: dict[str, Any]) -> None:
+            member = message.get("name")
+            if member in ready and not ready[member].done():
+                ready[member].set_exception(
+                    HostError(self.host, f"{self.role} {member} failed to start: {message.get('error') or 'exit ' + str(message.get('code'))}", message.get("tail", ""))
+                )
+
+        def on_exited(message: dict[str, Any]) -> None:
+            member = message.get("name")
+            if member not in self.member_names:
+                return
+            on_failed(message)
+            self.exit_info[member] = message
+            if not self._closing and self.status == Status.running:
+                logger.warning("%s %s on %s exited with code %s", self.role, member, self.host, message.get("code"))
+                self.status = Status.failed
+                self._event_finished.set()
+
+        self._unsubscribe = [agent.on("ready", on_ready), agent.on("failed", on_failed), agent.on("exited", on_exited)]
+        agent.on_lost(self._on_agent_lost)
+        scheduler = self._scheduler_for_host(pool)
+        try:
+            for member in self.member_names:
+                await agent.request(
+                    "start",
+                    name=member,
+                    role=self.role,
+                    scheduler=scheduler,
+                    options=self._process_options(member, agent),
+                    env=self.env,
+                )
+            done, pending = await asyncio.wait(ready.values(), timeout=self.start_timeout)
+            if pending:
+                raise HostError(self.host, f"{self.role} {self.name} did not report ready within {self.start_timeout:g} s")
+            for member, future in ready.items():
+                self.members[member] = future.result()
+        except BaseException:
+            await self._stop_members()
+            self.status = Status.failed
+            self._event_finished.set()
+            raise
+        first = self.members[self.member_names[0]]
+        self.address = first.get("address")
+        self.external_address = self.address
+        self.status = Status.running
+
+    def _on_agent_lost(self, reason: str) -> None:
+        if not self._closing and self.status == Status.running:
+            logger.warning("%s %s on %s lost: %s", self.role, self.name, self.host, reason)
+            self.status = Status.failed
+            self._event_finished.set()
+
+    async def _stop_members(self) -> None:
+        agent = self._agent
+        if agent is None or not agent.alive:
+            return
+        await asyncio.gather(
+            *(agent.request("stop", name=m, grace=self.stop_grace, timeout=self.stop_grace + 10) for m in self.member_names),
+            return_exceptions=True,
+        )
+
+    async def close(self) -> None:
+        """Stop the entry's processes: SIGTERM, then SIGKILL after ``stop_grace``."""
+        self._closing = True
+        await self._stop_members()
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        self.status = Status.closed
+        self._event_finished.set()
+
+    async def tail(self, nbytes: int = 16384) -> dict[str, str]:
+        """The tail of each member's remote log."""
+        if self._agent is None or not self._agent.alive:
+            return {m: info.get("tail", "") for m, info in self.exit_info.items()}
+        out: dict[str, str] = {}
+        for member in self.member_names:
+            with contextlib.suppress(HostError):
+                reply = await self._agent.request("tail", name=member, bytes=nbytes)
+                out[member] = str(reply.get("data", ""))
+        return out
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} on {self.host}: status={self.status.name}>"
+
+
+class RemoteWorker(RemoteProcess):
+    """A dask ``Worker`` (no nanny) on a remote host."""
+
+    role = "worker"
+
+
+class RemoteNanny(RemoteProcess):
+    """A dask ``Nanny`` and the worker it keeps alive, on a remote host."""
+
+    role = "nanny"
+
+
+class RemoteScheduler(RemoteProcess):
+    """The dask scheduler on a remote host.
+
+    ``address`` is the scheduler's address as it reported it; the dashboard
+    link uses the port it reported.
+    """
+
+    role = "scheduler"
+
+    def __init__(self, *, host: str, cluster: str, **kwargs: Any) -> None:
+        super().__init__(None, "scheduler", host=host, cluster=cluster, **kwargs)
+
+    @property
+    def dashboard_port(self) -> int | None:
+        info = self.members.get("scheduler", {})
+        port = info.get("dashboard_port")
+        return int(port) if port else None
+
+    @property
+    def worker_address(self) -> None:
+        return None
+
