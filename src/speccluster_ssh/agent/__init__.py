@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -58,8 +59,13 @@ def agent_source() -> bytes:
 
 
 def agent_argv(host: HostSpec) -> list[str]:
-    """The argv that starts the agent bootstrap on ``host``."""
-    return [host.python, "-u", "-c", BOOTSTRAP]
+    """The argv that starts the agent bootstrap on ``host``.
+
+    A local host left at the default ``python3`` uses the head's own
+    interpreter, which is known to have ``distributed``.
+    """
+    python = sys.executable if host.is_local and host.python == "python3" else host.python
+    return [python, "-u", "-c", BOOTSTRAP]
 
 
 class HostAgent:

@@ -1,0 +1,138 @@
+"""The host agent's cleanup rules, run through a local connection (no lab needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from distributed import Scheduler
+
+from speccluster_ssh.agent import HostAgent
+from speccluster_ssh.agent.remote import _private_dir
+from speccluster_ssh.connection import ConnectSettings, HostConnection
+from speccluster_ssh.errors import HostError
+from speccluster_ssh.inventory import Inventory
+
+
+def local_host(**variables: Any) -> Any:
+    spec = {"name": "here", "ansible_connection": "local", "speccluster_python": sys.executable, **variables}
+    return Inventory.from_hosts([spec]).hosts["here"]
+
+
+async def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return []
+        await asyncio.sleep(0.05)
+    return alive
+
+
+async def start_with_worker(tmp_path: Path, silence: float = 15.0) -> tuple[Scheduler, HostAgent, int]:
+    scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address=":0")
+    await scheduler
+    agent = HostAgent(HostConnection(local_host(), ConnectSettings()), f"local-{time.monotonic_ns()}", silence=silence, base_dir=str(tmp_path / "base"))
+    await agent.start()
+    ready = asyncio.get_running_loop().create_future()
+    agent.on("ready", lambda m: ready.done() or ready.set_result(m))
+    await agent.request("start", name="w", role="worker", scheduler=scheduler.address, options={"nthreads": 1, "name": "w"})
+    message = await asyncio.wait_for(ready, 60)
+    return scheduler, agent, int(message["pid"])
+
+
+def test_children_die_with_a_killed_agent(tmp_path: Path) -> None:
+    async def main() -> None:
+        scheduler, agent, pid = await start_with_worker(tmp_path)
+        try:
+            os.kill(int(agent.facts["pid"]), signal.SIGKILL)
+            assert await wait_gone([pid], 10) == []
+        finally:
+            await agent.close()
+            await scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_silent_head_makes_the_agent_kill_everything(tmp_path: Path) -> None:
+    async def main() -> None:
+        scheduler, agent, pid = await start_with_worker(tmp_path, silence=1.5)
+        try:
+            assert agent._pinger is not None
+            agent._pinger.cancel()  # the head goes quiet, as after a network cut
+            agent_pid = int(agent.facts["pid"])
+            assert await wait_gone([pid, agent_pid], 15) == []
+        finally:
+            await agent.close()
+            await scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_closed_channel_makes_the_agent_kill_everything(tmp_path: Path) -> None:
+    async def main() -> None:
+        scheduler, agent, pid = await start_with_worker(tmp_path)
+        try:
+            agent_pid = int(agent.facts["pid"])
+            assert agent._channel is not None
+            await agent._channel.close()  # EOF on the agent's stdin
+            assert await wait_gone([pid, agent_pid], 15) == []
+        finally:
+            await agent.close()
+            await scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_shutdown_removes_the_cluster_directory(tmp_path: Path) -> None:
+    async def main() -> None:
+        scheduler, agent, pid = await start_with_worker(tmp_path)
+        directory = Path(agent.facts["dir"])
+        assert directory.is_dir()
+        assert oct(directory.stat().st_mode & 0o777) == oct(0o700)
+        path = await agent.write_file("tls/secret.pem", b"secret")
+        assert oct(Path(path).stat().st_mode & 0o777) == oct(0o600)
+        with pytest.raises(HostError, match="inside the cluster directory"):
+            await agent.write_file("../escape", b"x")
+        await agent.close(remove_files=True)
+        await scheduler.close()
+        assert await wait_gone([pid], 10) == []
+        assert not directory.exists()
+
+    asyncio.run(main())
+
+
+def test_missing_python_is_explained(tmp_path: Path) -> None:
+    async def main() -> None:
+        host = local_host(speccluster_python=str(tmp_path / "no-python"))
+        agent = HostAgent(HostConnection(host, ConnectSettings()), "x")
+        with pytest.raises((HostError, OSError)) as info:
+            await agent.start(timeout=20)
+        assert "no-python" in str(info.value)
+
+    asyncio.run(main())
+
+
+def test_private_dir_refuses_other_users_places(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    planted = shared / "planted"
+    planted.mkdir()
+    os.chown(planted, 65534, 65534)  # as if another user made it first
+    with pytest.raises(PermissionError, match="uid 65534"):
+        _private_dir(str(planted / "cluster"))
+    link = shared / "link"
+    link.symlink_to(tmp_path)
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(PermissionError):
+        _private_dir(str(link / "cluster"))
+    mine = _private_dir(str(shared / "mine" / "cluster"))
+    assert oct(os.stat(mine).st_mode & 0o777) == oct(0o700)

@@ -1,0 +1,88 @@
+"""Placement and capacity arithmetic (pure, no lab)."""
+
+from __future__ import annotations
+
+import pytest
+
+from speccluster_ssh.placement import (
+    EntryShape,
+    Target,
+    capacity,
+    choose_host,
+    entries_to_add,
+    entries_to_remove,
+    workers_for,
+)
+from speccluster_ssh.process import same_release
+
+SLOTS = {"a": 2, "b": 2, "c": 1}
+
+
+def test_spread_takes_the_least_used_host_in_inventory_order() -> None:
+    used: dict[str, int] = {}
+    order = []
+    for _ in range(5):
+        host = choose_host(SLOTS, used, policy="spread")
+        assert host is not None
+        order.append(host)
+        used[host] = used.get(host, 0) + 1
+    assert order == ["a", "b", "c", "a", "b"]
+    assert choose_host(SLOTS, used) is None
+
+
+def test_pack_fills_hosts_one_after_another() -> None:
+    used: dict[str, int] = {}
+    order = []
+    for _ in range(5):
+        host = choose_host(SLOTS, used, policy="pack")
+        assert host is not None
+        order.append(host)
+        used[host] = used.get(host, 0) + 1
+    assert order == ["a", "a", "b", "b", "c"]
+
+
+def test_down_hosts_are_never_chosen() -> None:
+    assert choose_host(SLOTS, {}, unavailable={"a", "b"}) == "c"
+    assert choose_host(SLOTS, {"c": 1}, unavailable={"a", "b"}) is None
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="spread"):
+        choose_host(SLOTS, {}, policy="random")
+
+
+def test_workers_round_up_to_whole_groups() -> None:
+    group = EntryShape("a", workers=3, threads=1, memory=100)
+    assert entries_to_add([], [group] * 4, Target(workers=4)) == 2
+    assert entries_to_add([], [group] * 4, Target(workers=3)) == 1
+    # Capacity runs out: every candidate is taken and no more.
+    assert entries_to_add([], [group] * 2, Target(workers=100)) == 2
+
+
+def test_cores_and_memory_use_each_entry_shape() -> None:
+    small = EntryShape("a", workers=1, threads=1, memory=1000)
+    big = EntryShape("gpu", workers=2, threads=4, memory=8000)
+    assert entries_to_add([], [big, small, small], Target(cores=9)) == 2
+    assert entries_to_add([small], [small, big], Target(memory=10_000)) == 2
+    assert capacity([small, big]) == Target(workers=3, cores=9, memory=17_000)
+
+
+def test_remove_keeps_the_target_and_never_splits_groups() -> None:
+    shapes = [EntryShape("a", 2, 1, 10), EntryShape("b", 2, 1, 10), EntryShape("c", 1, 1, 10)]
+    # Dropping to 3 workers: the newest (index 2, one worker) and then one
+    # group would leave 2 < 3, so only index 2 goes... then index 1 leaves 2.
+    assert entries_to_remove(shapes, [2, 1, 0], Target(workers=3)) == [2]
+    assert entries_to_remove(shapes, [2, 1, 0], Target(workers=2)) == [2, 1]
+    assert entries_to_remove(shapes, [0, 1, 2], Target(workers=0)) == [0, 1, 2]
+
+
+def test_workers_for_cores_and_memory() -> None:
+    assert workers_for(cores=5, memory=None, threads=2, memory_per_worker=0) == 3
+    assert workers_for(cores=None, memory=2500, threads=1, memory_per_worker=1000) == 3
+    assert workers_for(cores=1, memory=5000, threads=1, memory_per_worker=1000) == 5
+
+
+def test_release_comparison() -> None:
+    assert same_release("2026.8.0", "2026.8.1")
+    assert not same_release("2026.8.0", "2026.9.0")
+    assert not same_release("2025.8.0", "2026.8.0")
