@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from .errors import HostError
+from .errors import HostError, UserError
 from .inventory import HostSpec
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class HostConnection:
         if self._conn is None:
             raise HostError(self.host.name, "not connected")
         result = await asyncio.wait_for(
-            self._conn.run(shlex.join(argv), input=input, encoding=None, check=False),
+            self._conn.run(remote_command(argv), input=input, encoding=None, check=False),
             timeout,
         )
         return int(result.exit_status or 0), bytes(result.stdout or b""), bytes(result.stderr or b"")
@@ -244,6 +244,7 @@ class HostConnection:
             # The prologue is a positional argument, never spliced into the script.
             script = 'eval "$1" >&2 || exit 97; shift; exec "$@"'
             argv = ["/bin/sh", "-c", script, "speccluster-prologue", shell_prefix, *argv]
+        command = remote_command(argv)  # refuses what cannot travel, for both paths
         if self.host.is_local:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -265,7 +266,7 @@ class HostConnection:
         await self.open()
         if self._conn is None:
             raise HostError(self.host.name, "not connected")
-        process = await self._conn.create_process(shlex.join(argv), encoding=None)
+        process = await self._conn.create_process(command, encoding=None)
         # asyncssh's reader has a default line limit; our JSON lines may be long.
         stdout = process.stdout
 
@@ -286,6 +287,23 @@ class HostConnection:
                 await asyncio.wait_for(conn.wait_closed(), 5)
             except (asyncio.TimeoutError, TimeoutError, OSError, asyncssh.Error):
                 pass
+
+
+def remote_command(argv: Sequence[str]) -> str:
+    """The command line sshd hands to the login shell for ``argv``, one word per element.
+
+    SSH carries a command as one string that the remote shell splits again,
+    so every element is quoted; a NUL byte cannot travel in argv at all, and
+    SSH sends the command as UTF-8, so both are refused.
+    """
+    for arg in argv:
+        if "\0" in arg:
+            raise UserError(f"a NUL byte cannot be passed to a remote command: {arg!r}")
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"not valid UTF-8, so it cannot be sent over SSH: {arg!r}") from None
+    return shlex.join(argv)
 
 
 def ssh_options_from_common_args(args: Sequence[str]) -> dict[str, Any]:

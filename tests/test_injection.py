@@ -1,0 +1,71 @@
+"""No injection: values reach remote processes as data, never as shell code.
+
+The only shell on the way to a host is the one sshd runs the command string
+with; these tests put arbitrary strings through exactly that hop (``/bin/sh
+-c`` on :func:`remote_command`) and through the prologue wrapper, and check
+that each value arrives unchanged or is refused, and that nothing runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from speccluster_ssh.connection import remote_command
+from speccluster_ssh.errors import UserError
+
+SHELLY = st.sampled_from(["'", '"', "$(touch CANARY)", "`touch CANARY`", ";touch CANARY", "&& touch CANARY", "\n", "\\", "$HOME", "*", "|", ">", "<", "#", "~", " ", "\t", "!", "{a,b}", "%s", "\x00", "é", "\udcff"])
+PAYLOAD = st.lists(st.one_of(SHELLY, st.text(max_size=8)), max_size=6).map("".join)
+
+# printf writes each argument followed by a NUL: cheap enough for hundreds of examples.
+ECHO_ARGV = ["/usr/bin/printf", "%s\\0"]
+
+
+def through_login_shell(argv: list[str], cwd: Path) -> list[str]:
+    command = remote_command(argv)
+    result = subprocess.run(["/bin/sh", "-c", command], capture_output=True, cwd=cwd, timeout=30, check=True)
+    return [os.fsdecode(part) for part in result.stdout.split(b"\0")[:-1]]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(PAYLOAD, min_size=1, max_size=3))
+def test_argv_survives_the_remote_shell(values: list[str], tmp_path: Path) -> None:
+    canary = tmp_path / "CANARY"
+    values = [v.replace("CANARY", str(canary)) for v in values]
+    encodable = all(_encodable(v) for v in values)
+    if any("\x00" in v for v in values):
+        with pytest.raises(UserError, match="NUL"):
+            remote_command(ECHO_ARGV + values)
+    elif not encodable:
+        with pytest.raises(UserError, match="UTF-8"):
+            remote_command(ECHO_ARGV + values)
+    else:
+        assert through_login_shell(ECHO_ARGV + values, tmp_path) == values
+    assert not canary.exists()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=PAYLOAD)
+def test_prologue_wrapper_passes_argv_untouched(value: str, tmp_path: Path) -> None:
+    canary = tmp_path / "CANARY"
+    value = value.replace("CANARY", str(canary))
+    if "\x00" in value or not _encodable(value):
+        return
+    # The same wrapper connection.open_channel uses: the prologue is data ($1).
+    script = 'eval "$1" >&2 || exit 97; shift; exec "$@"'
+    argv = ["/bin/sh", "-c", script, "speccluster-prologue", "export SC_TEST=1", *ECHO_ARGV, value]
+    assert through_login_shell(argv, tmp_path) == [value]
+    assert not canary.exists()
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
