@@ -25,6 +25,7 @@ class GroupNode:
     def __init__(self, name: str) -> None:
         self.name = name
         self.hosts: list[HostNode] = []
+        self.host_names: set[str] = set()
         self.children: list[GroupNode] = []
         self.parents: list[GroupNode] = []
         self.vars: dict[str, Any] = {}
@@ -129,13 +130,15 @@ class InventoryGraph:
 
     @staticmethod
     def _join(group: GroupNode, host: HostNode) -> None:
-        if all(h.name != host.name for h in group.hosts):
+        if host.name not in group.host_names:
             group.hosts.append(host)
+            group.host_names.add(host.name)
             host.direct_groups.append(group)
 
     @staticmethod
     def _leave(group: GroupNode, host: HostNode) -> None:
         group.hosts = [h for h in group.hosts if h.name != host.name]
+        group.host_names.discard(host.name)
         host.direct_groups = [g for g in host.direct_groups if g.name != group.name]
 
     def add_child(self, parent: str, child: str, origin: Origin | None = None) -> None:

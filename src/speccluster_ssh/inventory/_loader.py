@@ -222,5 +222,7 @@ def load_data_file(path: str, shown_as: str | None = None, warnings: list[str] |
     except UnicodeDecodeError as exc:
         raise InventoryError(f"file is not valid UTF-8 ({exc.reason}); save it as UTF-8", Origin(name)) from exc
     except OSError as exc:
-        raise InventoryError(f"cannot read file: {exc.strerror}; check that it exists and is readable", Origin(name)) from exc
+        raise InventoryError(
+            f"cannot read file: {exc.strerror}; check that it exists and is readable", Origin(name)
+        ) from exc
     return load_data(text, name, warnings)

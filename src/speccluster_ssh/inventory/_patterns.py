@@ -11,7 +11,6 @@ such ranges are always typos.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import string
 
@@ -28,17 +27,41 @@ _BRACKETED_PORT_RE = re.compile(r"^\[(.+)\]:([0-9]+)$")
 _HOST_PORT_RE = re.compile(r"^((?:[^:\[\]]|\[[^\]]*\])*):([0-9]+)$")
 
 
+_HEX_GROUP_RE = re.compile(r"^[0-9a-f]{1,4}$")
+# prefixes ansible accepts in front of a dotted IPv4 tail inside an IPv6 address
+_IPV4_TAIL_PREFIXES = ("0:0:0:0:0:0:", "::", "::ffff:", "0:0:0:0:0:ffff:")
+
+
 def _is_ipv6(text: str) -> bool:
-    # ansible allows hexadecimal ranges in place of IPv6 groups; any group
-    # value is as good as another for checking the shape of the address
-    candidate = _HEX_RANGE_RE.sub("0", text)
-    if "%" in candidate:
+    """IPv6 address check with ansible's grammar (ranges allowed in groups).
+
+    Differs from :mod:`ipaddress` on purpose: ansible lets ``::`` stand for
+    at least one group only when at most six groups are written on one side
+    (so ``1:2:3:4:5:6:7::`` is refused) and accepts a dotted IPv4 tail only
+    after ``::``, ``::ffff:``, ``0:0:0:0:0:0:`` or ``0:0:0:0:0:ffff:``.
+    """
+    # any group value is as good as a range for checking the shape
+    candidate = _HEX_RANGE_RE.sub("0", text).lower()
+    if "." in candidate:
+        head, _, dotted = candidate.rpartition(":")
+        parts = dotted.split(".")
+        if len(parts) != 4 or not all(_HEX_GROUP_RE.match(p) for p in parts):
+            return False
+        return head + ":" in _IPV4_TAIL_PREFIXES
+    if candidate.count("::") > 1:
         return False
-    try:
-        ipaddress.IPv6Address(candidate)
-    except ValueError:
-        return False
-    return True
+    if "::" in candidate:
+        left, right = candidate.split("::")
+        left_groups = left.split(":") if left else []
+        right_groups = right.split(":") if right else []
+        if not all(_HEX_GROUP_RE.match(g) for g in left_groups + right_groups):
+            return False
+        n_left, n_right = len(left_groups), len(right_groups)
+        if n_left == 0 or n_right == 0:
+            return n_left + n_right <= 6
+        return n_left + n_right <= 7
+    groups = candidate.split(":")
+    return len(groups) == 8 and all(_HEX_GROUP_RE.match(g) for g in groups)
 
 
 def split_port(pattern: str) -> tuple[str, int | None]:

@@ -1,0 +1,379 @@
+"""Turn the merged variables of one host into a validated :class:`HostSpec`."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import InventoryError, Origin
+from ._loader import UnsafeStr, VaultStr
+from ._vars import PREFIX, SPECCLUSTER_VARS, BadValue
+
+__all__ = ["HostSpec", "check_var_names", "resolve_host"]
+
+# ansible_connection values we can honour; paramiko and smart end up as ssh
+_CONNECTIONS = {
+    "ssh": "ssh",
+    "paramiko": "ssh",
+    "paramiko_ssh": "ssh",
+    "smart": "ssh",
+    "local": "local",
+}
+_AUTO_INTERPRETERS = {"auto", "auto_silent", "auto_legacy", "auto_legacy_silent"}
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """Everything speccluster-ssh needs to know about one inventory host.
+
+    Attributes
+    ----------
+    name
+        Inventory hostname.
+    address
+        Address to connect to: ``ansible_host`` (or ``ansible_ssh_host``), else the name.
+    port
+        SSH port from ``ansible_port``/``ansible_ssh_port`` or a ``host:port`` pattern.
+    user
+        Remote user (``ansible_user``/``ansible_ssh_user``), ``None`` for the SSH default.
+    key_file
+        Private key file (``ansible_ssh_private_key_file``), with ``~`` expanded.
+    connection
+        ``"ssh"`` or ``"local"``.
+    ssh_common_args
+        ``ansible_ssh_common_args`` split like a shell command line.
+    python
+        Python interpreter to run on the host.
+    groups
+        Every group the host belongs to, ancestors included, sorted, without ``all``.
+    nworkers, nthreads, memory_limit, worker_class, slots, resources, env, prologue,
+    local_directory, interface, scheduler_port, dashboard_port, known_hosts,
+    connect_timeout, venv, worker_options
+        Validated ``speccluster_*`` variables, see :data:`SPECCLUSTER_VARS`.
+    vars
+        Every merged variable, as ``ansible-inventory --list`` shows it for the host.
+    """
+
+    name: str
+    address: str
+    port: int | None
+    user: str | None
+    key_file: str | None
+    connection: str
+    ssh_common_args: tuple[str, ...]
+    python: str
+    groups: tuple[str, ...]
+    nworkers: int
+    nthreads: int | None
+    memory_limit: int | str
+    worker_class: str
+    slots: int
+    resources: dict[str, float] = field(compare=False, hash=False)
+    env: dict[str, str] = field(compare=False, hash=False)
+    prologue: str | None = None
+    local_directory: str | None = None
+    interface: str | None = None
+    scheduler_port: int = 0
+    dashboard_port: int | None = None
+    known_hosts: str = "strict"
+    connect_timeout: float = 10.0
+    venv: str | None = None
+    worker_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def is_local(self) -> bool:
+        """Whether commands for this host run locally instead of over SSH."""
+        return self.connection == "local"
+
+
+def _contains(value: Any, kind: type) -> bool:
+    if isinstance(value, kind):
+        return True
+    if isinstance(value, Mapping):
+        return any(_contains(v, kind) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_contains(v, kind) for v in value)
+    return False
+
+
+def _has_template(value: Any) -> bool:
+    if isinstance(value, UnsafeStr):
+        return False  # !unsafe means "take literally"
+    if isinstance(value, str):
+        return "{{" in value or "{%" in value
+    if isinstance(value, Mapping):
+        return any(_has_template(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_template(v) for v in value)
+    return False
+
+
+def _plain(value: Any) -> Any:
+    """Drop our str subclasses so that HostSpec fields hold plain types."""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _plain_containers(value: Any) -> Any:
+    """Deep copy with plain dicts and lists, keeping scalar values as they are."""
+    if isinstance(value, Mapping):
+        return {k: _plain_containers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_containers(v) for v in value]
+    return value
+
+
+def _usable(host: str, var: str, value: Any, origin: Origin | None) -> Any:
+    """Refuse values we cannot use literally: vaulted or templated ones."""
+    if _contains(value, VaultStr):
+        raise InventoryError(
+            f"{var} on host {host} is vault-encrypted; speccluster-ssh cannot decrypt "
+            "vault values, so write it in clear text",
+            origin,
+        )
+    if _has_template(value):
+        raise InventoryError(
+            f"{var} on host {host} is a Jinja2 template ({value!r}), which speccluster-ssh "
+            "does not evaluate; write the final value",
+            origin,
+        )
+    return _plain(value)
+
+
+def suggest(name: str) -> str:
+    """A ``did you mean`` hint for an unknown ``speccluster_`` variable."""
+    close = difflib.get_close_matches(name, list(SPECCLUSTER_VARS), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]}?"
+    return "known names: " + ", ".join(SPECCLUSTER_VARS)
+
+
+def check_var_names(variables: Mapping[Any, Any], origins: Mapping[Any, Origin], owner: str) -> None:
+    """Reject unknown ``speccluster_*`` names, suggesting the closest known one.
+
+    Parameters
+    ----------
+    variables
+        Variables of a host or group.
+    origins
+        Where each variable was set, when known.
+    owner
+        ``"host NAME"`` or ``"group NAME"``, for the message.
+
+    Raises
+    ------
+    InventoryError
+        On the first unknown name.
+    """
+    for name in variables:
+        if isinstance(name, str) and name.startswith(PREFIX) and name not in SPECCLUSTER_VARS:
+            origin = origins.get(name)
+            raise InventoryError(
+                f"unknown variable {name} on {owner}; {suggest(name)}",
+                origin,
+            )
+
+
+def _last(variables: Mapping[str, Any], *names: str) -> tuple[str, Any] | None:
+    # ansible's ssh plugin reads its aliases in order and the last one set wins
+    found = None
+    for name in names:
+        if name in variables:
+            found = (name, variables[name])
+    return found
+
+
+def _connection_str(host: str, var: str, value: Any, origin: Origin | None) -> str:
+    value = _usable(host, var, value, origin)
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
+        raise InventoryError(
+            f"{var} on host {host} must be a non-empty string, got {value!r}; fix the value",
+            origin,
+        )
+    return str(value)
+
+
+def resolve_host(
+    name: str,
+    variables: dict[str, Any],
+    origins: Mapping[str, Origin],
+    groups: tuple[str, ...],
+    warnings: list[str] | None = None,
+) -> HostSpec:
+    """Validate the merged variables of a host and build its :class:`HostSpec`.
+
+    Parameters
+    ----------
+    name
+        Inventory hostname.
+    variables
+        Merged variables, as ansible would give them for the host.
+    origins
+        Where each variable was set, when known.
+    groups
+        Sorted names of the host's groups, without ``all``.
+    warnings
+        Optional list that collects non-fatal problems.
+
+    Returns
+    -------
+    HostSpec
+        The validated host.
+
+    Raises
+    ------
+    InventoryError
+        On an unknown ``speccluster_`` variable, a value of the wrong type or
+        unit, or an unsupported ``ansible_connection``.
+    """
+    check_var_names(variables, origins, f"host {name}")
+
+    def var_origin(var: str) -> Origin | None:
+        return origins.get(var)
+
+    # --- speccluster_* ------------------------------------------------------
+    spec: dict[str, Any] = {}
+    for var, row in SPECCLUSTER_VARS.items():
+        if var not in variables:
+            spec[var] = row.default
+            continue
+        raw = _usable(name, var, variables[var], var_origin(var))
+        try:
+            spec[var] = row.validator(raw)
+        except BadValue as exc:
+            origin = var_origin(var)
+            raise InventoryError(
+                f"{var} on host {name} must be {exc.expected}, got {raw!r}; {exc.fix}",
+                origin,
+            ) from None
+
+    # --- ansible connection variables ----------------------------------------
+    found = _last(variables, "ansible_host", "ansible_ssh_host")
+    address = _connection_str(name, found[0], found[1], var_origin(found[0])) if found else name
+
+    port: int | None = None
+    found = _last(variables, "ansible_port", "ansible_ssh_port")
+    if found is not None and found[1] is not None:
+        var, value = found
+        value = _usable(name, var, value, var_origin(var))
+        number = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, str) and value.strip().isdigit():
+            number = int(value)
+        if number is None or not 1 <= number <= 65535:
+            raise InventoryError(
+                f"{var} on host {name} must be a port number from 1 to 65535, got {value!r}"
+                f"; write e.g. 22",
+                var_origin(var),
+            )
+        port = number
+
+    user: str | None = None
+    found = _last(variables, "ansible_user", "ansible_ssh_user")
+    if found is not None and found[1] is not None:
+        user = _connection_str(name, found[0], found[1], var_origin(found[0]))
+
+    key_file: str | None = None
+    found = _last(variables, "ansible_private_key_file", "ansible_ssh_private_key_file")
+    if found is not None and found[1] is not None:
+        key_file = os.path.expanduser(_connection_str(name, found[0], found[1], var_origin(found[0])))
+
+    connection = "ssh"
+    if variables.get("ansible_connection") is not None:
+        raw = _connection_str(
+            name, "ansible_connection", variables["ansible_connection"], var_origin("ansible_connection")
+        )
+        short = raw.strip()
+        for prefix in ("ansible.builtin.", "ansible.legacy."):
+            if short.startswith(prefix):
+                short = short[len(prefix) :]
+        if short not in _CONNECTIONS:
+            origin = var_origin("ansible_connection")
+            raise InventoryError(
+                f"ansible_connection on host {name} is {raw!r}, which speccluster-ssh does not "
+                "support; use ssh (paramiko and smart also mean ssh) or local",
+                origin,
+            )
+        connection = _CONNECTIONS[short]
+
+    ssh_common_args: tuple[str, ...] = ()
+    if variables.get("ansible_ssh_common_args") is not None:
+        var = "ansible_ssh_common_args"
+        value = _usable(name, var, variables[var], var_origin(var))
+        if isinstance(value, str):
+            try:
+                ssh_common_args = tuple(shlex.split(value))
+            except ValueError as exc:
+                raise InventoryError(
+                    f"{var} on host {name} cannot be split ({exc}); check its quotes",
+                    var_origin(var),
+                ) from None
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            ssh_common_args = tuple(value)
+        else:
+            raise InventoryError(
+                f"{var} on host {name} must be a string of ssh options, got {value!r}"
+                f"; write e.g. '-o ProxyJump=bastion'",
+                var_origin(var),
+            )
+
+    # --- python: ours, then the venv's, then ansible's, then python3 ---------
+    python = spec["speccluster_python"]
+    if python is None and spec["speccluster_venv"] is not None:
+        python = spec["speccluster_venv"].rstrip("/") + "/bin/python"
+    interp_raw = variables.get("ansible_python_interpreter")
+    if python is None and interp_raw is not None and _has_template(interp_raw):
+        # common for localhost ("{{ ansible_playbook_python }}"); we cannot
+        # evaluate it, so fall back to python3 instead of failing
+        if warnings is not None:
+            warnings.append(
+                f"ansible_python_interpreter on host {name} is a template ({interp_raw!r}); using python3, "
+                "set speccluster_python to choose another interpreter"
+            )
+    elif python is None and interp_raw is not None:
+        interp = _connection_str(
+            name, "ansible_python_interpreter", variables["ansible_python_interpreter"],
+            var_origin("ansible_python_interpreter"),
+        )
+        if interp.strip() not in _AUTO_INTERPRETERS:
+            python = interp
+    if python is None:
+        python = "python3"
+
+    return HostSpec(
+        name=name,
+        address=address,
+        port=port,
+        user=user,
+        key_file=key_file,
+        connection=connection,
+        ssh_common_args=ssh_common_args,
+        python=python,
+        groups=groups,
+        nworkers=spec["speccluster_nworkers"],
+        nthreads=spec["speccluster_nthreads"],
+        memory_limit=spec["speccluster_memory_limit"],
+        worker_class=spec["speccluster_worker_class"],
+        slots=spec["speccluster_slots"],
+        resources=dict(spec["speccluster_resources"]),
+        env=dict(spec["speccluster_env"]),
+        prologue=spec["speccluster_prologue"],
+        local_directory=spec["speccluster_local_directory"],
+        interface=spec["speccluster_interface"],
+        scheduler_port=spec["speccluster_scheduler_port"],
+        dashboard_port=spec["speccluster_dashboard_port"],
+        known_hosts=spec["speccluster_known_hosts"],
+        connect_timeout=float(spec["speccluster_connect_timeout"]),
+        venv=spec["speccluster_venv"],
+        worker_options=dict(spec["speccluster_worker_options"]),
+        vars=_plain_containers(variables),
+    )

@@ -1,0 +1,294 @@
+"""The ``speccluster_*`` inventory variables: one table of names, validators, defaults and docs.
+
+:data:`SPECCLUSTER_VARS` is the single source of truth; the README table is
+generated from it with :func:`speccluster_vars_markdown`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from ..units import parse_bytes
+
+__all__ = [
+    "PREFIX",
+    "SPECCLUSTER_VARS",
+    "BadValue",
+    "VarSpec",
+    "speccluster_vars_markdown",
+]
+
+PREFIX = "speccluster_"
+
+
+class BadValue(ValueError):
+    """A variable value does not fit: says what was expected and how to fix it.
+
+    Parameters
+    ----------
+    expected
+        What the value must be, e.g. ``"a positive integer"``.
+    fix
+        A short hint, e.g. ``"write a whole number such as 2"``.
+    """
+
+    def __init__(self, expected: str, fix: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.fix = fix
+
+
+class VarSpec(NamedTuple):
+    """One row of :data:`SPECCLUSTER_VARS`."""
+
+    validator: Callable[[Any], Any]
+    """Turns a raw inventory value into the stored value or raises :class:`BadValue`."""
+    default: Any
+    """Value used when the variable is not set anywhere."""
+    doc: str
+    """One line of documentation."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_int(value: Any) -> int | None:
+    """An int from an int or a string of digits, else None."""
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        return int(value)
+    return None
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def positive_int(value: Any) -> int:
+    """Validate an integer >= 1."""
+    number = _as_int(value)
+    if number is None or number < 1:
+        raise BadValue("a positive integer", "write a whole number such as 2")
+    return number
+
+
+def non_negative_int(value: Any) -> int:
+    """Validate an integer >= 0."""
+    number = _as_int(value)
+    if number is None or number < 0:
+        raise BadValue("an integer >= 0", "write a whole number such as 1 (0 means no workers here)")
+    return number
+
+
+def optional_positive_int(value: Any) -> int | None:
+    """Validate an integer >= 1 or null."""
+    if value is None:
+        return None
+    number = _as_int(value)
+    if number is None or number < 1:
+        raise BadValue("a positive integer or null", "write a whole number such as 4, or null to use the cpu count")
+    return number
+
+
+def memory_limit(value: Any) -> int | str:
+    """Validate ``"auto"`` or a positive size, returned in bytes."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        size = parse_bytes(value)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise BadValue("'auto' or a positive size", "write a size such as '4 GiB' or '500MB', or auto")
+    return size
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    listed = " or ".join(repr(c) for c in choices)
+
+    def check(value: Any) -> str:
+        if isinstance(value, str) and value.strip().lower() in choices:
+            return value.strip().lower()
+        raise BadValue(f"one of {listed}", f"write {listed}")
+
+    check.__doc__ = f"Validate one of {listed}."
+    return check
+
+
+def resources(value: Any) -> dict[str, float]:
+    """Validate a mapping of resource names to non-negative numbers."""
+    expected = "a mapping of resource names to numbers"
+    fix = "write e.g. {GPU: 1, MEMORY: 8e9}"
+    if not isinstance(value, Mapping):
+        raise BadValue(expected, fix)
+    result: dict[str, float] = {}
+    for key, amount in value.items():
+        number = _as_number(amount)
+        if not isinstance(key, str) or not key or number is None or number < 0:
+            raise BadValue(expected, fix)
+        result[str(key)] = number
+    return result
+
+
+def non_empty_str(value: Any) -> str:
+    """Validate a non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadValue("a non-empty string", "write a path such as /usr/bin/python3")
+    return str(value)
+
+
+def optional_str(value: Any) -> str | None:
+    """Validate a non-empty string or null."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise BadValue("a non-empty string or null", "write a plain string, or null")
+    return str(value)
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def env(value: Any) -> dict[str, str]:
+    """Validate a mapping of environment variable names to strings (numbers become strings)."""
+    expected = "a mapping of environment variable names to strings"
+    fix = "write e.g. {OMP_NUM_THREADS: 1, MALLOC_TRIM_THRESHOLD_: '0'}"
+    if not isinstance(value, Mapping):
+        raise BadValue(expected, fix)
+    result: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            raise BadValue(expected + f" (bad name {key!r})", fix)
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise BadValue(expected + f" (bad value for {key})", fix)
+        result[key] = str(item)
+    return result
+
+
+def prologue(value: Any) -> str | None:
+    """Validate shell lines: a string or a list of strings, joined by newlines."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return str(value) if value.strip() else None
+    if isinstance(value, list) and all(isinstance(line, str) for line in value):
+        return "\n".join(str(line) for line in value) if value else None
+    raise BadValue("a string or a list of strings (shell lines)", "write e.g. ['module load python', 'ulimit -n 4096']")
+
+
+def _port(optional: bool) -> Callable[[Any], int | None]:
+    def check(value: Any) -> int | None:
+        if value is None and optional:
+            return None
+        number = _as_int(value)
+        if number is None or not 0 <= number <= 65535:
+            expected = "a port number from 0 to 65535" + (" or null" if optional else "")
+            raise BadValue(expected, "write e.g. 8786 (0 picks a free port)")
+        return number
+
+    check.__doc__ = "Validate a port number 0-65535" + (" or null." if optional else ".")
+    return check
+
+
+def positive_number(value: Any) -> float:
+    """Validate a number > 0."""
+    number = _as_number(value)
+    if number is None or number <= 0:
+        raise BadValue("a positive number of seconds", "write e.g. 10 or 2.5")
+    return number
+
+
+def options_mapping(value: Any) -> dict[str, Any]:
+    """Validate a mapping with string keys."""
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
+        raise BadValue("a mapping of option names to values", "write e.g. {lifetime: 1h, lifetime_stagger: 5m}")
+    return dict(value)
+
+
+#: Every variable speccluster-ssh reads from an inventory: name -> (validator, default, doc).
+SPECCLUSTER_VARS: dict[str, VarSpec] = {
+    "speccluster_nworkers": VarSpec(
+        positive_int, 1, "Workers started by one spec entry on the host (more than 1 makes the entry a group)."
+    ),
+    "speccluster_nthreads": VarSpec(
+        optional_positive_int, None, "Threads per worker; null lets the host decide (its cpu count / nworkers)."
+    ),
+    "speccluster_memory_limit": VarSpec(
+        memory_limit, "auto", "Memory limit per worker: 'auto' or a size such as '4 GiB', '500MB' or bytes."
+    ),
+    "speccluster_worker_class": VarSpec(
+        _choice("nanny", "worker"), "nanny", "Run workers under a Nanny ('nanny') or bare ('worker')."
+    ),
+    "speccluster_slots": VarSpec(
+        non_negative_int, 1, "How many spec entries the host accepts; 0 means no workers on this host."
+    ),
+    "speccluster_resources": VarSpec(
+        resources, {}, "Abstract worker resources, a mapping such as {GPU: 1}."
+    ),
+    "speccluster_python": VarSpec(
+        non_empty_str, None,
+        "Python interpreter on the host; default <venv>/bin/python, else ansible_python_interpreter, else python3.",
+    ),
+    "speccluster_env": VarSpec(
+        env, {}, "Extra environment variables for the dask processes (numbers become strings)."
+    ),
+    "speccluster_prologue": VarSpec(
+        prologue, None, "Shell lines run before starting dask (a string or a list of strings)."
+    ),
+    "speccluster_local_directory": VarSpec(
+        optional_str, None, "Scratch directory of the dask processes on the host."
+    ),
+    "speccluster_interface": VarSpec(
+        optional_str, None, "Network interface the dask processes listen on and advertise (e.g. eth0)."
+    ),
+    "speccluster_scheduler_port": VarSpec(
+        _port(optional=False), 0, "Port of the scheduler; 0 picks a free one."
+    ),
+    "speccluster_dashboard_port": VarSpec(
+        _port(optional=True), None, "Port of the scheduler dashboard; null keeps dask's default."
+    ),
+    "speccluster_known_hosts": VarSpec(
+        _choice("strict", "accept-new"), "strict",
+        "SSH host key policy: 'strict' (must be in known_hosts) or 'accept-new' (trust on first use).",
+    ),
+    "speccluster_connect_timeout": VarSpec(
+        positive_number, 10.0, "Seconds to wait for the SSH connection."
+    ),
+    "speccluster_venv": VarSpec(
+        optional_str, None, "Path of a virtualenv on the host; its bin/python is used unless speccluster_python is set."
+    ),
+    "speccluster_worker_options": VarSpec(
+        options_mapping, {}, "Extra keyword options passed to the dask worker (or nanny)."
+    ),
+}
+
+
+def speccluster_vars_markdown() -> str:
+    """Render :data:`SPECCLUSTER_VARS` as a Markdown table for the README.
+
+    Returns
+    -------
+    str
+        A table with one row per variable: name, default and description.
+    """
+    rows = ["| Variable | Default | Description |", "|---|---|---|"]
+    for name, spec in SPECCLUSTER_VARS.items():
+        default = "null" if spec.default is None else repr(spec.default)
+        rows.append(f"| `{name}` | `{default}` | {spec.doc} |")
+    return "\n".join(rows)
