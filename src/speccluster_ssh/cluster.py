@@ -21,11 +21,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dask
-from dask.utils import parse_bytes
+from dask.utils import parse_bytes, parse_timedelta
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
+from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
 from distributed.scheduler import Scheduler
+from distributed.utils import Log
 
 from . import config as sc_config
 from .connection import ConnectSettings
@@ -37,6 +39,13 @@ from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, Rem
 logger = logging.getLogger(__name__)
 
 FAILURES_BEFORE_ASIDE = 3
+
+
+class UnknownMemoryError(UserError, ValueError):
+    """Scaling by memory was asked for, but the memory of a worker is not known.
+
+    A ``ValueError`` too, as ``SpecCluster.scale(memory=...)`` raises one.
+    """
 
 
 class SSHAdaptive(Adaptive):
@@ -149,8 +158,12 @@ class SSHSpecCluster(SpecCluster):
         self.worker_options = dict(worker_options or {})
         self.capacity_note = ""
         self.dead_logs: dict[str, str] = {}
+        # Consecutive start failures per host (reset by a successful start).
         self._entry_failures: dict[str, int] = {}
+        self._start_errors: dict[str, str] = {}
         self._heal_task: asyncio.Task[None] | None = None
+        self._retry_tasks: dict[str, asyncio.Task[None]] = {}
+        self.last_heal_error = ""
         self._scheduler_address = scheduler_address
         worker_hosts = {h.name: h for h in inventory.worker_hosts}
         self.worker_hosts = worker_hosts
@@ -159,7 +172,7 @@ class SSHSpecCluster(SpecCluster):
             all_hosts[inventory.scheduler_host.name] = inventory.scheduler_host
         settings = ConnectSettings(
             known_hosts=known_hosts,
-            known_hosts_policy=known_hosts_policy or sc_config.get("known-hosts"),
+            known_hosts_policy=known_hosts_policy,
             ssh_config=list(ssh_config),
             connect_timeout=connect_timeout,
         )
@@ -181,7 +194,7 @@ class SSHSpecCluster(SpecCluster):
         if scheduler is None:
             scheduler = self._scheduler_spec(dict(scheduler_options or {}), sec)
         self._i = 0
-        initial: dict[str, Any] = dict(workers or {})
+        initial = {str(key): self._complete_entry(spec) for key, spec in (workers or {}).items()}
         self._init_spec(
             initial, scheduler, worker, asynchronous, loop, sec, silence_logs, name, shutdown_on_close,
             scheduler_sync_interval, n_workers,
@@ -226,6 +239,34 @@ class SSHSpecCluster(SpecCluster):
         )
 
     # -- construction helpers -------------------------------------------
+    def _complete_entry(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """Fill in what a user-written spec entry cannot know: the cluster id and TLS files."""
+        entry = dict(spec)
+        cls = entry.get("cls")
+        if isinstance(cls, str):
+            from distributed.utils import import_term
+
+            cls = entry["cls"] = import_term(cls)
+        if not (isinstance(cls, type) and issubclass(cls, RemoteProcess)):
+            raise UserError(f"a worker spec entry needs a RemoteNanny or RemoteWorker class, got {cls!r}")
+        options = dict(entry.get("options") or {})
+        host = options.get("host")
+        if host not in self.worker_hosts:
+            raise UserError(
+                f"a worker spec entry names host {host!r}, which is not a worker host of the inventory; "
+                f"use one of {', '.join(self.worker_hosts) or '(none)'}"
+            )
+        options["cluster"] = self.cluster_id
+        options.setdefault("start_timeout", self.start_timeout)
+        options.setdefault("env", dict(self.worker_hosts[host].env))
+        inner = dict(options.get("options") or {})
+        if self.remote_security:
+            inner.setdefault("security", dict(self.remote_security, require_encryption=True))
+        inner.setdefault("dashboard_address", ":0")
+        options["options"] = inner
+        entry["options"] = options
+        return entry
+
     @classmethod
     def from_inventory(cls, path: str | os.PathLike[str], **options: Any) -> SSHSpecCluster:
         """Build a cluster from an Ansible inventory file.
@@ -254,6 +295,7 @@ class SSHSpecCluster(SpecCluster):
                 remote_options["interface"] = sched_host.interface
             if self.remote_security:
                 remote_options["security"] = dict(self.remote_security, require_encryption=True)
+                remote_options["protocol"] = "tls"
             remote_options.update(options)
             return {
                 "cls": RemoteScheduler,
@@ -346,7 +388,10 @@ class SSHSpecCluster(SpecCluster):
         threads = int(inner.get("nthreads") or 1)
         memory = inner.get("memory_limit")
         if isinstance(memory, str) and memory != "auto":
-            memory = parse_bytes(memory)
+            try:
+                memory = parse_bytes(memory)
+            except ValueError:
+                memory = 0  # the worker itself will refuse it, with the host named
         if not isinstance(memory, int) or memory <= 0:
             facts = self.pool.agents[host_name].facts if host_name in self.pool.agents else {}
             total = int(facts.get("memory") or 0)
@@ -389,19 +434,27 @@ class SSHSpecCluster(SpecCluster):
         Counts dask workers (a group entry counts as its size, rounded up to
         whole entries). Past the inventory's capacity it scales to capacity
         and says so once, in the log and in :meth:`status_report`.
+
+        Raises
+        ------
+        UnknownMemoryError
+            For ``memory=`` when a worker's memory is not known: set
+            ``speccluster_memory_limit``, or let the cluster reach a host first.
         """
         target = Target(
             workers=int(n or 0),
             cores=int(cores or 0),
             memory=parse_bytes(memory) if isinstance(memory, str) else int(memory or 0),
         )
+        if target.memory:
+            self._memory_per_worker()  # fail early rather than fill every slot
         shapes = {key: self._shape(spec) for key, spec in self.worker_spec.items()}
         if not target.met_by(list(shapes.values())):
             if self.status not in (Status.closing, Status.closed):
                 self._grow(target, shapes)
         else:
             self._shrink(target, shapes)
-        self.loop.add_callback(self._correct_state)
+        self.loop.add_callback(self._correct_state_in_background)
         if self.asynchronous:
             from distributed.utils import NoOpAwaitable
 
@@ -424,8 +477,10 @@ class SSHSpecCluster(SpecCluster):
             f"asked for {target.workers} workers, {target.cores} cores, {target.memory} bytes; "
             f"the inventory's usable capacity is {sum(s.workers for s in shapes.values())} workers"
         )
-        if note != self.capacity_note:
+        # Say it once per shortfall, not on every adapt tick that repeats it.
+        if not self.capacity_note:
             logger.warning("scaled to capacity: %s", note)
+            self._log(f"scaled to capacity: {note}")
         self.capacity_note = note
 
     def _shrink(self, target: Target, shapes: dict[Any, EntryShape]) -> None:
@@ -487,20 +542,60 @@ class SSHSpecCluster(SpecCluster):
     def _memory_per_worker(self) -> int:
         memory = self._per_worker()[1]
         if not memory:
-            raise UserError("scaling by memory needs speccluster_memory_limit or a connected host")
+            raise UnknownMemoryError(
+                "scaling by memory needs the memory of a worker: set speccluster_memory_limit, "
+                "or start a worker first so the host's memory is known"
+            )
         return memory
 
-    def adapt(self, Adaptive: type[Adaptive] = SSHAdaptive, **kwargs: Any) -> Adaptive:  # noqa: N803
+    def adapt(  # noqa: N803
+        self,
+        Adaptive: type[Adaptive] = SSHAdaptive,
+        minimum: float = 0,
+        maximum: float = math.inf,
+        minimum_cores: int | None = None,
+        maximum_cores: int | None = None,
+        minimum_memory: str | int | None = None,
+        maximum_memory: str | int | None = None,
+        **kwargs: Any,
+    ) -> Adaptive:
         """Scale automatically with the scheduler's load; see :meth:`SpecCluster.adapt`.
 
-        Accepts ``minimum``/``maximum`` (workers), ``minimum_cores``/``maximum_cores``,
-        ``minimum_memory``/``maximum_memory``, ``interval``, ``wait_count`` and
-        ``target_duration``. Group entries are retired whole.
+        Parameters
+        ----------
+        Adaptive
+            The adaptive class; :class:`SSHAdaptive` retires group entries whole.
+        minimum, maximum
+            Dask workers to keep at least and at most. ``maximum`` is capped
+            at the inventory's usable capacity, and ``minimum`` at ``maximum``.
+        minimum_cores, maximum_cores, minimum_memory, maximum_memory
+            The same bounds in threads or bytes, turned into workers with the
+            threads and memory of one worker of the next entry.
+        **kwargs
+            ``interval``, ``wait_count``, ``target_duration``, ``worker_key``
+            and the rest of :class:`distributed.deploy.Adaptive`'s options.
         """
-        kwargs.setdefault("maximum", self.capacity_workers())
-        if math.isinf(kwargs["maximum"]) or kwargs["maximum"] > self.capacity_workers():
-            kwargs["maximum"] = self.capacity_workers()
-        return super().adapt(Adaptive=Adaptive, **kwargs)
+        if minimum_cores is not None:
+            minimum = max(minimum or 0, math.ceil(minimum_cores / self._threads_per_worker()))
+        if minimum_memory is not None:
+            minimum = max(minimum or 0, math.ceil(_bytes(minimum_memory) / self._memory_per_worker()))
+        if maximum_cores is not None:
+            maximum = min(maximum, math.floor(maximum_cores / self._threads_per_worker()))
+        if maximum_memory is not None:
+            maximum = min(maximum, math.floor(_bytes(maximum_memory) / self._memory_per_worker()))
+        capacity = self.capacity_workers()
+        if maximum > capacity:
+            maximum = capacity
+        if minimum > maximum:
+            # Asking adapt for more than the inventory holds would repeat the
+            # same impossible request on every tick.
+            note = f"adapt asked for at least {minimum} workers; the inventory's usable capacity is {capacity}"
+            if not self.capacity_note:
+                logger.warning("scaled to capacity: %s", note)
+                self._log(f"scaled to capacity: {note}")
+            self.capacity_note = note
+            minimum = maximum
+        return Cluster.adapt(self, Adaptive=Adaptive, minimum=minimum, maximum=int(maximum), **kwargs)
 
     def capacity_workers(self) -> int:
         """Dask workers the inventory can hold when every usable slot is used."""
@@ -519,8 +614,6 @@ class SSHSpecCluster(SpecCluster):
         if isinstance(self.scheduler, Scheduler) and self._scheduler_address is None:
             protocol, _, rest = self.scheduler.address.partition("://")
             self.pool.head_scheduler = (protocol, int(rest.rsplit(":", 1)[1]))
-        if self.heal and self._heal_task is None:
-            self._heal_task = asyncio.ensure_future(self._heal_loop())
 
     async def _correct_state_internal(self) -> None:
         async with self._lock:
@@ -539,7 +632,13 @@ class SSHSpecCluster(SpecCluster):
                 await asyncio.gather(*(self.workers[k].close() for k in to_close), return_exceptions=True)
                 for key in to_close:
                     self._keep_logs(key, self.workers.pop(key, None))
-            to_open = [k for k in self.worker_spec if k not in self.workers]
+            # Entries of hosts that are down or put aside wait for the host (or
+            # for the healer to move them); trying them would only fail again.
+            unavailable = self._unavailable_hosts()
+            to_open = [
+                k for k in self.worker_spec
+                if k not in self.workers and self.worker_spec[k].get("options", {}).get("host") not in unavailable
+            ]
             created = []
             for key in to_open:
                 spec = self.worker_spec[key]
@@ -555,10 +654,65 @@ class SSHSpecCluster(SpecCluster):
             if created:
                 tasks = [asyncio.ensure_future(_await(w)) for _, w in created]
                 await asyncio.wait(tasks)
-                for key, worker in created:
+                for (key, worker), task in zip(created, tasks):
                     self.workers[key] = worker
                     worker._cluster = weakref.ref(self)
+                    host = getattr(worker, "host", None)
+                    if not task.cancelled() and task.exception() is not None:
+                        self._start_errors[str(key)] = str(task.exception())
+                    elif host is not None:
+                        self._entry_failures.pop(host, None)
                 await asyncio.gather(*tasks)
+        # Heal only once the first reconcile succeeded: a constructor that
+        # fails must raise its own error, not race the healer for it.
+        if self.heal and self._heal_task is None and self.status == Status.running:
+            self._heal_task = asyncio.ensure_future(self._heal_loop())
+
+    async def _correct_state_in_background(self) -> None:
+        """Reconcile after ``scale``; a failure is logged here and handled by the healer."""
+        try:
+            await self._correct_state()
+        except Exception as exc:
+            if self.status not in (Status.closing, Status.closed):
+                logger.warning("could not start every worker: %s", exc)
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        # SpecCluster forgets a lost worker by its name, which for a group
+        # member is not a spec key (dask issue 9102): map members to entries.
+        if op == "remove" and msg in self.scheduler_info.get("workers", {}):
+            member = str(self.scheduler_info["workers"][msg].get("name"))
+            key = self._key_of_member(member)
+            proc = self.workers.get(key) if key is not None else None
+            if proc is not None:
+                delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+                asyncio.get_running_loop().call_later(delay, self._forget_lost, key, proc, member)
+        super(SpecCluster, self)._update_worker_status(op, msg)
+
+    def _key_of_member(self, member: str) -> Any:
+        for key, spec in self.worker_spec.items():
+            if member in self._member_names(key, spec):
+                return key
+        for key, proc in self.workers.items():
+            if member in getattr(proc, "member_names", [str(key)]):
+                return key
+        return None
+
+    def _forget_lost(self, key: Any, proc: Any, member: str) -> None:
+        """Drop entry ``key`` from ``workers`` if ``member`` did not come back.
+
+        The entry stays in the spec, so the next reconcile starts it again.
+        Only the process interface seen at removal time is dropped, never a
+        replacement started meanwhile.
+        """
+        if self.status in (Status.closing, Status.closed) or self.workers.get(key) is not proc:
+            return
+        back = {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
+        if member in back:
+            return
+        logger.info("worker %s of entry %s is gone; the entry will be started again", member, key)
+        del self.workers[key]
+        self._keep_logs(key, proc)
+        self._futures.add(asyncio.ensure_future(proc.close()))
 
     def _keep_logs(self, key: Any, worker: Any) -> None:
         if isinstance(worker, RemoteProcess):
@@ -567,6 +721,7 @@ class SSHSpecCluster(SpecCluster):
 
     def _host_lost(self, host: str, reason: str) -> None:
         logger.warning("host %s lost: %s", host, reason)
+        self._log(f"host {host} lost: {reason}")
 
     async def _heal_loop(self) -> None:
         interval = float(sc_config.get("heal-interval"))
@@ -580,13 +735,18 @@ class SSHSpecCluster(SpecCluster):
 
     async def _heal_once(self) -> None:
         now = time.monotonic()
-        # Retry lost hosts with backoff.
+        # Retry lost hosts with backoff, each in a task of its own: a host that
+        # does not answer must not hold up relaunching entries elsewhere.
         for name, state in self.pool.states.items():
-            if state.state == "down" and now >= state.retry_at and name in self._hosts_wanted():
+            if (
+                state.state == "down"
+                and now >= state.retry_at
+                and name in self._hosts_wanted()
+                and name not in self._retry_tasks
+            ):
                 state.retry_at = now + state.backoff
                 state.backoff = min(state.backoff * 2, 60.0)
-                with contextlib.suppress(HostError):
-                    await self.pool.agent(name)
+                self._retry_tasks[name] = asyncio.ensure_future(self._retry_host(name))
         dead = [
             k for k, w in self.workers.items()
             if isinstance(w, RemoteProcess) and w.status in (Status.failed, Status.closed) and k in self.worker_spec
@@ -595,24 +755,67 @@ class SSHSpecCluster(SpecCluster):
             worker = self.workers.pop(key)
             await worker.close()
             self._keep_logs(key, worker)
-            host = worker.host
-            failures = self._entry_failures.get(host, 0) + 1
-            self._entry_failures[host] = failures
-            state = self.pool.states.get(host)
-            if state is not None and failures >= FAILURES_BEFORE_ASIDE and not worker.members:
-                state.state = "aside"
-                state.reason = f"failed to start workers {failures} times"
-            if host in self._unavailable_hosts():
+            await self._forget_stale_members(worker)
+            self._count_start_failure(key, worker)
+            if worker.host in self._unavailable_hosts():
                 self._replace(key)
         # Entries on hosts that went down before they were created.
         for key, spec in list(self.worker_spec.items()):
             if spec["options"].get("host") in self._unavailable_hosts() and key not in self.workers:
                 self._replace(key)
-        if set(self.worker_spec) != set(self.workers) and self.status == Status.running:
-            try:
-                await self._correct_state()
-            except Exception as exc:
-                logger.warning("could not start every worker: %s", exc)
+        if self.status == Status.running and any(k not in self.workers for k in self.worker_spec):
+            await self._correct_state_in_background()
+
+    async def _retry_host(self, name: str) -> None:
+        try:
+            await self.pool.agent(name)
+        except HostError:
+            return  # still down; the next attempt waits longer
+        except Exception as exc:
+            logger.warning("retrying host %s failed: %s", name, exc)
+            return
+        finally:
+            self._retry_tasks.pop(name, None)
+        self._log(f"host {name} answers again")
+
+    async def _forget_stale_members(self, worker: RemoteProcess) -> None:
+        """Make the scheduler drop workers of a dead entry it still lists.
+
+        A host cut off from the network cannot tell the scheduler its
+        workers died; their names would stay taken, and the relaunched entry
+        would be refused. Only the exact addresses the dead entry reported
+        are removed, never a newer worker of the same name.
+        """
+        stale = [
+            str(info["worker_address"])
+            for info in worker.members.values()
+            if info.get("worker_address") and info["worker_address"] in self.scheduler_info.get("workers", {})
+        ]
+        for address in stale:
+            with contextlib.suppress(Exception):
+                await self.scheduler_comm.unregister(
+                    address=address, stimulus_id=f"speccluster-dead-{time.time()}", close=False
+                )
+
+    def _count_start_failure(self, key: Any, worker: RemoteProcess) -> None:
+        """Put a host aside after it failed to start entries several times in a row.
+
+        A worker that ran and then died, or a host that was lost, is not a
+        failure to start: the first is relaunched, the second retried.
+        """
+        error = self._start_errors.pop(str(key), "")
+        host = worker.host
+        state = self.pool.states.get(host)
+        if worker.members or state is None or state.state in ("down", "aside"):
+            return
+        failures = self._entry_failures.get(host, 0) + 1
+        self._entry_failures[host] = failures
+        state.record_failure(error or f"entry {key} failed to start")
+        if failures >= FAILURES_BEFORE_ASIDE:
+            state.state = "aside"
+            state.reason = f"failed to start workers {failures} times in a row; last error: {error or 'unknown'}"
+            logger.warning("host %s put aside: %s", host, state.reason)
+            self._log(f"host {host} put aside: {state.reason}")
 
     def _hosts_wanted(self) -> set[str]:
         wanted = {spec["options"].get("host") for spec in self.worker_spec.values()}
@@ -634,6 +837,7 @@ class SSHSpecCluster(SpecCluster):
         new = self._entry_for_host(self.worker_hosts[host_name])
         self.worker_spec[key] = new
         logger.info("entry %s moved from %s to %s", key, spec["options"].get("host"), host_name)
+        self._log(f"entry {key} moved from {spec['options'].get('host')} to {host_name}")
 
     async def _close(self) -> None:
         if self._heal_task is not None:
@@ -641,6 +845,9 @@ class SSHSpecCluster(SpecCluster):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._heal_task
             self._heal_task = None
+        for task in list(self._retry_tasks.values()):
+            task.cancel()
+        self._retry_tasks.clear()
         try:
             await super()._close()
         finally:
@@ -699,16 +906,25 @@ class SSHSpecCluster(SpecCluster):
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=False)
         if not workers:
             return logs
-        wanted = None if workers is True else {str(w) for w in workers}  # type: ignore[union-attr]
+        wanted = None if workers is True else {self._name_of(str(w)) for w in workers}  # type: ignore[union-attr]
         for key, proc in list(self.workers.items()):
             if isinstance(proc, RemoteProcess):
                 for member, text in (await proc.tail()).items():
                     if wanted is None or member in wanted:
-                        logs[member] = text
+                        logs[member] = Log(text)
         for member, text in self.dead_logs.items():
             if (wanted is None or member in wanted) and member not in logs:
-                logs[member] = text
+                logs[member] = Log(text)
         return logs
+
+    def _name_of(self, worker: str) -> str:
+        """The worker name for a name or an address the scheduler knows."""
+        info = (self.scheduler_info or {}).get("workers", {}).get(worker)
+        return str(info["name"]) if info else worker
+
+
+def _bytes(value: str | int) -> int:
+    return parse_bytes(value) if isinstance(value, str) else int(value)
 
 
 async def _await(worker: Any) -> Any:

@@ -50,7 +50,7 @@ class ConnectSettings:
     """
 
     known_hosts: str | None = None
-    known_hosts_policy: str = "strict"
+    known_hosts_policy: str | None = None
     managed_known_hosts: str | None = None
     ssh_config: Sequence[str] = ()
     connect_timeout: float | None = None
@@ -183,8 +183,11 @@ class HostConnection:
             config.insert(0, str(default_config))
         options["config"] = config or None
         options.update(kwargs)
-        policy = str(options.pop("known_hosts_policy", None) or self.settings.known_hosts_policy or host.known_hosts)
-        known_hosts_file = options.pop("known_hosts_file", None) or self.settings.known_hosts
+        # Explicit settings win over the inventory's ssh args, which win over its vars.
+        policy = str(self.settings.known_hosts_policy or options.pop("known_hosts_policy", None) or host.known_hosts)
+        options.pop("known_hosts_policy", None)
+        known_hosts_file = self.settings.known_hosts or options.pop("known_hosts_file", None)
+        options.pop("known_hosts_file", None)
         checker = known_hosts_for(host, policy, known_hosts_file, self.settings.managed_known_hosts)
         options.update(checker.connect_options())
         try:
@@ -246,14 +249,17 @@ class HostConnection:
             argv = ["/bin/sh", "-c", script, "speccluster-prologue", shell_prefix, *argv]
         command = remote_command(argv)  # refuses what cannot travel, for both paths
         if self.host.is_local:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=2**24,
-                start_new_session=True,
-            )
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    limit=2**24,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise HostError(self.host.name, f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
 
             async def close_local() -> None:
                 try:
@@ -366,5 +372,10 @@ def _apply_ssh_option(out: dict[str, Any], key: str, value: str) -> None:
         out["client_keys"] = [os.path.expanduser(value)]
     elif key == "proxyjump":
         out["tunnel"] = value
+    elif key == "identitiesonly":
+        if value.lower() == "yes":
+            out["agent_path"] = None  # offer only the named keys, not an agent's
+    elif key == "globalknownhostsfile" and value in ("/dev/null", "none"):
+        pass  # we never read a global file unless named, so nothing to turn off
     else:
         logger.warning("ignoring ssh option -o %s in ansible_ssh_common_args", key)

@@ -64,7 +64,7 @@ class KnownHostsChecker:
         self.policy = policy
         self.managed = managed or default_managed_known_hosts()
         user_file = os.path.expanduser("~/.ssh/known_hosts")
-        self.files = [known_hosts] if known_hosts else [user_file]
+        self.files = [str(known_hosts)] if known_hosts else [user_file]
         if policy == "accept-new" and os.path.exists(self.managed):
             self.files.append(self.managed)
         self.offered_key: asyncssh.SSHKey | None = None

@@ -58,14 +58,20 @@ def agent_source() -> bytes:
     return resources.files(__package__).joinpath("remote.py").read_bytes()
 
 
-def agent_argv(host: HostSpec) -> list[str]:
+MARKER_ENV = "SPECCLUSTER_SSH_CLUSTER"
+
+
+def agent_argv(host: HostSpec, cluster_id: str = "") -> list[str]:
     """The argv that starts the agent bootstrap on ``host``.
 
-    A local host left at the default ``python3`` uses the head's own
-    interpreter, which is known to have ``distributed``.
+    ``env`` puts the cluster marker in the agent's initial environment, so
+    that it shows in ``/proc/PID/environ`` of the agent and of every child it
+    forks (the teardown playbook finds strays by it). A local host left at
+    the default ``python3`` uses the head's own interpreter, which is known
+    to have ``distributed``.
     """
     python = sys.executable if host.is_local and host.python == "python3" else host.python
-    return [python, "-u", "-c", BOOTSTRAP]
+    return ["env", f"{MARKER_ENV}={cluster_id}", python, "-u", "-c", BOOTSTRAP]
 
 
 class HostAgent:
@@ -114,7 +120,7 @@ class HostAgent:
     async def start(self, timeout: float = 30.0) -> dict[str, Any]:
         """Start the agent and return the facts it reports (versions, cpus, memory)."""
         await self.connection.open()
-        channel = await self.connection.open_channel(agent_argv(self.host), self.host.prologue)
+        channel = await self.connection.open_channel(agent_argv(self.host, self.cluster_id), self.host.prologue)
         self._channel = channel
         config = {
             "cluster": self.cluster_id,

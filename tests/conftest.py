@@ -1,0 +1,87 @@
+"""Shared pytest fixtures.
+
+SSH lab fixtures come first: ``lab`` (one lab of network-namespace hosts for
+the whole session) and ``lab_reset`` (puts the lab back in shape after every
+test that used it).  See ``tests/sshlab.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Make `import sshlab` work whatever pytest's import mode is.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from sshlab import Lab  # noqa: E402
+
+# ---------------------------------------------------------------------------
+# SSH lab
+# ---------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "lab_first: run before every other test, while the session lab does not "
+        "exist yet (for tests that build their own lab on the lab subnet)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        # A test that uses the lab is a lab test even if it forgot the marker,
+        # so `-m "not lab"` really leaves out everything that needs root.
+        if "lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.lab)
+    # Stable sort: lab_first tests move to the front, the rest keep their order.
+    items.sort(key=lambda item: item.get_closest_marker("lab_first") is None)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """The session's SSH lab: ``SCLAB_HOSTS`` hosts (default 4) on 10.250.0.0/24.
+
+    Fails (does not skip) when the machine cannot build the lab.
+    """
+    n_hosts = int(os.environ.get("SCLAB_HOSTS", "4"))
+    # Separate prefixes and subnets let several test sessions share a machine.
+    session_lab = Lab(
+        n_hosts,
+        prefix=os.environ.get("SCLAB_PREFIX", "sclab"),
+        subnet_base=os.environ.get("SCLAB_SUBNET", "10.250.0"),
+    )
+    session_lab.start()  # also registers an atexit teardown as a safety net
+    try:
+        yield session_lab
+    finally:
+        session_lab.stop()
+
+
+@pytest.fixture(autouse=True)
+def lab_reset(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used ``lab``: kill leftovers, heal links, restart sshd.
+
+    A test that left processes running on lab hosts gets a warning, or fails
+    in teardown when ``SCLAB_STRICT_RESET=1``.
+    """
+    yield
+    if "lab" not in request.fixturenames:
+        return
+    try:
+        session_lab: Lab = request.getfixturevalue("lab")
+    except Exception:
+        return  # the lab failed to build; its setup error is already reported
+    report = session_lab.reset()
+    if not report.clean:
+        message = f"{request.node.nodeid} left processes on lab hosts:\n{report}"
+        if os.environ.get("SCLAB_STRICT_RESET") == "1":
+            pytest.fail(message)
+        warnings.warn(message, stacklevel=1)
