@@ -268,6 +268,18 @@ class SSHSpecCluster(SpecCluster):
         return entry
 
     @classmethod
+    def from_name(cls, name: str, asynchronous: bool = False, loop: Any = None) -> Any:  # type: ignore[override]
+        """Attach to the detached cluster ``name`` running on this head node.
+
+        Returns a :class:`~speccluster_ssh.detached.DetachedCluster`: a
+        ``Cluster`` that reads the scheduler directly and asks the cluster's
+        head process to scale, adapt and close. dask-ctl uses this.
+        """
+        from .detached import DetachedCluster
+
+        return DetachedCluster.from_name(name, asynchronous=asynchronous, loop=loop)
+
+    @classmethod
     def from_inventory(cls, path: str | os.PathLike[str], **options: Any) -> SSHSpecCluster:
         """Build a cluster from an Ansible inventory file.
 

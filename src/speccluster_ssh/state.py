@@ -630,3 +630,4 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
     return True
+
