@@ -136,3 +136,40 @@ def test_private_dir_refuses_other_users_places(tmp_path: Path) -> None:
         _private_dir(str(link / "cluster"))
     mine = _private_dir(str(shared / "mine" / "cluster"))
     assert oct(os.stat(mine).st_mode & 0o777) == oct(0o700)
+
+
+def test_wrong_distributed_version_is_refused_with_both_versions(tmp_path: Path) -> None:
+    import distributed
+
+    from speccluster_ssh.process import AgentPool
+
+    # A python whose distributed claims another release, as on a host with an old venv.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import distributed\ndistributed.__version__ = '2020.1.0'\n")
+    wrapper = tmp_path / "old-python"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    host = local_host(speccluster_python=str(wrapper))
+
+    async def main() -> None:
+        pool = AgentPool(f"v-{time.monotonic_ns()}", {"here": host}, ConnectSettings())
+        try:
+            with pytest.raises(HostError) as info:
+                await pool.agent("here")
+        finally:
+            await pool.close()
+        message = str(info.value)
+        assert "2020.1.0" in message and distributed.__version__ in message and "here" in message
+        assert pool.states["here"].state == "down"
+
+    asyncio.run(main())
+    leftovers = [p.pid for p in psutil.process_iter() if _cmdline_mentions(p, str(wrapper))]
+    assert leftovers == []
+
+
+def _cmdline_mentions(proc: psutil.Process, text: str) -> bool:
+    try:
+        return any(text in part for part in proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
