@@ -28,6 +28,17 @@ of the developer's machine.  A process belongs to a host when
 through a pidfd re-checked against the namespace, so a recycled PID is
 never hit.
 
+Inside a host (SSH sessions and :meth:`LabHost.exec` alike) the hostname
+is ``hN`` and ``/etc/hosts`` maps ``localhost``, ``head`` and every
+``hN``; ``/etc/resolv.conf`` points at 127.0.0.1 so that other lookups
+fail at once instead of stalling.
+
+Only one lab per prefix and per subnet runs on a machine at a time: a
+second one (another test session, a benchmark) waits on a lock in
+``/run/lock``.  Parallel sessions need their own prefix and subnet.
+A lab leaves ``/run/sshd`` (sshd's privilege-separation directory) behind,
+as the openssh-server package would.
+
 The lab is meant for tests and benchmarks and must run as root.
 """
 
@@ -969,6 +980,17 @@ class Lab:
     check_mesh : bool
         On start, check that hosts reach each other through the switch.
 
+    Attributes
+    ----------
+    hosts : list of LabHost
+        The hosts, ``h1`` first (filled by :meth:`start`).
+    head_ip : str
+        Address of the head (this machine) on the lab subnet.
+    start_seconds, stop_seconds : float or None
+        Duration of the last start (without waiting for another lab) and stop.
+    lock_wait_seconds : float or None
+        Time the last start waited for another lab on the same prefix/subnet.
+
     Examples
     --------
     >>> with Lab(2) as lab:                                  # doctest: +SKIP
@@ -1017,7 +1039,7 @@ class Lab:
         self._lock_keys = [f"prefix-{prefix}", subnet_base]
         self._locks = [_FileLock(key) for key in self._lock_keys]
         self._started = False
-        self._owns_netns_mount = False
+        self.lock_wait_seconds: float | None = None
         self.start_seconds: float | None = None
         self.stop_seconds: float | None = None
 
@@ -1145,6 +1167,9 @@ class Lab:
             for lock in reversed(acquired):
                 lock.release()
             raise
+        # Build time is measured without the wait for another lab.
+        self.lock_wait_seconds = time.monotonic() - t0
+        t0 = time.monotonic()
         _ACTIVE_KEYS.update(self._lock_keys)
         _ACTIVE_LABS.add(self)
         self._started = True
@@ -1153,7 +1178,6 @@ class Lab:
         try:
             cleanup_leftovers(self.prefix, self.subnet_base)
             self._check_subnet_free()
-            self._owns_netns_mount = not (_mount_count(str(_NETNS_DIR)) and _netns_list())
             self._make_files()
             self._make_network()
             _PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
@@ -1440,17 +1464,17 @@ class Lab:
         return states
 
     def _release_netns_mount(self) -> None:
-        # `ip netns add` turns /run/netns into a bind mount of itself.  Undo
-        # that only if we caused it and nobody else's namespace lives there.
+        # `ip netns add` turns /run/netns into a bind mount of itself and
+        # leaves it there.  Undo that once no namespace is left (another lab
+        # may still run; `ip` re-creates the mount when needed).  A failure
+        # (EBUSY: a namespace was just added) is harmless, so it is ignored.
         path = str(_NETNS_DIR)
-        if not self._owns_netns_mount or _netns_list():
-            return
         for _ in range(4):
-            if not _mount_count(path):
+            if _netns_list() or not _mount_count(path):
                 break
             res = subprocess.run(["umount", path], capture_output=True, text=True, timeout=10)
             if res.returncode != 0:
-                raise LabError(f"umount {path}: {res.stderr.strip()}")
+                return
         with contextlib.suppress(OSError):
             _NETNS_DIR.rmdir()
 
