@@ -307,9 +307,9 @@ def test_plan_touches_no_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert [len(e["workers"]) for h in plan["hosts"] for e in h["entries"]] == [2, 2, 2, 1]
     assert plan["workers_planned"] == 7
     assert hosts["node01"]["entries"][0]["workers"] == ["0-0", "0-1"]
-    assert hosts["edge"]["command"] == agent_argv(inv.hosts["edge"])
-    assert hosts["edge"]["command_line"] == shlex.join(agent_argv(inv.hosts["edge"]))
-    assert hosts["edge"]["command"][0] == "/opt/py/bin/python3"
+    assert hosts["edge"]["command"] == agent_argv(inv.hosts["edge"], "<cluster-id>")
+    assert hosts["edge"]["command_line"] == shlex.join(agent_argv(inv.hosts["edge"], "<cluster-id>"))
+    assert hosts["edge"]["command"][:3] == ["env", "SPECCLUSTER_SSH_CLUSTER=<cluster-id>", "/opt/py/bin/python3"]
     assert hosts["edge"]["prologue"] == "module load dask"
     assert hosts["edge"]["target"] == "ssh lab@192.0.2.20 -p 2222"
     assert hosts["node01"]["environment"]["OMP_NUM_THREADS"] == "1"

@@ -389,6 +389,12 @@ class Head:
             if not self.closed.done():
                 self.closed.set_result(message)
             return 0 if not message else 1
+        except BaseException as exc:
+            # Whatever ends the head early goes into head.log and to a waiting ``down``.
+            logger.exception("the head process stopped")
+            if self.closed is not None and not self.closed.done():
+                self.closed.set_result(f"the head process stopped: {type(exc).__name__}: {exc}")
+            raise
         finally:
             if ticker is not None and not ticker.done():
                 ticker.cancel()
@@ -914,7 +920,8 @@ def build_plan(
     for host in order:
         runs_scheduler = sched is not None and sched.name == host.name
         host_entries = by_host.get(host.name, [])
-        argv = agent_argv(host)
+        # The real id is made by 'up'; the plan shows where it goes.
+        argv = agent_argv(host, "<cluster-id>")
         hosts.append({
             "host": host.name,
             "address": host.address,

@@ -680,10 +680,20 @@ class SSHSpecCluster(SpecCluster):
         if self.heal and self._heal_task is None and self.status == Status.running:
             self._heal_task = asyncio.ensure_future(self._heal_loop())
 
+    def _correct_state(self) -> Any:
+        # SpecCluster hands out one shared reconcile task until it runs; a task
+        # that was cancelled before running would be handed out forever.
+        waiting = self._correct_state_waiting
+        if waiting is not None and waiting.done():
+            self._correct_state_waiting = None
+        return super()._correct_state()
+
     async def _correct_state_in_background(self) -> None:
         """Reconcile after ``scale``; a failure is logged here and handled by the healer."""
         try:
-            await self._correct_state()
+            # Shielded: the reconcile task is shared with close() and scale();
+            # cancelling the healer must not cancel it under their feet.
+            await asyncio.shield(self._correct_state())
         except Exception as exc:
             if self.status not in (Status.closing, Status.closed):
                 logger.warning("could not start every worker: %s", exc)
@@ -721,10 +731,20 @@ class SSHSpecCluster(SpecCluster):
         back = {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
         if member in back:
             return
-        logger.info("worker %s of entry %s is gone; the entry will be started again", member, key)
-        del self.workers[key]
-        self._keep_logs(key, proc)
-        self._futures.add(asyncio.ensure_future(proc.close()))
+        self._futures.add(asyncio.ensure_future(self._drop_entry_process(key, proc, member)))
+
+    async def _drop_entry_process(self, key: Any, proc: Any, member: str) -> None:
+        # Under the lock, and closed before it leaves ``workers``: the entry's
+        # replacement reuses its member names and must not start while the
+        # old processes are still stopping.
+        async with self._lock:
+            if self.workers.get(key) is not proc:
+                return
+            logger.info("worker %s of entry %s is gone; the entry will be started again", member, key)
+            with contextlib.suppress(Exception):
+                await proc.close()
+            self.workers.pop(key, None)
+            self._keep_logs(key, proc)
 
     def _keep_logs(self, key: Any, worker: Any) -> None:
         if isinstance(worker, RemoteProcess):
@@ -759,18 +779,25 @@ class SSHSpecCluster(SpecCluster):
                 state.retry_at = now + state.backoff
                 state.backoff = min(state.backoff * 2, 60.0)
                 self._retry_tasks[name] = asyncio.ensure_future(self._retry_host(name))
-        dead = [
-            k for k, w in self.workers.items()
-            if isinstance(w, RemoteProcess) and w.status in (Status.failed, Status.closed) and k in self.worker_spec
-        ]
-        for key in dead:
-            worker = self.workers.pop(key)
-            await worker.close()
-            self._keep_logs(key, worker)
-            await self._forget_stale_members(worker)
-            self._count_start_failure(key, worker)
-            if worker.host in self._unavailable_hosts():
-                self._replace(key)
+
+        def dead() -> list[Any]:
+            return [
+                k for k, w in self.workers.items()
+                if isinstance(w, RemoteProcess) and w.status in (Status.failed, Status.closed) and k in self.worker_spec
+            ]
+
+        if dead():
+            # Under the lock: a reconcile must not see these half-removed.
+            async with self._lock:
+                for key in dead():
+                    worker = self.workers[key]
+                    await worker.close()
+                    self.workers.pop(key, None)
+                    self._keep_logs(key, worker)
+                    await self._forget_stale_members(worker)
+                    self._count_start_failure(key, worker)
+                    if key in self.worker_spec and worker.host in self._unavailable_hosts():
+                        self._replace(key)
         # Entries on hosts that went down before they were created.
         for key, spec in list(self.worker_spec.items()):
             if spec["options"].get("host") in self._unavailable_hosts() and key not in self.workers:
@@ -834,22 +861,28 @@ class SSHSpecCluster(SpecCluster):
         return wanted | set(self.worker_hosts)
 
     def _replace(self, key: Any) -> None:
-        """Move entry ``key`` to another host with a free slot, or drop it if none."""
-        spec = self.worker_spec.pop(key)
+        """Move entry ``key`` to another host with a free slot, or leave it where it is.
+
+        An entry that finds no free slot stays wanted on its own host and
+        starts again when that host answers.
+        """
+        spec = self.worker_spec[key]
+        old_host = spec["options"].get("host")
+        used = self._slots_used()
+        if old_host in used:
+            used[old_host] -= 1
         host_name = choose_host(
             {n: h.slots for n, h in self.worker_hosts.items()},
-            self._slots_used(),
+            used,
             self._unavailable_hosts(),
             self.placement_policy,
         )
         if host_name is None:
-            # Keep the entry wanted: it comes back when a host returns.
-            self.worker_spec[key] = spec
             return
-        new = self._entry_for_host(self.worker_hosts[host_name])
-        self.worker_spec[key] = new
-        logger.info("entry %s moved from %s to %s", key, spec["options"].get("host"), host_name)
-        self._log(f"entry {key} moved from {spec['options'].get('host')} to {host_name}")
+        # Same key, same place in the spec: only the host changes.
+        self.worker_spec[key] = self._entry_for_host(self.worker_hosts[host_name])
+        logger.info("entry %s moved from %s to %s", key, old_host, host_name)
+        self._log(f"entry {key} moved from {old_host} to {host_name}")
 
     async def _close(self) -> None:
         if self._heal_task is not None:

@@ -1,0 +1,380 @@
+"""The head process of one benchmark session, run as ``python -m bench.driver CONFIG``.
+
+Each session runs in a process of its own so that its RSS, CPU time and
+TCP connections belong to one cluster alone, and so that the bench can
+SIGKILL it to simulate a head crash. The parent (:mod:`bench.run`) sends
+commands as JSON lines on stdin; the driver answers with JSON lines on
+stdout, each prefixed with :data:`MARK` so that stray output cannot be
+mistaken for an answer. Times are ``time.monotonic()`` values, which on
+Linux share one clock across processes, so the parent can subtract them
+from its own.
+
+Tools
+-----
+``ours``
+    :class:`speccluster_ssh.SSHSpecCluster` from an inventory file.
+``dask``
+    ``distributed.deploy.ssh.SSHCluster``; its scheduler runs over SSH on
+    the first host given.
+``plain``
+    One ``ssh host python -m distributed.cli.dask_worker ADDRESS`` against a
+    scheduler in this process, as a reference for a single worker start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import psutil
+
+MARK = "@@bench "
+POLL = 0.025  # seconds between looks at the scheduler; small next to what is measured
+
+
+def emit(message: dict[str, Any]) -> None:
+    """Send one answer to the parent."""
+    sys.stdout.write(MARK + json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def head_cost() -> dict[str, Any]:
+    """RSS, CPU seconds, threads and SSH connections per host of this process."""
+    proc = psutil.Process()
+    times = proc.cpu_times()
+    ssh: Counter[str] = Counter()
+    for conn in proc.net_connections(kind="tcp"):
+        if conn.raddr and conn.raddr.port == 22 and conn.status == psutil.CONN_ESTABLISHED:
+            ssh[conn.raddr.ip] += 1
+    return {
+        "rss": proc.memory_info().rss,
+        "cpu": times.user + times.system,
+        "threads": proc.num_threads(),
+        "ssh": dict(ssh),
+    }
+
+
+def wait_until(check: Any, cap: float) -> float | None:
+    """Poll ``check()`` until it is true; the monotonic time then, or ``None`` after ``cap`` s."""
+    deadline = time.monotonic() + cap
+    while True:
+        if check():
+            return time.monotonic()
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(POLL)
+
+
+class Session:
+    """One cluster of one tool, driven by the parent's commands.
+
+    Parameters
+    ----------
+    config
+        ``tool``, ``hosts`` (worker host addresses), ``sched_host`` (dask only),
+        ``inventory`` (ours only), ``known_hosts``, ``client_key``, ``entries``
+        (hosts used), ``nworkers`` (workers per host), ``security`` (ours),
+        ``python`` and ``cap`` (start-up cap in seconds).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.tool = config["tool"]
+        self.cluster: Any = None
+        # Import both tools' modules before any clock starts: the bench
+        # measures starting a cluster, not importing Python packages.
+        import asyncssh  # noqa: F401
+        import distributed  # noqa: F401
+        from distributed.deploy.ssh import SSHCluster  # noqa: F401
+
+        from speccluster_ssh import SSHSpecCluster  # noqa: F401
+
+    # -- helpers --------------------------------------------------------
+    def registered(self) -> dict[str, str]:
+        """Registered workers as the scheduler lists them: address -> name."""
+        info = self.cluster.sync(self.cluster.scheduler_comm.identity)
+        return {addr: str(w.get("name")) for addr, w in info.get("workers", {}).items()}
+
+    def _make(self) -> Any:
+        c = self.config
+        if self.tool == "ours":
+            from speccluster_ssh import SSHSpecCluster
+
+            return SSHSpecCluster.from_inventory(
+                c["inventory"],
+                known_hosts=c["known_hosts"],
+                n_workers=c["entries"],
+                security=c["security"],
+                scheduler_options={"dashboard_address": ":0"},
+                # BENCH_LOG=1 keeps the cluster's logs (in the session's .log file).
+                **({"silence_logs": False} if os.environ.get("BENCH_LOG") else {}),
+            )
+        from distributed.deploy.ssh import SSHCluster
+
+        return SSHCluster(
+            hosts=[c["sched_host"], *c["hosts"][: c["entries"]]],
+            connect_options={"known_hosts": c["known_hosts"], "client_keys": [c["client_key"]], "username": "root"},
+            worker_options={"nthreads": 1, "n_workers": c["nworkers"]},
+            scheduler_options={"port": 0, "dashboard_address": ":0"},
+            remote_python=c["python"],
+        )
+
+    def _pids(self) -> dict[str, dict[str, int]]:
+        """Ours only: spec key -> member -> pid of the nanny on its host."""
+        if self.tool != "ours":
+            return {}
+        return {str(k): dict(getattr(w, "pids", {})) for k, w in self.cluster.workers.items()}
+
+    def _entry_hosts(self) -> dict[str, str]:
+        """Spec key -> host (inventory name for ours, address for dask)."""
+        out = {}
+        for key, spec in self.cluster.worker_spec.items():
+            opts = spec.get("options", {})
+            out[str(key)] = str(opts.get("host") or opts.get("address"))
+        return out
+
+    def wanted(self) -> int:
+        """Ours only: dask workers the spec asks for (group entries count each member)."""
+        return sum(len(spec.get("group") or [None]) for spec in self.cluster.worker_spec.values())
+
+    def settle(self, cap: float = 30.0) -> bool:
+        """Ours only: wait until the cluster's own view matches its spec (not timed).
+
+        The scheduler can list a new worker a moment before the cluster
+        records the entry's pids; the next command must see both.
+        """
+        if self.tool != "ours":
+            return True
+
+        def settled() -> bool:
+            spec, procs = self.cluster.worker_spec, self.cluster.workers
+            if set(map(str, spec)) != set(map(str, procs)):
+                return False
+            members = sum(len(getattr(w, "pids", {})) for w in procs.values())
+            return members == self.wanted() == len(self.registered())
+
+        return wait_until(settled, cap) is not None
+
+    # -- commands -------------------------------------------------------
+    def start(self) -> None:
+        want = self.config["entries"] * self.config["nworkers"]
+        before = head_cost()
+        t0 = time.monotonic()
+        try:
+            self.cluster = self._make()
+        except Exception as exc:
+            emit({"event": "start_failed", "t0": t0, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            return
+        t_ctor = time.monotonic()
+        t_reg = wait_until(lambda: len(self.registered()) >= want, self.config["cap"])
+        after = head_cost()
+        emit(
+            {
+                "event": "started",
+                "ok": t_reg is not None,
+                "t0": t0,
+                "t_ctor": t_ctor,
+                "t_reg": t_reg,
+                "startup": None if t_reg is None else t_reg - t0,
+                "workers": len(self.registered()),
+                "want": want,
+                "before": before,
+                "after": after,
+                "pids": self._pids(),
+                "entry_hosts": self._entry_hosts(),
+            }
+        )
+
+    def cost(self, idle: float, settle: float) -> dict[str, Any]:
+        """Head cost now, and CPU used over ``idle`` seconds after ``settle`` seconds of quiet."""
+        first = head_cost()
+        time.sleep(settle)  # let the start-up's last messages pass
+        settled = head_cost()
+        time.sleep(idle)
+        second = head_cost()
+        return {"event": "cost", "now": first, "settled": settled, "idle": idle, "after_idle": second}
+
+    def scale_up(self, k: int, cap: float) -> dict[str, Any]:
+        n = len(self.registered())
+        if not getattr(self.cluster, "_supports_scaling", True):
+            # SSHCluster builds its SpecCluster without a worker template:
+            # scale() would add an empty spec entry that then fails to start
+            # and breaks later reconciling, so it is not called at all.
+            return {
+                "event": "scaled_up",
+                "supported": False,
+                "error": "SpecCluster without a worker template (new_spec is empty)",
+            }
+        t0 = time.monotonic()
+        self.cluster.scale(n + k)
+        done = wait_until(lambda: len(self.registered()) >= n + k, cap)
+        return {
+            "event": "scaled_up",
+            "supported": True,
+            "ok": done is not None,
+            "seconds": None if done is None else done - t0,
+            "workers": len(self.registered()),
+            "settled": self.settle(),
+        }
+
+    def scale_down(self, k: int) -> dict[str, Any]:
+        n = len(self.registered())
+        keys = set(map(str, self.cluster.worker_spec))
+        pids = self._pids()
+        hosts = self._entry_hosts()
+        t0 = time.monotonic()
+        if self.tool == "ours":
+            self.cluster.scale(n - k)
+        else:
+            # SSHCluster's spec entries are whole hosts of ``nworkers`` each.
+            entries = len(self.cluster.worker_spec) - max(1, k // self.config["nworkers"])
+            self.cluster.scale(entries)
+        removed = sorted(keys - set(map(str, self.cluster.worker_spec)))
+        return {
+            "event": "scaled_down",
+            "t0": t0,
+            "removed": removed,
+            "pids": [pid for key in removed for pid in pids.get(key, {}).values()],
+            "hosts": [hosts[key] for key in removed],
+            "target": n - k,
+        }
+
+    def victim(self) -> dict[str, Any]:
+        """A worker to SIGKILL: its nanny's pid (ours) or the host it runs on (dask)."""
+        if not self.settle():
+            return {"event": "victim", "pid": None, "error": "the cluster did not settle"}
+        workers = self.registered()
+        if self.tool == "ours":
+            by_name = {name: addr for addr, name in workers.items()}
+            pids = self._pids()
+            # Only entries still wanted: one being scaled away is no victim.
+            for key in map(str, self.cluster.worker_spec):
+                for member, pid in pids.get(key, {}).items():
+                    if member in by_name:
+                        host = self._entry_hosts()[key]
+                        return {"event": "victim", "pid": pid, "gone": [by_name[member]], "host": host, "n": len(workers)}
+            return {"event": "victim", "pid": None}
+        host = self._entry_hosts()[sorted(self._entry_hosts())[0]]
+        gone = [a for a in workers if a.split("://")[-1].rsplit(":", 1)[0] == host]
+        return {"event": "victim", "pid": None, "gone": gone, "host": host, "n": len(workers)}
+
+    def await_replacement(self, gone: list[str], n: int, cap: float) -> dict[str, Any]:
+        """Wait until the scheduler lists ``n`` workers again, none of them at ``gone``."""
+        noticed: list[float] = []
+
+        def check() -> bool:
+            workers = self.registered()
+            if not noticed and not set(gone) & set(workers):
+                noticed.append(time.monotonic())
+            return len(workers) >= n and not set(gone) & set(workers)
+
+        done = wait_until(check, cap)
+        return {
+            "event": "replaced",
+            "ok": done is not None,
+            "t_done": done,
+            "t_noticed": noticed[0] if noticed else None,
+            "workers": len(self.registered()),
+        }
+
+    def close(self) -> None:
+        emit({"event": "closing", "t": time.monotonic()})
+        error = ""
+        try:
+            self.cluster.close()
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        emit({"event": "closed", "t": time.monotonic(), "error": error})
+
+    def serve(self) -> None:
+        """Answer the parent's commands until ``close`` or the end of stdin."""
+        self.start()
+        if self.cluster is None:
+            return
+        for _ in range(1000):  # a session takes a handful of commands
+            line = sys.stdin.readline()
+            if not line:
+                break
+            cmd = json.loads(line)
+            op = cmd.get("cmd")
+            if op == "close":
+                break
+            try:
+                if op == "cost":
+                    emit(self.cost(float(cmd.get("idle", 0)), float(cmd.get("settle", 0))))
+                elif op == "scale_up":
+                    emit(self.scale_up(int(cmd["k"]), float(cmd["cap"])))
+                elif op == "scale_down":
+                    emit(self.scale_down(int(cmd["k"])))
+                elif op == "victim":
+                    emit(self.victim())
+                elif op == "await_replacement":
+                    emit(self.await_replacement(list(cmd["gone"]), int(cmd["n"]), float(cmd["cap"])))
+                elif op == "registered":
+                    emit({"event": "registered", "workers": self.registered()})
+                else:
+                    emit({"event": "error", "error": f"unknown command {op!r}"})
+            except Exception as exc:
+                emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        self.close()
+
+
+async def plain_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Start one nanny worker with the ``ssh`` client against a scheduler here."""
+    from distributed import Scheduler
+
+    scheduler = Scheduler(host=config["head_ip"], port=0, dashboard=False)
+    await scheduler
+    argv = [
+        "ssh", "-F", "/dev/null", "-i", config["client_key"],
+        "-o", f"UserKnownHostsFile={config['known_hosts']}", "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+        f"root@{config['hosts'][0]}",
+        config["python"], "-m", "distributed.cli.dask_worker", scheduler.address, "--nthreads", "1",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    t_reg = None
+    deadline = t0 + float(config["cap"])
+    while time.monotonic() < deadline and proc.returncode is None:
+        if scheduler.workers:
+            t_reg = time.monotonic()
+            break
+        await asyncio.sleep(0.01)
+    # The scheduler tells its workers (and their nanny) to close as it closes.
+    await scheduler.close()
+    error = ""
+    try:
+        await asyncio.wait_for(proc.wait(), 15)
+    except (asyncio.TimeoutError, TimeoutError):
+        proc.kill()  # our own child, by its pid
+        await proc.wait()
+        error = "ssh did not exit after the scheduler closed"
+    if t_reg is None and proc.stderr is not None:
+        error = (await proc.stderr.read()).decode(errors="replace")[-2000:]
+    return {"event": "plain", "ok": t_reg is not None, "t0": t0, "startup": None if t_reg is None else t_reg - t0, "error": error}
+
+
+def main(argv: list[str]) -> int:
+    """Run one session described by the JSON in ``argv[1]``."""
+    config = json.loads(argv[1])
+    if os.environ.get("BENCH_LOG"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if config["tool"] == "plain":
+        emit(asyncio.run(plain_worker(config)))
+        return 0
+    Session(config).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,393 @@
+"""Turn the bench's raw runs into ``runs.json``, ``results.md`` and ``startup.png``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MB = 1024 * 1024
+START_CASES = ("4x1", "4x2", "4x4", "8x4", "8x8")  # the growth series, by worker count
+
+
+@dataclass
+class Summary:
+    """The numeric median of one metric over runs, and what the other runs said instead."""
+
+    values: list[float]
+    notes: list[str]
+    runs: int
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+    @property
+    def spread(self) -> tuple[float, float] | None:
+        return (min(self.values), max(self.values)) if self.values else None
+
+
+def _get(record: dict[str, Any], key: str) -> Any:
+    value: Any = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def summarize(records: list[dict[str, Any]], case: str, tool: str, key: str) -> Summary:
+    """Median of ``key`` (dotted path) over the runs of ``case`` by ``tool``.
+
+    A run whose value is text (``"not supported"``, ``"left 3 processes"``)
+    or that failed before measuring counts as a note, not as a number.
+    """
+    values: list[float] = []
+    notes: list[str] = []
+    runs = 0
+    for rec in records:
+        if rec["case"] != case or rec["tool"] != tool:
+            continue
+        runs += 1
+        value = _get(rec, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values.append(float(value))
+        elif isinstance(value, str):
+            notes.append(value)
+        else:
+            notes.append("failed: " + "; ".join(rec.get("errors") or ["no value"])[:120])
+    return Summary(values, notes, runs)
+
+
+def fmt_seconds(value: float) -> str:
+    return f"{value:.3f} s" if value < 1 else f"{value:.2f} s"
+
+
+def cell(summary: Summary, unit: str = "s") -> str:
+    """A table cell: the median, and how many runs gave no number (with the commonest reason)."""
+    if summary.runs == 0:
+        return "not run"
+    if summary.median is None:
+        return _commonest(summary.notes)
+    text = fmt_value(summary.median, unit)
+    if summary.notes:
+        text += f" ({len(summary.notes)}/{summary.runs}: {_commonest(summary.notes)})"
+    return text
+
+
+def fmt_value(value: float, unit: str) -> str:
+    if unit == "s":
+        return fmt_seconds(value)
+    if unit == "MB":
+        return f"{value / MB:.0f} MB"
+    if unit == "MB/worker":
+        return f"{value / MB:.2f} MB"
+    if unit == "%":
+        return f"{value * 100:.1f} %"
+    return f"{value:g}"
+
+
+def _commonest(notes: list[str]) -> str:
+    return Counter(notes).most_common(1)[0][0] if notes else "—"
+
+
+def ratio(a: Summary, b: Summary) -> float | None:
+    if a.median is None or b.median is None or b.median == 0:
+        return None
+    return a.median / b.median
+
+
+def slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of ``y`` over ``x``; ``None`` with fewer than two distinct ``x``."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    num = sum((x - mx) * (y - my) for x, y in points)
+    den = sum((x - mx) ** 2 for x, _ in points)
+    return num / den
+
+
+def _ssh_per_host(rec: dict[str, Any]) -> float | None:
+    ssh = _get(rec, "head.ssh")
+    if not isinstance(ssh, dict) or not ssh:
+        return None
+    return float(max(ssh.values()))
+
+
+def _rss_growth(rec: dict[str, Any]) -> float | None:
+    head = rec.get("head") or {}
+    if "rss" not in head or "rss_before" not in head:
+        return None
+    return float(head["rss"] - head["rss_before"])
+
+
+def _derived(records: list[dict[str, Any]]) -> None:
+    """Add per-record values that are computed from others (in place)."""
+    for rec in records:
+        value = _ssh_per_host(rec)
+        if value is not None:
+            rec.setdefault("derived", {})["ssh_per_host"] = value
+            rec["derived"]["ssh_hosts"] = len(rec["head"]["ssh"])
+        growth = _rss_growth(rec)
+        if growth is not None:
+            rec.setdefault("derived", {})["rss_growth"] = growth
+
+
+def build_rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+    """The main table's rows and the growth table's rows."""
+    records = data["runs"]
+    _derived(records)
+    cases = {c["name"]: c for c in data["settings"]["cases"]}
+    # The 32-worker case carries the head's cost; quick mode has only 4 × 2.
+    cost_case = next((c for c in ("8x4", "4x2") if c in cases), "8x4")
+    cost_workers = cases[cost_case]["hosts"] * cases[cost_case]["nworkers"] if cost_case in cases else 32
+    rows: list[list[str]] = []
+
+    def s(case: str, tool: str, key: str) -> Summary:
+        return summarize(records, case, tool, key)
+
+    def met(flag: bool | None) -> str:
+        return "—" if flag is None else ("yes" if flag else "**no**")
+
+    plain = s("plain-1", "plain", "startup")
+    # Start-up.
+    for case, label, ours_case in (
+        ("4x1", "start-up, 4 hosts × 1 worker", "4x1"),
+        ("4x2", "start-up, 4 hosts × 2 workers", "4x2"),
+        ("4x2", "start-up, 4 hosts × 2 workers, ours with TLS off", "4x2-notls"),
+        ("8x4", "start-up, 8 hosts × 4 workers", "8x4"),
+    ):
+        ours, dask = s(ours_case, "ours", "startup"), s(case, "dask", "startup")
+        r = ratio(ours, dask)
+        if case == "4x1":
+            target = f"< one plain ssh worker ({cell(plain)})"
+            flag = None if ours.median is None or plain.median is None else ours.median < plain.median
+        else:
+            target = "≤ 0.35 × SSHCluster"
+            flag = None if r is None else r <= 0.35
+        rows.append([label, cell(ours), cell(dask), _ratio(r), target, met(flag) if ours.runs else "not run"])
+    rows.append(["reference: one `ssh host python -m distributed.cli.dask_worker` (nanny, 1 thread)",
+                 cell(plain), "—", "—", "reference", "—"])  # fmt: skip
+
+    # Operations on a warm 4 × 2 cluster.
+    up = s("ops-4x2", "ours", "scale_up")
+    rows.append(["scale-up +4 workers on warm hosts, until registered", cell(up),
+                 cell(s("ops-4x2", "dask", "scale_up")), "—", "< 1 s",
+                 met(None if up.median is None else up.median < 1)])  # fmt: skip
+    o, d = s("ops-4x2", "ours", "scale_down"), s("ops-4x2", "dask", "scale_down")
+    rows.append(["scale-down −4 workers, until their processes are gone", cell(o), cell(d), _ratio(ratio(o, d)), "—", "—"])
+    rows.append(["workers the scheduler lists after that scale-down (wanted)",
+                 _listed_cell(records, "ours"), _listed_cell(records, "dask"), "—", "= wanted", "—"])  # fmt: skip
+    o, d = s("ops-4x2", "ours", "recover"), s("ops-4x2", "dask", "recover")
+    rows.append(["SIGKILL of a worker process → replacement registered", cell(o), cell(d), _ratio(ratio(o, d)), "< 3 s",
+                 met(None if o.median is None else o.median < 3 and not o.notes)])  # fmt: skip
+    # Quick mode ends the ops session with the head crash instead of a session of its own.
+    crash_case = "headcrash-4x2" if "headcrash-4x2" in cases else "ops-4x2"
+    o, d = s(crash_case, "ours", "head_crash"), s(crash_case, "dask", "head_crash")
+    rows.append(["SIGKILL of the head → nothing left on any host", cell(o), cell(d), _ratio(ratio(o, d)), "< 10 s",
+                 met(None if o.median is None else o.median < 10 and not o.notes)])  # fmt: skip
+    o, d = s("4x2", "ours", "teardown"), s("4x2", "dask", "teardown")
+    rows.append(["teardown, 4 × 2: `close()` → nothing left on any host", cell(o), cell(d), _ratio(ratio(o, d)), "< 2 s",
+                 met(None if o.median is None else o.median < 2 and not o.notes)])  # fmt: skip
+
+    # Cost on the head.
+    o, d = s(cost_case, "ours", "derived.ssh_per_host"), s(cost_case, "dask", "derived.ssh_per_host")
+    hosts_o = s(cost_case, "ours", "derived.ssh_hosts")
+    hosts_d = s(cost_case, "dask", "derived.ssh_hosts")
+    rows.append([f"SSH connections per host, {cost_workers} workers (max over hosts; hosts reached)",
+                 _conn_cell(o, hosts_o), _conn_cell(d, hosts_d), "—", "1 per host",
+                 met(None if not o.values else max(o.values) == 1)])  # fmt: skip
+    o, d = s(cost_case, "ours", "head.rss"), s(cost_case, "dask", "head.rss")
+    rows.append([f"head RSS, {cost_workers} workers registered", cell(o, "MB"), cell(d, "MB"), _ratio(ratio(o, d)), "—", "—"])
+    o, d = s(cost_case, "ours", "head.cpu_startup"), s(cost_case, "dask", "head.cpu_startup")
+    rows.append([f"head CPU seconds to start {cost_workers} workers", cell(o), cell(d), _ratio(ratio(o, d)), "—", "—"])
+    o, d = s(cost_case, "ours", "head.cpu_per_s_idle"), s(cost_case, "dask", "head.cpu_per_s_idle")
+    rows.append([f"head CPU while idle, {cost_workers} workers (share of one core)", cell(o, "%"), cell(d, "%"),
+                 _ratio(ratio(o, d)), "—", "—"])  # fmt: skip
+    growth_rows, slopes = _growth(records, cases)
+    so, sd = slopes.get("ours"), slopes.get("dask")
+    rows.append(["head RSS growth per additional worker (least squares over the growth series)",
+                 "—" if so is None else fmt_value(so, "MB/worker"), "—" if sd is None else fmt_value(sd, "MB/worker"),
+                 "—" if so is None or not sd else f"{so / sd:.2f}", "< 2 MB",
+                 met(None if so is None else so < 2 * MB)])  # fmt: skip
+    return rows, growth_rows
+
+
+def _ratio(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}"
+
+
+def _listed_cell(records: list[dict[str, Any]], tool: str) -> str:
+    listed = summarize(records, "ops-4x2", tool, "workers_after_scale_down")
+    wanted = summarize(records, "ops-4x2", tool, "scale_down_target")
+    if listed.median is None or wanted.median is None:
+        return cell(listed)
+    return f"{listed.median:g} ({wanted.median:g})"
+
+
+def _conn_cell(per_host: Summary, hosts: Summary) -> str:
+    if per_host.median is None:
+        return cell(per_host)
+    return f"{per_host.median:g} (to {hosts.median:g} hosts)"
+
+
+def _growth(records: list[dict[str, Any]], cases: dict[str, Any]) -> tuple[list[list[str]], dict[str, float | None]]:
+    rows = []
+    points: dict[str, list[tuple[float, float]]] = {"ours": [], "dask": []}
+    for name in START_CASES:
+        if name not in cases:
+            continue
+        workers = cases[name]["hosts"] * cases[name]["nworkers"]
+        row = [f"{workers} ({cases[name]['hosts']} × {cases[name]['nworkers']})"]
+        for tool in ("ours", "dask"):
+            start = summarize(records, name, tool, "startup")
+            row.append(cell(start))
+        for tool in ("ours", "dask"):
+            row.append(cell(summarize(records, name, tool, "derived.rss_growth"), "MB"))
+        for tool in ("ours", "dask"):
+            row.append(cell(summarize(records, name, tool, "head.cpu_startup")))
+        for tool in ("ours", "dask"):
+            growth = summarize(records, name, tool, "derived.rss_growth")
+            if growth.median is not None:
+                points[tool].append((float(workers), growth.median))
+        rows.append(row)
+    return rows, {tool: slope(p) for tool, p in points.items()}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The text of ``results.md``."""
+    rows, growth = build_rows(data)
+    m, st = data["machine"], data["settings"]
+    records = data["runs"]
+    mode = "quick (1 run, small cases only)" if st["quick"] else f"{st['runs']} runs"
+    out = [
+        "# speccluster-ssh vs dask's SSHCluster",
+        "",
+        f"{m['date']} · {mode} · {m['cpu_count']} CPUs · Python {m['python']} · distributed {m['distributed']} · "
+        f"asyncssh {m['asyncssh']} · load average {m['loadavg_start'][0]:.2f} at start, "
+        f"{m['loadavg_end'][0]:.2f} at end · {m['seconds']:.0f} s in all",
+        "",
+        "Medians over runs; the two tools ran alternately on the same lab hosts (real sshd in network "
+        "namespaces on this one machine). Ours uses its default TLS unless a row says otherwise; "
+        "SSHCluster uses plain TCP and runs its scheduler over SSH on a host of its own. Nanny workers, "
+        "1 thread each. A value with `(k/n: …)` had k runs that gave no number, for the reason shown.",
+        "",
+        _table(["row", "ours (median)", "SSHCluster (median)", "ours / SSHCluster", "target", "met?"], rows),
+        "",
+        "## Growth",
+        "",
+        _table(["workers (hosts × per host)", "start-up, ours", "start-up, SSHCluster", "head RSS added, ours",
+                "head RSS added, SSHCluster", "head CPU to start, ours", "head CPU to start, SSHCluster"], growth),  # fmt: skip
+        "",
+        "Head RSS added: the head process's RSS when every worker is registered, minus the same just before "
+        "the constructor (after imports). Ours carries the scheduler (and its dashboard) in the head; "
+        "SSHCluster's runs on a lab host, which is also why it holds one more SSH connection than it has "
+        "worker hosts.",
+        "",
+        "## Clean-up between runs",
+        "",
+        _table(["tool", "sessions", "sessions with leftovers", "processes SIGKILLed by the bench", "sessions with errors"],
+               _cleanup_rows(records)),  # fmt: skip
+        "",
+        f"Caps: start-up {st['start_cap']:g} s (twice that above 32 workers), replacement {st['recover_cap']:g} s, "
+        f"head crash {st['crash_cap']:g} s, processes gone {st['gone_cap']:g} s.",
+        "",
+    ]
+    spread = _spread_rows(records)
+    if spread:
+        out += ["## Spread (min – max over runs)", "", _table(["case", "metric", "ours", "SSHCluster"], spread), ""]
+    return "\n".join(out)
+
+
+def _cleanup_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for tool in ("ours", "dask", "plain"):
+        recs = [r for r in records if r["tool"] == tool]
+        if not recs:
+            continue
+        rows.append([
+            {"ours": "ours", "dask": "SSHCluster", "plain": "plain ssh worker"}[tool],
+            str(len(recs)),
+            str(sum(1 for r in recs if r.get("leftovers"))),
+            str(sum(int(r.get("leftovers") or 0) for r in recs)),
+            str(sum(1 for r in recs if r.get("errors"))),
+        ])
+    return rows
+
+
+def _spread_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    seen = []
+    for rec in records:
+        if rec["case"] not in seen:
+            seen.append(rec["case"])
+    for case in seen:
+        for key in ("startup", "scale_up", "scale_down", "recover", "head_crash", "teardown"):
+            cells = []
+            for tool in ("ours", "dask"):
+                sp = summarize(records, case, tool, key).spread
+                cells.append("—" if sp is None else f"{fmt_seconds(sp[0])} – {fmt_seconds(sp[1])}")
+            if any(c != "—" for c in cells):
+                rows.append([case, key, *cells])
+    return rows
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    """``startup.png``: start-up time against worker count for both tools."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = data["runs"]
+    cases = {c["name"]: c for c in data["settings"]["cases"]}
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for tool, label, style in (("ours", "speccluster-ssh (TLS)", "o-"), ("dask", "dask SSHCluster (TCP)", "s--")):
+        xs, ys, lo, hi = [], [], [], []
+        for name in START_CASES:
+            if name not in cases:
+                continue
+            summ = summarize(records, name, tool, "startup")
+            if summ.median is None or summ.spread is None:
+                continue
+            xs.append(cases[name]["hosts"] * cases[name]["nworkers"])
+            ys.append(summ.median)
+            lo.append(summ.median - summ.spread[0])
+            hi.append(summ.spread[1] - summ.median)
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+    plain = summarize(records, "plain-1", "plain", "startup")
+    if plain.median is not None:
+        ax.axhline(plain.median, color="grey", linestyle=":", label="one plain ssh dask_worker")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({cases[n]["hosts"] * cases[n]["nworkers"] for n in START_CASES if n in cases})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("workers (nanny, 1 thread each)")
+    ax.set_ylabel("seconds until all registered (median)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Start-up time")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(data: dict[str, Any], out: Path) -> None:
+    """Write ``runs.json``, ``results.md`` and ``startup.png`` into ``out``."""
+    text = markdown(data)  # also adds the derived values the JSON keeps
+    (out / "runs.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    (out / "results.md").write_text(text)
+    plot(data, out / "startup.png")
