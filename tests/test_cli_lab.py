@@ -649,13 +649,6 @@ def test_two_clusters_side_by_side(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     assert cli.json("list") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="logs HOST leaves out the workers of that host that were retired or died, although the "
-    "help promises logs 'also of dead ones' and 'logs WORKER' still has them: Head._logs takes the "
-    "members of a host from status_report()['workers'] (live spec entries only), and the cluster's "
-    "dead_logs do not record the host of each dead member",
-)
 def test_logs_of_a_host_include_its_retired_workers(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     """After a scale down, 'logs HOST' still shows the retired worker's log, as 'logs WORKER' does."""
     inventory = write_inventory(lab, tmp_path / "logs.yml", ["h4"], speccluster_slots=2)
@@ -677,13 +670,6 @@ def test_logs_of_a_host_include_its_retired_workers(lab: Lab, cli: Cli, tmp_path
     assert retired[0] in by_host, sorted(by_host)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with speccluster_nthreads unset ('auto': host cpus / nworkers) the workers started by up get "
-    "1 thread and half the memory, those added later by scale get every cpu: cluster.py _entry_for_host "
-    "reads cpu_count from the agent's facts, which do not exist yet when up's first entries are made, "
-    "and _threads_on falls back to 1 cpu",
-)
 def test_auto_threads_are_the_same_for_every_worker(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     """Workers of one host get the same 'auto' threads whether up or scale started them."""
     inventory = tmp_path / "auto.yml"

@@ -712,6 +712,8 @@ class Head:
             return {k: v for k, v in logs.items() if k == "Scheduler"}
         workers = cluster.status_report()["workers"]
         members = [w["name"] for w in workers if w.get("host") == target]
+        # Workers that died or were retired keep their logs; find them by their host too.
+        members += [m for m, h in getattr(cluster, "dead_hosts", {}).items() if h == target and m not in members]
         known_hosts = set(cluster.worker_hosts) | {w.get("host") for w in workers}
         if target in known_hosts:
             return {m: logs.get(m, "") for m in members}

@@ -158,6 +158,7 @@ class SSHSpecCluster(SpecCluster):
         self.worker_options = dict(worker_options or {})
         self.capacity_note = ""
         self.dead_logs: dict[str, str] = {}
+        self.dead_hosts: dict[str, str] = {}  # member -> host, for logs by host
         # Consecutive start failures per host (reset by a successful start).
         self._entry_failures: dict[str, int] = {}
         self._start_errors: dict[str, str] = {}
@@ -350,8 +351,8 @@ class SSHSpecCluster(SpecCluster):
 
     def _entry_for_host(self, host: HostSpec) -> dict[str, Any]:
         """The spec of one entry on ``host`` (without its name)."""
-        facts = self.pool.agents[host.name].facts if host.name in self.pool.agents else {}
-        options: dict[str, Any] = {"nthreads": self._threads_on(host, facts)}
+        # nthreads left out when unset: the process interface fills it in from the host's cpus.
+        options: dict[str, Any] = {"nthreads": host.nthreads}
         options["memory_limit"] = host.memory_limit
         if host.resources:
             options["resources"] = dict(host.resources)
@@ -384,20 +385,17 @@ class SSHSpecCluster(SpecCluster):
             spec["group"] = [f"-{i}" for i in range(host.nworkers)]
         return spec
 
-    @staticmethod
-    def _threads_on(host: HostSpec, facts: Mapping[str, Any]) -> int:
-        if host.nthreads:
-            return int(host.nthreads)
-        cpus = int(facts.get("cpu_count") or 1)
-        return max(1, cpus // max(1, host.nworkers))
-
     def _shape(self, spec: Mapping[str, Any]) -> EntryShape:
         opts = spec.get("options", {})
         inner = opts.get("options", {})
         host_name = opts.get("host", "")
         group = spec.get("group")
         workers = len(group) if group else 1
-        threads = int(inner.get("nthreads") or 1)
+        facts = self.pool.agents[host_name].facts if host_name in self.pool.agents else {}
+        threads = int(inner.get("nthreads") or 0)
+        if not threads:
+            # As the process interface will decide: the host's cpus shared by the group.
+            threads = max(1, int(facts.get("cpu_count") or 1) // workers)
         memory = inner.get("memory_limit")
         if isinstance(memory, str) and memory != "auto":
             try:
@@ -405,7 +403,6 @@ class SSHSpecCluster(SpecCluster):
             except ValueError:
                 memory = 0  # the worker itself will refuse it, with the host named
         if not isinstance(memory, int) or memory <= 0:
-            facts = self.pool.agents[host_name].facts if host_name in self.pool.agents else {}
             total = int(facts.get("memory") or 0)
             cpus = int(facts.get("cpu_count") or 1)
             memory = int(total * min(1.0, threads / cpus)) if total else 0
@@ -615,6 +612,11 @@ class SSHSpecCluster(SpecCluster):
 
     # -- reconciling -----------------------------------------------------
     async def _start(self) -> None:
+        # Connect to the hosts while the scheduler (and its dashboard) starts.
+        hosts = {spec.get("options", {}).get("host") for spec in self.worker_spec.values()}
+        if self.inventory.scheduler_host is not None:
+            hosts.add(self.inventory.scheduler_host.name)
+        self.pool.prestart(h for h in hosts if h is not None)
         try:
             await super()._start()
         except RuntimeError as exc:
@@ -750,6 +752,7 @@ class SSHSpecCluster(SpecCluster):
         if isinstance(worker, RemoteProcess):
             for member, info in worker.exit_info.items():
                 self.dead_logs[member] = str(info.get("tail", ""))
+                self.dead_hosts[member] = worker.host
 
     def _host_lost(self, host: str, reason: str) -> None:
         logger.warning("host %s lost: %s", host, reason)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from distributed.core import Status
@@ -92,7 +92,7 @@ class AgentPool:
         self.connections: dict[str, HostConnection] = {}
         self.agents: dict[str, HostAgent] = {}
         self.states: dict[str, HostState] = {name: HostState(name) for name in self.hosts}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._starting: dict[str, asyncio.Task[HostAgent]] = {}
         self._lost_callbacks: list[Callable[[str, str], None]] = []
         self.files: dict[str, bytes] = {}  # relative path -> content, written to every host
         self.head_scheduler: tuple[str, int] | None = None  # (protocol, port) of a head scheduler
@@ -116,27 +116,49 @@ class AgentPool:
         return self.connections[name]
 
     async def agent(self, name: str) -> HostAgent:
-        """The running agent on host ``name``, starting it (once) if needed."""
+        """The running agent on host ``name``, starting it (once) if needed.
+
+        Callers that arrive while a start is in flight share its outcome, so
+        a host that does not answer costs one connect timeout, not one per
+        spec entry.
+        """
         if self.closed:
             raise HostError(name, "the cluster is closing")
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
-            agent = self.agents.get(name)
-            if agent is not None and agent.alive:
-                return agent
-            state = self.states[name]
-            try:
-                agent = await self._start_agent(name)
-            except HostError as exc:
-                state.state = "down"
-                state.reason = exc.reason
-                state.record_failure(exc.reason)
-                raise
-            state.state = "up"
-            state.reason = ""
-            state.backoff = 1.0
-            self.agents[name] = agent
+        agent = self.agents.get(name)
+        if agent is not None and agent.alive:
             return agent
+        task = self._starting.get(name)
+        if task is None or task.done():
+            task = asyncio.ensure_future(self._start_and_record(name))
+            self._starting[name] = task
+        return await asyncio.shield(task)
+
+    def prestart(self, names: Iterable[str]) -> None:
+        """Begin starting the agents of ``names`` now, in the background.
+
+        Their outcome is picked up by the next :meth:`agent` call; a failure
+        here is recorded in the host's state and raised to that caller.
+        """
+        for name in names:
+            if name in self.hosts and name not in self.agents and name not in self._starting:
+                task = asyncio.ensure_future(self._start_and_record(name))
+                task.add_done_callback(_retrieve)
+                self._starting[name] = task
+
+    async def _start_and_record(self, name: str) -> HostAgent:
+        state = self.states[name]
+        try:
+            agent = await self._start_agent(name)
+        except HostError as exc:
+            state.state = "down"
+            state.reason = exc.reason
+            state.record_failure(exc.reason)
+            raise
+        state.state = "up"
+        state.reason = ""
+        state.backoff = 1.0
+        self.agents[name] = agent
+        return agent
 
     async def _start_agent(self, name: str) -> HostAgent:
         import distributed
@@ -209,6 +231,12 @@ class AgentPool:
         self.connections.clear()
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # The error is kept in the host's state and raised to the next caller.
+    if not task.cancelled():
+        task.exception()
+
+
 class RemoteProcess(ProcessInterface):
     """One spec entry: one dask server, or a group of them, on one host.
 
@@ -245,7 +273,7 @@ class RemoteProcess(ProcessInterface):
         env: Mapping[str, str] | None = None,
         group: Sequence[str] | None = None,
         start_timeout: float = 60.0,
-        stop_grace: float = 5.0,
+        stop_grace: float = 3.0,
         **extra: Any,
     ) -> None:
         super().__init__()
@@ -291,6 +319,10 @@ class RemoteProcess(ProcessInterface):
         options = dict(self.options)
         if self.role != "scheduler":
             options["name"] = member
+            if options.get("nthreads") is None:
+                # Unset in the inventory: share the host's cpus among the entry's workers.
+                cpus = int(agent.facts.get("cpu_count") or 1)
+                options["nthreads"] = max(1, cpus // len(self.member_names))
         if "host" not in options and "interface" not in options:
             listen = agent.facts.get("listen_address")
             if listen:

@@ -482,7 +482,13 @@ class Agent:
             self._enforce_deadlines()
             if term_seen or time.monotonic() - self.last_heard > self.silence:
                 self.running = False
-        self.stop_all(grace=float(self.config.get("grace", 3.0)))
+        # Told to shut down: the scheduler is alive, so give servers time to
+        # close cleanly. Head lost: they would only wait for a dead scheduler.
+        if self.shutdown_reply is not None:
+            grace = float(self.config.get("grace", 3.0))
+        else:
+            grace = float(self.config.get("lost_grace", 0.5))
+        self.stop_all(grace=grace)
 
     def stop_all(self, grace: float) -> None:
         for name in list(self.children):
@@ -492,6 +498,8 @@ class Agent:
             self._reap()
             self._enforce_deadlines()
             time.sleep(0.02)
+        # Keys never outlive the cluster, even when the logs stay for a post-mortem.
+        shutil.rmtree(os.path.join(self.dir, "tls"), ignore_errors=True)
         if self.remove_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
             try:
