@@ -628,3 +628,21 @@ def test_parse_bytes_units_property(number: int, unit: str) -> None:
 def test_format_bytes() -> None:
     assert format_bytes(4 * 2**30) == "4.00 GiB"
     assert format_bytes(123) == "123 B"
+
+
+def test_playbook_variables_are_accepted_and_ignored(tmp_path: Path) -> None:
+    from speccluster_ssh.agent import agent_argv
+
+    path = tmp_path / "inv.yml"
+    path.write_text(
+        "all:\n  vars:\n    speccluster_wheelhouse: /srv/wheels\n    speccluster_keep_venv: true\n"
+        "  hosts:\n    n1:\n      speccluster_python: ~/venv/bin/python\n"
+    )
+    inv = load_inventory(path)
+    host = inv.hosts["n1"]
+    assert host.vars["speccluster_wheelhouse"] == "/srv/wheels"
+    # "~/" cannot expand inside a quoted remote command; the command starts in $HOME.
+    assert agent_argv(host, "c")[2] == "venv/bin/python"
+    path.write_text("all:\n  hosts:\n    n1:\n      speccluster_wheelhous: /srv\n")
+    with pytest.raises(InventoryError, match="did you mean speccluster_wheelhouse"):
+        load_inventory(path)

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +72,9 @@ def agent_argv(host: HostSpec, cluster_id: str = "") -> list[str]:
     to have ``distributed``.
     """
     python = sys.executable if host.is_local and host.python == "python3" else host.python
+    if python.startswith("~/"):
+        # Quoted, "~" would not expand; a remote command starts in $HOME anyway.
+        python = os.path.expanduser(python) if host.is_local else python[2:]
     return ["env", f"{MARKER_ENV}={cluster_id}", python, "-u", "-c", BOOTSTRAP]
 
 

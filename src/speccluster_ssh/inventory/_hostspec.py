@@ -11,7 +11,7 @@ from typing import Any
 
 from ._errors import InventoryError, Origin
 from ._loader import UnsafeStr, VaultStr
-from ._vars import PREFIX, SPECCLUSTER_VARS, BadValue
+from ._vars import PLAYBOOK_VARS, PREFIX, SPECCLUSTER_VARS, BadValue
 
 __all__ = ["HostSpec", "check_var_names", "resolve_host"]
 
@@ -152,7 +152,7 @@ def _usable(host: str, var: str, value: Any, origin: Origin | None) -> Any:
 
 def suggest(name: str) -> str:
     """A ``did you mean`` hint for an unknown ``speccluster_`` variable."""
-    close = difflib.get_close_matches(name, list(SPECCLUSTER_VARS), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, [*SPECCLUSTER_VARS, *PLAYBOOK_VARS], n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]}?"
     return "known names: " + ", ".join(SPECCLUSTER_VARS)
@@ -176,7 +176,7 @@ def check_var_names(variables: Mapping[Any, Any], origins: Mapping[Any, Origin],
         On the first unknown name.
     """
     for name in variables:
-        if isinstance(name, str) and name.startswith(PREFIX) and name not in SPECCLUSTER_VARS:
+        if isinstance(name, str) and name.startswith(PREFIX) and name not in SPECCLUSTER_VARS and name not in PLAYBOOK_VARS:
             origin = origins.get(name)
             raise InventoryError(
                 f"unknown variable {name} on {owner}; {suggest(name)}",

@@ -279,6 +279,19 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
 }
 
 
+# Read by the playbooks in playbooks/ only; accepted in inventories and ignored
+# by speccluster-ssh, so one inventory serves both.
+PLAYBOOK_VARS: dict[str, str] = {
+    f"speccluster_{name}": "provisioning option, see playbooks/README.md"
+    for name in (
+        "distributed_version", "head_python", "wheelhouse", "pip_index_url", "pip_extra_args", "bokeh",
+        "bokeh_version", "base_python", "system_packages", "cache_dir", "teardown_cluster", "keep_venv",
+        "kill_grace", "check_ports", "check_bind", "head_address", "min_free_mb", "max_clock_skew",
+        "check_seconds",
+    )
+}
+
+
 def speccluster_vars_markdown() -> str:
     """Render :data:`SPECCLUSTER_VARS` as a Markdown table for the README.
 
