@@ -93,6 +93,7 @@ class AgentPool:
         self.agents: dict[str, HostAgent] = {}
         self.states: dict[str, HostState] = {name: HostState(name) for name in self.hosts}
         self._starting: dict[str, asyncio.Task[HostAgent]] = {}
+        self._unclaimed: set[str] = set()  # prestarted, outcome not yet handed out
         self._lost_callbacks: list[Callable[[str, str], None]] = []
         self.files: dict[str, bytes] = {}  # relative path -> content, written to every host
         self.head_scheduler: tuple[str, int] | None = None  # (protocol, port) of a head scheduler
@@ -120,7 +121,8 @@ class AgentPool:
 
         Callers that arrive while a start is in flight share its outcome, so
         a host that does not answer costs one connect timeout, not one per
-        spec entry.
+        spec entry; a start begun by :meth:`prestart` is handed to the first
+        caller, success or failure.
         """
         if self.closed:
             raise HostError(name, "the cluster is closing")
@@ -128,27 +130,13 @@ class AgentPool:
         if agent is not None and agent.alive:
             return agent
         task = self._starting.get(name)
-        if task is None or task.done():
-            task = asyncio.ensure_future(self._start_and_record(name))
+        if task is None or (task.done() and name not in self._unclaimed):
+            task = asyncio.ensure_future(self._start_agent(name))
             self._starting[name] = task
-        return await asyncio.shield(task)
-
-    def prestart(self, names: Iterable[str]) -> None:
-        """Begin starting the agents of ``names`` now, in the background.
-
-        Their outcome is picked up by the next :meth:`agent` call; a failure
-        here is recorded in the host's state and raised to that caller.
-        """
-        for name in names:
-            if name in self.hosts and name not in self.agents and name not in self._starting:
-                task = asyncio.ensure_future(self._start_and_record(name))
-                task.add_done_callback(_retrieve)
-                self._starting[name] = task
-
-    async def _start_and_record(self, name: str) -> HostAgent:
+        self._unclaimed.discard(name)
         state = self.states[name]
         try:
-            agent = await self._start_agent(name)
+            agent = await asyncio.shield(task)
         except HostError as exc:
             state.state = "down"
             state.reason = exc.reason
@@ -159,6 +147,19 @@ class AgentPool:
         state.backoff = 1.0
         self.agents[name] = agent
         return agent
+
+    def prestart(self, names: Iterable[str]) -> None:
+        """Begin starting the agents of ``names`` now, in the background.
+
+        Nothing is recorded until a caller of :meth:`agent` claims the
+        outcome, so a host that fails here fails where it is used.
+        """
+        for name in names:
+            if name in self.hosts and name not in self.agents and name not in self._starting:
+                task = asyncio.ensure_future(self._start_agent(name))
+                task.add_done_callback(_retrieve)
+                self._starting[name] = task
+                self._unclaimed.add(name)
 
     async def _start_agent(self, name: str) -> HostAgent:
         import distributed
@@ -225,14 +226,22 @@ class AgentPool:
     async def close(self) -> None:
         """Stop every agent (and so every process) and close the connections."""
         self.closed = True
-        await asyncio.gather(*(a.close() for a in self.agents.values()), return_exceptions=True)
+        # Starts still in flight, or prestarted and never claimed, own agents too.
+        starting = list(self._starting.values())
+        await asyncio.gather(*starting, return_exceptions=True)
+        agents = {id(a): a for a in self.agents.values()}
+        for task in starting:
+            if not task.cancelled() and task.exception() is None:
+                agents.setdefault(id(task.result()), task.result())
+        await asyncio.gather(*(a.close() for a in agents.values()), return_exceptions=True)
         self.agents.clear()
+        self._starting.clear()
         await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
         self.connections.clear()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
-    # The error is kept in the host's state and raised to the next caller.
+    # The outcome is claimed by the next AgentPool.agent() caller.
     if not task.cancelled():
         task.exception()
 
