@@ -588,7 +588,12 @@ def lab_for(settings: Settings) -> Iterator[Any]:
     """A lab big enough for every case, torn down however the bench ends."""
     sshlab = import_sshlab()
     worker_hosts = max(c.hosts for c in settings.cases)
-    with sshlab.Lab(worker_hosts + 1) as lab:  # +1: SSHCluster's scheduler host
+    # SCLAB_PREFIX/SCLAB_SUBNET let the bench run beside a test session's lab.
+    with sshlab.Lab(
+        worker_hosts + 1,  # +1: SSHCluster's scheduler host
+        prefix=os.environ.get("SCLAB_PREFIX", "sclab"),
+        subnet_base=os.environ.get("SCLAB_SUBNET", "10.250.0"),
+    ) as lab:
         yield lab
 
 
