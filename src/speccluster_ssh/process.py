@@ -346,21 +346,30 @@ class RemoteProcess(ProcessInterface):
             m: asyncio.get_running_loop().create_future() for m in self.member_names
         }
 
+        started: dict[str, int] = {}  # member -> pid of the process this interface started
+
+        def ours(message: dict[str, Any]) -> bool:
+            # An older process of the same name may still be exiting: its
+            # events carry another pid and are not about this interface.
+            member = message.get("name")
+            pid = message.get("pid")
+            return member in ready and (pid is None or member not in started or started[member] == pid)
+
         def on_ready(message: dict[str, Any]) -> None:
             member = message.get("name")
-            if member in ready and not ready[member].done():
+            if ours(message) and not ready[member].done():
                 ready[member].set_result(message)
 
         def on_failed(message: dict[str, Any]) -> None:
             member = message.get("name")
-            if member in ready and not ready[member].done():
+            if ours(message) and not ready[member].done():
                 ready[member].set_exception(
                     HostError(self.host, f"{self.role} {member} failed to start: {message.get('error') or 'exit ' + str(message.get('code'))}", message.get("tail", ""))
                 )
 
         def on_exited(message: dict[str, Any]) -> None:
             member = message.get("name")
-            if member not in self.member_names:
+            if member not in self.member_names or not ours(message):
                 return
             on_failed(message)
             self.exit_info[member] = message
@@ -374,7 +383,7 @@ class RemoteProcess(ProcessInterface):
         scheduler = self._scheduler_for_host(pool)
         try:
             for member in self.member_names:
-                await agent.request(
+                reply = await agent.request(
                     "start",
                     name=member,
                     role=self.role,
@@ -382,6 +391,7 @@ class RemoteProcess(ProcessInterface):
                     options=self._process_options(member, agent),
                     env=self.env,
                 )
+                started[member] = int(reply["pid"])
             done, pending = await asyncio.wait(ready.values(), timeout=self.start_timeout)
             if pending:
                 raise HostError(self.host, f"{self.role} {self.name} did not report ready within {self.start_timeout:g} s")

@@ -165,7 +165,7 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
         import traceback
 
         traceback.print_exc()
-        report({"event": "failed", "name": request["name"], "error": repr(exc)})
+        report({"event": "failed", "name": request["name"], "pid": os.getpid(), "error": repr(exc)})
         sys.stderr.flush()
         os._exit(1)
     sys.stdout.flush()
