@@ -887,19 +887,12 @@ def _ssh_target(host: HostSpec) -> str:
 
 
 def _entry_plan(key: str, host: HostSpec, tls: bool) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "nthreads": host.nthreads if host.nthreads else "auto (host cpus / nworkers)",
-        "memory_limit": host.memory_limit,
-        "dashboard_address": ":0",
-    }
-    if host.resources:
-        options["resources"] = dict(host.resources)
-    if host.local_directory:
-        options["local_directory"] = host.local_directory
-    if host.interface:
-        options["interface"] = host.interface
-    options.update(host.worker_options)
-    members = [f"{key}-{i}" for i in range(host.nworkers)] if host.nworkers > 1 else [key]
+    from .placement import group_suffixes, worker_options
+
+    options = worker_options(host)
+    if options.get("nthreads") is None:
+        options["nthreads"] = "auto (host cpus / nworkers)"
+    members = [key + suffix for suffix in group_suffixes(host) or [""]]
     return {"entry": key, "class": host.worker_class, "workers": members, "options": options, "tls": tls}
 
 

@@ -33,7 +33,7 @@ from . import config as sc_config
 from .connection import ConnectSettings
 from .errors import HostError, UserError
 from .inventory import HostSpec, Inventory, load_inventory
-from .placement import EntryShape, Target, choose_host, entries_to_remove
+from .placement import EntryShape, Target, choose_host, entries_to_remove, group_suffixes, worker_options
 from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
 
 logger = logging.getLogger(__name__)
@@ -351,19 +351,9 @@ class SSHSpecCluster(SpecCluster):
 
     def _entry_for_host(self, host: HostSpec) -> dict[str, Any]:
         """The spec of one entry on ``host`` (without its name)."""
-        # nthreads left out when unset: the process interface fills it in from the host's cpus.
-        options: dict[str, Any] = {"nthreads": host.nthreads}
-        options["memory_limit"] = host.memory_limit
-        if host.resources:
-            options["resources"] = dict(host.resources)
-        if host.local_directory:
-            options["local_directory"] = host.local_directory
-        if host.interface:
-            options["interface"] = host.interface
-        options["dashboard_address"] = ":0"
+        options = worker_options(host)
         if self.remote_security:
             options["security"] = dict(self.remote_security, require_encryption=True)
-        options.update(host.worker_options)
         options.update(self.worker_options)
         cls = RemoteNanny if host.worker_class == "nanny" else RemoteWorker
         if self.new_spec and self.new_spec.get("cls") not in (None, RemoteNanny) and isinstance(self.new_spec.get("cls"), type):
@@ -381,8 +371,9 @@ class SSHSpecCluster(SpecCluster):
                 "start_timeout": self.start_timeout,
             },
         }
-        if host.nworkers > 1:
-            spec["group"] = [f"-{i}" for i in range(host.nworkers)]
+        suffixes = group_suffixes(host)
+        if suffixes:
+            spec["group"] = suffixes
         return spec
 
     def _shape(self, spec: Mapping[str, Any]) -> EntryShape:

@@ -19,6 +19,9 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from .inventory import HostSpec
 
 POLICIES = ("spread", "pack")
 
@@ -157,3 +160,29 @@ def workers_for(cores: int | None, memory: int | None, threads: int, memory_per_
     if memory and memory_per_worker:
         need = max(need, math.ceil(memory / memory_per_worker))
     return need
+
+
+def worker_options(host: HostSpec) -> dict[str, Any]:
+    """Keyword options of one dask worker (or nanny) on ``host``, from its variables.
+
+    ``nthreads`` is ``None`` when the inventory leaves it unset: the process
+    interface then shares the host's cpus among the entry's workers.
+    """
+    options: dict[str, Any] = {
+        "nthreads": host.nthreads,
+        "memory_limit": host.memory_limit,
+        "dashboard_address": ":0",
+    }
+    if host.resources:
+        options["resources"] = dict(host.resources)
+    if host.local_directory:
+        options["local_directory"] = host.local_directory
+    if host.interface:
+        options["interface"] = host.interface
+    options.update(host.worker_options)
+    return options
+
+
+def group_suffixes(host: HostSpec) -> list[str] | None:
+    """Name suffixes of the workers of one entry on ``host``; ``None`` for a single worker."""
+    return [f"-{i}" for i in range(host.nworkers)] if host.nworkers > 1 else None
