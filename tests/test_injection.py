@@ -69,3 +69,51 @@ def _encodable(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+TEXT_VARS = ("speccluster_python", "speccluster_local_directory", "speccluster_interface", "speccluster_prologue")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=PAYLOAD, var=st.sampled_from([*TEXT_VARS, "env", "resource", "ansible_host", "ansible_user"]))
+def test_inventory_values_arrive_unchanged_or_are_refused(value: str, var: str, tmp_path: Path) -> None:
+    """Every string an inventory can carry comes out of the model as the same string."""
+    import yaml
+
+    from speccluster_ssh.agent import agent_argv
+    from speccluster_ssh.inventory import InventoryError, load_inventory
+
+    if "\x00" in value or not _encodable(value):
+        return  # YAML cannot carry these; remote_command's refusal is tested above
+    host_vars: dict[str, object] = {"speccluster_python": "/usr/bin/python3"}
+    if var == "env":
+        host_vars["speccluster_env"] = {"PAYLOAD": value}
+    elif var == "resource":
+        host_vars["speccluster_resources"] = {value or "r": 1}
+    else:
+        host_vars[var] = value
+    path = tmp_path / "inv.yml"
+    path.write_text(yaml.safe_dump({"all": {"hosts": {"n1": host_vars}}}))
+    try:
+        host = load_inventory(path).hosts["n1"]
+    except InventoryError as exc:
+        assert "\n" not in str(exc)  # refused with one line
+        return
+    seen = {
+        "env": lambda: host.env["PAYLOAD"],
+        "resource": lambda: next(iter(host.resources)),
+        "ansible_host": lambda: host.address,
+        "ansible_user": lambda: host.user,
+        "speccluster_python": lambda: host.python,
+        "speccluster_local_directory": lambda: host.local_directory,
+        "speccluster_interface": lambda: host.interface,
+        "speccluster_prologue": lambda: host.prologue,
+    }[var]()
+    expected = (value or "r") if var == "resource" else value
+    if var == "speccluster_python" and value.startswith("~/"):
+        expected = value
+    # A blank optional value means "not set"; anything else must come through exactly.
+    assert seen == expected or (not value.strip() and seen in (None, "")), (seen, value)
+    if var == "speccluster_python" and value and not value.startswith("~/"):
+        # The python path is the one user value on the SSH command line: one word, unchanged.
+        assert through_login_shell([*ECHO_ARGV, *agent_argv(host, "c")[2:3]], tmp_path) == [value]
