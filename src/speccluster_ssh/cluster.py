@@ -173,7 +173,9 @@ class SSHSpecCluster(SpecCluster):
             all_hosts[inventory.scheduler_host.name] = inventory.scheduler_host
         settings = ConnectSettings(
             known_hosts=known_hosts,
-            known_hosts_policy=known_hosts_policy,
+            # A non-default policy in the dask config applies to every host.
+            known_hosts_policy=known_hosts_policy
+            or (sc_config.get("known-hosts") if sc_config.get("known-hosts") != "strict" else None),
             ssh_config=list(ssh_config),
             connect_timeout=connect_timeout,
         )
