@@ -59,7 +59,7 @@ def head_cost() -> dict[str, Any]:
     }
 
 
-def wait_until(check: Any, cap: float) -> float | None:
+def wait_until(check: Any, cap: float, interval: float = POLL) -> float | None:
     """Poll ``check()`` until it is true; the monotonic time then, or ``None`` after ``cap`` s."""
     deadline = time.monotonic() + cap
     while True:
@@ -67,7 +67,7 @@ def wait_until(check: Any, cap: float) -> float | None:
             return time.monotonic()
         if time.monotonic() >= deadline:
             return None
-        time.sleep(POLL)
+        time.sleep(interval)
 
 
 class Session:

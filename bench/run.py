@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from .driver import MARK
+from .driver import MARK, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = ("ours", "dask")
@@ -179,15 +179,9 @@ def count(procs: dict[str, list[Any]]) -> int:
     return sum(len(v) for v in procs.values())
 
 
-def wait_for(check: Callable[[], bool], cap: float, interval: float = 0.05) -> float | None:
-    """Poll ``check()``; the monotonic time it first held, or ``None`` after ``cap`` seconds."""
-    deadline = time.monotonic() + cap
-    while True:
-        if check():
-            return time.monotonic()
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(interval)
+def wait_for(check: Callable[[], bool], cap: float) -> float | None:
+    """Poll ``check()`` every 50 ms; the monotonic time it first held, or ``None`` after ``cap`` s."""
+    return wait_until(check, cap, interval=0.05)
 
 
 def kill_leftovers(view: LabView) -> list[dict[str, Any]]:

@@ -1580,6 +1580,19 @@ class Lab:
         return out
 
 
+def processes_besides_sshd(lab: Lab) -> dict[str, list[Proc]]:
+    """Every process on every lab host except its sshd, by host name (hosts with none left out).
+
+    What a test means by "nothing of the cluster is left on any host".
+    """
+    out: dict[str, list[Proc]] = {}
+    for host in lab.hosts:
+        procs = [p for p in host.processes() if not (p.argv and "sshd" in p.argv[0])]
+        if procs:
+            out[host.name] = procs
+    return out
+
+
 def _main(argv: Sequence[str]) -> int:
     """Tiny CLI for humans: ``python tests/sshlab.py up 4 | cleanup | status``."""
     cmd = argv[0] if argv else "status"

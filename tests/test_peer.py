@@ -60,6 +60,7 @@ from distributed.utils import is_valid_xml
 from speccluster_ssh.cluster import SSHSpecCluster
 from speccluster_ssh.errors import HostError
 from speccluster_ssh.process import RemoteNanny, RemoteWorker
+from sshlab import processes_besides_sshd
 
 pytestmark = pytest.mark.lab
 
@@ -143,16 +144,6 @@ def host_of(cluster: SSHSpecCluster, key: str) -> str:
     return str(cluster.worker_spec[key]["options"]["host"])
 
 
-def lab_processes(lab: Any) -> dict[str, list[Any]]:
-    """Every process on every lab host except its sshd."""
-    out = {}
-    for host in lab.hosts:
-        procs = [(pid, argv) for pid, argv in host.processes() if not (argv and "sshd" in argv[0])]
-        if procs:
-            out[host.name] = procs
-    return out
-
-
 def lab_host(lab: Any, name: str) -> Any:
     """The lab host called ``name``."""
     return next(h for h in lab.hosts if h.name == name)
@@ -213,7 +204,7 @@ async def lab_cluster(lab: Any, path: Path, **options: Any) -> AsyncIterator[tup
         assert not watch.duplicates, watch.duplicates
         log = "\n".join(line for _, line in cluster.scheduler.get_logs())
         assert "duplicate name" not in log
-    await until(lambda: not lab_processes(lab), 20, "every process on the lab hosts to end")
+    await until(lambda: not processes_besides_sshd(lab), 20, "every process on the lab hosts to end")
 
 
 @contextlib.contextmanager
@@ -329,7 +320,7 @@ def test_specification(lab: Any, tmp_path: Path) -> None:
 
             async with Client(cluster, asynchronous=True) as client:
                 assert await client.submit(lambda x: x + 1, 10) == 11
-        await until(lambda: not lab_processes(lab), 20, "every process to end")
+        await until(lambda: not processes_besides_sshd(lab), 20, "every process to end")
 
     run(main())
 
@@ -354,9 +345,9 @@ def test_spec_sync(lab: Any, tmp_path: Path) -> None:
             assert client.submit(lambda x: x + 1, 10).result(timeout=DEADLINE) == 11
     gc.collect()  # see run()
     deadline = time.monotonic() + 20
-    while lab_processes(lab) and time.monotonic() < deadline:
+    while processes_besides_sshd(lab) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not lab_processes(lab)
+    assert not processes_besides_sshd(lab)
 
 
 def test_broken_worker(lab: Any, tmp_path: Path) -> None:
@@ -375,7 +366,7 @@ def test_broken_worker(lab: Any, tmp_path: Path) -> None:
                 raise AssertionError("the cluster must not start")
         assert info.value.host == "h2"
         assert "plenty" in str(info.value) + info.value.tail
-        await until(lambda: not lab_processes(lab), 20, "nothing left running")
+        await until(lambda: not processes_besides_sshd(lab), 20, "nothing left running")
 
     run(main())
 

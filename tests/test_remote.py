@@ -21,18 +21,9 @@ from speccluster_ssh.connection import ConnectSettings
 from speccluster_ssh.errors import HostError
 from speccluster_ssh.inventory import load_inventory
 from speccluster_ssh.process import AgentPool, RemoteNanny, RemoteWorker
+from sshlab import processes_besides_sshd
 
 pytestmark = pytest.mark.lab
-
-
-def cluster_processes(lab: Any) -> dict[str, list[tuple[int, list[str]]]]:
-    """Every process on every lab host except its sshd."""
-    out = {}
-    for host in lab.hosts:
-        procs = [(pid, argv) for pid, argv in host.processes() if not (argv and "sshd" in argv[0])]
-        if procs:
-            out[host.name] = procs
-    return out
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
@@ -74,7 +65,7 @@ def test_workers_and_nannies_on_several_hosts(lab: Any, tmp_path: Path) -> None:
             assert isinstance(cluster.workers[[k for k, s in cluster.worker_spec.items() if s["options"]["host"] == "h2"][0]], RemoteWorker)
             # One connection per host, however many entries it holds.
             assert set(cluster.pool.connections) == {"h1", "h2", "h3"}
-    assert wait_for(lambda: not cluster_processes(lab), 15), cluster_processes(lab)
+    assert wait_for(lambda: not processes_besides_sshd(lab), 15), processes_besides_sshd(lab)
 
 
 async def _scheduler_and_pool(lab: Any, tmp_path: Path, **host_vars: Any) -> tuple[Scheduler, AgentPool]:
@@ -156,14 +147,14 @@ def test_head_sigkill_leaves_nothing_with_remote_scheduler(lab: Any, tmp_path: P
     try:
         address = _wait_ready(head)
         assert lab.hosts[0].ip in address
-        running = cluster_processes(lab)
+        running = processes_besides_sshd(lab)
         assert {"h1", "h2", "h3"} <= set(running), running
     finally:
         head.kill()
         head.wait()
     started = time.monotonic()
-    gone = wait_for(lambda: not cluster_processes(lab), 20)
-    assert gone, f"left behind: {cluster_processes(lab)}"
+    gone = wait_for(lambda: not processes_besides_sshd(lab), 20)
+    assert gone, f"left behind: {processes_besides_sshd(lab)}"
     assert time.monotonic() - started < 10.5
 
 
@@ -247,7 +238,7 @@ def test_start_failures_are_explained_and_clean(lab: Any, tmp_path: Path) -> Non
         SSHSpecCluster(inventory=inv, known_hosts=lab.known_hosts, hosts=None, n_workers=2, heal=False)
     assert info.value.host == "h2"
     assert "lots" in info.value.tail or "lots" in str(info.value)
-    assert wait_for(lambda: not cluster_processes(lab), 15), cluster_processes(lab)
+    assert wait_for(lambda: not processes_besides_sshd(lab), 15), processes_besides_sshd(lab)
     # A host that does not answer.
     lab.hosts[2].cut()
     try:
@@ -260,7 +251,7 @@ def test_start_failures_are_explained_and_clean(lab: Any, tmp_path: Path) -> Non
         assert time.monotonic() - started < 30
     finally:
         lab.hosts[2].heal()
-    assert wait_for(lambda: not cluster_processes(lab), 15), cluster_processes(lab)
+    assert wait_for(lambda: not processes_besides_sshd(lab), 15), processes_besides_sshd(lab)
 
 
 def test_local_connection_needs_no_sshd(tmp_path: Path) -> None:
