@@ -559,6 +559,8 @@ def test_check_names_bad_python_and_dead_host(lab: Lab, cli: Cli, tmp_path: Path
     assert hosts["h3"]["problems"], hosts["h3"]
     for good in ("h1", "h2"):
         assert hosts[good]["result"] in ("ok", "warn") and hosts[good]["distributed"], hosts[good]
+        # A worker there could reach a scheduler on the head (a probe port on the head's lab address).
+        assert hosts[good]["reaches_head"] is True, hosts[good]
     # check starts the agent and stops it again: nothing stays behind.
     assert_lab_clean(lab)
 

@@ -1005,11 +1005,16 @@ def plan(
             click.echo(f"    {line}")
 
 
+# Run by each host's python with the head's address and port as arguments.
+REACH_PROBE = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()"
+
+
 def _check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict[str, Any]]:
     import secrets
 
     import distributed
 
+    from .agent import agent_argv
     from .connection import ConnectSettings
     from .process import AgentPool, same_release
 
@@ -1022,6 +1027,26 @@ def _check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dic
         # Like up: a --known-hosts flag wins, else each host's speccluster_known_hosts.
         settings = ConnectSettings(known_hosts_policy=policy)
         pool = AgentPool(f"check-{secrets.token_hex(4)}", hosts, settings, agent_timeout=timeout)
+        # A stand-in for the scheduler's port: can each host open a connection to the head?
+        listener = await asyncio.start_server(lambda r, w: w.close(), host="0.0.0.0", port=0)
+        head_port = int(listener.sockets[0].getsockname()[1])
+
+        async def reaches_head(name: str) -> str | None:
+            """``None`` when host ``name`` can connect to the head's port, else why not."""
+            address = pool.head_address_for(name)
+            if not address:
+                return "no address of the head is known from this host"
+            python = agent_argv(hosts[name], "")[2]
+            try:
+                status, _, err = await pool.connection(name).run(
+                    [python, "-c", REACH_PROBE, address, str(head_port)], timeout=15
+                )
+            except HostError as exc:
+                return exc.reason
+            if status != 0:
+                last = err.decode("utf-8", "replace").strip().splitlines()
+                return f"cannot reach the head at {address}:{head_port} ({last[-1] if last else 'exit ' + str(status)})"
+            return None
 
         async def probe(name: str) -> dict[str, Any]:
             host = hosts[name]
@@ -1050,18 +1075,22 @@ def _check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dic
             remote = str(facts.get("distributed", ""))
             if remote != distributed.__version__ and same_release(remote, distributed.__version__):
                 warnings.append(f"distributed {remote} differs from the head's {distributed.__version__}")
+            unreachable = await reaches_head(name)
+            if unreachable:
+                problems.append(unreachable)
             free = int(facts.get("free_disk") or 0)
             if free and free < 1 << 30:
                 warnings.append(f"only {_bytes(free)} free in {facts.get('dir')}")
             row.update(
                 ok=not problems,
-                result="ok" if not warnings else "warn",
+                result="FAIL" if problems else ("ok" if not warnings else "warn"),
                 python=facts.get("python"),
                 python_version=version,
                 distributed=remote,
                 cpu_count=facts.get("cpu_count"),
                 memory=facts.get("memory"),
                 free_disk=free,
+                reaches_head=unreachable is None,
                 problems=problems + warnings,
                 seconds=round(time.monotonic() - t0, 1),
             )
@@ -1071,6 +1100,8 @@ def _check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dic
             return list(await asyncio.gather(*(probe(n) for n in hosts)))
         finally:
             await pool.close()
+            listener.close()
+            await listener.wait_closed()
 
     return asyncio.run(probe_all())
 
@@ -1106,10 +1137,11 @@ def check(
                     "hosts": rows, "ok": not failed})
     else:
         columns = ("host", "address", "result", "python", "version", "distributed", "cpus", "memory",
-                   "free disk", "time", "problems")
+                   "free disk", "reaches head", "time", "problems")
         table_rows = [
             (r["host"], r["address"], r["result"], r.get("python"), r.get("python_version"), r.get("distributed"),
-             r.get("cpu_count"), _bytes(r.get("memory")), _bytes(r.get("free_disk")), f"{r['seconds']:.1f} s",
+             r.get("cpu_count"), _bytes(r.get("memory")), _bytes(r.get("free_disk")),
+             {True: "yes", False: "NO"}.get(r.get("reaches_head"), ""), f"{r['seconds']:.1f} s",
              "; ".join(r["problems"]))
             for r in rows
         ]
