@@ -208,7 +208,6 @@ class HostConnection:
             raise HostError(host.name, f"SSH failed: {exc.reason}") from exc
         except OSError as exc:
             raise HostError(host.name, f"cannot connect to {host.address}: {exc.strerror or exc}") from exc
-        checker.after_connect(conn)
         return conn
 
     async def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:

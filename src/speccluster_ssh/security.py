@@ -109,9 +109,6 @@ class KnownHostsChecker:
         self.recorded = True
         logger.warning("recorded new host key for %s in %s", self.host.name, path)
 
-    def after_connect(self, conn: asyncssh.SSHClientConnection) -> None:
-        """Nothing to do yet; kept so policies can inspect the live connection."""
-
     def refusal_message(self, exc: Exception) -> str:
         key = self.offered_key
         fingerprint = key.get_fingerprint("sha256") if key is not None else "unknown"
