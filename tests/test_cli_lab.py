@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+from proctools import kill_tree
 import pytest
 import yaml
 
@@ -149,18 +150,6 @@ def _head_gone(pid: int) -> bool:
         return True
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a head process this test started, and its children, by PID."""
-    try:
-        head = psutil.Process(pid)
-        family = [*head.children(recursive=True), head]
-    except psutil.NoSuchProcess:
-        return
-    for proc in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-
-
 @pytest.fixture
 def cli(tmp_path: Path) -> Iterator[Cli]:
     """A :class:`Cli` on a fresh state directory; stops whatever the test left running."""
@@ -179,7 +168,7 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
             try:
                 proc.communicate(timeout=60)
             except subprocess.TimeoutExpired:
-                _kill_tree(proc.pid)
+                kill_tree(proc.pid)
                 proc.communicate(timeout=10)
     root = runner.state_root
     for directory in sorted(root.iterdir()) if root.is_dir() else []:
@@ -188,7 +177,7 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
             continue
         with contextlib.suppress(subprocess.TimeoutExpired):
             runner.run("down", "--name", directory.name, "--timeout", "60", timeout=90)
-        _kill_tree(int(state["pid"]))
+        kill_tree(int(state["pid"]))
 
 
 # -- inventories -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 import dask
 import psutil
+from proctools import kill_tree
 import pytest
 from click.testing import CliRunner, Result
 
@@ -117,14 +118,7 @@ class Reaper:
             cluster_id = ""
             if state_dir is not None and (state_dir / st.STATE_FILE).exists():
                 cluster_id = json.loads((state_dir / st.STATE_FILE).read_text()).get("cluster_id", "")
-            try:
-                head = psutil.Process(pid)
-                family = [*head.children(recursive=True), head]
-            except psutil.NoSuchProcess:
-                continue
-            for proc in family:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
+            kill_tree(pid)
             # A killed head's agents keep their directory for post-mortems; a test has no use for it.
             if cluster_id:
                 shutil.rmtree(Path.home() / ".cache" / "speccluster-ssh" / cluster_id, ignore_errors=True)
