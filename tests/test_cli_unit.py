@@ -7,7 +7,6 @@ same host agent as a local subprocess, so they need no sshd either.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
