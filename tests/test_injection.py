@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from speccluster_ssh.connection import remote_command
@@ -32,12 +32,32 @@ def through_login_shell(argv: list[str], cwd: Path) -> list[str]:
     return [os.fsdecode(part) for part in result.stdout.split(b"\0")[:-1]]
 
 
+# The rule when one argv has both problems: NUL wins, whatever the order of
+# the elements and whether they are in one value or in two.
+NUL_AND_NOT_UTF8 = [["\udcff", "\x00"], ["\x00", "\udcff"], ["\udcff\x00"], ["\x00\udcff"], ["ok", "\udcffa", "b\x00"]]
+
+
+@pytest.mark.parametrize("values", NUL_AND_NOT_UTF8)
+def test_nul_wins_over_invalid_utf8(values: list[str]) -> None:
+    with pytest.raises(UserError, match="NUL"):
+        remote_command(ECHO_ARGV + values)
+
+
+def test_invalid_utf8_alone_is_refused_as_such() -> None:
+    with pytest.raises(UserError, match="UTF-8"):
+        remote_command([*ECHO_ARGV, "ok", "\udcff"])
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(PAYLOAD, min_size=1, max_size=3))
+@example(values=["\udcff", "\x00"])  # the falsifying example of issue 14
+@example(values=["\x00", "\udcff"])
 def test_argv_survives_the_remote_shell(values: list[str], tmp_path: Path) -> None:
     canary = tmp_path / "CANARY"
     values = [v.replace("CANARY", str(canary)) for v in values]
     encodable = all(_encodable(v) for v in values)
+    # The rule remote_command implements: NUL anywhere is refused first, then
+    # anything that is not UTF-8; only clean values reach the shell.
     if any("\x00" in v for v in values):
         with pytest.raises(UserError, match="NUL"):
             remote_command(ECHO_ARGV + values)

@@ -299,11 +299,14 @@ def remote_command(argv: Sequence[str]) -> str:
 
     SSH carries a command as one string that the remote shell splits again,
     so every element is quoted; a NUL byte cannot travel in argv at all, and
-    SSH sends the command as UTF-8, so both are refused.
+    SSH sends the command as UTF-8, so both are refused.  When both problems
+    occur, NUL wins: every element is checked for NUL before any is encoded,
+    so the error does not depend on the order of the elements.
     """
     for arg in argv:
         if "\0" in arg:
             raise UserError(f"a NUL byte cannot be passed to a remote command: {arg!r}")
+    for arg in argv:
         try:
             arg.encode("utf-8")
         except UnicodeEncodeError:
