@@ -599,6 +599,46 @@ class SSHSpecCluster(SpecCluster):
             minimum = maximum
         return Cluster.adapt(self, Adaptive=Adaptive, minimum=minimum, maximum=int(maximum), **kwargs)
 
+    def adaptive_bounds(self) -> dict[str, Any] | None:
+        """``{"minimum": .., "maximum": ..}`` while adaptive scaling runs, else ``None``."""
+        adaptive = self._adaptive
+        if adaptive is None or getattr(adaptive, "periodic_callback", None) is None:
+            return None
+        return {"minimum": adaptive.minimum, "maximum": adaptive.maximum}
+
+    def stop_adapt(self) -> bool:
+        """Turn adaptive scaling off and keep the current workers; True if it was on."""
+        adaptive = self._adaptive
+        if adaptive is not None:
+            adaptive.stop()
+        self._adaptive = None
+        if hasattr(self, "_adaptive_options"):
+            self._adaptive_options = {}
+        return adaptive is not None
+
+    def readiness(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Dask workers wanted and workers running, per host name.
+
+        Counts entries still starting (not yet in ``workers``) as wanted, so
+        progress can be shown while the constructor runs.
+        """
+        wanted: dict[str, int] = {}
+        ready: dict[str, int] = {}
+        for spec in list(self.worker_spec.values()):
+            host = spec.get("options", {}).get("host")
+            group = spec.get("group")
+            wanted[host] = wanted.get(host, 0) + (len(group) if group else 1)
+        processes = {id(p): p for p in [*self._created, *self.workers.values()]}
+        for proc in processes.values():
+            if (
+                isinstance(proc, RemoteProcess)
+                and proc.role != "scheduler"
+                and proc.status == Status.running
+                and proc.name in self.worker_spec
+            ):
+                ready[proc.host] = ready.get(proc.host, 0) + len(proc.member_names)
+        return wanted, ready
+
     def capacity_workers(self) -> int:
         """Dask workers the inventory can hold when every usable slot is used."""
         return sum(h.slots * h.nworkers for n, h in self.worker_hosts.items() if n not in self._unavailable_hosts())
