@@ -27,6 +27,7 @@ from proctools import kill_tree
 import pytest
 from click.testing import CliRunner, Result
 
+from speccluster_ssh import control
 from speccluster_ssh import state as st
 from speccluster_ssh.cli import _new_text, main, place_entries
 from speccluster_ssh.errors import UserError
@@ -410,18 +411,18 @@ def test_control_socket_roundtrip_and_errors(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
     loop = asyncio.new_event_loop()
-    server = st.ControlServer(directory / st.SOCKET_FILE, handler)
+    server = control.ControlServer(directory / st.SOCKET_FILE, handler)
     loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
         assert stat.S_IMODE(os.stat(directory / st.SOCKET_FILE).st_mode) == 0o600
-        assert st.request(directory, "echo", value=[1, "x"]) == {"got": [1, "x"]}
-        with pytest.raises(st.ControlError) as mistake:
-            st.request(directory, "mistake")
+        assert control.request(directory, "echo", value=[1, "x"]) == {"got": [1, "x"]}
+        with pytest.raises(control.ControlError) as mistake:
+            control.request(directory, "mistake")
         assert mistake.value.exit_code == 2 and "that was wrong" in str(mistake.value)
-        with pytest.raises(st.ControlError) as failure:
-            st.request(directory, "other")
+        with pytest.raises(control.ControlError) as failure:
+            control.request(directory, "other")
         assert failure.value.exit_code == 1 and "boom" in str(failure.value)
     finally:
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
@@ -429,8 +430,8 @@ def test_control_socket_roundtrip_and_errors(tmp_path: Path) -> None:
         thread.join(10)
         loop.close()
     assert not (directory / st.SOCKET_FILE).exists()
-    with pytest.raises(st.ControlError, match="does not answer"):
-        st.request(directory, "echo")
+    with pytest.raises(control.ControlError, match="does not answer"):
+        control.request(directory, "echo")
 
 
 def test_new_text_of_sliding_log_tails() -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from . import control
 from . import state as st
 from .errors import HostError, SpecClusterError, UserError
 
@@ -159,7 +160,7 @@ def _report_exception(exc: BaseException) -> int:
     if isinstance(exc, HostError):
         _error_line(exc.details())
         return 1
-    if isinstance(exc, st.ControlError):
+    if isinstance(exc, control.ControlError):
         _error_line(str(exc))
         return exc.exit_code
     if isinstance(exc, SpecClusterError):
@@ -346,7 +347,7 @@ class Head:
         self.stop_event: asyncio.Event | None = None
         self.stop_reason = ""
         self.closed: asyncio.Future[str] | None = None
-        self.server: st.ControlServer | None = None
+        self.server: control.ControlServer | None = None
 
     # -- life cycle ---------------------------------------------------------
     async def run(
@@ -365,7 +366,7 @@ class Head:
         ticker: asyncio.Task[None] | None = None
         try:
             st.write_state(self.directory, self.state)
-            self.server = st.ControlServer(self.directory / st.SOCKET_FILE, self.handle)
+            self.server = control.ControlServer(self.directory / st.SOCKET_FILE, self.handle)
             await self.server.start()
             if on_progress is not None:
                 ticker = asyncio.ensure_future(self._tick(on_progress))
@@ -829,11 +830,11 @@ def _resolve(name: str | None, *, allow_stale: bool = False) -> st.KnownCluster:
 
 def _ask(known: st.KnownCluster, op: str, *, timeout: float = 60.0, **fields: Any) -> Any:
     if not known.alive:
-        raise st.ControlError(
+        raise control.ControlError(
             f"cluster {known.state.name} is stale: its head process (pid {known.state.pid}) is gone; "
             f"'{PROG} down --name {known.state.name}' removes what is left"
         )
-    return st.request(known.directory, op, timeout=timeout, **fields)
+    return control.request(known.directory, op, timeout=timeout, **fields)
 
 
 # -- commands: inventory, plan, check ----------------------------------------------------------
@@ -1334,8 +1335,8 @@ def _up_detached(options: UpOptions, directory: Path, lock: st.HeadLock, as_json
             code = proc.poll()
             if code is not None:
                 break
-            with contextlib.suppress(st.ControlError):
-                progress = st.request(directory, "progress", timeout=10)
+            with contextlib.suppress(control.ControlError):
+                progress = control.request(directory, "progress", timeout=10)
             if progress is not None:
                 view.update(progress)
                 if progress.get("phase") == "running":
@@ -1606,7 +1607,7 @@ def logs(target: str | None, follow: bool, interval: float, name: str | None, as
             show(_ask(known, "logs", target=target))
     except KeyboardInterrupt:
         return
-    except st.ControlError:
+    except control.ControlError:
         if not st.head_alive(known.directory):
             click.echo(f"cluster {known.state.name} is gone", err=True)
             return
@@ -1642,8 +1643,8 @@ def down(name: str | None, timeout: float, as_json: bool) -> None:
         return
     click.echo(f"closing cluster {cluster_name} ...", err=True)
     try:
-        st.request(directory, "down", timeout=timeout)
-    except st.ControlError as exc:
+        control.request(directory, "down", timeout=timeout)
+    except control.ControlError as exc:
         if st.head_alive(directory):
             raise
         # The head ended before it could answer: the next check tells whether it cleaned up.
@@ -1716,7 +1717,7 @@ def client_config(cluster: str | None, name: str | None, as_yaml: bool, as_path:
         raise click.UsageError("give the cluster name once, as NAME or --name")
     known = _resolve(cluster or name)
     if not known.alive or known.state.phase != "running":
-        raise st.ControlError(f"cluster {known.state.name} is {known.status}; there is nothing to connect to")
+        raise control.ControlError(f"cluster {known.state.name} is {known.status}; there is nothing to connect to")
     if as_path:
         click.echo(known.state.client_config)
         return

@@ -7,17 +7,9 @@ from typing import Any
 
 from distributed.deploy.cluster import Cluster
 
-from .state import (
-    CA_FILE,
-    CLIENT_CERT,
-    CLIENT_KEY,
-    ControlError,
-    check_name,
-    cluster_dir,
-    head_alive,
-    read_state,
-    request,
-)
+from .control import ControlError, request
+from .state import CA_FILE, CLIENT_CERT, CLIENT_KEY, check_name, cluster_dir, head_alive, read_state
+
 
 class DetachedCluster(Cluster):
     """A running detached cluster seen from another process.
