@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import asyncssh
@@ -19,6 +20,11 @@ from .inventory import HostSpec
 logger = logging.getLogger(__name__)
 
 POLICIES = ("strict", "accept-new")
+
+# Where make_security's files go on a host, relative to the host's cluster directory.
+CA_PEM = "tls/ca.pem"
+NODE_CERT = "tls/node.pem"
+NODE_KEY = "tls/node.key"
 
 
 def default_managed_known_hosts() -> str:
@@ -223,5 +229,36 @@ def make_security(security: Any, cluster_id: str) -> tuple[Any, dict[str, bytes]
         tls_client_cert=_pem_cert(client).decode(),
         tls_client_key=_pem_key(client_key).decode(),
     )
-    files = {"tls/ca.pem": ca_pem, "tls/node.pem": node_pem, "tls/node.key": node_key_pem}
+    files = {CA_PEM: ca_pem, NODE_CERT: node_pem, NODE_KEY: node_key_pem}
     return head, files
+
+
+def remote_security_paths(files: Mapping[str, bytes]) -> dict[str, str]:
+    """Security keyword options of the hosts' dask servers, for the files of :func:`make_security`.
+
+    Every server on a host (scheduler, nanny, worker) uses the one node
+    certificate, also as a client of the others.
+
+    Parameters
+    ----------
+    files
+        The ``files`` that :func:`make_security` returned.
+
+    Returns
+    -------
+    dict
+        ``tls_*`` options of ``distributed.Security`` to paths relative to
+        the host's cluster directory (the host agent resolves them); empty
+        when the hosts get no files (TLS off, or a ready ``Security``).
+    """
+    if not files:
+        return {}
+    return {
+        "tls_ca_file": CA_PEM,
+        "tls_scheduler_cert": NODE_CERT,
+        "tls_scheduler_key": NODE_KEY,
+        "tls_worker_cert": NODE_CERT,
+        "tls_worker_key": NODE_KEY,
+        "tls_client_cert": NODE_CERT,
+        "tls_client_key": NODE_KEY,
+    }

@@ -1,0 +1,338 @@
+"""Spec entries: the one place that builds them. Pure functions, no I/O.
+
+A spec entry is what :class:`distributed.deploy.SpecCluster` keeps per
+worker (or per group of workers) in ``worker_spec``::
+
+    {"cls": RemoteNanny,
+     "options": {"host": "node01", "cluster": "<cluster id>",
+                 "options": {<keyword options of the dask worker>},
+                 "env": {<environment of the process>},
+                 "start_timeout": 60.0},
+     "group": ["-0", "-1"]}          # only for more than one worker
+
+The cluster, ``speccluster-ssh plan`` and ``up`` build entries with these
+functions, so what ``plan`` shows is what the cluster starts. Host choice
+comes from :func:`speccluster_ssh.placement.choose_host`, worker options from
+:func:`~speccluster_ssh.placement.worker_options`, the TLS paths on hosts from
+:func:`speccluster_ssh.security.remote_security_paths`.
+
+The process classes are given in :class:`EntrySettings` rather than imported,
+so that this module stays free of the SSH and process code: the cluster
+passes its ``RemoteNanny``/``RemoteWorker``/``RemoteScheduler``, the planner
+passes :data:`CLASS_NAMES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+from .inventory import HostSpec
+from .placement import choose_host, group_suffixes, worker_options
+from .security import remote_security_paths
+
+# For callers that only name the kind of process (the planner).
+CLASS_NAMES: Mapping[str, Any] = {"nanny": "nanny", "worker": "worker", "scheduler": "scheduler"}
+
+
+@dataclass(frozen=True)
+class EntrySettings:
+    """What every spec entry of one cluster shares.
+
+    Parameters
+    ----------
+    cluster_id
+        The cluster's unique id (the marker in the remote processes' environment).
+    start_timeout
+        Seconds a remote process may take to start.
+    remote_security
+        ``tls_*`` paths on the hosts (see :meth:`for_tls_files`); empty
+        without TLS files.
+    worker_options
+        Keyword options given to the cluster for every worker; they win over
+        the inventory's.
+    classes
+        The process class per kind: ``"nanny"``, ``"worker"`` and ``"scheduler"``.
+    process_base
+        The base class every worker entry's class must derive from; ``None``
+        accepts any class.
+    """
+
+    cluster_id: str
+    start_timeout: float
+    remote_security: Mapping[str, str] = field(default_factory=dict)
+    worker_options: Mapping[str, Any] = field(default_factory=dict)
+    classes: Mapping[str, Any] = field(default_factory=lambda: dict(CLASS_NAMES))
+    process_base: type | None = None
+
+    @classmethod
+    def for_tls_files(cls, cluster_id: str, start_timeout: float, tls_files: Mapping[str, bytes],
+                      **options: Any) -> EntrySettings:
+        """Settings whose TLS paths are those of the files ``make_security`` made.
+
+        Parameters
+        ----------
+        cluster_id, start_timeout
+            As for :class:`EntrySettings`.
+        tls_files
+            The files returned by :func:`speccluster_ssh.security.make_security`.
+        **options
+            Other fields of :class:`EntrySettings`.
+        """
+        return cls(cluster_id, start_timeout, remote_security_paths(tls_files), **options)
+
+    def security_options(self) -> dict[str, Any] | None:
+        """The ``security`` keyword of remote dask servers; ``None`` without TLS."""
+        if not self.remote_security:
+            return None
+        return dict(self.remote_security, require_encryption=True)
+
+
+# -- worker entries ------------------------------------------------------------------------------
+
+
+def worker_entry(settings: EntrySettings, host: HostSpec, new_spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The spec entry of one worker (or group) on ``host``, without its name.
+
+    Parameters
+    ----------
+    settings
+        The cluster's shared settings.
+    host
+        The worker host.
+    new_spec
+        The cluster's ``new_spec`` (``worker=`` of SpecCluster): its class
+        replaces the inventory's when it is a ``process_base`` class other
+        than the nanny class, and its options win over every other.
+    """
+    options = worker_options(host)
+    security = settings.security_options()
+    if security is not None:
+        options["security"] = security
+    options.update(settings.worker_options)
+    cls = settings.classes["nanny"] if host.worker_class == "nanny" else settings.classes["worker"]
+    override = new_spec.get("cls") if new_spec else None
+    if (
+        isinstance(override, type)
+        and override is not settings.classes["nanny"]
+        and settings.process_base is not None
+        and issubclass(override, settings.process_base)
+    ):
+        cls = override
+    if new_spec:
+        options.update(new_spec.get("options", {}))
+    spec: dict[str, Any] = {
+        "cls": cls,
+        "options": {
+            "host": host.name,
+            "cluster": settings.cluster_id,
+            "options": options,
+            "env": dict(host.env),
+            "start_timeout": settings.start_timeout,
+        },
+    }
+    suffixes = group_suffixes(host)
+    if suffixes:
+        spec["group"] = suffixes
+    return spec
+
+
+def complete_entry(settings: EntrySettings, spec: Mapping[str, Any], worker_hosts: Mapping[str, HostSpec]) -> dict[str, Any]:
+    """Fill in what a user-written spec entry cannot know: the cluster id and TLS files.
+
+    Parameters
+    ----------
+    settings
+        The cluster's shared settings.
+    spec
+        An entry as a user wrote it: ``cls`` (a class or its dotted name)
+        and ``options`` with at least ``host``.
+    worker_hosts
+        The inventory's worker hosts by name.
+
+    Raises
+    ------
+    UserError
+        For a class that is not a ``process_base`` class, or a host that is
+        not a worker host.
+    """
+    entry = dict(spec)
+    cls = entry.get("cls")
+    if isinstance(cls, str):
+        from distributed.utils import import_term  # only for entries written by users
+
+        cls = entry["cls"] = import_term(cls)
+    base = settings.process_base
+    if not (isinstance(cls, type) and (base is None or issubclass(cls, base))):
+        raise UserError(f"a worker spec entry needs a RemoteNanny or RemoteWorker class, got {cls!r}")
+    options = dict(entry.get("options") or {})
+    host = options.get("host")
+    if host not in worker_hosts:
+        raise UserError(
+            f"a worker spec entry names host {host!r}, which is not a worker host of the inventory; "
+            f"use one of {', '.join(worker_hosts) or '(none)'}"
+        )
+    options["cluster"] = settings.cluster_id
+    options.setdefault("start_timeout", settings.start_timeout)
+    options.setdefault("env", dict(worker_hosts[host].env))
+    inner = dict(options.get("options") or {})
+    security = settings.security_options()
+    if security is not None:
+        inner.setdefault("security", security)
+    inner.setdefault("dashboard_address", ":0")
+    options["options"] = inner
+    entry["options"] = options
+    return entry
+
+
+def member_names(key: Any, spec: Mapping[str, Any]) -> list[str]:
+    """The dask worker names of entry ``key``: the key itself, or key + suffix per group member."""
+    group = spec.get("group")
+    return [str(key) + s for s in group] if group else [str(key)]
+
+
+# -- placement over a worker_spec ------------------------------------------------------------------
+
+
+def slots_used(worker_spec: Mapping[Any, Mapping[str, Any]]) -> dict[str, int]:
+    """Entries per host name in ``worker_spec``."""
+    used: dict[str, int] = {}
+    for spec in worker_spec.values():
+        host = spec.get("options", {}).get("host")
+        if host is not None:
+            used[host] = used.get(host, 0) + 1
+    return used
+
+
+def choose_entry_host(
+    worker_hosts: Mapping[str, HostSpec],
+    used: Mapping[str, int],
+    unavailable: Collection[str],
+    policy: str,
+) -> HostSpec | None:
+    """The host for the next entry (see :func:`~speccluster_ssh.placement.choose_host`), or ``None``."""
+    name = choose_host({n: h.slots for n, h in worker_hosts.items()}, used, unavailable, policy)
+    return worker_hosts[name] if name is not None else None
+
+
+def next_entry_name(taken: Collection[Any], counter: int) -> tuple[str, int]:
+    """The first free name ``str(i)`` for ``i >= counter``, and the counter to use next time."""
+    while str(counter) in taken:
+        counter += 1
+    return str(counter), counter + 1
+
+
+def next_entry(
+    settings: EntrySettings,
+    worker_hosts: Mapping[str, HostSpec],
+    worker_spec: Mapping[Any, Mapping[str, Any]],
+    counter: int,
+    *,
+    unavailable: Collection[str] = (),
+    policy: str = "spread",
+    new_spec: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any] | None, int]:
+    """The next entry ``{name: spec}`` on a host with a free slot.
+
+    Parameters
+    ----------
+    settings
+        The cluster's shared settings.
+    worker_hosts
+        The inventory's worker hosts by name, in inventory order.
+    worker_spec
+        The entries placed so far (the slots they use, the names they take).
+    counter
+        Where to start looking for a free entry name.
+    unavailable
+        Hosts that are down or put aside.
+    policy
+        ``"spread"`` or ``"pack"``.
+    new_spec
+        As for :func:`worker_entry`.
+
+    Returns
+    -------
+    (dict or None, int)
+        The entry (``None`` when every usable slot is taken) and the counter
+        for the next call (unchanged when there was no slot).
+    """
+    host = choose_entry_host(worker_hosts, slots_used(worker_spec), unavailable, policy)
+    if host is None:
+        return None, counter
+    name, counter = next_entry_name(worker_spec, counter)
+    return {name: worker_entry(settings, host, new_spec)}, counter
+
+
+def capacity_workers(hosts: Iterable[HostSpec], unavailable: Collection[str] = ()) -> int:
+    """Dask workers ``hosts`` hold when every slot of every usable host is used."""
+    return sum(h.slots * h.nworkers for h in hosts if h.name not in unavailable)
+
+
+# -- scheduler entries -----------------------------------------------------------------------------
+
+
+def remote_scheduler_entry(
+    settings: EntrySettings, host: HostSpec, default_dashboard_port: int | str, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The spec of a scheduler on inventory host ``host``.
+
+    Parameters
+    ----------
+    settings
+        The cluster's shared settings.
+    host
+        The scheduler host.
+    default_dashboard_port
+        The dashboard port when the host sets none (config ``dashboard-port``).
+    options
+        ``scheduler_options`` given to the cluster; they win.
+    """
+    dashboard_port = host.dashboard_port if host.dashboard_port is not None else default_dashboard_port
+    remote_options: dict[str, Any] = {"port": host.scheduler_port, "dashboard_address": f":{dashboard_port}"}
+    if host.interface:
+        remote_options["interface"] = host.interface
+    security = settings.security_options()
+    if security is not None:
+        remote_options["security"] = security
+        remote_options["protocol"] = "tls"
+    remote_options.update(options or {})
+    return {
+        "cls": settings.classes["scheduler"],
+        "options": {
+            "host": host.name,
+            "cluster": settings.cluster_id,
+            "options": remote_options,
+            "env": dict(host.env),
+            "start_timeout": settings.start_timeout,
+        },
+    }
+
+
+def local_scheduler_entry(
+    scheduler_cls: Any, security: Any, port: int, dashboard_port: int | str, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The spec of a scheduler in the head process itself (no scheduler host in the inventory).
+
+    Parameters
+    ----------
+    scheduler_cls
+        ``distributed.Scheduler``.
+    security
+        The head's ``distributed.Security``; its ``require_encryption`` picks the protocol.
+    port, dashboard_port
+        Config ``scheduler-port`` and ``dashboard-port``.
+    options
+        ``scheduler_options`` given to the cluster; they win.
+    """
+    local_options: dict[str, Any] = {
+        "host": "0.0.0.0",
+        "port": int(port),
+        "dashboard_address": f":{dashboard_port}",
+        "security": security,
+        "protocol": "tls" if security.require_encryption else "tcp",
+    }
+    local_options.update(options or {})
+    return {"cls": scheduler_cls, "options": local_options}
