@@ -29,7 +29,8 @@ from click.testing import CliRunner, Result
 
 from speccluster_ssh import control
 from speccluster_ssh import state as st
-from speccluster_ssh.cli import _new_text, main, place_entries
+from speccluster_ssh.cli import _new_text, main
+from speccluster_ssh.planning import place_entries
 from speccluster_ssh.errors import UserError
 
 MARKER = "SPECCLUSTER_SSH_CLUSTER"

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROG = "speccluster-ssh"
-MARKER_ENV = "SPECCLUSTER_SSH_CLUSTER"
 # Seconds a detached head may take beyond --timeout (python start-up, imports, cleanup).
 HEAD_SLACK = 60.0
 CLOSE_TIMEOUT = 120.0
@@ -221,40 +220,6 @@ def _load_inventory(path: str, scheduler_group: str = "scheduler", worker_group:
     for warning in inv.warnings:
         click.echo(f"{PROG}: warning: {warning}", err=True)
     return inv
-
-
-# -- placement without a cluster ------------------------------------------------------------
-
-
-def place_entries(
-    inventory: Inventory, workers: int | None, policy: str
-) -> list[tuple[str, HostSpec]]:
-    """The spec entries a new cluster would start, as ``(entry name, host)``.
-
-    Mirrors :class:`~speccluster_ssh.cluster.SSHSpecCluster`'s placement of
-    its first entries: ``workers=None`` fills every slot, otherwise entries
-    are added until they hold at least ``workers`` dask workers (groups
-    round up) or the slots run out.
-    """
-    from .placement import choose_host
-
-    hosts = {h.name: h for h in inventory.worker_hosts}
-    slots = {name: h.slots for name, h in hosts.items()}
-    used: dict[str, int] = {}
-    entries: list[tuple[str, HostSpec]] = []
-    total = 0
-    while workers is None or total < workers:
-        chosen = choose_host(slots, used, (), policy)
-        if chosen is None:
-            break
-        used[chosen] = used.get(chosen, 0) + 1
-        entries.append((str(len(entries)), hosts[chosen]))
-        total += hosts[chosen].nworkers
-    return entries
-
-
-def _capacity(inventory: Inventory) -> int:
-    return sum(h.slots * h.nworkers for h in inventory.worker_hosts)
 
 
 def _parse_adapt(value: str | None) -> tuple[int, int] | None:
@@ -880,71 +845,6 @@ def inventory(
     _console().print(_table(columns, table_rows, title=f"{len(rows)} hosts in {inventory}"))
 
 
-def _ssh_target(host: HostSpec) -> str:
-    if host.is_local:
-        return "local subprocess (no SSH)"
-    target = f"{host.user}@{host.address}" if host.user else host.address
-    return f"ssh {target}" + (f" -p {host.port}" if host.port else "")
-
-
-def _entry_plan(key: str, host: HostSpec, tls: bool) -> dict[str, Any]:
-    from .placement import group_suffixes, worker_options
-
-    options = worker_options(host)
-    if options.get("nthreads") is None:
-        options["nthreads"] = "auto (host cpus / nworkers)"
-    members = [key + suffix for suffix in group_suffixes(host) or [""]]
-    return {"entry": key, "class": host.worker_class, "workers": members, "options": options, "tls": tls}
-
-
-def build_plan(
-    inv: Inventory, *, name: str, workers: int | None, placement: str, tls: bool
-) -> dict[str, Any]:
-    """What ``up`` would start, per host, without contacting any host."""
-    from .agent import agent_argv
-
-    entries = place_entries(inv, workers, placement)
-    by_host: dict[str, list[dict[str, Any]]] = {}
-    for key, host in entries:
-        by_host.setdefault(host.name, []).append(_entry_plan(key, host, tls))
-    marker = f"{name}-<8 random hex digits, chosen by up>"
-    hosts: list[dict[str, Any]] = []
-    order = list(inv.worker_hosts)
-    sched = inv.scheduler_host
-    if sched is not None and all(h.name != sched.name for h in order):
-        order.insert(0, sched)
-    for host in order:
-        runs_scheduler = sched is not None and sched.name == host.name
-        host_entries = by_host.get(host.name, [])
-        # The real id is made by 'up'; the plan shows where it goes.
-        argv = agent_argv(host, "<cluster-id>")
-        hosts.append({
-            "host": host.name,
-            "address": host.address,
-            "connection": host.connection,
-            "target": _ssh_target(host),
-            "scheduler": runs_scheduler,
-            "started": bool(host_entries) or runs_scheduler,
-            "slots": host.slots,
-            "entries": host_entries,
-            "command": argv,
-            "command_line": shlex.join(argv),
-            "prologue": host.prologue,
-            "environment": {**host.env, MARKER_ENV: marker},
-        })
-    planned = sum(len(e["workers"]) for items in by_host.values() for e in items)
-    return {
-        "name": name,
-        "scheduler": sched.name if sched is not None else "head (this machine)",
-        "tls": tls,
-        "placement": placement,
-        "workers_requested": workers,
-        "workers_planned": planned,
-        "capacity": _capacity(inv),
-        "hosts": hosts,
-    }
-
-
 @main.command()
 @click.argument("inventory", metavar="INVENTORY")
 @click.option("--name", "-n", default=None, metavar="NAME", help="Cluster name (default: the inventory's file name).")
@@ -969,6 +869,7 @@ def plan(
       speccluster-ssh plan lab.yml --json | jq '.hosts[].command_line'
     """
     from . import config
+    from .planning import build_plan
 
     adapt = _parse_adapt(adapt_range)
     inv = _load_inventory(inventory, scheduler_group, worker_group)
@@ -1006,107 +907,6 @@ def plan(
             click.echo(f"    {line}")
 
 
-# Run by each host's python with the head's address and port as arguments.
-REACH_PROBE = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()"
-
-
-def _check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict[str, Any]]:
-    import secrets
-
-    import distributed
-
-    from .agent import agent_argv
-    from .connection import ConnectSettings
-    from .process import AgentPool, same_release
-
-    hosts: dict[str, HostSpec] = {h.name: h for h in inv.worker_hosts}
-    if inv.scheduler_host is not None:
-        hosts.setdefault(inv.scheduler_host.name, inv.scheduler_host)
-    head_python = ".".join(map(str, sys.version_info[:2]))
-
-    async def probe_all() -> list[dict[str, Any]]:
-        # Like up: a --known-hosts flag wins, else each host's speccluster_known_hosts.
-        settings = ConnectSettings(known_hosts_policy=policy)
-        pool = AgentPool(f"check-{secrets.token_hex(4)}", hosts, settings, agent_timeout=timeout)
-        # A stand-in for the scheduler's port: can each host open a connection to the head?
-        listener = await asyncio.start_server(lambda r, w: w.close(), host="0.0.0.0", port=0)
-        head_port = int(listener.sockets[0].getsockname()[1])
-
-        async def reaches_head(name: str) -> str | None:
-            """``None`` when host ``name`` can connect to the head's port, else why not."""
-            address = pool.head_address_for(name)
-            if not address:
-                return "no address of the head is known from this host"
-            python = agent_argv(hosts[name], "")[2]
-            try:
-                status, _, err = await pool.connection(name).run(
-                    [python, "-c", REACH_PROBE, address, str(head_port)], timeout=15
-                )
-            except HostError as exc:
-                return exc.reason
-            if status != 0:
-                last = err.decode("utf-8", "replace").strip().splitlines()
-                return f"cannot reach the head at {address}:{head_port} ({last[-1] if last else 'exit ' + str(status)})"
-            return None
-
-        async def probe(name: str) -> dict[str, Any]:
-            host = hosts[name]
-            row: dict[str, Any] = {"host": name, "address": host.address, "connection": host.connection}
-            t0 = time.monotonic()
-            try:
-                agent = await asyncio.wait_for(pool.agent(name), timeout + host.connect_timeout + 5)
-            except HostError as exc:
-                row.update(ok=False, result="FAIL", problems=[exc.reason], seconds=round(time.monotonic() - t0, 1))
-                return row
-            except (asyncio.TimeoutError, TimeoutError):
-                row.update(ok=False, result="FAIL", problems=[f"no answer within {timeout:g} s"],
-                           seconds=round(time.monotonic() - t0, 1))
-                return row
-            except OSError as exc:  # a local host whose python cannot be run
-                where = f": {exc.filename}" if exc.filename else ""
-                row.update(ok=False, result="FAIL", problems=[f"{exc.strerror or exc}{where}"],
-                           seconds=round(time.monotonic() - t0, 1))
-                return row
-            facts = agent.facts
-            problems: list[str] = []
-            warnings: list[str] = []
-            version = str(facts.get("python_version", ""))
-            if ".".join(version.split(".")[:2]) != head_python:
-                warnings.append(f"python {version} differs from the head's {head_python}")
-            remote = str(facts.get("distributed", ""))
-            if remote != distributed.__version__ and same_release(remote, distributed.__version__):
-                warnings.append(f"distributed {remote} differs from the head's {distributed.__version__}")
-            unreachable = await reaches_head(name)
-            if unreachable:
-                problems.append(unreachable)
-            free = int(facts.get("free_disk") or 0)
-            if free and free < 1 << 30:
-                warnings.append(f"only {_bytes(free)} free in {facts.get('dir')}")
-            row.update(
-                ok=not problems,
-                result="FAIL" if problems else ("ok" if not warnings else "warn"),
-                python=facts.get("python"),
-                python_version=version,
-                distributed=remote,
-                cpu_count=facts.get("cpu_count"),
-                memory=facts.get("memory"),
-                free_disk=free,
-                reaches_head=unreachable is None,
-                problems=problems + warnings,
-                seconds=round(time.monotonic() - t0, 1),
-            )
-            return row
-
-        try:
-            return list(await asyncio.gather(*(probe(n) for n in hosts)))
-        finally:
-            await pool.close()
-            listener.close()
-            await listener.wait_closed()
-
-    return asyncio.run(probe_all())
-
-
 @main.command()
 @click.argument("inventory", metavar="INVENTORY")
 @click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None,
@@ -1131,7 +931,9 @@ def check(
     import distributed
 
     inv = _load_inventory(inventory, scheduler_group, worker_group)
-    rows = _check_hosts(inv, known_hosts, timeout)
+    from .preflight import check_hosts
+
+    rows = check_hosts(inv, known_hosts, timeout)
     failed = [r for r in rows if not r["ok"]]
     if as_json:
         _echo_json({"head": {"python": sys.version.split()[0], "distributed": distributed.__version__},
@@ -1247,10 +1049,12 @@ def up(
     wanted = workers if workers is not None else (adapt[0] if adapt is not None else None)
     entries = None
     if wanted is not None:
+        from .planning import capacity, place_entries
+
         placed = place_entries(inv, wanted, policy)
         entries = len(placed)
         if sum(h.nworkers for _, h in placed) < wanted:
-            click.echo(f"{PROG}: warning: asked for {wanted} workers; the inventory holds {_capacity(inv)}, "
+            click.echo(f"{PROG}: warning: asked for {wanted} workers; the inventory holds {capacity(inv)}, "
                        "starting that many", err=True)
     options = UpOptions(
         name=cluster_name,

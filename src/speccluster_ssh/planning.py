@@ -1,0 +1,147 @@
+"""What ``up`` would start, worked out without contacting any host (``speccluster-ssh plan``).
+
+The entries come from :mod:`speccluster_ssh.entries`, the factory the cluster
+uses, placed the way the cluster places its first entries, so the plan and
+the cluster cannot disagree.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import TYPE_CHECKING, Any
+
+from .entries import EntrySettings, capacity_workers, member_names, next_entry
+
+if TYPE_CHECKING:
+    from .inventory import HostSpec, Inventory
+
+# The variable that marks every remote process of a cluster with its id.
+MARKER_ENV = "SPECCLUSTER_SSH_CLUSTER"
+
+
+def plan_entries(
+    inventory: Inventory, workers: int | None, policy: str, settings: EntrySettings | None = None
+) -> dict[str, dict[str, Any]]:
+    """The spec entries a new cluster would start, by entry name.
+
+    ``workers=None`` fills every slot, otherwise entries are added until they
+    hold at least ``workers`` dask workers (groups round up) or the slots run
+    out: the entries :class:`~speccluster_ssh.cluster.SSHSpecCluster` starts
+    with ``n_workers=len(result)``.
+
+    Parameters
+    ----------
+    inventory
+        The inventory.
+    workers
+        Dask workers wanted; ``None`` for every slot.
+    policy
+        ``"spread"`` or ``"pack"``.
+    settings
+        Shared entry settings; by default a stand-in cluster id and the
+        process kinds by name.
+    """
+    settings = settings or EntrySettings(cluster_id="<cluster-id>", start_timeout=0.0)
+    hosts = {h.name: h for h in inventory.worker_hosts}
+    spec: dict[str, dict[str, Any]] = {}
+    counter = 0
+    total = 0
+    while workers is None or total < workers:
+        entry, counter = next_entry(settings, hosts, spec, counter, policy=policy)
+        if entry is None:
+            break
+        spec.update(entry)
+        total += sum(len(member_names(key, value)) for key, value in entry.items())
+    return spec
+
+
+def place_entries(inventory: Inventory, workers: int | None, policy: str) -> list[tuple[str, HostSpec]]:
+    """The spec entries a new cluster would start, as ``(entry name, host)``; see :func:`plan_entries`."""
+    hosts = {h.name: h for h in inventory.worker_hosts}
+    return [(key, hosts[spec["options"]["host"]]) for key, spec in plan_entries(inventory, workers, policy).items()]
+
+
+def capacity(inventory: Inventory) -> int:
+    """Dask workers the inventory holds when every slot is used."""
+    return capacity_workers(inventory.worker_hosts)
+
+
+def ssh_target(host: HostSpec) -> str:
+    """How the head reaches ``host``, as a user would type it."""
+    if host.is_local:
+        return "local subprocess (no SSH)"
+    target = f"{host.user}@{host.address}" if host.user else host.address
+    return f"ssh {target}" + (f" -p {host.port}" if host.port else "")
+
+
+def _entry_plan(key: str, spec: dict[str, Any], tls: bool) -> dict[str, Any]:
+    options = dict(spec["options"]["options"])
+    if options.get("nthreads") is None:
+        options["nthreads"] = "auto (host cpus / nworkers)"
+    return {"entry": key, "class": spec["cls"], "workers": member_names(key, spec), "options": options, "tls": tls}
+
+
+def build_plan(
+    inv: Inventory, *, name: str, workers: int | None, placement: str, tls: bool
+) -> dict[str, Any]:
+    """What ``up`` would start, per host, without contacting any host.
+
+    Parameters
+    ----------
+    inv
+        The inventory.
+    name
+        The cluster name.
+    workers
+        Dask workers wanted; ``None`` for every slot.
+    placement
+        ``"spread"`` or ``"pack"``.
+    tls
+        Whether the cluster would use TLS.
+
+    Returns
+    -------
+    dict
+        The JSON of ``speccluster-ssh plan --json``.
+    """
+    from .agent import agent_argv
+
+    marker = f"{name}-<8 random hex digits, chosen by up>"
+    by_host: dict[str, list[dict[str, Any]]] = {}
+    for key, spec in plan_entries(inv, workers, placement).items():
+        by_host.setdefault(spec["options"]["host"], []).append(_entry_plan(key, spec, tls))
+    hosts: list[dict[str, Any]] = []
+    order = list(inv.worker_hosts)
+    sched = inv.scheduler_host
+    if sched is not None and all(h.name != sched.name for h in order):
+        order.insert(0, sched)
+    for host in order:
+        runs_scheduler = sched is not None and sched.name == host.name
+        host_entries = by_host.get(host.name, [])
+        # The real id is made by 'up'; the plan shows where it goes.
+        argv = agent_argv(host, "<cluster-id>")
+        hosts.append({
+            "host": host.name,
+            "address": host.address,
+            "connection": host.connection,
+            "target": ssh_target(host),
+            "scheduler": runs_scheduler,
+            "started": bool(host_entries) or runs_scheduler,
+            "slots": host.slots,
+            "entries": host_entries,
+            "command": argv,
+            "command_line": shlex.join(argv),
+            "prologue": host.prologue,
+            "environment": {**host.env, MARKER_ENV: marker},
+        })
+    planned = sum(len(e["workers"]) for items in by_host.values() for e in items)
+    return {
+        "name": name,
+        "scheduler": sched.name if sched is not None else "head (this machine)",
+        "tls": tls,
+        "placement": placement,
+        "workers_requested": workers,
+        "workers_planned": planned,
+        "capacity": capacity(inv),
+        "hosts": hosts,
+    }
