@@ -116,3 +116,20 @@ def test_log_failures_logs_each_exception_and_lets_ctrl_c_through(caplog: pytest
     assert "closing: h3 was cancelled" in messages
     with pytest.raises(KeyboardInterrupt):
         log_failures([KeyboardInterrupt()], ["h1"], log, "closing")
+
+
+def test_a_task_whose_outcome_the_caller_reads_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def boom() -> None:
+        raise ValueError("read by the caller")
+
+    async def main() -> None:
+        tasks = TaskSet("owner")
+        task = tasks.start(boom(), name="start", log_failure=False)
+        await asyncio.wait([task])
+        with pytest.raises(ValueError):
+            task.result()
+        await tasks.close()
+
+    with caplog.at_level(logging.DEBUG, logger="speccluster_ssh.tasks"):
+        asyncio.run(main())
+    assert caplog.records == []

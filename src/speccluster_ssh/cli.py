@@ -19,12 +19,10 @@ import json
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -33,19 +31,18 @@ import click
 from . import control
 from . import state as st
 from .errors import HostError, SpecClusterError, UserError
+from .head import CLOSE_TIMEOUT, Head, UpOptions
+from .messages import PROG, host_error_text, is_inventory_error, one_line
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-    from .cluster import SSHSpecCluster
-    from .inventory import HostSpec, Inventory
+    from .inventory import Inventory
 
 logger = logging.getLogger(__name__)
 
-PROG = "speccluster-ssh"
 # Seconds a detached head may take beyond --timeout (python start-up, imports, cleanup).
 HEAD_SLACK = 60.0
-CLOSE_TIMEOUT = 120.0
 
 
 # -- output helpers -------------------------------------------------------------------
@@ -67,10 +64,6 @@ def _echo_json(data: Any) -> None:
 
 def _error_line(message: str) -> None:
     click.echo(f"{PROG}: error: {message}", err=True)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> RenderableType:
@@ -121,7 +114,7 @@ class SpecClusterCLI(click.Group):
         except click.exceptions.UsageError as exc:
             code = _usage_error(exc)
         except click.ClickException as exc:
-            _error_line(_one_line(exc.format_message()))
+            _error_line(one_line(exc.format_message()))
             code = exc.exit_code
         except click.exceptions.Abort:
             _error_line("aborted")
@@ -142,28 +135,23 @@ def _usage_error(exc: click.exceptions.UsageError) -> int:
         click.echo(ctx.get_help())
         return 0
     where = ctx.command_path if ctx is not None else PROG
-    _error_line(f"{_one_line(exc.format_message())} (see '{where} --help')")
+    _error_line(f"{one_line(exc.format_message())} (see '{where} --help')")
     return 2
-
-
-def _is_inventory_error(exc: BaseException) -> bool:
-    module = sys.modules.get("speccluster_ssh.inventory")
-    return module is not None and isinstance(exc, module.InventoryError)
 
 
 def _report_exception(exc: BaseException) -> int:
     """Print an exception for users and return the exit status it calls for."""
-    if isinstance(exc, UserError) or _is_inventory_error(exc):
-        _error_line(_one_line(str(exc)))
+    if isinstance(exc, UserError) or is_inventory_error(exc):
+        _error_line(one_line(str(exc)))
         return 2
     if isinstance(exc, HostError):
-        _error_line(exc.details())
+        _error_line(host_error_text(exc))
         return 1
     if isinstance(exc, control.ControlError):
         _error_line(str(exc))
         return exc.exit_code
     if isinstance(exc, SpecClusterError):
-        _error_line(_one_line(str(exc)))
+        _error_line(one_line(str(exc)))
         return 1
     if os.environ.get("SPECCLUSTER_SSH_DEBUG"):
         import traceback
@@ -171,7 +159,7 @@ def _report_exception(exc: BaseException) -> int:
         traceback.print_exception(exc)
     else:
         _error_line(
-            f"unexpected {type(exc).__name__}: {_one_line(str(exc))} "
+            f"unexpected {type(exc).__name__}: {one_line(str(exc))} "
             "(set SPECCLUSTER_SSH_DEBUG=1 for the traceback and report it)"
         )
     return 1
@@ -247,452 +235,6 @@ def _check_bytes(value: str | None, option: str) -> str | None:
         parse_bytes(value)
     except (ValueError, TypeError):
         raise click.BadParameter(f"{value!r} is not a size; write e.g. '64 GiB'", param_hint=f"'{option}'") from None
-    return value
-
-
-# -- the head process -------------------------------------------------------------------------
-
-
-@dataclass
-class UpOptions:
-    """What ``up`` asked for; passed as JSON to a detached head process."""
-
-    name: str
-    inventory: str
-    entries: int | None = None
-    workers: int | None = None
-    adapt: tuple[int, int] | None = None
-    timeout: float = 60.0
-    placement: str | None = None
-    known_hosts: str | None = None
-    tls: bool | None = None
-    scheduler_group: str = "scheduler"
-    worker_group: str = "workers"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> UpOptions:
-        data = json.loads(text)
-        if data.get("adapt") is not None:
-            data["adapt"] = tuple(data["adapt"])
-        return cls(**data)
-
-
-class Head:
-    """Runs one cluster for its whole life and answers its control socket.
-
-    Parameters
-    ----------
-    options
-        What ``up`` asked for.
-    directory
-        The cluster's state directory.
-    lock
-        The held head lock (released when the head ends).
-    detached
-        In a detached head a failed start leaves ``state.json`` (with the
-        error) for ``up`` to read; in the foreground the directory is removed.
-    """
-
-    def __init__(self, options: UpOptions, directory: Path, lock: st.HeadLock, *, detached: bool) -> None:
-        self.options = options
-        self.directory = directory
-        self.lock = lock
-        self.detached = detached
-        self.cluster: SSHSpecCluster | None = None
-        self.inventory: Inventory | None = None
-        self.phase = "starting"
-        self.error = ""
-        self.error_exit = 1
-        self.state = st.ClusterState(name=options.name, pid=os.getpid(), inventory=options.inventory)
-        self.t0 = time.monotonic()
-        self.ready_at: dict[str, float] = {}
-        self.stop_event: asyncio.Event | None = None
-        self.stop_reason = ""
-        self.closed: asyncio.Future[str] | None = None
-        self.server: control.ControlServer | None = None
-
-    # -- life cycle ---------------------------------------------------------
-    async def run(
-        self,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-        on_running: Callable[[st.ClusterState], None] | None = None,
-    ) -> int:
-        """Start the cluster, serve until asked to stop, close it; return the exit status."""
-        loop = asyncio.get_running_loop()
-        self.stop_event = asyncio.Event()
-        self.closed = loop.create_future()
-        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        for sig in signals:
-            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-                loop.add_signal_handler(sig, self.request_stop, sig.name)
-        ticker: asyncio.Task[None] | None = None
-        try:
-            st.write_state(self.directory, self.state)
-            self.server = control.ControlServer(self.directory / st.SOCKET_FILE, self.handle)
-            await self.server.start()
-            if on_progress is not None:
-                ticker = asyncio.ensure_future(self._tick(on_progress))
-            started = await self._start()
-            if ticker is not None:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
-                if started and on_progress is not None:
-                    on_progress(self.progress())
-            if not started:
-                if self.stop_event.is_set() and not self.closed.done():
-                    # Stopped while starting: everything was cleaned up, which is what down wants.
-                    self.closed.set_result("")
-                return self.error_exit
-            if on_running is not None:
-                on_running(self.state)
-            await self.stop_event.wait()
-            logger.info("closing cluster %s (%s)", self.options.name, self.stop_reason)
-            message = await self._close_cluster()
-            if not self.closed.done():
-                self.closed.set_result(message)
-            return 0 if not message else 1
-        except BaseException as exc:
-            # Whatever ends the head early goes into head.log and to a waiting ``down``.
-            logger.exception("the head process stopped")
-            if self.closed is not None and not self.closed.done():
-                self.closed.set_result(f"the head process stopped: {type(exc).__name__}: {exc}")
-            raise
-        finally:
-            if ticker is not None and not ticker.done():
-                ticker.cancel()
-            if self.closed is not None and not self.closed.done():
-                self.closed.set_result("the head process stopped")
-            if self.server is not None:
-                await self.server.close()
-            for sig in signals:
-                with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-                    loop.remove_signal_handler(sig)
-            if self.phase != "failed" or not self.detached:
-                st.remove_cluster_dir(self.directory)
-            self.lock.release()
-
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Ask the head to close the cluster and end (signal handlers, ``down``)."""
-        if self.stop_event is not None and not self.stop_event.is_set():
-            self.stop_reason = reason
-            self.stop_event.set()
-
-    async def _tick(self, on_progress: Callable[[dict[str, Any]], None]) -> None:
-        while True:
-            on_progress(self.progress())
-            await asyncio.sleep(0.25)
-
-    async def _start(self) -> bool:
-        """Start the cluster; on failure clean up, record why and return ``False``."""
-        options = self.options
-        stop_wait: asyncio.Task[Any] | None = None
-        try:
-            from .cluster import SSHSpecCluster
-            from .inventory import load_inventory
-
-            self.inventory = load_inventory(
-                options.inventory, scheduler_group=options.scheduler_group, worker_group=options.worker_group
-            )
-            hosts = {h.name: h.address for h in self.inventory.worker_hosts}
-            if self.inventory.scheduler_host is not None:
-                hosts[self.inventory.scheduler_host.name] = self.inventory.scheduler_host.address
-            self.state.hosts = hosts
-            kwargs: dict[str, Any] = {
-                "inventory": self.inventory,
-                "n_workers": options.entries,
-                "placement": options.placement,
-                "known_hosts_policy": options.known_hosts,
-                "start_timeout": options.timeout,
-                "name": options.name,
-                "asynchronous": True,
-            }
-            if options.tls is not None:
-                kwargs["security"] = options.tls
-            self.cluster = SSHSpecCluster(**kwargs)
-            self.state.cluster_id = self.cluster.cluster_id
-            self.state.tls = bool(getattr(self.cluster.security, "require_encryption", False))
-            st.write_state(self.directory, self.state)
-
-            starting = asyncio.ensure_future(self._await_cluster())
-            stopping = self.stop_event
-            stop_wait = asyncio.ensure_future(stopping.wait()) if stopping is not None else None
-            waiting = {starting} | ({stop_wait} if stop_wait else set())
-            done, _ = await asyncio.wait(waiting, timeout=options.timeout, return_when=asyncio.FIRST_COMPLETED)
-            if starting not in done:
-                starting.cancel()
-                with contextlib.suppress(BaseException):
-                    await starting
-                if self.stop_event is not None and self.stop_event.is_set():
-                    raise SpecClusterError(f"start interrupted ({self.stop_reason}); everything started was stopped")
-                raise SpecClusterError(
-                    f"the cluster did not come up within {options.timeout:g} s "
-                    f"(still waiting for: {', '.join(self._pending_hosts()) or 'the scheduler'}); "
-                    "check the hosts with 'speccluster-ssh check' or raise --timeout"
-                )
-            starting.result()
-            if options.adapt is not None:
-                self.cluster.adapt(minimum=options.adapt[0], maximum=options.adapt[1])
-        except Exception as exc:
-            self._record_failure(exc)
-            await self._close_cluster()
-            self.phase = "failed"
-            self.state.phase = "failed"
-            self.state.error = self.error
-            self.state.error_exit = self.error_exit
-            with contextlib.suppress(OSError):
-                st.write_state(self.directory, self.state)
-            return False
-        finally:
-            if stop_wait is not None:
-                stop_wait.cancel()
-        cluster = self.cluster
-        self.phase = "running"
-        self.state.phase = "running"
-        self.state.scheduler_address = str(cluster.scheduler_address or "")
-        self.state.dashboard_link = str(cluster.dashboard_link or "")
-        path = st.write_client_files(
-            self.directory, self.state.scheduler_address, cluster.security if self.state.tls else None
-        )
-        self.state.client_config = str(path)
-        st.write_state(self.directory, self.state)
-        return True
-
-    async def _await_cluster(self) -> None:
-        if self.cluster is not None:
-            await self.cluster
-
-    def _record_failure(self, exc: BaseException) -> None:
-        cause = exc.__cause__ if isinstance(exc, RuntimeError) else None
-        if isinstance(cause, HostError):
-            exc = cause
-        if isinstance(exc, HostError):
-            self.error = exc.details()
-        elif isinstance(exc, UserError) or _is_inventory_error(exc):
-            self.error, self.error_exit = _one_line(str(exc)), 2
-        elif isinstance(exc, SpecClusterError):
-            self.error = str(exc)
-        elif isinstance(exc, OSError):
-            # e.g. a local host's python that does not exist
-            what = exc.strerror or str(exc)
-            where = f": {exc.filename}" if exc.filename else ""
-            self.error = (f"cannot start the cluster: {what}{where}; "
-                          f"check the hosts with '{PROG} check {self.options.inventory}'")
-        else:
-            self.error = f"{type(exc).__name__}: {_one_line(str(exc))}"
-        if self.detached:
-            # The traceback is for head.log only; users get the line above.
-            logger.error("cluster start failed", exc_info=exc)
-
-    async def _close_cluster(self) -> str:
-        """Close the cluster; return ``""`` when it closed cleanly, else why not."""
-        cluster = self.cluster
-        if cluster is None:
-            return ""
-        message = ""
-        try:
-            await asyncio.wait_for(_awaitable(cluster.close()), CLOSE_TIMEOUT)
-        except (asyncio.TimeoutError, TimeoutError):
-            message = f"closing the cluster took longer than {CLOSE_TIMEOUT:g} s"
-        except Exception as exc:  # report, then still drop every agent below
-            message = f"closing the cluster failed: {type(exc).__name__}: {_one_line(str(exc))}"
-        finally:
-            # Closing the pool stops every agent, and with them every remote process.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(cluster.pool.close(), 30)
-        return message
-
-    # -- what the head knows ---------------------------------------------------
-    def _wanted_and_ready(self) -> tuple[dict[str, int], dict[str, int]]:
-        wanted: dict[str, int] = {}
-        ready: dict[str, int] = {}
-        cluster = self.cluster
-        if cluster is None:
-            return wanted, ready
-        from distributed.core import Status
-
-        from .process import RemoteProcess
-
-        for spec in list(cluster.worker_spec.values()):
-            host = spec.get("options", {}).get("host")
-            group = spec.get("group")
-            wanted[host] = wanted.get(host, 0) + (len(group) if group else 1)
-        processes = {id(p): p for p in [*getattr(cluster, "_created", ()), *cluster.workers.values()]}
-        for proc in processes.values():
-            if (
-                isinstance(proc, RemoteProcess)
-                and proc.role != "scheduler"
-                and proc.status == Status.running
-                and proc.name in cluster.worker_spec
-            ):
-                ready[proc.host] = ready.get(proc.host, 0) + len(proc.member_names)
-        return wanted, ready
-
-    def _pending_hosts(self) -> list[str]:
-        return [row["host"] for row in self.progress()["hosts"] if row["label"] not in ("ready", "idle")]
-
-    def progress(self) -> dict[str, Any]:
-        """Per host: connection state and workers ready out of wanted, with elapsed seconds."""
-        now = time.monotonic()
-        wanted, ready = self._wanted_and_ready()
-        cluster = self.cluster
-        rows: list[dict[str, Any]] = []
-        names: list[tuple[str, str]] = []
-        if self.inventory is not None:
-            sched = self.inventory.scheduler_host
-            if sched is not None:
-                names.append((sched.name, "scheduler"))
-            names.extend((h.name, "worker") for h in self.inventory.worker_hosts if sched is None or h.name != sched.name)
-        for host, role in names:
-            state = cluster.pool.states.get(host) if cluster is not None else None
-            conn = state.state if state is not None else "new"
-            reason = state.reason if state is not None else ""
-            want, have = wanted.get(host, 0), ready.get(host, 0)
-            if role == "scheduler":
-                from .process import RemoteScheduler
-
-                sched_proc = getattr(cluster, "scheduler", None)
-                up = isinstance(sched_proc, RemoteScheduler) and sched_proc.status.name == "running"
-                want, have = want + 1, have + (1 if up else 0)
-            if conn in ("down", "aside"):
-                label = conn
-            elif want == 0:
-                label = "idle"
-            elif have >= want:
-                label = "ready"
-            elif conn == "up":
-                label = "starting"
-            else:
-                label = "connecting"
-            if label in ("ready", "idle"):
-                self.ready_at.setdefault(host, now)
-            else:
-                self.ready_at.pop(host, None)
-            elapsed = self.ready_at.get(host, now) - self.t0
-            rows.append({
-                "host": host, "role": role, "state": conn, "label": label, "wanted": want, "ready": have,
-                "seconds": round(elapsed, 1), "reason": reason,
-            })
-        return {
-            "name": self.options.name,
-            "phase": self.phase,
-            "seconds": round(now - self.t0, 1),
-            "hosts": rows,
-            "error": self.error,
-        }
-
-    def _adaptive_info(self) -> dict[str, Any] | None:
-        adaptive = getattr(self.cluster, "_adaptive", None)
-        if adaptive is None or getattr(adaptive, "periodic_callback", None) is None:
-            return None
-        return {"minimum": adaptive.minimum, "maximum": adaptive.maximum}
-
-    # -- control requests ---------------------------------------------------------
-    async def handle(self, request: Mapping[str, Any]) -> Any:
-        """Answer one control request (see :mod:`speccluster_ssh.state`)."""
-        op = request["op"]
-        if op == "progress":
-            return self.progress()
-        if op == "down":
-            self.request_stop("down requested")
-            if self.closed is None:
-                return {"closed": True}
-            message = await asyncio.shield(self.closed)
-            if message:
-                raise SpecClusterError(message)
-            return {"closed": True}
-        cluster = self.cluster
-        if self.phase != "running" or cluster is None:
-            if op == "status":
-                # The same keys as a running cluster's report, so scripts need no special case.
-                progress = self.progress()
-                return {
-                    "name": self.options.name,
-                    "phase": self.phase,
-                    "pid": os.getpid(),
-                    "scheduler_address": None,
-                    "dashboard_link": None,
-                    "hosts": {row["host"]: row for row in progress["hosts"]},
-                    "workers": [],
-                    "progress": progress,
-                }
-            raise SpecClusterError(f"cluster {self.options.name} is {self.phase}; try again once it runs")
-        if op == "status":
-            report = cluster.status_report()
-            report.update({
-                "phase": self.phase,
-                "pid": os.getpid(),
-                "started": self.state.started,
-                "inventory": self.options.inventory,
-                "tls": self.state.tls,
-                "client_config": self.state.client_config,
-                "adaptive": self._adaptive_info(),
-            })
-            return report
-        if op == "scale":
-            n = int(request.get("n") or 0)
-            cores = request.get("cores")
-            memory = request.get("memory")
-            if n < 0:
-                raise UserError("the number of workers must be 0 or more")
-            cluster.scale(n, memory=memory, cores=int(cores) if cores is not None else None)
-            wanted, _ = self._wanted_and_ready()
-            return {
-                "planned_workers": sum(wanted.values()),
-                "capacity_note": cluster.capacity_note,
-                "adaptive": self._adaptive_info(),
-            }
-        if op == "adapt":
-            kwargs = {
-                k: request[k]
-                for k in ("minimum", "maximum", "minimum_memory", "maximum_memory")
-                if request.get(k) is not None
-            }
-            cluster.adapt(**kwargs)
-            return {"adaptive": self._adaptive_info()}
-        if op == "adapt-off":
-            adaptive = getattr(cluster, "_adaptive", None)
-            if adaptive is not None:
-                adaptive.stop()
-            cluster._adaptive = None  # so that status says manual scaling
-            if hasattr(cluster, "_adaptive_options"):
-                cluster._adaptive_options = {}
-            return {"adaptive": None, "was_on": adaptive is not None}
-        if op == "logs":
-            return await self._logs(request.get("target"))
-        raise UserError(f"unknown control operation {op!r}")
-
-    async def _logs(self, target: str | None) -> dict[str, str]:
-        cluster = self.cluster
-        if cluster is None:
-            return {}
-        logs = {str(k): str(v) for k, v in (await _awaitable(cluster.get_logs())).items()}
-        if not target:
-            return logs
-        if target in logs:
-            return {target: logs[target]}
-        if target.lower() == "scheduler":
-            return {k: v for k, v in logs.items() if k == "Scheduler"}
-        workers = cluster.status_report()["workers"]
-        members = [w["name"] for w in workers if w.get("host") == target]
-        # Workers that died or were retired keep their logs; find them by their host too.
-        members += [m for m, h in getattr(cluster, "dead_hosts", {}).items() if h == target and m not in members]
-        known_hosts = set(cluster.worker_hosts) | {w.get("host") for w in workers}
-        if target in known_hosts:
-            return {m: logs.get(m, "") for m in members}
-        raise UserError(
-            f"cluster {self.options.name} has no worker or host named {target!r}; "
-            f"workers: {', '.join(sorted(k for k in logs if k not in ('Cluster', 'Scheduler'))) or 'none'}; "
-            f"hosts: {', '.join(sorted(h for h in known_hosts if h)) or 'none'}"
-        )
-
-
-async def _awaitable(value: Any) -> Any:
-    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future) or hasattr(value, "__await__"):
-        return await value
     return value
 
 
@@ -1139,8 +681,11 @@ def _up_detached(options: UpOptions, directory: Path, lock: st.HeadLock, as_json
             code = proc.poll()
             if code is not None:
                 break
-            with contextlib.suppress(control.ControlError):
+            try:
                 progress = control.request(directory, "progress", timeout=10)
+            except control.ControlError as exc:
+                # Expected until the head serves its socket; proc.poll() above notices a dead head.
+                logger.debug("no progress yet: %s", exc)
             if progress is not None:
                 view.update(progress)
                 if progress.get("phase") == "running":
@@ -1155,8 +700,11 @@ def _up_detached(options: UpOptions, directory: Path, lock: st.HeadLock, as_json
         view.stop()
         _error_line(f"interrupted; stopping the head process of cluster {options.name}")
         proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             proc.wait(timeout=CLOSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _error_line(f"the head process (pid {proc.pid}) did not stop within {CLOSE_TIMEOUT:g} s; "
+                        f"stop it with 'kill {proc.pid}'")
         return 130
     finally:
         view.stop()

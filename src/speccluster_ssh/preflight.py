@@ -8,14 +8,18 @@ connection back to the head (as its workers will to a scheduler here).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import HostError
+from .tasks import log_failures
 
 if TYPE_CHECKING:
     from .inventory import HostSpec, Inventory
+
+logger = logging.getLogger(__name__)
 
 # Run by each host's python with the head's address and port as arguments.
 REACH_PROBE = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()"
@@ -129,7 +133,12 @@ def check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict
             return row
 
         try:
-            return list(await asyncio.gather(*(probe(n) for n in hosts)))
+            # Every probe ends before the pool closes, even when one of them fails unexpectedly.
+            results = await asyncio.gather(*(probe(n) for n in hosts), return_exceptions=True)
+            failures = log_failures(results, list(hosts), logger, "check")
+            if failures:
+                raise failures[0]
+            return list(results)
         finally:
             await pool.close()
             listener.close()

@@ -45,7 +45,7 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def start(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+    def start(self, coro: Coroutine[Any, Any, T], *, name: str, log_failure: bool = True) -> asyncio.Task[T]:
         """Run ``coro`` as a task of this set and return the task.
 
         Parameters
@@ -54,18 +54,22 @@ class TaskSet:
             The coroutine to run.
         name
             What the task does, used as the task's name and in log lines.
+        log_failure
+            ``False`` when the caller reads the task's outcome itself
+            (``task.result()``) and reports it; the task is still kept and
+            cancelled and awaited at :meth:`close`.
         """
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._reap)
+        task.add_done_callback(lambda done: self._reap(done, log_failure))
         return task
 
-    def _reap(self, task: asyncio.Task[Any]) -> None:
+    def _reap(self, task: asyncio.Task[Any], log_failure: bool = True) -> None:
         self._tasks.discard(task)
         if task.cancelled():
             return
         exc = task.exception()  # retrieving it is what keeps asyncio from complaining
-        if exc is not None:
+        if exc is not None and log_failure:
             self._log.error(
                 "%s: background task %r failed: %s: %s",
                 self.owner, task.get_name(), type(exc).__name__, exc, exc_info=exc,
