@@ -9,6 +9,14 @@ process; ``list`` shows the clusters known on this machine; ``inventory``,
 
 User mistakes are reported as one line on stderr with exit status 2; other
 failures exit with status 1.
+
+This module only parses arguments and presents results: the head process is
+in :mod:`~speccluster_ssh.head`, the control socket in
+:mod:`~speccluster_ssh.control`, ``check`` in :mod:`~speccluster_ssh.preflight`
+and ``plan`` in :mod:`~speccluster_ssh.planning`. It is longer than the other
+modules (about 1100 lines) because each of its eleven commands carries its
+options, help text with examples, and its table and text output; splitting
+the commands over several files would scatter one command line.
 """
 
 from __future__ import annotations
