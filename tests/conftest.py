@@ -24,6 +24,25 @@ if _TESTS_DIR not in sys.path:
 from sshlab import Lab  # noqa: E402
 
 # ---------------------------------------------------------------------------
+# Hypothesis profiles
+# ---------------------------------------------------------------------------
+# "ci" is derandomized so a failure in CI fails the same way on every re-run
+# and on a developer's machine; "default" keeps random exploration for
+# developers (print_blob gives a @reproduce_failure line); "nightly" explores
+# many more random examples.  Tests scale their own max_examples by the
+# profile's max_examples / 100 (see tests/test_injection.py).  Chosen by
+# HYPOTHESIS_PROFILE, else "ci" when CI=true, else "default".
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("default", print_blob=True)
+_hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+_hypothesis_settings.register_profile("nightly", max_examples=1000, print_blob=True)
+_hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE")
+    or ("ci" if os.environ.get("CI", "").lower() == "true" else "default")
+)
+
+# ---------------------------------------------------------------------------
 # SSH lab
 # ---------------------------------------------------------------------------
 

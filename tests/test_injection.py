@@ -26,6 +26,11 @@ PAYLOAD = st.lists(st.one_of(SHELLY, st.text(max_size=8)), max_size=6).map("".jo
 ECHO_ARGV = ["/usr/bin/printf", "%s\\0"]
 
 
+def scaled(n: int) -> int:
+    """``n`` examples under a profile of 100 (default, ci); ten times as many under "nightly"."""
+    return max(1, n * settings.default.max_examples // 100)
+
+
 def through_login_shell(argv: list[str], cwd: Path) -> list[str]:
     command = remote_command(argv)
     result = subprocess.run(["/bin/sh", "-c", command], capture_output=True, cwd=cwd, timeout=30, check=True)
@@ -48,7 +53,7 @@ def test_invalid_utf8_alone_is_refused_as_such() -> None:
         remote_command([*ECHO_ARGV, "ok", "\udcff"])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=scaled(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(PAYLOAD, min_size=1, max_size=3))
 @example(values=["\udcff", "\x00"])  # the falsifying example of issue 14
 @example(values=["\x00", "\udcff"])
@@ -69,7 +74,7 @@ def test_argv_survives_the_remote_shell(values: list[str], tmp_path: Path) -> No
     assert not canary.exists()
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=scaled(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=PAYLOAD)
 def test_prologue_wrapper_passes_argv_untouched(value: str, tmp_path: Path) -> None:
     canary = tmp_path / "CANARY"
@@ -94,7 +99,7 @@ def _encodable(value: str) -> bool:
 TEXT_VARS = ("speccluster_python", "speccluster_local_directory", "speccluster_interface", "speccluster_prologue")
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=scaled(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=PAYLOAD, var=st.sampled_from([*TEXT_VARS, "env", "resource", "ansible_host", "ansible_user"]))
 def test_inventory_values_arrive_unchanged_or_are_refused(value: str, var: str, tmp_path: Path) -> None:
     """Every string an inventory can carry comes out of the model as the same string."""
