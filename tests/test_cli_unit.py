@@ -583,3 +583,12 @@ def test_foreground_tls_up_connects_and_stops_on_sigterm(
     assert "closed" in err
     assert [p.pid for p in family if not gone(p)] == []
     assert not directory.exists()
+
+
+def test_a_host_error_that_names_no_host_is_printed_without_host_star() -> None:
+    from speccluster_ssh.errors import HostError
+    from speccluster_ssh.messages import host_error_text
+
+    assert host_error_text(HostError("*", "no free slot on any usable host")) == "no free slot on any usable host"
+    assert host_error_text(HostError("h1", "refused")) == "host h1: refused"
+    assert host_error_text(HostError("*", "died", tail="last words")).startswith("died\n  remote log tail:")

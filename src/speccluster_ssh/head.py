@@ -176,7 +176,6 @@ class Head:
         """Start the cluster; on failure clean up, record why and return ``False``."""
         options = self.options
         stop_wait: asyncio.Task[Any] | None = None
-        starting: asyncio.Task[None] | None = None
         try:
             from .cluster import SSHSpecCluster
             from .inventory import load_inventory
@@ -201,7 +200,7 @@ class Head:
                 kwargs["security"] = options.tls
             self.cluster = SSHSpecCluster(**kwargs)
             self.state.cluster_id = self.cluster.cluster_id
-            self.state.tls = bool(getattr(self.cluster.security, "require_encryption", False))
+            self.state.tls = bool(self.cluster.security.require_encryption)
             st.write_state(self.directory, self.state)
 
             # Its outcome is read below (result()), so the task set need not report it.
