@@ -32,13 +32,12 @@ from distributed.utils import Log
 from . import config as sc_config
 from .connection import ConnectSettings
 from .errors import HostError, UserError
+from .health import FailureLedger, Health
 from .inventory import HostSpec, Inventory, load_inventory
 from .placement import EntryShape, Target, choose_host, entries_to_remove, group_suffixes, worker_options
 from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
 
 logger = logging.getLogger(__name__)
-
-FAILURES_BEFORE_ASIDE = 3
 
 
 class UnknownMemoryError(UserError, ValueError):
@@ -159,8 +158,8 @@ class SSHSpecCluster(SpecCluster):
         self.capacity_note = ""
         self.dead_logs: dict[str, str] = {}
         self.dead_hosts: dict[str, str] = {}  # member -> host, for logs by host
-        # Consecutive start failures per host (reset by a successful start).
-        self._entry_failures: dict[str, int] = {}
+        # Decides whether a failed start is the host's fault or the entry's.
+        self._failures = FailureLedger()
         self._start_errors: dict[str, str] = {}
         self._heal_task: asyncio.Task[None] | None = None
         self._retry_tasks: dict[str, asyncio.Task[None]] = {}
@@ -349,7 +348,7 @@ class SSHSpecCluster(SpecCluster):
         return used
 
     def _unavailable_hosts(self) -> set[str]:
-        return {n for n, s in self.pool.states.items() if s.state in ("down", "aside")}
+        return {n for n, s in self.pool.states.items() if not s.usable}
 
     def _entry_for_host(self, host: HostSpec) -> dict[str, Any]:
         """The spec of one entry on ``host`` (without its name)."""
@@ -682,9 +681,12 @@ class SSHSpecCluster(SpecCluster):
             # Entries of hosts that are down or put aside wait for the host (or
             # for the healer to move them); trying them would only fail again.
             unavailable = self._unavailable_hosts()
+            # An entry found to fail by itself waits out its backoff.
             to_open = [
                 k for k in self.worker_spec
-                if k not in self.workers and self.worker_spec[k].get("options", {}).get("host") not in unavailable
+                if k not in self.workers
+                and self.worker_spec[k].get("options", {}).get("host") not in unavailable
+                and not self._failures.waiting(str(k))
             ]
             created = []
             for key in to_open:
@@ -708,7 +710,7 @@ class SSHSpecCluster(SpecCluster):
                     if not task.cancelled() and task.exception() is not None:
                         self._start_errors[str(key)] = str(task.exception())
                     elif host is not None:
-                        self._entry_failures.pop(host, None)
+                        self._failures.start_succeeded(str(key), host)
                 await asyncio.gather(*tasks)
         # Heal only once the first reconcile succeeded: a constructor that
         # fails must raise its own error, not race the healer for it.
@@ -736,14 +738,27 @@ class SSHSpecCluster(SpecCluster):
     def _update_worker_status(self, op: str, msg: Any) -> None:
         # SpecCluster forgets a lost worker by its name, which for a group
         # member is not a spec key (dask issue 9102): map members to entries.
+        if op == "add":
+            # worker_address follows what the scheduler has, through restarts
+            # a nanny does by itself.
+            for address, info in dict(msg.get("workers") or {}).items():
+                self._follow(str(info.get("name")), address)
         if op == "remove" and msg in self.scheduler_info.get("workers", {}):
             member = str(self.scheduler_info["workers"][msg].get("name"))
             key = self._key_of_member(member)
             proc = self.workers.get(key) if key is not None else None
+            if isinstance(proc, RemoteProcess) and proc.members.get(member, {}).get("worker_address") == msg:
+                proc.follow_worker(member, None)
             if proc is not None:
                 delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
                 asyncio.get_running_loop().call_later(delay, self._forget_lost, key, proc, member)
         super(SpecCluster, self)._update_worker_status(op, msg)
+
+    def _follow(self, member: str, address: str) -> None:
+        key = self._key_of_member(member)
+        proc = self.workers.get(key) if key is not None else None
+        if isinstance(proc, RemoteProcess) and proc.role != "scheduler":
+            proc.follow_worker(member, address)
 
     def _key_of_member(self, member: str) -> Any:
         for key, spec in self.worker_spec.items():
@@ -807,13 +822,12 @@ class SSHSpecCluster(SpecCluster):
         # does not answer must not hold up relaunching entries elsewhere.
         for name, state in self.pool.states.items():
             if (
-                state.state == "down"
+                state.state == Health.DOWN
                 and now >= state.retry_at
                 and name in self._hosts_wanted()
                 and name not in self._retry_tasks
             ):
-                state.retry_at = now + state.backoff
-                state.backoff = min(state.backoff * 2, 60.0)
+                state.schedule_retry(now)
                 self._retry_tasks[name] = asyncio.ensure_future(self._retry_host(name))
 
         def dead() -> list[Any]:
@@ -830,7 +844,10 @@ class SSHSpecCluster(SpecCluster):
                     await worker.close()
                     self.workers.pop(key, None)
                     self._keep_logs(key, worker)
-                    await self._forget_stale_members(worker)
+                    # Before any replacement starts: a name the scheduler still
+                    # holds (a cut host cannot say its worker died) would
+                    # refuse the replacement.
+                    await self._remove_members_from_scheduler(worker.member_names, f"dead-{key}")
                     self._count_start_failure(key, worker)
                     if key in self.worker_spec and worker.host in self._unavailable_hosts():
                         self._replace(key)
@@ -853,27 +870,36 @@ class SSHSpecCluster(SpecCluster):
             self._retry_tasks.pop(name, None)
         self._log(f"host {name} answers again")
 
-    async def _forget_stale_members(self, worker: RemoteProcess) -> None:
-        """Make the scheduler drop workers of a dead entry it still lists.
+    async def _remove_members_from_scheduler(self, members: Sequence[str], why: str) -> None:
+        """Make the scheduler drop every worker registered under one of ``members``.
 
-        A host cut off from the network cannot tell the scheduler its
-        workers died; their names would stay taken, and the relaunched entry
-        would be refused. Only the exact addresses the dead entry reported
-        are removed, never a newer worker of the same name.
+        Called under the reconcile lock for entries whose processes are gone,
+        before their replacements start, so a replacement never meets a ghost
+        of its own name. By name, not by the address we last saw: a nanny may
+        have restarted its worker under a new address.
         """
-        stale = [
-            str(info["worker_address"])
-            for info in worker.members.values()
-            if info.get("worker_address") and info["worker_address"] in self.scheduler_info.get("workers", {})
-        ]
-        for address in stale:
-            with contextlib.suppress(Exception):
+        if not members or self.scheduler_comm is None:
+            return
+        wanted = set(members)
+        try:
+            identity = await self.scheduler_comm.identity()
+        except Exception as exc:
+            logger.warning("could not ask the scheduler for workers %s: %s", ", ".join(sorted(wanted)), exc)
+            return
+        for address, info in identity.get("workers", {}).items():
+            if str(info.get("name")) not in wanted:
+                continue
+            try:
                 await self.scheduler_comm.unregister(
-                    address=address, stimulus_id=f"speccluster-dead-{time.time()}", close=False
+                    address=address, stimulus_id=f"speccluster-{why}-{time.time()}", close=False
                 )
+            except Exception as exc:
+                logger.warning("could not remove worker %s (%s) from the scheduler: %s", info.get("name"), address, exc)
+            else:
+                logger.info("removed worker %s (%s) of a gone entry from the scheduler", info.get("name"), address)
 
     def _count_start_failure(self, key: Any, worker: RemoteProcess) -> None:
-        """Put a host aside after it failed to start entries several times in a row.
+        """Account a failed start, to the host or to the entry (see :mod:`speccluster_ssh.health`).
 
         A worker that ran and then died, or a host that was lost, is not a
         failure to start: the first is relaunched, the second retried.
@@ -881,14 +907,22 @@ class SSHSpecCluster(SpecCluster):
         error = self._start_errors.pop(str(key), "")
         host = worker.host
         state = self.pool.states.get(host)
-        if worker.members or state is None or state.state in ("down", "aside"):
+        if worker.members or state is None or not state.usable:
             return
-        failures = self._entry_failures.get(host, 0) + 1
-        self._entry_failures[host] = failures
-        state.record_failure(error or f"entry {key} failed to start")
-        if failures >= FAILURES_BEFORE_ASIDE:
-            state.state = "aside"
-            state.reason = f"failed to start workers {failures} times in a row; last error: {error or 'unknown'}"
+        cause = error or f"entry {key} failed to start"
+        state.record_failure(cause)
+        healthy = sum(1 for s in self.pool.states.values() if s.state == Health.UP and s.name in self.worker_hosts)
+        verdict = self._failures.start_failed(str(key), host, cause, healthy)
+        logger.warning("%s", verdict.message)
+        for name in verdict.restore_hosts:
+            restored = self.pool.states.get(name)
+            if restored is not None and restored.state == Health.ASIDE:
+                restored.restore()
+                self._log(f"host {name} taken back: entry {key} fails by itself")
+        if verdict.entry_retry_in:
+            self._log(f"{verdict.message}; entry {key} retried in {verdict.entry_retry_in:g} s")
+        if verdict.put_host_aside:
+            state.put_aside(verdict.message)
             logger.warning("host %s put aside: %s", host, state.reason)
             self._log(f"host {host} put aside: {state.reason}")
 
@@ -968,9 +1002,10 @@ class SSHSpecCluster(SpecCluster):
                         "entry": str(key),
                         "host": host,
                         "address": addr,
-                        "status": "running" if addr else (proc.status.name if proc else "pending"),
+                        "status": "running" if addr else (proc.status.name if proc else self._pending_status(key)),
                         "threads": winfo.get("nthreads"),
                         "memory_limit": winfo.get("memory_limit"),
+                        "problem": self._failures.problem(str(key)),
                     }
                 )
         return {
@@ -982,6 +1017,9 @@ class SSHSpecCluster(SpecCluster):
             "workers": workers,
             "capacity_note": self.capacity_note,
         }
+
+    def _pending_status(self, key: Any) -> str:
+        return "backing off" if self._failures.waiting(str(key)) else "pending"
 
     async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool | Sequence[str] = True) -> Any:
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -23,6 +23,7 @@ from distributed.deploy.spec import ProcessInterface
 from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
 from .errors import HostError
+from .health import HostState
 from .inventory import HostSpec
 
 logger = logging.getLogger(__name__)
@@ -31,29 +32,6 @@ logger = logging.getLogger(__name__)
 def same_release(a: str, b: str) -> bool:
     """True when two dask versions share their first two components."""
     return a.split(".")[:2] == b.split(".")[:2]
-
-
-class HostState:
-    """What the cluster knows about one host: up, down or put aside, and why."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.state = "new"  # new | up | down | aside
-        self.reason = ""
-        self.failures: list[tuple[float, str]] = []
-        self.retry_at = 0.0
-        self.backoff = 1.0
-
-    def record_failure(self, reason: str) -> None:
-        self.failures.append((time.time(), reason))
-        del self.failures[:-10]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "reason": self.reason,
-            "failures": [{"time": t, "reason": r} for t, r in self.failures],
-        }
 
 
 class AgentPool:
@@ -138,13 +116,9 @@ class AgentPool:
         try:
             agent = await asyncio.shield(task)
         except HostError as exc:
-            state.state = "down"
-            state.reason = exc.reason
-            state.record_failure(exc.reason)
+            state.mark_down(exc.reason)
             raise
-        state.state = "up"
-        state.reason = ""
-        state.backoff = 1.0
+        state.mark_up()
         self.agents[name] = agent
         return agent
 
@@ -184,11 +158,8 @@ class AgentPool:
         if self.closed or self.agents.get(name) is not agent or reason == "closed":
             return
         state = self.states[name]
-        state.state = "down"
-        state.reason = reason
-        state.record_failure(reason)
-        state.retry_at = time.monotonic() + state.backoff
-        state.backoff = min(state.backoff * 2, 60.0)
+        state.mark_down(reason)
+        state.schedule_retry()
         self.agents.pop(name, None)
         # The connection may be dead too; the next attempt reconnects.
         conn = self.connections.pop(name, None)
@@ -238,6 +209,28 @@ class AgentPool:
         self._starting.clear()
         await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
         self.connections.clear()
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit|Timeout)\b:? ?.*$")
+
+
+def start_failure_cause(message: Mapping[str, Any]) -> str:
+    """The cause of a failed start, from the agent's ``failed`` or ``exited`` event.
+
+    The agent reports the exception chain; a process that died without
+    reporting (killed, or failing before it could) is explained by the last
+    error line of its log, when there is one.
+    """
+    error = str(message.get("error") or "")
+    if " caused by " in error:
+        return error
+    lines = [line.strip() for line in str(message.get("tail") or "").splitlines()]
+    logged = next((line for line in reversed(lines) if _ERROR_LINE.match(line)), "")
+    if not error:
+        error = f"exit {message.get('code')}"
+    if logged and logged not in error:
+        error = f"{error}; its log says: {logged}"
+    return error
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -315,6 +308,22 @@ class RemoteProcess(ProcessInterface):
             return addresses  # type: ignore[return-value]
         return addresses[0]
 
+    def follow_worker(self, member: str, address: str | None) -> None:
+        """Record the address the scheduler now has for ``member``.
+
+        A nanny restarts its worker by itself (killed worker, memory limit,
+        ``client.restart()``) under a new address; the cluster calls this on
+        the scheduler's add and remove events, so ``worker_address`` stays
+        what the scheduler has. ``None`` once the worker left.
+        """
+        info = self.members.get(member)
+        if info is None:
+            return
+        if address is None:
+            info["worker_address"] = None
+        elif address != info.get("worker_address"):
+            info["worker_address"] = address
+
     @property
     def pids(self) -> dict[str, int]:
         return {m: int(info["pid"]) for m, info in self.members.items() if "pid" in info}
@@ -363,8 +372,9 @@ class RemoteProcess(ProcessInterface):
         def on_failed(message: dict[str, Any]) -> None:
             member = message.get("name")
             if ours(message) and not ready[member].done():
+                cause = start_failure_cause(message)
                 ready[member].set_exception(
-                    HostError(self.host, f"{self.role} {member} failed to start: {message.get('error') or 'exit ' + str(message.get('code'))}", message.get("tail", ""))
+                    HostError(self.host, f"{self.role} {member} failed to start: {cause}", message.get("tail", ""))
                 )
 
         def on_exited(message: dict[str, Any]) -> None:

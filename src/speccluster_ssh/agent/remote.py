@@ -142,6 +142,10 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
 
         loop.add_signal_handler(signal.SIGTERM, on_term)
         loop.add_signal_handler(signal.SIGINT, on_term)
+        # A nanny forks its worker from here; without this the worker would
+        # inherit the handlers' wakeup fd, and the SIGTERM of a memory-limit
+        # restart would close the nanny instead of only its worker.
+        os.register_at_fork(after_in_child=_default_signals_in_child)
         await server
         ready: dict[str, Any] = {
             "event": "ready",
@@ -165,12 +169,45 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
         import traceback
 
         traceback.print_exc()
-        report({"event": "failed", "name": request["name"], "pid": os.getpid(), "error": repr(exc)})
+        report({"event": "failed", "name": request["name"], "pid": os.getpid(), "error": _describe_failure(exc)})
         sys.stderr.flush()
         os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _default_signals_in_child() -> None:
+    """In a process forked by a server: take back the signal handling it inherited."""
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+    except ValueError:  # not the main thread: nothing was inherited there
+        pass
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """One line for a start failure: the outer error and its root cause.
+
+    dask wraps the real cause ("name taken", "could not connect") in
+    ``RuntimeError('Nanny failed to start.')``; the chain keeps it.
+    """
+    chain: list[BaseException] = [exc]
+    seen = {id(exc)}
+    current = exc
+    for _ in range(20):  # bounded: a chain is short, but may loop
+        following = current.__cause__ or current.__context__
+        if following is None or id(following) in seen:
+            break
+        seen.add(id(following))
+        chain.append(following)
+        current = following
+    outer, root = chain[0], chain[-1]
+    text = f"{type(outer).__name__}: {outer}"
+    if root is not outer:
+        text += f" caused by {type(root).__name__}: {root}"
+    return " ".join(text.split())[:2000]
 
 
 class Child:

@@ -1,0 +1,233 @@
+"""Host health and start-failure accounting: pure logic, no I/O.
+
+A host is ``new`` until its agent first answers, then ``up``; ``down`` when
+its agent is lost or cannot be started (retried with backoff); ``aside``
+when it failed to start workers again and again while its agent answered.
+
+The rule that decides whether a failed start is the host's fault
+(:class:`FailureLedger`):
+
+- A failure counts against a host only when it looks host-specific: a
+  worker name still taken at the scheduler, for example, is not the host's
+  fault. Three host-specific failures in a row put the host aside.
+- An entry that fails the same way on two different hosts is the entry's
+  problem: it backs off (2 s, doubling up to 60 s), its failures are no
+  longer counted against any host, and the hosts it put aside come back.
+- One entry never puts more than half of the healthy hosts aside.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+FAILURES_BEFORE_ASIDE = 3
+ENTRY_BACKOFF_FIRST = 2.0
+ENTRY_BACKOFF_MAX = 60.0
+HOST_BACKOFF_MAX = 60.0
+
+# Causes that say nothing about the host the entry was started on.
+_NOT_THE_HOST = ("name taken", "the cluster is closing")
+
+
+class Health(str, enum.Enum):
+    """The states of a host. A ``str`` so that reports and JSON show the plain word."""
+
+    NEW = "new"
+    UP = "up"
+    DOWN = "down"
+    ASIDE = "aside"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class HostState:
+    """What the cluster knows about one host: its health, why, and when to retry it.
+
+    Every change of ``state`` goes through the methods below.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.state = Health.NEW
+        self.reason = ""
+        self.failures: list[tuple[float, str]] = []
+        self.retry_at = 0.0
+        self.backoff = 1.0
+
+    @property
+    def usable(self) -> bool:
+        """Whether entries may be placed and started here."""
+        return self.state not in (Health.DOWN, Health.ASIDE)
+
+    def record_failure(self, reason: str) -> None:
+        self.failures.append((time.time(), reason))
+        del self.failures[:-10]
+
+    def mark_up(self) -> None:
+        self.state = Health.UP
+        self.reason = ""
+        self.backoff = 1.0
+
+    def mark_down(self, reason: str) -> None:
+        """The agent is lost or cannot be started; see :meth:`schedule_retry`."""
+        self.state = Health.DOWN
+        self.reason = reason
+        self.record_failure(reason)
+
+    def schedule_retry(self, now: float | None = None) -> None:
+        """Set the next retry after the current backoff, and double the backoff."""
+        now = time.monotonic() if now is None else now
+        self.retry_at = now + self.backoff
+        self.backoff = min(self.backoff * 2, HOST_BACKOFF_MAX)
+
+    def put_aside(self, reason: str) -> None:
+        self.state = Health.ASIDE
+        self.reason = reason
+
+    def restore(self) -> None:
+        """Undo :meth:`put_aside`: the failures were not the host's fault."""
+        if self.state == Health.ASIDE:
+            self.state = Health.UP
+            self.reason = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "failures": [{"time": t, "reason": r} for t, r in self.failures],
+        }
+
+
+def normalized_cause(cause: str) -> str:
+    """A failure's text without the numbers that differ between hosts and tries."""
+    return re.sub(r"0x[0-9a-f]+|\d+", "N", cause.lower()).strip()
+
+
+def is_host_specific(cause: str) -> bool:
+    """Whether a start failure may be the host's fault."""
+    lowered = cause.lower()
+    return not any(marker in lowered for marker in _NOT_THE_HOST)
+
+
+@dataclass
+class Verdict:
+    """What to do after one failed start."""
+
+    put_host_aside: bool = False
+    entry_retry_in: float = 0.0
+    restore_hosts: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass
+class _EntryRecord:
+    hosts_by_cause: dict[str, set[str]] = field(default_factory=dict)
+    put_aside: set[str] = field(default_factory=set)
+    retry_at: float = 0.0
+    backoff: float = 0.0
+    problem: str = ""
+
+
+class FailureLedger:
+    """Decides, failure by failure, whether a host or an entry is at fault.
+
+    Parameters
+    ----------
+    failures_before_aside
+        Host-specific failures in a row that put a host aside.
+    clock
+        Monotonic clock, replaceable in tests.
+    """
+
+    def __init__(self, failures_before_aside: int = FAILURES_BEFORE_ASIDE, clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures_before_aside = failures_before_aside
+        self.clock = clock
+        self._streaks: dict[str, list[str]] = {}  # host -> entries of its failures in a row
+        self._entries: dict[str, _EntryRecord] = {}
+
+    def start_failed(self, entry: str, host: str, cause: str, healthy_hosts: int) -> Verdict:
+        """Account one failed start of ``entry`` on ``host``.
+
+        ``healthy_hosts`` counts the hosts that are up now.
+        """
+        record = self._entries.setdefault(entry, _EntryRecord())
+        hosts = record.hosts_by_cause.setdefault(normalized_cause(cause), set())
+        hosts.add(host)
+        if not is_host_specific(cause):
+            return self._entry_at_fault(entry, record, cause, f"entry {entry} failed to start on {host}: {cause}")
+        if len(hosts) >= 2:
+            where = ", ".join(sorted(hosts))
+            return self._entry_at_fault(entry, record, cause, f"entry {entry} fails the same way on {where}: {cause}")
+        streak = self._streaks.setdefault(host, [])
+        streak.append(entry)
+        if len(streak) < self.failures_before_aside:
+            return Verdict(message=f"entry {entry} failed to start on {host}: {cause}")
+        # Half of the healthy hosts, counting those this entry already put aside.
+        limit = (healthy_hosts + len(record.put_aside)) // 2
+        if len(record.put_aside) + 1 > limit:
+            # The hosts already aside stay there: their causes differed.
+            return self._entry_at_fault(
+                entry, record, cause,
+                f"entry {entry} failed on {host} {len(streak)} times, but it may not put more than "
+                f"half of the healthy hosts aside: {cause}",
+                restore=False,
+            )
+        self._streaks.pop(host, None)
+        record.put_aside.add(host)
+        return Verdict(
+            put_host_aside=True,
+            message=f"failed to start workers {len(streak)} times in a row; last error: {cause}",
+        )
+
+    def _entry_at_fault(
+        self, entry: str, record: _EntryRecord, cause: str, message: str, *, restore: bool = True
+    ) -> Verdict:
+        for host, streak in list(self._streaks.items()):
+            kept = [e for e in streak if e != entry]
+            if kept:
+                self._streaks[host] = kept
+            else:
+                del self._streaks[host]
+        restored = sorted(record.put_aside) if restore else []
+        if restore:
+            record.put_aside.clear()
+        record.backoff = min(record.backoff * 2, ENTRY_BACKOFF_MAX) if record.backoff else ENTRY_BACKOFF_FIRST
+        record.retry_at = self.clock() + record.backoff
+        record.problem = cause
+        return Verdict(entry_retry_in=record.backoff, restore_hosts=restored, message=message)
+
+    def start_succeeded(self, entry: str, host: str) -> None:
+        """A start worked: the host's streak and the entry's problem end."""
+        self._streaks.pop(host, None)
+        self._entries.pop(entry, None)
+
+    def forget_entry(self, entry: str) -> None:
+        """The entry left the spec."""
+        self._entries.pop(entry, None)
+        for host in list(self._streaks):
+            self._streaks[host] = [e for e in self._streaks[host] if e != entry]
+            if not self._streaks[host]:
+                del self._streaks[host]
+
+    def waiting(self, entry: str) -> bool:
+        """Whether ``entry`` is backing off and must not be started yet."""
+        record = self._entries.get(entry)
+        return record is not None and self.clock() < record.retry_at
+
+    def retry_at(self, entry: str) -> float:
+        record = self._entries.get(entry)
+        return record.retry_at if record is not None else 0.0
+
+    def problem(self, entry: str) -> str:
+        """The entry's own problem, if it has been found to have one."""
+        record = self._entries.get(entry)
+        return record.problem if record is not None else ""
