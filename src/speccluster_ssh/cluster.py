@@ -31,11 +31,17 @@ from distributed.utils import Log
 
 from . import config as sc_config
 from .connection import ConnectSettings
-from .errors import HostError, UserError
+from . import entries
+from .entries import EntrySettings
+from .errors import CapacityError, HostError, UserError
 from .health import FailureLedger, Health
-from .inventory import HostSpec, Inventory, load_inventory
-from .placement import EntryShape, Target, choose_host, entries_to_remove, group_suffixes, worker_options
+from .inventory import Inventory, load_inventory
+from .placement import EntryShape, Target, entries_to_remove
 from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
+from .security import remote_security_paths
+
+# The process classes spec entries name, for :class:`~speccluster_ssh.entries.EntrySettings`.
+PROCESS_CLASSES: Mapping[str, type] = {"nanny": RemoteNanny, "worker": RemoteWorker, "scheduler": RemoteScheduler}
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +70,7 @@ class SSHAdaptive(Adaptive):
         proposed = set(map(str, names))
         chosen: list[str] = []
         for key, spec in list(cluster.worker_spec.items()):
-            members = cluster._member_names(key, spec)
+            members = entries.member_names(key, spec)
             if members and set(members) <= proposed:
                 chosen.extend(members)
         return chosen
@@ -191,12 +197,23 @@ class SSHSpecCluster(SpecCluster):
         self.security_files: dict[str, bytes] = {}
         sec, files = make_security(security, self.cluster_id)
         self.pool.files.update(files)
-        self.remote_security = {k: v for k, v in _remote_security_paths(files).items()}
+        self.remote_security = remote_security_paths(files)
+        self.entry_settings = EntrySettings(
+            self.cluster_id,
+            self.start_timeout,
+            self.remote_security,
+            self.worker_options,
+            classes=PROCESS_CLASSES,
+            process_base=RemoteProcess,
+        )
 
         if scheduler is None:
-            scheduler = self._scheduler_spec(dict(scheduler_options or {}), sec)
+            scheduler = self._scheduler_entry(dict(scheduler_options or {}), sec)
         self._i = 0
-        initial = {str(key): self._complete_entry(spec) for key, spec in (workers or {}).items()}
+        initial = {
+            str(key): entries.complete_entry(self.entry_settings, spec, self.worker_hosts)
+            for key, spec in (workers or {}).items()
+        }
         self._init_spec(
             initial, scheduler, worker, asynchronous, loop, sec, silence_logs, name, shutdown_on_close,
             scheduler_sync_interval, n_workers,
@@ -241,34 +258,6 @@ class SSHSpecCluster(SpecCluster):
         )
 
     # -- construction helpers -------------------------------------------
-    def _complete_entry(self, spec: Mapping[str, Any]) -> dict[str, Any]:
-        """Fill in what a user-written spec entry cannot know: the cluster id and TLS files."""
-        entry = dict(spec)
-        cls = entry.get("cls")
-        if isinstance(cls, str):
-            from distributed.utils import import_term
-
-            cls = entry["cls"] = import_term(cls)
-        if not (isinstance(cls, type) and issubclass(cls, RemoteProcess)):
-            raise UserError(f"a worker spec entry needs a RemoteNanny or RemoteWorker class, got {cls!r}")
-        options = dict(entry.get("options") or {})
-        host = options.get("host")
-        if host not in self.worker_hosts:
-            raise UserError(
-                f"a worker spec entry names host {host!r}, which is not a worker host of the inventory; "
-                f"use one of {', '.join(self.worker_hosts) or '(none)'}"
-            )
-        options["cluster"] = self.cluster_id
-        options.setdefault("start_timeout", self.start_timeout)
-        options.setdefault("env", dict(self.worker_hosts[host].env))
-        inner = dict(options.get("options") or {})
-        if self.remote_security:
-            inner.setdefault("security", dict(self.remote_security, require_encryption=True))
-        inner.setdefault("dashboard_address", ":0")
-        options["options"] = inner
-        entry["options"] = options
-        return entry
-
     @classmethod
     def from_name(cls, name: str, asynchronous: bool = False, loop: Any = None) -> Any:  # type: ignore[override]
         """Attach to the detached cluster ``name`` running on this head node.
@@ -297,85 +286,26 @@ class SSHSpecCluster(SpecCluster):
         inventory = load_inventory(path, scheduler_group=scheduler_group, worker_group=worker_group)
         return cls(inventory=inventory, **options)
 
-    def _scheduler_spec(self, options: dict[str, Any], sec: Any) -> dict[str, Any]:
-
+    def _scheduler_entry(self, options: dict[str, Any], sec: Any) -> dict[str, Any]:
+        """The scheduler's spec: on the inventory's scheduler host, or in this process."""
         sched_host = self.inventory.scheduler_host
         if sched_host is not None:
-            remote_options: dict[str, Any] = {
-                "port": sched_host.scheduler_port,
-                "dashboard_address": f":{sched_host.dashboard_port if sched_host.dashboard_port is not None else sc_config.get('dashboard-port')}",
-            }
-            if sched_host.interface:
-                remote_options["interface"] = sched_host.interface
-            if self.remote_security:
-                remote_options["security"] = dict(self.remote_security, require_encryption=True)
-                remote_options["protocol"] = "tls"
-            remote_options.update(options)
-            return {
-                "cls": RemoteScheduler,
-                "options": {
-                    "host": sched_host.name,
-                    "cluster": self.cluster_id,
-                    "options": remote_options,
-                    "env": dict(sched_host.env),
-                    "start_timeout": self.start_timeout,
-                },
-            }
-        local_options: dict[str, Any] = {
-            "host": "0.0.0.0",
-            "port": int(sc_config.get("scheduler-port")),
-            "dashboard_address": f":{sc_config.get('dashboard-port')}",
-            "security": sec,
-            "protocol": "tls" if sec.require_encryption else "tcp",
-        }
-        local_options.update(options)
-        return {"cls": Scheduler, "options": local_options}
+            return entries.remote_scheduler_entry(
+                self.entry_settings, sched_host, sc_config.get("dashboard-port"), options
+            )
+        return entries.local_scheduler_entry(
+            Scheduler, sec, sc_config.get("scheduler-port"), sc_config.get("dashboard-port"), options
+        )
 
     @property
     def total_slots(self) -> int:
         return sum(h.slots for h in self.worker_hosts.values())
 
     def _member_names(self, key: Any, spec: Mapping[str, Any]) -> list[str]:
-        group = spec.get("group")
-        return [str(key) + s for s in group] if group else [str(key)]
-
-    def _slots_used(self) -> dict[str, int]:
-        used: dict[str, int] = {}
-        for spec in self.worker_spec.values():
-            host = spec.get("options", {}).get("host")
-            if host is not None:
-                used[host] = used.get(host, 0) + 1
-        return used
+        return entries.member_names(key, spec)
 
     def _unavailable_hosts(self) -> set[str]:
         return {n for n, s in self.pool.states.items() if not s.usable}
-
-    def _entry_for_host(self, host: HostSpec) -> dict[str, Any]:
-        """The spec of one entry on ``host`` (without its name)."""
-        options = worker_options(host)
-        if self.remote_security:
-            options["security"] = dict(self.remote_security, require_encryption=True)
-        options.update(self.worker_options)
-        cls = RemoteNanny if host.worker_class == "nanny" else RemoteWorker
-        if self.new_spec and self.new_spec.get("cls") not in (None, RemoteNanny) and isinstance(self.new_spec.get("cls"), type):
-            if issubclass(self.new_spec["cls"], RemoteProcess):
-                cls = self.new_spec["cls"]
-        if self.new_spec:
-            options.update(self.new_spec.get("options", {}))
-        spec: dict[str, Any] = {
-            "cls": cls,
-            "options": {
-                "host": host.name,
-                "cluster": self.cluster_id,
-                "options": options,
-                "env": dict(host.env),
-                "start_timeout": self.start_timeout,
-            },
-        }
-        suffixes = group_suffixes(host)
-        if suffixes:
-            spec["group"] = suffixes
-        return spec
 
     def _shape(self, spec: Mapping[str, Any]) -> EntryShape:
         opts = spec.get("options", {})
@@ -401,31 +331,29 @@ class SSHSpecCluster(SpecCluster):
         return EntryShape(host=host_name, workers=workers, threads=threads, memory=memory)
 
     def _next_entry(self) -> dict[str, Any] | None:
-        host_name = choose_host(
-            {n: h.slots for n, h in self.worker_hosts.items()},
-            self._slots_used(),
-            self._unavailable_hosts(),
-            self.placement_policy,
+        """The next entry ``{name: spec}`` on a host with a free slot; ``None`` when there is none."""
+        entry, self._i = entries.next_entry(
+            self.entry_settings,
+            self.worker_hosts,
+            self.worker_spec,
+            self._i,
+            unavailable=self._unavailable_hosts(),
+            policy=self.placement_policy,
+            new_spec=self.new_spec,
         )
-        if host_name is None:
-            return None
-        while str(self._i) in self.worker_spec:
-            self._i += 1
-        name = str(self._i)
-        self._i += 1
-        return {name: self._entry_for_host(self.worker_hosts[host_name])}
+        return entry
 
     def new_worker_spec(self) -> dict[str, Any]:
         """Name and spec of the next entry, on a host with a free slot.
 
         Raises
         ------
-        HostError
+        CapacityError
             When every slot of every usable host is taken.
         """
         entry = self._next_entry()
         if entry is None:
-            raise HostError("*", "no free slot on any usable host")
+            raise CapacityError("no free slot on any usable host of the inventory")
         return entry
 
     # -- scaling ---------------------------------------------------------
@@ -530,12 +458,9 @@ class SSHSpecCluster(SpecCluster):
         return shape.threads, shape.memory
 
     def _next_entry_preview(self) -> dict[str, Any] | None:
-        host_name = choose_host(
-            {n: h.slots for n, h in self.worker_hosts.items()}, {}, self._unavailable_hosts(), self.placement_policy
-        )
-        if host_name is None:
-            return None
-        return self._entry_for_host(self.worker_hosts[host_name])
+        """The spec the next entry would have on an empty cluster (no name), for adapt's arithmetic."""
+        host = entries.choose_entry_host(self.worker_hosts, {}, self._unavailable_hosts(), self.placement_policy)
+        return entries.worker_entry(self.entry_settings, host, self.new_spec) if host is not None else None
 
     def _threads_per_worker(self) -> int:
         return self._per_worker()[0]
@@ -640,7 +565,7 @@ class SSHSpecCluster(SpecCluster):
 
     def capacity_workers(self) -> int:
         """Dask workers the inventory can hold when every usable slot is used."""
-        return sum(h.slots * h.nworkers for n, h in self.worker_hosts.items() if n not in self._unavailable_hosts())
+        return entries.capacity_workers(self.worker_hosts.values(), self._unavailable_hosts())
 
     # -- reconciling -----------------------------------------------------
     async def _start(self) -> None:
@@ -938,21 +863,16 @@ class SSHSpecCluster(SpecCluster):
         """
         spec = self.worker_spec[key]
         old_host = spec["options"].get("host")
-        used = self._slots_used()
+        used = entries.slots_used(self.worker_spec)
         if old_host in used:
             used[old_host] -= 1
-        host_name = choose_host(
-            {n: h.slots for n, h in self.worker_hosts.items()},
-            used,
-            self._unavailable_hosts(),
-            self.placement_policy,
-        )
-        if host_name is None:
+        host = entries.choose_entry_host(self.worker_hosts, used, self._unavailable_hosts(), self.placement_policy)
+        if host is None:
             return
         # Same key, same place in the spec: only the host changes.
-        self.worker_spec[key] = self._entry_for_host(self.worker_hosts[host_name])
-        logger.info("entry %s moved from %s to %s", key, old_host, host_name)
-        self._log(f"entry {key} moved from {old_host} to {host_name}")
+        self.worker_spec[key] = entries.worker_entry(self.entry_settings, host, self.new_spec)
+        logger.info("entry %s moved from %s to %s", key, old_host, host.name)
+        self._log(f"entry {key} moved from {old_host} to {host.name}")
 
     async def _close(self) -> None:
         if self._heal_task is not None:
@@ -983,12 +903,13 @@ class SSHSpecCluster(SpecCluster):
         by_name = {str(w["name"]): (addr, w) for addr, w in info.items()}
         workers = []
         hosts: dict[str, Any] = {}
+        used = entries.slots_used(self.worker_spec)
         for name, host in self.worker_hosts.items():
             state = self.pool.states[name]
             hosts[name] = {
                 "address": host.address,
                 "slots": host.slots,
-                "slots_used": self._slots_used().get(name, 0),
+                "slots_used": used.get(name, 0),
                 **state.as_dict(),
             }
         for key, spec in self.worker_spec.items():
@@ -1048,16 +969,4 @@ def _bytes(value: str | int) -> int:
 
 async def _await(worker: Any) -> Any:
     return await worker
-
-
-def _remote_security_paths(files: Mapping[str, bytes]) -> dict[str, str]:
-    """Security keyword options for remote servers, as paths relative to the host's cluster dir.
-
-    The agent resolves them; see :func:`speccluster_ssh.security.make_security`.
-    """
-    if not files:
-        return {}
-    return {"tls_ca_file": "tls/ca.pem", "tls_scheduler_cert": "tls/node.pem", "tls_scheduler_key": "tls/node.key",
-            "tls_worker_cert": "tls/node.pem", "tls_worker_key": "tls/node.key",
-            "tls_client_cert": "tls/node.pem", "tls_client_key": "tls/node.key"}
 

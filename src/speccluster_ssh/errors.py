@@ -36,3 +36,7 @@ class HostError(SpecClusterError):
             return str(self)
         lines = self.tail.strip().splitlines()[-20:]
         return str(self) + "\n  remote log tail:\n" + "\n".join("    " + line for line in lines)
+
+
+class CapacityError(SpecClusterError):
+    """The inventory has no room for what was asked: every usable slot is taken."""
