@@ -34,9 +34,12 @@ from sshlab import Lab  # noqa: E402
 # HYPOTHESIS_PROFILE, else "ci" when CI=true, else "default".
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
-_hypothesis_settings.register_profile("default", print_blob=True)
-_hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-_hypothesis_settings.register_profile("nightly", max_examples=1000, print_blob=True)
+# Hypothesis itself loads its own "ci" profile when a CI variable is merely
+# present; every profile here starts from hypothesis's plain default instead.
+_plain = _hypothesis_settings.get_profile("default")
+_hypothesis_settings.register_profile("default", _plain, derandomize=False, print_blob=True)
+_hypothesis_settings.register_profile("ci", _plain, derandomize=True, database=None, print_blob=True)
+_hypothesis_settings.register_profile("nightly", _plain, derandomize=False, max_examples=1000, print_blob=True)
 _hypothesis_settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE")
     or ("ci" if os.environ.get("CI", "").lower() == "true" else "default")
