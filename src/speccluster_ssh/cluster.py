@@ -10,7 +10,6 @@ hosts that were lost, and retries lost hosts with backoff.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ from .inventory import Inventory, load_inventory
 from .placement import EntryShape, Target, entries_to_remove
 from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
 from .security import remote_security_paths
+from .tasks import TaskSet, log_failures
 
 # The process classes spec entries name, for :class:`~speccluster_ssh.entries.EntrySettings`.
 PROCESS_CLASSES: Mapping[str, type] = {"nanny": RemoteNanny, "worker": RemoteWorker, "scheduler": RemoteScheduler}
@@ -157,6 +157,8 @@ class SSHSpecCluster(SpecCluster):
         if self.placement_policy not in ("spread", "pack"):
             raise UserError(f"placement must be 'spread' or 'pack', got {self.placement_policy!r}")
         self.cluster_id = f"{name or 'speccluster'}-{secrets.token_hex(4)}"
+        # Every background task of the cluster; awaited by _close.
+        self._tasks = TaskSet(f"cluster {self.cluster_id}", logger)
         self.heal = heal
         self.start_timeout = float(start_timeout or sc_config.get("start-timeout"))
         self.silence = float(silence or sc_config.get("silence"))
@@ -383,7 +385,8 @@ class SSHSpecCluster(SpecCluster):
                 self._grow(target, shapes)
         else:
             self._shrink(target, shapes)
-        self.loop.add_callback(self._correct_state_in_background)
+        # scale() may be called from another thread: the task starts in the loop.
+        self.loop.add_callback(self._reconcile_in_background, "reconcile after scale")
         if self.asynchronous:
             from distributed.utils import NoOpAwaitable
 
@@ -414,9 +417,11 @@ class SSHSpecCluster(SpecCluster):
 
     def _shrink(self, target: Target, shapes: dict[Any, EntryShape]) -> None:
         keys = list(shapes)
-        registered = set()
-        with contextlib.suppress(Exception):
-            registered = {str(w["name"]) for w in self.scheduler_info.get("workers", {}).values()}
+        registered: set[str] = set()
+        try:
+            registered = {str(w["name"]) for w in (self.scheduler_info or {}).get("workers", {}).values()}
+        except Exception as exc:  # then every entry counts as not yet arrived
+            logger.warning("could not read the registered workers to choose entries to remove: %s", exc)
 
         def arrived(key: Any) -> bool:
             return any(m in registered for m in self._member_names(key, self.worker_spec[key]))
@@ -598,9 +603,12 @@ class SSHSpecCluster(SpecCluster):
                 ]
                 if self.scheduler.status == Status.running and names:
                     # Retire by name so the scheduler moves their data first.
-                    with contextlib.suppress(Exception):
+                    try:
                         await self.scheduler_comm.retire_workers(names=names, remove=True, close_workers=False)
-                await asyncio.gather(*(self.workers[k].close() for k in to_close), return_exceptions=True)
+                    except Exception as exc:  # they are closed below all the same, data or not
+                        logger.warning("could not retire workers %s before closing them: %s", ", ".join(names), exc)
+                results = await asyncio.gather(*(self.workers[k].close() for k in to_close), return_exceptions=True)
+                log_failures(results, [f"entry {k}" for k in to_close], logger, "closing removed entries")
                 for key in to_close:
                     self._keep_logs(key, self.workers.pop(key, None))
             # Entries of hosts that are down or put aside wait for the host (or
@@ -626,7 +634,11 @@ class SSHSpecCluster(SpecCluster):
                 self._created.add(worker)
                 created.append((key, worker))
             if created:
-                tasks = [asyncio.ensure_future(_await(w)) for _, w in created]
+                tasks = [
+                    # Read below; kept in the task set so a cancelled reconcile leaves none running.
+                    self._tasks.start(_await(w), name=f"start entry {key}", log_failure=False)
+                    for key, w in created
+                ]
                 await asyncio.wait(tasks)
                 for (key, worker), task in zip(created, tasks):
                     self.workers[key] = worker
@@ -640,7 +652,7 @@ class SSHSpecCluster(SpecCluster):
         # Heal only once the first reconcile succeeded: a constructor that
         # fails must raise its own error, not race the healer for it.
         if self.heal and self._heal_task is None and self.status == Status.running:
-            self._heal_task = asyncio.ensure_future(self._heal_loop())
+            self._heal_task = self._tasks.start(self._heal_loop(), name="heal loop")
 
     def _correct_state(self) -> Any:
         # SpecCluster hands out one shared reconcile task until it runs; a task
@@ -649,6 +661,11 @@ class SSHSpecCluster(SpecCluster):
         if waiting is not None and waiting.done():
             self._correct_state_waiting = None
         return super()._correct_state()
+
+    def _reconcile_in_background(self, why: str) -> None:
+        """Start a reconcile as a task of the cluster (called in the event loop)."""
+        if self.status not in (Status.closing, Status.closed):
+            self._tasks.start(self._correct_state_in_background(), name=why)
 
     async def _correct_state_in_background(self) -> None:
         """Reconcile after ``scale``; a failure is logged here and handled by the healer."""
@@ -706,7 +723,7 @@ class SSHSpecCluster(SpecCluster):
         back = {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
         if member in back:
             return
-        self._futures.add(asyncio.ensure_future(self._drop_entry_process(key, proc, member)))
+        self._tasks.start(self._drop_entry_process(key, proc, member), name=f"drop entry {key}")
 
     async def _drop_entry_process(self, key: Any, proc: Any, member: str) -> None:
         # Under the lock, and closed before it leaves ``workers``: the entry's
@@ -716,8 +733,10 @@ class SSHSpecCluster(SpecCluster):
             if self.workers.get(key) is not proc:
                 return
             logger.info("worker %s of entry %s is gone; the entry will be started again", member, key)
-            with contextlib.suppress(Exception):
+            try:
                 await proc.close()
+            except Exception as exc:  # its host may be gone; the agent kills what it leaves
+                logger.warning("closing entry %s failed: %s: %s", key, type(exc).__name__, exc)
             self.workers.pop(key, None)
             self._keep_logs(key, proc)
 
@@ -753,7 +772,7 @@ class SSHSpecCluster(SpecCluster):
                 and name not in self._retry_tasks
             ):
                 state.schedule_retry(now)
-                self._retry_tasks[name] = asyncio.ensure_future(self._retry_host(name))
+                self._retry_tasks[name] = self._tasks.start(self._retry_host(name), name=f"retry host {name}")
 
         def dead() -> list[Any]:
             return [
@@ -875,18 +894,24 @@ class SSHSpecCluster(SpecCluster):
         self._log(f"entry {key} moved from {old_host} to {host.name}")
 
     async def _close(self) -> None:
-        if self._heal_task is not None:
-            self._heal_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._heal_task
-            self._heal_task = None
-        for task in list(self._retry_tasks.values()):
+        # The healer and retries first, so nothing starts while we close. Not
+        # the whole task set: a reconcile that close() itself awaits may be
+        # waiting for entry starts in it.
+        stopping = [t for t in (self._heal_task, *self._retry_tasks.values()) if t is not None and not t.done()]
+        for task in stopping:
             task.cancel()
+        if stopping:
+            await asyncio.wait(stopping)  # their outcome is logged by the task set
+        self._heal_task = None
         self._retry_tasks.clear()
         try:
             await super()._close()
         finally:
-            await self.pool.close()
+            try:
+                await self.pool.close()
+            finally:
+                # Tasks started while closing (drops of lost workers, say).
+                await self._tasks.close()
 
     # -- inspection ------------------------------------------------------
     @property

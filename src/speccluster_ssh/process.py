@@ -10,7 +10,6 @@ remote process without waiting for a heartbeat timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import weakref
@@ -25,6 +24,7 @@ from .connection import ConnectSettings, HostConnection
 from .errors import HostError
 from .health import HostState
 from .inventory import HostSpec
+from .tasks import TaskSet, log_failures
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class AgentPool:
         self.files: dict[str, bytes] = {}  # relative path -> content, written to every host
         self.head_scheduler: tuple[str, int] | None = None  # (protocol, port) of a head scheduler
         self.closed = False
+        # Agent starts and connection closes; awaited by close().
+        self.tasks = TaskSet(f"agents of {cluster_id}", logger)
         AgentPool._registry[cluster_id] = self
 
     @classmethod
@@ -109,7 +111,8 @@ class AgentPool:
             return agent
         task = self._starting.get(name)
         if task is None or (task.done() and name not in self._unclaimed):
-            task = asyncio.ensure_future(self._start_agent(name))
+            # Its outcome is read (and reported) by every caller, below.
+            task = self.tasks.start(self._start_agent(name), name=f"start the agent on {name}", log_failure=False)
             self._starting[name] = task
         self._unclaimed.discard(name)
         state = self.states[name]
@@ -130,8 +133,8 @@ class AgentPool:
         """
         for name in names:
             if name in self.hosts and name not in self.agents and name not in self._starting:
-                task = asyncio.ensure_future(self._start_agent(name))
-                task.add_done_callback(_retrieve)
+                # The first caller of agent() claims the outcome; close() reports an unclaimed failure.
+                task = self.tasks.start(self._start_agent(name), name=f"start the agent on {name}", log_failure=False)
                 self._starting[name] = task
                 self._unclaimed.add(name)
 
@@ -164,7 +167,7 @@ class AgentPool:
         # The connection may be dead too; the next attempt reconnects.
         conn = self.connections.pop(name, None)
         if conn is not None:
-            asyncio.ensure_future(conn.close())
+            self.tasks.start(conn.close(), name=f"close the lost connection to {name}")
         for callback in self._lost_callbacks:
             try:
                 callback(name, reason)
@@ -198,17 +201,26 @@ class AgentPool:
         """Stop every agent (and so every process) and close the connections."""
         self.closed = True
         # Starts still in flight, or prestarted and never claimed, own agents too.
-        starting = list(self._starting.values())
-        await asyncio.gather(*starting, return_exceptions=True)
+        starting = dict(self._starting)
+        results = await asyncio.gather(*starting.values(), return_exceptions=True)
+        # A claimed failure was reported to whoever claimed it; an unclaimed one only here.
+        unclaimed = [(n, r) for n, r in zip(starting, results) if n in self._unclaimed]
+        log_failures([r for _, r in unclaimed], [n for n, _ in unclaimed], logger, "starting agents")
         agents = {id(a): a for a in self.agents.values()}
-        for task in starting:
-            if not task.cancelled() and task.exception() is None:
-                agents.setdefault(id(task.result()), task.result())
-        await asyncio.gather(*(a.close() for a in agents.values()), return_exceptions=True)
+        for result in results:
+            if isinstance(result, HostAgent):
+                agents.setdefault(id(result), result)
+        closing = list(agents.values())
+        results = await asyncio.gather(*(a.close() for a in closing), return_exceptions=True)
+        log_failures(results, [a.host.name for a in closing], logger, "stopping agents")
         self.agents.clear()
         self._starting.clear()
-        await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
+        self._unclaimed.clear()
+        names = list(self.connections)
+        results = await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
+        log_failures(results, names, logger, "closing connections")
         self.connections.clear()
+        await self.tasks.close()
 
 
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit|Timeout)\b:? ?.*$")
@@ -231,12 +243,6 @@ def start_failure_cause(message: Mapping[str, Any]) -> str:
     if logged and logged not in error:
         error = f"{error}; its log says: {logged}"
     return error
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    # The outcome is claimed by the next AgentPool.agent() caller.
-    if not task.cancelled():
-        task.exception()
 
 
 class RemoteProcess(ProcessInterface):
@@ -408,6 +414,13 @@ class RemoteProcess(ProcessInterface):
             for member, future in ready.items():
                 self.members[member] = future.result()
         except BaseException:
+            for future in ready.values():
+                # Read every outcome, or asyncio reports the other members'
+                # failures as "Future exception was never retrieved".
+                if future.done() and not future.cancelled():
+                    future.exception()
+                else:
+                    future.cancel()
             await self._stop_members()
             self.status = Status.failed
             self._event_finished.set()
@@ -427,10 +440,11 @@ class RemoteProcess(ProcessInterface):
         agent = self._agent
         if agent is None or not agent.alive:
             return
-        await asyncio.gather(
+        results = await asyncio.gather(
             *(agent.request("stop", name=m, grace=self.stop_grace, timeout=self.stop_grace + 10) for m in self.member_names),
             return_exceptions=True,
         )
+        log_failures(results, self.member_names, logger, f"stopping {self.role} processes on {self.host}")
 
     async def close(self) -> None:
         """Stop the entry's processes: SIGTERM, then SIGKILL after ``stop_grace``."""
@@ -448,9 +462,12 @@ class RemoteProcess(ProcessInterface):
             return {m: info.get("tail", "") for m, info in self.exit_info.items()}
         out: dict[str, str] = {}
         for member in self.member_names:
-            with contextlib.suppress(HostError):
+            try:
                 reply = await self._agent.request("tail", name=member, bytes=nbytes)
-                out[member] = str(reply.get("data", ""))
+            except HostError as exc:
+                logger.info("no log tail of %s on %s: %s", member, self.host, exc)
+                continue
+            out[member] = str(reply.get("data", ""))
         return out
 
     def __repr__(self) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 from ..connection import Channel, HostConnection
 from ..errors import HostError
 from ..inventory import HostSpec
+from ..tasks import TaskSet
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class HostAgent:
         self._handlers: dict[str, list[EventHandler]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
+        self._tasks = TaskSet(f"agent on {self.host.name}", logger)
         self._last_heard = time.monotonic()
         self.lost_reason: str | None = None
         self._lost = asyncio.Event()
@@ -146,8 +148,8 @@ class HostAgent:
             raise HostError(self.host.name, _start_failure(self.host, channel.stderr_tail()), channel.stderr_tail())
         self.facts = hello
         self._last_heard = time.monotonic()
-        self._reader = asyncio.ensure_future(self._read_loop())
-        self._pinger = asyncio.ensure_future(self._ping_loop())
+        self._reader = self._tasks.start(self._read_loop(), name=f"read from the agent on {self.host.name}")
+        self._pinger = self._tasks.start(self._ping_loop(), name=f"ping the agent on {self.host.name}")
         return hello
 
     def on(self, event: str, handler: EventHandler) -> Callable[[], None]:
@@ -215,11 +217,14 @@ class HostAgent:
                         handler(message)
                     except Exception:  # one broken handler must not stop the others
                         logger.exception("handler for %s on %s failed", message.get("event"), self.host.name)
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
-            reason = f"reading from the agent failed: {exc}"
         except asyncio.CancelledError:
             reason = "closed"
             raise
+        except Exception as exc:
+            # Any failure of the channel (asyncssh's ConnectionLost is no
+            # OSError) means the agent is lost; that is reported through
+            # on_lost, so the task itself ends without an exception.
+            reason = f"reading from the agent failed: {type(exc).__name__}: {exc}"
         finally:
             self._mark_lost(reason)
 
@@ -232,8 +237,8 @@ class HostAgent:
                 return
             try:
                 self._channel.write(b'{"op": "ping"}\n')
-            except (OSError, ConnectionError, RuntimeError) as exc:
-                self._mark_lost(f"cannot write to the agent: {exc}")
+            except Exception as exc:  # a dead channel fails in many ways; all mean lost
+                self._mark_lost(f"cannot write to the agent: {type(exc).__name__}: {exc}")
                 return
 
     def _mark_lost(self, reason: str) -> None:
@@ -253,12 +258,20 @@ class HostAgent:
     async def close(self, *, remove_files: bool = True, timeout: float = 15.0) -> None:
         """Stop every process of this cluster on the host, then the agent itself."""
         if self.alive:
-            with contextlib.suppress(HostError):
+            try:
                 await self.request("shutdown", remove=remove_files, timeout=timeout)
+            except HostError as exc:
+                # Closing the channel below stops the agent anyway (it exits when stdin closes).
+                logger.info("host %s: the agent did not confirm its shutdown: %s", self.host.name, exc)
         self._mark_lost("closed")
-        for task in (self._pinger, self._reader):
-            if task is not None:
-                task.cancel()
+        current = asyncio.current_task()
+        if current is not None and current in (self._pinger, self._reader):
+            # Called from one of our own loops: it cannot wait for itself.
+            for task in (self._pinger, self._reader):
+                if task is not None and task is not current:
+                    task.cancel()
+        else:
+            await self._tasks.close(timeout=timeout)
         if self._channel is not None:
             await self._channel.close()
 
