@@ -3,8 +3,9 @@
 The scheduler runs on the head (in this process) unless the inventory has a
 ``scheduler`` group, in which case a host agent runs it there. Workers are
 placed on worker hosts slot by slot (see :mod:`speccluster_ssh.placement`).
-A healing loop relaunches entries whose processes died, re-places entries of
-hosts that were lost, and retries lost hosts with backoff.
+The healer (:mod:`speccluster_ssh.healer`) relaunches entries whose
+processes died, re-places entries of hosts that were lost, and retries lost
+hosts with backoff; it wakes on those events only.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .connection import ConnectSettings
 from . import entries
 from .entries import EntrySettings
 from .errors import CapacityError, HostError, UserError
-from .health import FailureLedger, Health
+from .healer import Healer
 from .inventory import Inventory, load_inventory
 from .placement import EntryShape, Target, entries_to_remove
 from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
@@ -166,12 +167,6 @@ class SSHSpecCluster(SpecCluster):
         self.capacity_note = ""
         self.dead_logs: dict[str, str] = {}
         self.dead_hosts: dict[str, str] = {}  # member -> host, for logs by host
-        # Decides whether a failed start is the host's fault or the entry's.
-        self._failures = FailureLedger()
-        self._start_errors: dict[str, str] = {}
-        self._heal_task: asyncio.Task[None] | None = None
-        self._retry_tasks: dict[str, asyncio.Task[None]] = {}
-        self.last_heal_error = ""
         self._scheduler_address = scheduler_address
         worker_hosts = {h.name: h for h in inventory.worker_hosts}
         self.worker_hosts = worker_hosts
@@ -193,7 +188,8 @@ class SSHSpecCluster(SpecCluster):
             silence=self.silence,
             agent_timeout=self.start_timeout,
         )
-        self.pool.on_host_lost(self._host_lost)
+        # Owns host health decisions and start-failure accounting; runs only with heal=True.
+        self.healer = Healer(self, self.pool, self._tasks)
         if security is None:
             security = sc_config.get("tls")
         self.security_files: dict[str, bytes] = {}
@@ -307,7 +303,12 @@ class SSHSpecCluster(SpecCluster):
         return entries.member_names(key, spec)
 
     def _unavailable_hosts(self) -> set[str]:
-        return {n for n, s in self.pool.states.items() if not s.usable}
+        return self.healer.unavailable_hosts()
+
+    @property
+    def last_heal_error(self) -> str:
+        """Why the last healing pass failed, if one did."""
+        return self.healer.last_error
 
     def _shape(self, spec: Mapping[str, Any]) -> EntryShape:
         opts = spec.get("options", {})
@@ -619,7 +620,7 @@ class SSHSpecCluster(SpecCluster):
                 k for k in self.worker_spec
                 if k not in self.workers
                 and self.worker_spec[k].get("options", {}).get("host") not in unavailable
-                and not self._failures.waiting(str(k))
+                and not self.healer.waiting(k)
             ]
             created = []
             for key in to_open:
@@ -631,6 +632,8 @@ class SSHSpecCluster(SpecCluster):
                     opts["group"] = spec["group"]
                 address = getattr(self.scheduler, "contact_address", None) or self.scheduler.address
                 worker = cls(address, **opts)
+                if isinstance(worker, RemoteProcess):
+                    self.healer.watch(worker)
                 self._created.add(worker)
                 created.append((key, worker))
             if created:
@@ -645,14 +648,14 @@ class SSHSpecCluster(SpecCluster):
                     worker._cluster = weakref.ref(self)
                     host = getattr(worker, "host", None)
                     if not task.cancelled() and task.exception() is not None:
-                        self._start_errors[str(key)] = str(task.exception())
+                        self.healer.entry_start_failed(key, str(task.exception()))
                     elif host is not None:
-                        self._failures.start_succeeded(str(key), host)
+                        self.healer.entry_started(key, host)
                 await asyncio.gather(*tasks)
         # Heal only once the first reconcile succeeded: a constructor that
         # fails must raise its own error, not race the healer for it.
-        if self.heal and self._heal_task is None and self.status == Status.running:
-            self._heal_task = self._tasks.start(self._heal_loop(), name="heal loop")
+        if self.heal and self.status == Status.running:
+            self.healer.start()
 
     def _correct_state(self) -> Any:
         # SpecCluster hands out one shared reconcile task until it runs; a task
@@ -665,7 +668,12 @@ class SSHSpecCluster(SpecCluster):
     def _reconcile_in_background(self, why: str) -> None:
         """Start a reconcile as a task of the cluster (called in the event loop)."""
         if self.status not in (Status.closing, Status.closed):
-            self._tasks.start(self._correct_state_in_background(), name=why)
+            self._tasks.start(self._reconcile_then_wake_healer(), name=why)
+
+    async def _reconcile_then_wake_healer(self) -> None:
+        await self._correct_state_in_background()
+        # Entries the reconcile could not start (their host is down) are the healer's to move.
+        self.healer.wake("the spec changed")
 
     async def _correct_state_in_background(self) -> None:
         """Reconcile after ``scale``; a failure is logged here and handled by the healer."""
@@ -739,80 +747,13 @@ class SSHSpecCluster(SpecCluster):
                 logger.warning("closing entry %s failed: %s: %s", key, type(exc).__name__, exc)
             self.workers.pop(key, None)
             self._keep_logs(key, proc)
+        self.healer.wake(f"entry {key} dropped")
 
     def _keep_logs(self, key: Any, worker: Any) -> None:
         if isinstance(worker, RemoteProcess):
             for member, info in worker.exit_info.items():
                 self.dead_logs[member] = str(info.get("tail", ""))
                 self.dead_hosts[member] = worker.host
-
-    def _host_lost(self, host: str, reason: str) -> None:
-        logger.warning("host %s lost: %s", host, reason)
-        self._log(f"host {host} lost: {reason}")
-
-    async def _heal_loop(self) -> None:
-        interval = float(sc_config.get("heal-interval"))
-        while self.status not in (Status.closing, Status.closed):
-            try:
-                await self._heal_once()
-            except Exception as exc:  # keep healing; the reason shows in status
-                logger.warning("healing failed: %s", exc)
-                self.last_heal_error = str(exc)
-            await asyncio.sleep(interval)
-
-    async def _heal_once(self) -> None:
-        now = time.monotonic()
-        # Retry lost hosts with backoff, each in a task of its own: a host that
-        # does not answer must not hold up relaunching entries elsewhere.
-        for name, state in self.pool.states.items():
-            if (
-                state.state == Health.DOWN
-                and now >= state.retry_at
-                and name in self._hosts_wanted()
-                and name not in self._retry_tasks
-            ):
-                state.schedule_retry(now)
-                self._retry_tasks[name] = self._tasks.start(self._retry_host(name), name=f"retry host {name}")
-
-        def dead() -> list[Any]:
-            return [
-                k for k, w in self.workers.items()
-                if isinstance(w, RemoteProcess) and w.status in (Status.failed, Status.closed) and k in self.worker_spec
-            ]
-
-        if dead():
-            # Under the lock: a reconcile must not see these half-removed.
-            async with self._lock:
-                for key in dead():
-                    worker = self.workers[key]
-                    await worker.close()
-                    self.workers.pop(key, None)
-                    self._keep_logs(key, worker)
-                    # Before any replacement starts: a name the scheduler still
-                    # holds (a cut host cannot say its worker died) would
-                    # refuse the replacement.
-                    await self._remove_members_from_scheduler(worker.member_names, f"dead-{key}")
-                    self._count_start_failure(key, worker)
-                    if key in self.worker_spec and worker.host in self._unavailable_hosts():
-                        self._replace(key)
-        # Entries on hosts that went down before they were created.
-        for key, spec in list(self.worker_spec.items()):
-            if spec["options"].get("host") in self._unavailable_hosts() and key not in self.workers:
-                self._replace(key)
-        if self.status == Status.running and any(k not in self.workers for k in self.worker_spec):
-            await self._correct_state_in_background()
-
-    async def _retry_host(self, name: str) -> None:
-        try:
-            await self.pool.agent(name)
-        except HostError:
-            return  # still down; the next attempt waits longer
-        except Exception as exc:
-            logger.warning("retrying host %s failed: %s", name, exc)
-            return
-        finally:
-            self._retry_tasks.pop(name, None)
-        self._log(f"host {name} answers again")
 
     async def _remove_members_from_scheduler(self, members: Sequence[str], why: str) -> None:
         """Make the scheduler drop every worker registered under one of ``members``.
@@ -842,68 +783,11 @@ class SSHSpecCluster(SpecCluster):
             else:
                 logger.info("removed worker %s (%s) of a gone entry from the scheduler", info.get("name"), address)
 
-    def _count_start_failure(self, key: Any, worker: RemoteProcess) -> None:
-        """Account a failed start, to the host or to the entry (see :mod:`speccluster_ssh.health`).
-
-        A worker that ran and then died, or a host that was lost, is not a
-        failure to start: the first is relaunched, the second retried.
-        """
-        error = self._start_errors.pop(str(key), "")
-        host = worker.host
-        state = self.pool.states.get(host)
-        if worker.members or state is None or not state.usable:
-            return
-        cause = error or f"entry {key} failed to start"
-        state.record_failure(cause)
-        healthy = sum(1 for s in self.pool.states.values() if s.state == Health.UP and s.name in self.worker_hosts)
-        verdict = self._failures.start_failed(str(key), host, cause, healthy)
-        logger.warning("%s", verdict.message)
-        for name in verdict.restore_hosts:
-            restored = self.pool.states.get(name)
-            if restored is not None and restored.state == Health.ASIDE:
-                restored.restore()
-                self._log(f"host {name} taken back: entry {key} fails by itself")
-        if verdict.entry_retry_in:
-            self._log(f"{verdict.message}; entry {key} retried in {verdict.entry_retry_in:g} s")
-        if verdict.put_host_aside:
-            state.put_aside(verdict.message)
-            logger.warning("host %s put aside: %s", host, state.reason)
-            self._log(f"host {host} put aside: {state.reason}")
-
-    def _hosts_wanted(self) -> set[str]:
-        wanted = {spec["options"].get("host") for spec in self.worker_spec.values()}
-        return wanted | set(self.worker_hosts)
-
-    def _replace(self, key: Any) -> None:
-        """Move entry ``key`` to another host with a free slot, or leave it where it is.
-
-        An entry that finds no free slot stays wanted on its own host and
-        starts again when that host answers.
-        """
-        spec = self.worker_spec[key]
-        old_host = spec["options"].get("host")
-        used = entries.slots_used(self.worker_spec)
-        if old_host in used:
-            used[old_host] -= 1
-        host = entries.choose_entry_host(self.worker_hosts, used, self._unavailable_hosts(), self.placement_policy)
-        if host is None:
-            return
-        # Same key, same place in the spec: only the host changes.
-        self.worker_spec[key] = entries.worker_entry(self.entry_settings, host, self.new_spec)
-        logger.info("entry %s moved from %s to %s", key, old_host, host.name)
-        self._log(f"entry {key} moved from {old_host} to {host.name}")
-
     async def _close(self) -> None:
         # The healer and retries first, so nothing starts while we close. Not
         # the whole task set: a reconcile that close() itself awaits may be
         # waiting for entry starts in it.
-        stopping = [t for t in (self._heal_task, *self._retry_tasks.values()) if t is not None and not t.done()]
-        for task in stopping:
-            task.cancel()
-        if stopping:
-            await asyncio.wait(stopping)  # their outcome is logged by the task set
-        self._heal_task = None
-        self._retry_tasks.clear()
+        await self.healer.stop()
         try:
             await super()._close()
         finally:
@@ -951,7 +835,7 @@ class SSHSpecCluster(SpecCluster):
                         "status": "running" if addr else (proc.status.name if proc else self._pending_status(key)),
                         "threads": winfo.get("nthreads"),
                         "memory_limit": winfo.get("memory_limit"),
-                        "problem": self._failures.problem(str(key)),
+                        "problem": self.healer.problem(key),
                     }
                 )
         return {
@@ -965,7 +849,7 @@ class SSHSpecCluster(SpecCluster):
         }
 
     def _pending_status(self, key: Any) -> str:
-        return "backing off" if self._failures.waiting(str(key)) else "pending"
+        return "backing off" if self.healer.waiting(key) else "pending"
 
     async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool | Sequence[str] = True) -> Any:
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=False)

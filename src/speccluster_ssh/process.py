@@ -300,6 +300,20 @@ class RemoteProcess(ProcessInterface):
         self._agent: HostAgent | None = None
         self._unsubscribe: list[Callable[[], None]] = []
         self._closing = False
+        self._failed_callbacks: list[Callable[[RemoteProcess], None]] = []
+
+    def on_failed(self, callback: Callable[[RemoteProcess], None]) -> None:
+        """Call ``callback(self)`` when the entry fails: a process exited, the host was lost, or the start failed."""
+        self._failed_callbacks.append(callback)
+
+    def _set_failed(self) -> None:
+        self.status = Status.failed
+        self._event_finished.set()
+        for callback in list(self._failed_callbacks):
+            try:
+                callback(self)
+            except Exception:  # one broken watcher must not keep the others from hearing it
+                logger.exception("failure callback of %s %s failed", self.role, self.name)
 
     @property
     def member_names(self) -> list[str]:
@@ -391,8 +405,7 @@ class RemoteProcess(ProcessInterface):
             self.exit_info[member] = message
             if not self._closing and self.status == Status.running:
                 logger.warning("%s %s on %s exited with code %s", self.role, member, self.host, message.get("code"))
-                self.status = Status.failed
-                self._event_finished.set()
+                self._set_failed()
 
         self._unsubscribe = [agent.on("ready", on_ready), agent.on("failed", on_failed), agent.on("exited", on_exited)]
         agent.on_lost(self._on_agent_lost)
@@ -422,8 +435,7 @@ class RemoteProcess(ProcessInterface):
                 else:
                     future.cancel()
             await self._stop_members()
-            self.status = Status.failed
-            self._event_finished.set()
+            self._set_failed()
             raise
         first = self.members[self.member_names[0]]
         self.address = first.get("address")
@@ -433,8 +445,7 @@ class RemoteProcess(ProcessInterface):
     def _on_agent_lost(self, reason: str) -> None:
         if not self._closing and self.status == Status.running:
             logger.warning("%s %s on %s lost: %s", self.role, self.name, self.host, reason)
-            self.status = Status.failed
-            self._event_finished.set()
+            self._set_failed()
 
     async def _stop_members(self) -> None:
         agent = self._agent

@@ -1,0 +1,282 @@
+"""The healer: keeps a cluster's spec entries running, woken only by events.
+
+Shaped like :class:`distributed.deploy.Adaptive`: an object attached to a
+cluster, started and stopped with it, that looks at the cluster and acts
+through it. Unlike ``Adaptive`` it does not tick. It sleeps until one of:
+
+- a process of an entry exits, fails to start, or loses its host
+  (:meth:`~speccluster_ssh.process.RemoteProcess.on_failed`);
+- a host's agent is lost (:meth:`~speccluster_ssh.process.AgentPool.on_host_lost`);
+- the spec changed, or an entry left ``workers`` while still in the spec
+  (the cluster calls :meth:`Healer.wake`);
+- the next retry time: of a host that is down (``HostState.retry_at``) or of
+  an entry backing off (``FailureLedger.retry_at``).
+
+On each wake it makes one pass (:meth:`Healer.heal_once`): it retries hosts
+that are due, removes dead entries' processes (and their names from the
+scheduler), charges failed starts to the host or the entry
+(:mod:`speccluster_ssh.health`), moves entries off hosts that are down or
+put aside, and reconciles.
+
+The healer owns host health decisions (``put_aside``, ``restore``, retries)
+and the :class:`~speccluster_ssh.health.FailureLedger`; the cluster asks it
+(:meth:`Healer.unavailable_hosts`, :meth:`Healer.waiting`,
+:meth:`Healer.problem`) and reports start outcomes to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from distributed.core import Status
+
+from . import entries
+from .errors import HostError
+from .health import FailureLedger, Health
+from .process import AgentPool, RemoteProcess
+from .tasks import TaskSet
+
+if TYPE_CHECKING:
+    from .cluster import SSHSpecCluster
+
+logger = logging.getLogger(__name__)
+
+# After a pass that failed unexpectedly, the next one comes this much later
+# (a deadline like a retry time, not a poll: nothing else may wake us).
+PASS_RETRY_DELAY = 1.0
+
+
+class Healer:
+    """Relaunches dead entries, moves entries off lost hosts and retries those hosts.
+
+    Parameters
+    ----------
+    cluster
+        The cluster to heal.
+    pool
+        The cluster's agents and host states.
+    tasks
+        Where the healer's own tasks (its loop, host retries) run.
+    """
+
+    def __init__(self, cluster: SSHSpecCluster, pool: AgentPool, tasks: TaskSet) -> None:
+        self.cluster = cluster
+        self.pool = pool
+        self.failures = FailureLedger()
+        self.last_error = ""
+        self._tasks = tasks
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._retry_tasks: dict[str, asyncio.Task[None]] = {}
+        self._start_errors: dict[str, str] = {}
+        self._pass_retry_at = 0.0
+        self.passes = 0  # for tests and the benchmark: passes made so far
+        pool.on_host_lost(self._host_lost)
+
+    # -- questions the cluster asks ---------------------------------------------------------------
+    def unavailable_hosts(self) -> set[str]:
+        """Hosts that are down or put aside: no entry is placed or started there."""
+        return {n for n, s in self.pool.states.items() if not s.usable}
+
+    def waiting(self, key: Any) -> bool:
+        """Whether entry ``key`` is backing off after failing by itself."""
+        return self.failures.waiting(str(key))
+
+    def problem(self, key: Any) -> str:
+        """Entry ``key``'s own problem, when it was found to have one."""
+        return self.failures.problem(str(key))
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    # -- events -----------------------------------------------------------------------------------
+    def wake(self, why: str = "") -> None:
+        """Make one healing pass soon (a no-op when the healer is not running)."""
+        if why:
+            logger.debug("healer woken: %s", why)
+        self._wake.set()
+
+    def watch(self, process: RemoteProcess) -> None:
+        """Wake when ``process`` fails: it exited, failed to start or lost its host."""
+        process.on_failed(lambda proc: self.wake(f"{proc.role} {proc.name} on {proc.host} failed"))
+
+    def entry_started(self, key: Any, host: str) -> None:
+        """Entry ``key`` started on ``host``: its problem and the host's failure streak end."""
+        self.failures.start_succeeded(str(key), host)
+
+    def entry_start_failed(self, key: Any, error: str) -> None:
+        """Entry ``key`` failed to start with ``error``; charged on the next pass."""
+        self._start_errors[str(key)] = error
+        self.wake(f"entry {key} failed to start")
+
+    def _host_lost(self, host: str, reason: str) -> None:
+        logger.warning("host %s lost: %s", host, reason)
+        self.cluster._log(f"host {host} lost: {reason}")
+        self.wake(f"host {host} lost")
+
+    # -- running ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start healing (once); the first pass runs at once."""
+        if self._loop_task is None:
+            self._wake.set()
+            self._loop_task = self._tasks.start(self._run(), name="healer")
+
+    async def stop(self) -> None:
+        """Stop healing and the host retries in flight, and wait until they ended."""
+        stopping = [t for t in (self._loop_task, *self._retry_tasks.values()) if t is not None and not t.done()]
+        for task in stopping:
+            task.cancel()
+        if stopping:
+            await asyncio.wait(stopping)  # their outcome is logged by the task set
+        self._retry_tasks.clear()
+
+    def next_deadline(self) -> float:
+        """The monotonic time of the next retry that is due without any event, or ``inf``."""
+        now = time.monotonic()
+        deadline = self._pass_retry_at or math.inf
+        wanted = self._hosts_wanted()
+        for name, state in self.pool.states.items():
+            if state.state == Health.DOWN and name in wanted and name not in self._retry_tasks:
+                deadline = min(deadline, state.retry_at)
+        cluster = self.cluster
+        for key in cluster.worker_spec:
+            if key not in cluster.workers:
+                at = self.failures.retry_at(str(key))
+                if at > now:  # one in the past was handled by the pass after it
+                    deadline = min(deadline, at)
+        return deadline
+
+    async def _run(self) -> None:
+        cluster = self.cluster
+        while cluster.status not in (Status.closing, Status.closed):
+            timeout = self.next_deadline() - time.monotonic()
+            if not self._wake.is_set() and timeout > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), None if math.isinf(timeout) else timeout)
+                except (asyncio.TimeoutError, TimeoutError):
+                    pass  # a retry time came
+            self._wake.clear()
+            if cluster.status in (Status.closing, Status.closed):
+                return
+            self._pass_retry_at = 0.0
+            try:
+                await self.heal_once()
+            except Exception as exc:  # keep healing; the reason shows in the log and last_error
+                logger.warning("healing failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+                self.last_error = str(exc)
+                self._pass_retry_at = time.monotonic() + PASS_RETRY_DELAY
+
+    async def heal_once(self) -> None:
+        """One pass: retry due hosts, clear dead entries, move stranded ones, reconcile."""
+        self.passes += 1
+        cluster = self.cluster
+        now = time.monotonic()
+        # Retry lost hosts with backoff, each in a task of its own: a host that
+        # does not answer must not hold up relaunching entries elsewhere.
+        wanted = self._hosts_wanted()
+        for name, state in self.pool.states.items():
+            if state.state == Health.DOWN and now >= state.retry_at and name in wanted and name not in self._retry_tasks:
+                state.schedule_retry(now)
+                self._retry_tasks[name] = self._tasks.start(self._retry_host(name), name=f"retry host {name}")
+
+        def dead() -> list[Any]:
+            return [
+                k for k, w in cluster.workers.items()
+                if isinstance(w, RemoteProcess) and w.status in (Status.failed, Status.closed) and k in cluster.worker_spec
+            ]
+
+        if dead():
+            # Under the lock: a reconcile must not see these half-removed.
+            async with cluster._lock:
+                for key in dead():
+                    worker = cluster.workers[key]
+                    await worker.close()
+                    cluster.workers.pop(key, None)
+                    cluster._keep_logs(key, worker)
+                    # Before any replacement starts: a name the scheduler still
+                    # holds (a cut host cannot say its worker died) would
+                    # refuse the replacement.
+                    await cluster._remove_members_from_scheduler(worker.member_names, f"dead-{key}")
+                    self._count_start_failure(key, worker)
+                    if key in cluster.worker_spec and worker.host in self.unavailable_hosts():
+                        self._replace(key)
+        # Entries on hosts that went down before they were created.
+        for key, spec in list(cluster.worker_spec.items()):
+            if spec["options"].get("host") in self.unavailable_hosts() and key not in cluster.workers:
+                self._replace(key)
+        if cluster.status == Status.running and any(k not in cluster.workers for k in cluster.worker_spec):
+            await cluster._correct_state_in_background()
+
+    async def _retry_host(self, name: str) -> None:
+        try:
+            await self.pool.agent(name)
+        except HostError as exc:
+            logger.info("host %s still does not answer: %s", name, exc.reason)
+            return  # the next attempt waits longer
+        except Exception as exc:
+            logger.warning("retrying host %s failed: %s: %s", name, type(exc).__name__, exc)
+            return
+        finally:
+            self._retry_tasks.pop(name, None)
+            # Up: start its entries. Still down: sleep until its next retry time.
+            self.wake(f"retry of host {name} ended")
+        self.cluster._log(f"host {name} answers again")
+
+    def _count_start_failure(self, key: Any, worker: RemoteProcess) -> None:
+        """Account a failed start, to the host or to the entry (see :mod:`speccluster_ssh.health`).
+
+        A worker that ran and then died, or a host that was lost, is not a
+        failure to start: the first is relaunched, the second retried.
+        """
+        error = self._start_errors.pop(str(key), "")
+        host = worker.host
+        state = self.pool.states.get(host)
+        if worker.members or state is None or not state.usable:
+            return
+        cause = error or f"entry {key} failed to start"
+        state.record_failure(cause)
+        worker_hosts = self.cluster.worker_hosts
+        healthy = sum(1 for s in self.pool.states.values() if s.state == Health.UP and s.name in worker_hosts)
+        verdict = self.failures.start_failed(str(key), host, cause, healthy)
+        logger.warning("%s", verdict.message)
+        for name in verdict.restore_hosts:
+            restored = self.pool.states.get(name)
+            if restored is not None and restored.state == Health.ASIDE:
+                restored.restore()
+                self.cluster._log(f"host {name} taken back: entry {key} fails by itself")
+        if verdict.entry_retry_in:
+            self.cluster._log(f"{verdict.message}; entry {key} retried in {verdict.entry_retry_in:g} s")
+        if verdict.put_host_aside:
+            state.put_aside(verdict.message)
+            logger.warning("host %s put aside: %s", host, state.reason)
+            self.cluster._log(f"host {host} put aside: {state.reason}")
+
+    def _hosts_wanted(self) -> set[str]:
+        cluster = self.cluster
+        wanted = {spec["options"].get("host") for spec in cluster.worker_spec.values()}
+        return wanted | set(cluster.worker_hosts)
+
+    def _replace(self, key: Any) -> None:
+        """Move entry ``key`` to another host with a free slot, or leave it where it is.
+
+        An entry that finds no free slot stays wanted on its own host and
+        starts again when that host answers.
+        """
+        cluster = self.cluster
+        spec = cluster.worker_spec[key]
+        old_host = spec["options"].get("host")
+        used = entries.slots_used(cluster.worker_spec)
+        if old_host in used:
+            used[old_host] -= 1
+        host = entries.choose_entry_host(cluster.worker_hosts, used, self.unavailable_hosts(), cluster.placement_policy)
+        if host is None:
+            return
+        # Same key, same place in the spec: only the host changes.
+        cluster.worker_spec[key] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
+        logger.info("entry %s moved from %s to %s", key, old_host, host.name)
+        cluster._log(f"entry {key} moved from {old_host} to {host.name}")
