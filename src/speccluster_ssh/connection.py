@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import asyncssh
 
 from .errors import HostError, UserError
-from .inventory import HostSpec
+from .inventory import HostSpec, JumpHop, parse_jump_list
+from .jump import JumpContext, JumpLease, JumpPool, describe_chain, expand_chain
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,20 @@ class ConnectSettings:
     keepalive_interval: float = 5.0
     max_parallel_connects: int = 8
     _semaphore: asyncio.Semaphore | None = field(default=None, repr=False)
+    _jumps: JumpPool | None = field(default=None, repr=False)
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_parallel_connects)
         return self._semaphore
+
+    @property
+    def jumps(self) -> JumpPool:
+        """The cluster's shared connections to jump hosts."""
+        if self._jumps is None:
+            self._jumps = JumpPool()
+        return self._jumps
 
 
 class Channel(Protocol):
@@ -139,6 +148,8 @@ class HostConnection:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
         self.local_address: str | None = None
+        self._lease: JumpLease | None = None
+        self.via: str | None = None  # the jump hosts of the open connection, as named
 
     @property
     def is_open(self) -> bool:
@@ -154,10 +165,19 @@ class HostConnection:
         async with self._lock:
             if self._conn is not None and not self._conn.is_closed():
                 return
+            await self._release_jumps()
             async with self.settings.semaphore:
                 self._conn = await self._connect()
-            sockname = self._conn.get_extra_info("sockname")
+            # Behind jumps, the head's address as the hosts see it is the one the first jump sees.
+            first = self._lease.first if self._lease is not None else self._conn
+            sockname = first.get_extra_info("sockname")
             self.local_address = sockname[0] if sockname else None
+
+    async def _release_jumps(self) -> None:
+        lease, self._lease = self._lease, None
+        self.via = None
+        if lease is not None:
+            await lease.release()
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         from .security import known_hosts_for
@@ -190,25 +210,73 @@ class HostConnection:
         options.pop("known_hosts_file", None)
         checker = known_hosts_for(host, policy, known_hosts_file, self.settings.managed_known_hosts)
         options.update(checker.connect_options())
+        chain = self._jump_chain(options.pop("tunnel", None), options.get("config") or [])
+        # Always explicit: asyncssh would open its own, unshared, tunnel from ssh_config.
+        options["tunnel"] = None
+        label = ""
+        if chain:
+            context = JumpContext(
+                host=host,
+                config=options.get("config") or [],
+                connect_timeout=timeout,
+                keepalive_interval=self.settings.keepalive_interval,
+                checker=lambda spec: known_hosts_for(spec, policy, known_hosts_file, self.settings.managed_known_hosts),
+                extra={k: options[k] for k in ("agent_path",) if k in options},
+            )
+            self._lease = await self.settings.jumps.acquire(chain, context)
+            self.via = self._lease.label
+            options["tunnel"] = self._lease.conn
+            label = self._lease.label
         try:
             conn = await asyncio.wait_for(
                 asyncssh.connect(host.address, **options), timeout=timeout + 5
             )
-        except (asyncio.TimeoutError, TimeoutError) as exc:
-            raise HostError(host.name, f"did not answer within {timeout:g} s at {host.address}") from exc
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise HostError(host.name, checker.refusal_message(exc)) from exc
-        except asyncssh.PermissionDenied as exc:
-            raise HostError(
-                host.name,
-                f"refused our login as {host.user or 'the default user'} at {host.address}: "
-                "check ansible_user and ansible_ssh_private_key_file",
-            ) from exc
-        except asyncssh.Error as exc:
-            raise HostError(host.name, f"SSH failed: {exc.reason}") from exc
-        except OSError as exc:
-            raise HostError(host.name, f"cannot connect to {host.address}: {exc.strerror or exc}") from exc
+        except BaseException as exc:
+            await self._release_jumps()
+            if isinstance(exc, Exception):
+                raise self._failure(exc, checker, timeout, label) from exc
+            raise
         return conn
+
+    def _failure(self, exc: Exception, checker: Any, timeout: float, jumps: str) -> Exception:
+        """The :class:`HostError` that says why connecting failed; other errors as they are."""
+        host = self.host
+        via = f" (through jump host {jumps})" if jumps else ""
+        if isinstance(exc, HostError):
+            return exc  # a jump host's failure, already named
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return HostError(host.name, f"did not answer within {timeout:g} s at {host.address}{via}")
+        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+            return HostError(host.name, checker.refusal_message(exc))
+        if isinstance(exc, asyncssh.PermissionDenied):
+            return HostError(
+                host.name,
+                f"refused our login as {host.user or 'the default user'} at {host.address}{via}: "
+                "check ansible_user and ansible_ssh_private_key_file",
+            )
+        if isinstance(exc, asyncssh.ChannelOpenError) and via:
+            return HostError(host.name, f"jump host {jumps} cannot reach {host.address}: {exc.reason}")
+        if isinstance(exc, asyncssh.Error):
+            return HostError(host.name, f"SSH failed{via}: {exc.reason}")
+        if isinstance(exc, OSError):
+            return HostError(host.name, f"cannot connect to {host.address}{via}: {exc.strerror or exc}")
+        return exc
+
+    def _jump_chain(self, from_args: str | None, config: Sequence[str]) -> tuple[JumpHop, ...]:
+        """The jumps to ``self.host``: the inventory's, else its ssh args', else ssh_config's."""
+        host = self.host
+        try:
+            if host.jumps is not None:
+                chain: tuple[JumpHop, ...] | None = host.jumps
+            elif from_args is not None:
+                chain = parse_jump_list(from_args)
+            else:
+                from .jump import config_jumps
+
+                chain = config_jumps(config, host.address, host.port, host.user)
+            return expand_chain(chain, config) if chain else ()
+        except ValueError as exc:
+            raise HostError(host.name, f"bad ProxyJump: {exc}") from None
 
     async def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
         """Run one command given as an argv list and return (status, stdout, stderr)."""
@@ -292,6 +360,8 @@ class HostConnection:
                 await asyncio.wait_for(conn.wait_closed(), 5)
             except (asyncio.TimeoutError, TimeoutError, OSError, asyncssh.Error):
                 pass
+        # The last host behind a jump host closes the connection to it.
+        await self._release_jumps()
 
 
 def remote_command(argv: Sequence[str]) -> str:

@@ -1,6 +1,6 @@
 """Preflight of an inventory's hosts (``speccluster-ssh check``).
 
-Per host: SSH and its host key, the python and ``distributed`` the host agent
+Per host: SSH and its host key (and the jump hosts it goes through), the python and ``distributed`` the host agent
 reports against the head's, free disk, and whether the host can open a
 connection back to the head (as its workers will to a scheduler here).
 """
@@ -43,7 +43,9 @@ def check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict
         One row per host: ``host``, ``address``, ``connection``, ``ok``,
         ``result`` (``ok``, ``warn`` or ``FAIL``), ``problems``, ``seconds``
         and, when the agent answered, what it found (python, distributed,
-        cpus, memory, free disk, whether the host reaches the head).
+        cpus, memory, free disk, whether the host reaches the head), and how
+        the head reached it: ``via`` (the jump hosts as named, ``None`` when
+        direct) and ``reach`` (``direct`` or ``through jump host NAME``).
     """
     import secrets
 
@@ -103,6 +105,9 @@ def check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict
                            seconds=round(time.monotonic() - t0, 1))
                 return row
             facts = agent.facts
+            # How the head reached the host: directly, or over which jump hosts (as named).
+            via = pool.connection(name).via
+            row.update(via=via, reach=f"through jump host {via}" if via else "direct")
             problems: list[str] = []
             warnings: list[str] = []
             version = str(facts.get("python_version", ""))

@@ -20,6 +20,7 @@ from ._errors import InventoryError, Origin
 from ._hostspec import HostSpec
 from ._inventory import GroupInfo, Inventory, hosts_table_rows, load_inventory, to_json_value
 from ._ini import parse_ini_value
+from ._jumps import JumpHop, jumps_from_args, parse_jump_list
 from ._loader import UnsafeStr, VaultStr
 from ._patterns import expand_host_pattern, expand_ranges
 from ._vars import SPECCLUSTER_VARS, VarSpec, speccluster_vars_markdown
@@ -30,6 +31,7 @@ __all__ = [
     "HostSpec",
     "Inventory",
     "InventoryError",
+    "JumpHop",
     "Origin",
     "UnsafeStr",
     "VarSpec",
@@ -37,8 +39,10 @@ __all__ = [
     "expand_host_pattern",
     "expand_ranges",
     "hosts_table_rows",
+    "jumps_from_args",
     "load_inventory",
     "parse_ini_value",
+    "parse_jump_list",
     "speccluster_vars_markdown",
     "to_json_value",
 ]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import InventoryError, Origin
+from ._jumps import JumpHop, jumps_from_args
 from ._loader import UnsafeStr, VaultStr
 from ._vars import PLAYBOOK_VARS, PREFIX, SPECCLUSTER_VARS, BadValue
 
@@ -56,6 +57,12 @@ class HostSpec:
         Validated ``speccluster_*`` variables, see :data:`SPECCLUSTER_VARS`.
     vars
         Every merged variable, as ``ansible-inventory --list`` shows it for the host.
+    jumps
+        Jump hosts from ``-J``/``-o ProxyJump=`` in ``ansible_ssh_common_args``
+        or ``ansible_ssh_extra_args``, first hop first; hops that are
+        inventory hosts are filled in from them. ``None`` when the arguments
+        name no jump (ssh_config may still name one), ``()`` for
+        ``ProxyJump=none``.
     """
 
     name: str
@@ -84,6 +91,7 @@ class HostSpec:
     venv: str | None = None
     worker_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    jumps: tuple[JumpHop, ...] | None = None
 
     @property
     def is_local(self) -> bool:
@@ -305,26 +313,17 @@ def resolve_host(
             )
         connection = _CONNECTIONS[short]
 
-    ssh_common_args: tuple[str, ...] = ()
-    if variables.get("ansible_ssh_common_args") is not None:
-        var = "ansible_ssh_common_args"
-        value = _usable(name, var, variables[var], var_origin(var))
-        if isinstance(value, str):
-            try:
-                ssh_common_args = tuple(shlex.split(value))
-            except ValueError as exc:
-                raise InventoryError(
-                    f"{var} on host {name} cannot be split ({exc}); check its quotes",
-                    var_origin(var),
-                ) from None
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            ssh_common_args = tuple(value)
-        else:
-            raise InventoryError(
-                f"{var} on host {name} must be a string of ssh options, got {value!r}"
-                f"; write e.g. '-o ProxyJump=bastion'",
-                var_origin(var),
-            )
+    ssh_common_args = _ssh_args(name, "ansible_ssh_common_args", variables, var_origin)
+    # ansible puts extra args after the common ones; ssh keeps the first jump it reads.
+    ssh_extra_args = _ssh_args(name, "ansible_ssh_extra_args", variables, var_origin)
+    jumps: tuple[JumpHop, ...] | None = None
+    for var, args in (("ansible_ssh_common_args", ssh_common_args), ("ansible_ssh_extra_args", ssh_extra_args)):
+        try:
+            jumps = jumps_from_args(args)
+        except ValueError as exc:
+            raise InventoryError(f"{var} on host {name}: {exc}", var_origin(var)) from None
+        if jumps is not None:
+            break
 
     # --- python: ours, then the venv's, then ansible's, then python3 ---------
     python = spec["speccluster_python"]
@@ -376,4 +375,27 @@ def resolve_host(
         venv=spec["speccluster_venv"],
         worker_options=dict(spec["speccluster_worker_options"]),
         vars=_plain_containers(variables),
+        jumps=jumps,
+    )
+
+
+def _ssh_args(name: str, var: str, variables: Mapping[str, Any], var_origin: Any) -> tuple[str, ...]:
+    """``var`` (a string of ssh options, or a list of them) split into tokens with shlex."""
+    if variables.get(var) is None:
+        return ()
+    value = _usable(name, var, variables[var], var_origin(var))
+    if isinstance(value, str):
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as exc:
+            raise InventoryError(
+                f"{var} on host {name} cannot be split ({exc}); check its quotes",
+                var_origin(var),
+            ) from None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise InventoryError(
+        f"{var} on host {name} must be a string of ssh options, got {value!r}"
+        f"; write e.g. '-o ProxyJump=bastion'",
+        var_origin(var),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import pathlib
@@ -13,6 +14,7 @@ from typing import Any
 from ._errors import InventoryError, Origin
 from ._graph import HostNode, InventoryGraph, sort_groups
 from ._hostspec import HostSpec, check_var_names, resolve_host
+from ._jumps import resolve_jump_chain
 from ._ini import parse_ini_inventory
 from ._loader import UnsafeStr, VaultStr, load_data
 from ._patterns import expand_host_pattern, split_port
@@ -179,6 +181,15 @@ class Inventory:
             self._hostvars[host.name] = variables
             names = tuple(sorted(g.name for g in host.groups() if g.name != "all"))
             self.hosts[host.name] = resolve_host(host.name, variables, origins, names, self.warnings)
+        # Jumps may name other inventory hosts, so they are filled in once all are known.
+        as_written = dict(self.hosts)
+        for hostname, spec in as_written.items():
+            if spec.jumps:
+                try:
+                    chain = resolve_jump_chain(hostname, as_written)
+                except ValueError as exc:
+                    raise InventoryError(f"host {hostname}: {exc}", Origin(shown)) from None
+                self.hosts[hostname] = dataclasses.replace(spec, jumps=chain)
 
         self.groups: dict[str, GroupInfo] = {
             g.name: GroupInfo(

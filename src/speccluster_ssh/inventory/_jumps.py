@@ -1,0 +1,169 @@
+"""Jump hosts (``ProxyJump``) named in a host's ssh arguments.
+
+OpenSSH spells a jump as ``-J a,b`` or ``-o ProxyJump=a,b``; each hop is
+``[user@]host[:port]`` or ``ssh://[user@]host[:port]``. Arguments arrive here
+already split into tokens (``shlex``), never through a shell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._hostspec import HostSpec
+
+__all__ = ["JumpHop", "parse_hop", "parse_jump_list", "jumps_from_args", "resolve_jump_chain"]
+
+MAX_CHAIN = 8
+
+
+@dataclass(frozen=True)
+class JumpHop:
+    """One jump host on the way to an inventory host.
+
+    Attributes
+    ----------
+    label
+        The hop as the user wrote it (``bastion``, ``admin@10.0.0.1:2222``),
+        used in messages.
+    address
+        What to connect to: an address, a name, or an ssh_config ``Host`` alias.
+    port
+        Port, ``None`` for ssh_config's or 22.
+    user
+        Login user, ``None`` for ssh_config's or the SSH default.
+    key_file
+        Private key, set when the hop is an inventory host that names one.
+    inventory_host
+        The inventory host this hop is, if any.
+    """
+
+    label: str
+    address: str
+    port: int | None = None
+    user: str | None = None
+    key_file: str | None = None
+    inventory_host: str | None = None
+
+
+def parse_hop(text: str) -> JumpHop:
+    """Parse ``[ssh://][user@]host[:port]`` (IPv6 in brackets) into a :class:`JumpHop`.
+
+    Raises
+    ------
+    ValueError
+        On an empty host or a port that is not a number from 1 to 65535.
+    """
+    rest = text.strip()
+    if rest.startswith("ssh://"):
+        rest = rest[len("ssh://") :].rstrip("/")
+    user: str | None = None
+    if "@" in rest:
+        user, rest = rest.rsplit("@", 1)
+        user = user or None
+    port: int | None = None
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        if not sep:
+            raise ValueError(f"jump host {text!r} has an unclosed '['")
+        port_text = tail[1:] if tail.startswith(":") else ("" if not tail else None)
+        if port_text is None:
+            raise ValueError(f"jump host {text!r} has text after ']' that is not :port")
+    elif rest.count(":") == 1:
+        host, port_text = rest.split(":")
+    else:
+        host, port_text = rest, ""
+    if port_text:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"jump host {text!r} has port {port_text!r}, not a number from 1 to 65535")
+        port = int(port_text)
+    if not host:
+        raise ValueError(f"jump host {text!r} names no host")
+    return JumpHop(label=text.strip(), address=host, port=port, user=user)
+
+
+def parse_jump_list(value: str) -> tuple[JumpHop, ...]:
+    """Parse a ``ProxyJump`` value: comma-separated hops, ``none`` for no jump."""
+    if value.strip().lower() == "none":
+        return ()
+    return tuple(parse_hop(part) for part in value.split(",") if part.strip())
+
+
+def jumps_from_args(args: Sequence[str]) -> tuple[JumpHop, ...] | None:
+    """The jump chain that ssh arguments (already split into tokens) ask for.
+
+    ``-J a,b``, ``-Ja,b``, ``-o ProxyJump=a,b``, ``-oProxyJump=a,b`` and
+    ``-o "ProxyJump a,b"`` are understood; as in OpenSSH the first value
+    given wins. ``None`` when the arguments name no jump (ssh_config may
+    still name one), ``()`` for ``ProxyJump=none``.
+
+    Raises
+    ------
+    ValueError
+        When a hop cannot be parsed.
+    """
+    items = list(args)
+    index = 0
+    while index < len(items):
+        arg = items[index]
+        flag, value = arg[:2], arg[2:]
+        if arg in ("-J", "-o"):
+            if index + 1 >= len(items):
+                return None
+            value = items[index + 1]
+            index += 2
+        else:
+            index += 1
+        if flag == "-J" and value:
+            return parse_jump_list(value)
+        if flag == "-o" and value:
+            key, _, opt = value.strip().replace(" ", "=", 1).replace("\t", "=", 1).partition("=")
+            if key.strip().lower() == "proxyjump":
+                return parse_jump_list(opt.strip())
+    return None
+
+
+def resolve_jump_chain(
+    name: str, hosts: Mapping[str, HostSpec], seen: Iterable[str] = ()
+) -> tuple[JumpHop, ...] | None:
+    """The full jump chain of inventory host ``name``, hops that are inventory hosts filled in.
+
+    A hop that names an inventory host (and sets neither user nor port)
+    takes that host's address, port, user and key. The first hop's own
+    jumps come before it; later hops are reached through the hop before
+    them, so their own jumps do not count (as in OpenSSH).
+
+    Raises
+    ------
+    ValueError
+        On a loop of jump hosts or a chain longer than :data:`MAX_CHAIN`.
+    """
+    host = hosts[name]
+    if host.jumps is None:
+        return None
+    path = [*seen, name]
+    chain: list[JumpHop] = []
+    for position, hop in enumerate(host.jumps):
+        target = hosts.get(hop.address)
+        if target is None or hop.inventory_host or hop.user is not None or hop.port is not None or target.is_local:
+            chain.append(hop)
+            continue
+        if target.name in path:
+            raise ValueError(f"jump hosts form a loop: {' -> '.join([*path, target.name])}")
+        if position == 0:
+            chain.extend(resolve_jump_chain(target.name, hosts, path) or ())
+        chain.append(
+            replace(
+                hop,
+                address=target.address,
+                port=target.port,
+                user=target.user,
+                key_file=target.key_file,
+                inventory_host=target.name,
+            )
+        )
+    if len(chain) > MAX_CHAIN:
+        raise ValueError(f"host {name} has {len(chain)} jump hosts, more than {MAX_CHAIN}")
+    return tuple(chain)
