@@ -610,6 +610,9 @@ class LabHost:
         self.host_public_key = ""
         self._original_host_key = ""
         self._sshd: subprocess.Popen[bytes] | None = None
+        # sshd_config settings a test changed (see set_sshd_option); reset() drops them.
+        self.sshd_overrides: dict[str, str] = {}
+        self.firewalled = False
 
     def __repr__(self) -> str:
         return f"<LabHost {self.name} {self.ip} netns={self.netns}>"
@@ -641,10 +644,11 @@ class LabHost:
             "X11Forwarding no",
             # Tests open many connections at once; the default 10:30:100
             # would drop some of them at random.
-            "MaxStartups 100:30:200",
+            f"MaxStartups {self.sshd_overrides.get('MaxStartups', '100:30:200')}",
             "Subsystem sftp internal-sftp",
             "LogLevel ERROR",
         ]
+        lines += [f"{k} {v}" for k, v in self.sshd_overrides.items() if k != "MaxStartups"]
         if _sshd_version() >= (9, 8):
             # Newer sshd penalises sources whose sessions crash; tests kill
             # sessions on purpose and must not lock the head out.
@@ -904,6 +908,64 @@ class LabHost:
     def is_up(self) -> bool:
         """Whether the host is reachable: link up and sshd running."""
         return self.sshd_running and self.link_up
+
+    # -- topologies (firewall and sshd settings; reset() undoes them) --------
+
+    def set_sshd_option(self, key: str, value: str) -> None:
+        """Set one sshd_config option (e.g. ``MaxStartups 2:100:2``) and restart sshd.
+
+        ``Lab.reset`` puts the lab's own settings back.
+        """
+        self.sshd_overrides[key] = value
+        self._write_sshd_config()
+        self.restart_sshd()
+
+    def firewall(self, rules: Sequence[str]) -> None:
+        """Load nftables ``rules`` into an input chain inside this host's namespace.
+
+        The rules go into table ``inet sclab`` of the host's own namespace
+        (never the machine's), after "established traffic and loopback are
+        accepted". Deleting the namespace, or ``Lab.reset``, removes them.
+
+        Parameters
+        ----------
+        rules : sequence of str
+            nftables rule statements, e.g. ``"tcp dport 22 drop"``.
+        """
+        body = "\n".join(f"    {rule}" for rule in rules)
+        script = (
+            "table inet sclab\n"
+            "delete table inet sclab\n"
+            "table inet sclab {\n"
+            "  chain input {\n"
+            "    type filter hook input priority 0; policy accept;\n"
+            "    ct state established,related accept\n"
+            '    iifname "lo" accept\n'
+            f"{body}\n"
+            "  }\n"
+            "}\n"
+        )
+        self.firewalled = True
+        _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=script)
+
+    def clear_firewall(self) -> None:
+        """Remove what :meth:`firewall` loaded (nothing when it loaded nothing)."""
+        if not self.firewalled:
+            return
+        _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"],
+             input="table inet sclab\ndelete table inet sclab\n")
+        self.firewalled = False
+
+    def ssh_peers(self) -> list[str]:
+        """Addresses with an established TCP connection to this host's sshd, one per connection."""
+        out = _run(["ip", "netns", "exec", self.netns, "ss", "-Htn", "state", "established",
+                    "( sport = :22 )"])
+        peers = []
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) >= 4:
+                peers.append(fields[-1].rsplit(":", 1)[0])
+        return peers
 
 
 # --------------------------------------------------------------------------
@@ -1283,6 +1345,14 @@ class Lab:
             if killed:
                 report.killed[host.name] = killed
         for host in self.hosts:
+            # Topologies first: a firewall or sshd setting must not outlive its test.
+            host.clear_firewall()
+            if host.sshd_overrides:
+                host.sshd_overrides.clear()
+                host._write_sshd_config()
+                host.restart_sshd()
+                report.restarted.append(host.name)
+        for host in self.hosts:
             if host.host_public_key != host._original_host_key:
                 host.restore_host_key()
                 report.keys_restored.append(host.name)
@@ -1477,6 +1547,68 @@ class Lab:
                 return
         with contextlib.suppress(OSError):
             _NETNS_DIR.rmdir()
+
+    # -- topologies ----------------------------------------------------------
+
+    def make_bastion(self, host: LabHost, max_startups: str = "2:100:2") -> None:
+        """Make ``host`` a hardened bastion: sshd with a strict ``MaxStartups``."""
+        host.set_sshd_option("MaxStartups", max_startups)
+
+    def make_private(self, hosts: Sequence[LabHost], bastions: Sequence[LabHost], *, from_head: str = "ssh") -> None:
+        """Put ``hosts`` on a "private network" reached over SSH only through ``bastions``.
+
+        Inside each host's namespace, SSH is accepted only from the
+        bastions. ``from_head="all"`` also drops every other connection the
+        head opens (the hosts may still open connections to the head; note
+        that a scheduler on the head then cannot connect to its workers,
+        which dask needs to gather results); ``"ssh"`` drops only SSH.
+        """
+        if from_head not in ("ssh", "all"):
+            raise ValueError(f"from_head must be 'ssh' or 'all', got {from_head!r}")
+        allowed = ", ".join(b.ip for b in bastions)
+        rules = [f"tcp dport {_SSH_PORT} ip saddr != {{ {allowed} }} drop"]
+        if from_head == "all":
+            rules.append(f"ip saddr {self.head_ip} drop")
+        for host in hosts:
+            host.firewall(rules)
+
+    def make_ssh_only(self, hosts: Sequence[LabHost]) -> None:
+        """Let the head open only SSH connections to ``hosts`` (other ports are dropped)."""
+        for host in hosts:
+            host.firewall([f"ip saddr {self.head_ip} tcp dport != {_SSH_PORT} drop",
+                           f"ip saddr {self.head_ip} meta l4proto != tcp drop"])
+
+    def write_ssh_config(self, path: str | os.PathLike[str], jumps: Mapping[str, str] | None = None) -> Path:
+        """Write an ssh_config like :attr:`ssh_config`, with ``ProxyJump`` lines.
+
+        Parameters
+        ----------
+        path : path-like
+            File to write.
+        jumps : mapping, optional
+            Host name -> ``ProxyJump`` value (e.g. ``{"h2": "h1"}``).
+        """
+        jumps = dict(jumps or {})
+        lines = []
+        for host in self.hosts:
+            lines += [
+                f"Host {host.name} {host.ip}",
+                f"    HostName {host.ip}",
+                "    User root",
+                f"    IdentityFile {self.client_key}",
+                "    IdentitiesOnly yes",
+                f"    UserKnownHostsFile {self.known_hosts}",
+                "    GlobalKnownHostsFile /dev/null",
+                "    StrictHostKeyChecking yes",
+                "    BatchMode yes",
+                "    ConnectTimeout 10",
+            ]
+            if host.name in jumps:
+                lines.append(f"    ProxyJump {jumps[host.name]}")
+            lines.append("")
+        out = Path(path)
+        out.write_text("\n".join(lines))
+        return out
 
     # -- inventory -----------------------------------------------------------
 
