@@ -1,0 +1,304 @@
+"""Hosts on a private network behind a bastion, reached over shared jump connections.
+
+The topology: ``h1`` is a bastion whose sshd allows only ``MaxStartups
+2:100:2``; the other lab hosts accept SSH only from the bastion (nftables
+rules inside their namespaces), so the head reaches them only by jumping.
+They may still open connections to the head, where the scheduler runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client
+
+from sshlab import Lab, LabHost, _tcp_accepts, processes_besides_sshd
+from test_peer import SMALL, lab_cluster, names, run, slowinc, until
+
+pytestmark = pytest.mark.lab
+
+
+def _need(lab: Lab, n: int) -> None:
+    if len(lab.hosts) < n:
+        pytest.skip(f"needs a lab of {n} hosts (SCLAB_HOSTS={n}), this one has {len(lab.hosts)}")
+
+
+def _private_inventory(
+    lab: Lab, tmp_path: Path, private: Sequence[LabHost], *, slots: int = 2,
+    common_args: dict[str, str] | None = None, extra_hosts: Sequence[LabHost] = (),
+) -> Path:
+    """Workers on ``private``; ``common_args`` adds ssh args to a host's lab defaults."""
+    base = (
+        f"-o UserKnownHostsFile={lab.known_hosts} -o GlobalKnownHostsFile=/dev/null "
+        "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
+    )
+    host_vars: dict[str, dict[str, Any]] = {h.name: {**SMALL, "speccluster_slots": slots} for h in private}
+    for name, args in (common_args or {}).items():
+        host_vars.setdefault(name, {})["ansible_ssh_common_args"] = f"{base} {args}"
+    groups = {"workers": [h.name for h in private]}
+    if extra_hosts:
+        groups["jumps"] = [h.name for h in extra_hosts]
+    return Path(lab.write_inventory(tmp_path / "inv.yml", host_vars=host_vars, groups=groups))
+
+
+@contextlib.contextmanager
+def _bastion_topology(lab: Lab, bastions: Sequence[LabHost], private: Sequence[LabHost]) -> Iterator[None]:
+    """A strict bastion in front of ``private``; the lab's reset() undoes it, and so does this."""
+    try:
+        for bastion in bastions:
+            lab.make_bastion(bastion)
+        lab.make_private(private, bastions[-1:])
+        if len(bastions) > 1:
+            # A chain: each bastion only from the one before it.
+            for outer, inner in zip(bastions, bastions[1:]):
+                lab.make_private([inner], [outer])
+        for host in private:
+            assert not _tcp_accepts(host.ip, 22, 1.0), f"the head still reaches {host.name} directly"
+        yield
+    finally:
+        for host in [*bastions, *private]:
+            host.clear_firewall()
+
+
+async def _sample_bastion(bastion: LabHost, head_ip: str, peak: list[int], stop: asyncio.Event) -> None:
+    """Record the most SSH connections the head held to ``bastion`` at any sample."""
+    for _ in range(10_000):  # bounded; stops when asked
+        peers = await asyncio.to_thread(bastion.ssh_peers)
+        peak[0] = max(peak[0], peers.count(head_ip))
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+            return
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+
+
+@contextlib.asynccontextmanager
+async def _watch_bastion(lab: Lab, bastion: LabHost) -> AsyncIterator[list[int]]:
+    peak = [0]
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(_sample_bastion(bastion, lab.head_ip, peak, stop))
+    try:
+        yield peak
+    finally:
+        stop.set()
+        await task
+
+
+async def _compute(cluster: Any, n_workers: int, private: Sequence[LabHost]) -> None:
+    async with Client(cluster, asynchronous=True) as client:
+        await client.wait_for_workers(n_workers, timeout=120)
+        results = await client.gather(client.map(slowinc, range(40), delay=0.0))
+        assert results == list(range(1, 41))
+        where = await client.run(socket.gethostname)
+        assert set(where.values()) <= {h.name for h in private}, where
+
+
+def test_private_hosts_through_proxyjump_in_ssh_config(lab: Lab, tmp_path: Path) -> None:
+    """Four private hosts behind a MaxStartups 2:100:2 bastion, ProxyJump from an ssh_config."""
+    _need(lab, 4)
+    bastion, private = lab.hosts[0], lab.hosts[1:5]
+    config = lab.write_ssh_config(tmp_path / "ssh_config", {h.name: bastion.name for h in private})
+    path = _private_inventory(lab, tmp_path, private)
+
+    async def main() -> float:
+        async with _watch_bastion(lab, bastion) as peak:
+            t0 = time.monotonic()
+            async with lab_cluster(lab, path, ssh_config=[str(config)]) as (cluster, _):
+                await cluster.scale(6)
+                await _compute(cluster, 6, private)
+                elapsed = time.monotonic() - t0
+                await until(lambda: names(cluster) == set(cluster.worker_spec), what="six workers")
+                assert {c.via for c in cluster.pool.connections.values()} == {bastion.name}
+                assert cluster.pool.settings.jumps.open_connections() == 1
+                assert bastion.ssh_peers().count(lab.head_ip) == 1
+            assert peak[0] == 1, f"the head held {peak[0]} connections to the bastion"
+        # Closed with the last host behind it.
+        await until(lambda: lab.head_ip not in bastion.ssh_peers(), 15, "the bastion connection to close")
+        return elapsed
+
+    with _bastion_topology(lab, [bastion], private):
+        elapsed = run(main())
+    print(f"\nbastion start-up with 6 workers on {len(private)} private hosts: {elapsed:.1f} s")
+
+
+def test_chain_of_two_jumps_from_ssh_args(lab: Lab, tmp_path: Path) -> None:
+    """``-J`` and ``-o ProxyJump`` in ansible_ssh_common_args, two bastions in a chain, no ssh_config."""
+    _need(lab, 4)
+    outer, inner, private = lab.hosts[0], lab.hosts[1], lab.hosts[2:6]
+    # One host names the chain, the others name the inner bastion, which itself jumps via the outer one.
+    args = {h.name: "-o ProxyJump=h2" for h in private}
+    args[private[0].name] = "-J h1,h2"
+    args[inner.name] = "-J h1"
+    path = _private_inventory(lab, tmp_path, private, common_args=args, extra_hosts=[outer, inner])
+
+    async def main() -> None:
+        async with _watch_bastion(lab, outer) as peak:
+            async with lab_cluster(lab, path) as (cluster, _):
+                await cluster.scale(2 * len(private))
+                await _compute(cluster, 2 * len(private), private)
+                assert {c.via for c in cluster.pool.connections.values()} == {"h1 -> h2"}
+                assert cluster.pool.settings.jumps.open_connections() == 2
+                assert inner.ssh_peers().count(outer.ip) == 1
+            assert peak[0] == 1
+
+    with _bastion_topology(lab, [outer, inner], private):
+        run(main())
+
+
+def test_bastion_cut_and_healed(lab: Lab, tmp_path: Path) -> None:
+    """Cut off longer than the silence: the hosts behind are lost and come back, no name twice."""
+    _need(lab, 3)
+    bastion, private = lab.hosts[0], lab.hosts[1:5]
+    config = lab.write_ssh_config(tmp_path / "ssh_config", {h.name: bastion.name for h in private})
+    path = _private_inventory(lab, tmp_path, private, slots=1)
+    n = len(private)
+
+    def procs(host: LabHost) -> list[Any]:
+        return [p for p in host.processes() if not (p.argv and "sshd" in p.argv[0])]
+
+    async def main() -> None:
+        async with lab_cluster(lab, path, ssh_config=[str(config)], silence=3, heal=True) as (cluster, _):
+            await cluster.scale(n)
+            await cluster
+            await until(lambda: len(names(cluster)) == n, 120, "every worker")
+            bastion.cut()
+            try:
+                cut_at = time.monotonic()
+                await until(lambda: not any(procs(h) for h in private), 25, "the processes behind the bastion to end")
+                gone_after = time.monotonic() - cut_at
+                await until(
+                    lambda: all(cluster.pool.states[h.name].state == "down" for h in private), 30,
+                    "the hosts behind the bastion to count as lost",
+                )
+                assert gone_after < 3 + 10, gone_after
+            finally:
+                bastion.heal()
+            await until(lambda: all(cluster.pool.states[h.name].state == "up" for h in private), 120, "the hosts back up")
+            await until(lambda: len(names(cluster)) == n and names(cluster) == set(cluster.worker_spec), 120,
+                        "the cluster whole again")
+            await _compute(cluster, n, private)
+            assert cluster.pool.settings.jumps.open_connections() == 1
+
+    with _bastion_topology(lab, [bastion], private):
+        run(main(), timeout=400)
+
+
+HEAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from speccluster_ssh.cluster import SSHSpecCluster
+    cluster = SSHSpecCluster.from_inventory(
+        sys.argv[1], known_hosts=sys.argv[2], ssh_config=[sys.argv[3]], n_workers=int(sys.argv[4]), silence=5,
+        security=False,
+    )
+    from distributed import Client
+    with Client(cluster) as client:
+        client.wait_for_workers(int(sys.argv[4]), timeout=120)
+    print("READY", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_head_sigkill_leaves_nothing_behind_the_bastion(lab: Lab, tmp_path: Path) -> None:
+    _need(lab, 3)
+    bastion, private = lab.hosts[0], lab.hosts[1:5]
+    config = lab.write_ssh_config(tmp_path / "ssh_config", {h.name: bastion.name for h in private})
+    path = _private_inventory(lab, tmp_path, private)
+    with _bastion_topology(lab, [bastion], private):
+        head = subprocess.Popen(
+            [sys.executable, "-c", HEAD_SCRIPT, str(path), str(lab.known_hosts), str(config), "4"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        try:
+            assert head.stdout is not None
+            line = ""
+            deadline = time.monotonic() + 150
+            while time.monotonic() < deadline and not line.startswith("READY"):
+                line = head.stdout.readline()
+                if not line and head.poll() is not None:
+                    break
+            assert line.startswith("READY"), "the head did not come up"
+            running = processes_besides_sshd(lab)
+            assert {h.name for h in private} & set(running), running
+            assert bastion.ssh_peers().count(lab.head_ip) == 1
+        finally:
+            head.send_signal(signal.SIGKILL)  # by PID: the head we started
+            head.wait(30)
+        killed_at = time.monotonic()
+        left: dict[str, Any] = {}
+        for _ in range(400):  # bounded poll, 15 s
+            left = processes_besides_sshd(lab)
+            if not left or time.monotonic() - killed_at > 15:
+                break
+            time.sleep(0.1)
+        assert not left, f"15 s after SIGKILL of the head, still running: {left}"
+
+
+def _banner(ip: str, timeout: float = 3.0) -> socket.socket | None:
+    """An unauthenticated connection to sshd that got its banner, or ``None`` when sshd dropped it."""
+    sock = socket.create_connection((ip, 22), timeout)
+    try:
+        if sock.recv(64).startswith(b"SSH-"):
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
+
+
+def test_topology_helpers_and_reset(lab: Lab) -> None:
+    """The bastion really refuses a third pending handshake; reset() restores the flat lab."""
+    _need(lab, 3)
+    bastion, private, ssh_only = lab.hosts[0], lab.hosts[1], lab.hosts[2]
+    lab.make_bastion(bastion)
+    lab.make_private([private], [bastion], from_head="all")
+    lab.make_ssh_only([ssh_only])
+    listener = ssh_only.spawn([sys.executable, "-c", "import socket,time; s=socket.create_server(('', 8022)); time.sleep(60)"])
+    held: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            sock = _banner(bastion.ip)
+            assert sock is not None
+            held.append(sock)
+        # MaxStartups 2:100:2: with two handshakes pending, the third is dropped.
+        assert _banner(bastion.ip) is None
+        assert not _tcp_accepts(private.ip, 22, 1.0)
+        # From the bastion, the private host's sshd answers.
+        probe = "import socket,sys; socket.create_connection((sys.argv[1], 22), 3).close()"
+        assert bastion.exec([sys.executable, "-c", probe, private.ip]).returncode == 0
+        # The SSH-only host: port 22 answers the head, its other listening port does not.
+        assert _tcp_accepts(ssh_only.ip, 22, 2.0)
+        check = "import socket,sys; socket.create_connection(('127.0.0.1', 8022), 3).close()"
+        deadline = time.monotonic() + 10
+        while ssh_only.exec([sys.executable, "-c", check]).returncode != 0:
+            assert time.monotonic() < deadline, "the listener on the SSH-only host did not start"
+            time.sleep(0.1)
+        assert not _tcp_accepts(ssh_only.ip, 8022, 1.0)
+    finally:
+        for sock in held:
+            sock.close()
+        listener.kill()
+        listener.wait(10)
+    lab.reset()
+    assert not bastion.sshd_overrides and not private.firewalled and not ssh_only.firewalled
+    assert "MaxStartups 100:30:200" in bastion.sshd_config_path.read_text()
+    assert _tcp_accepts(private.ip, 22, 2.0)
+    socks = [_banner(bastion.ip) for _ in range(3)]
+    try:
+        assert all(s is not None for s in socks)
+    finally:
+        for s in socks:
+            if s is not None:
+                s.close()
