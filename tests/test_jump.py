@@ -302,3 +302,21 @@ def test_topology_helpers_and_reset(lab: Lab) -> None:
         for s in socks:
             if s is not None:
                 s.close()
+
+
+def test_check_says_how_the_head_reaches_each_host(lab: Lab, tmp_path: Path) -> None:
+    from speccluster_ssh.inventory import load_inventory
+    from speccluster_ssh.preflight import check_hosts
+
+    _need(lab, 4)
+    bastion, private, direct = lab.hosts[0], lab.hosts[1:3], lab.hosts[3]
+    path = _private_inventory(
+        lab, tmp_path, [*private, direct], common_args={h.name: "-J h1" for h in private}, extra_hosts=[bastion]
+    )
+    with _bastion_topology(lab, [bastion], private):
+        rows = {r["host"]: r for r in check_hosts(load_inventory(path), None, 60)}
+    for host in private:
+        assert rows[host.name]["ok"], rows[host.name]
+        assert (rows[host.name]["via"], rows[host.name]["reach"]) == ("h1", "through jump host h1")
+    assert (rows[direct.name]["via"], rows[direct.name]["reach"]) == (None, "direct")
+    assert rows[direct.name]["ok"] and rows[direct.name]["reaches_head"]

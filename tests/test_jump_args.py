@@ -139,6 +139,16 @@ Host direct
     assert [h.label for h in expand_chain(chain, paths)] == ["outer", "inner"]
     assert config_jumps(paths, "direct", None, None) is None
     assert config_jumps(paths, "elsewhere", None, None) is None
+
+
+def test_host_star_naming_the_jump_host_itself(tmp_path: Path) -> None:
+    """``Host *`` / ``ProxyJump gw`` also matches gw: gw is then reached directly."""
+    config = tmp_path / "ssh_config"
+    config.write_text("Host gw\n    HostName 192.0.2.7\nHost *\n    ProxyJump gw\n")
+    paths = [str(config)]
+    gw = config_jumps(paths, "node1", None, None)
+    assert gw is not None and [h.label for h in gw] == ["gw"]
+    assert [h.label for h in expand_chain(gw, paths)] == ["gw"]
     assert config_jumps([], "node7", None, None) is None
 
 

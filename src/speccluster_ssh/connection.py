@@ -274,6 +274,8 @@ class HostConnection:
                 from .jump import config_jumps
 
                 chain = config_jumps(config, host.address, host.port, host.user)
+                if chain and any(hop.address in (host.address, host.name) for hop in chain):
+                    chain = ()  # "Host *" naming the jump host itself
             return expand_chain(chain, config) if chain else ()
         except ValueError as exc:
             raise HostError(host.name, f"bad ProxyJump: {exc}") from None

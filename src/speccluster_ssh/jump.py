@@ -80,7 +80,8 @@ def expand_chain(chain: Sequence[JumpHop], paths: Sequence[str]) -> tuple[JumpHo
     while out and len(out) <= MAX_CHAIN:
         first = out[0]
         before = config_jumps(paths, first.address, first.port, first.user)
-        if not before:
+        # "Host * / ProxyJump gw" also matches gw itself; like a direct hop, that ends the chain.
+        if not before or any(hop.address == first.address for hop in before):
             break
         for hop in before:
             if hop.address in seen:
