@@ -320,3 +320,55 @@ def test_check_says_how_the_head_reaches_each_host(lab: Lab, tmp_path: Path) -> 
         assert (rows[host.name]["via"], rows[host.name]["reach"]) == ("h1", "through jump host h1")
     assert (rows[direct.name]["via"], rows[direct.name]["reach"]) == (None, "direct")
     assert rows[direct.name]["ok"] and rows[direct.name]["reaches_head"]
+
+
+def test_one_jump_connection_shared_counted_and_made_again(lab: Lab, tmp_path: Path) -> None:
+    """Hosts share the bastion connection; it closes with the last; a dropped one is made again."""
+    from speccluster_ssh.connection import ConnectSettings, HostConnection
+    from speccluster_ssh.errors import HostError
+    from speccluster_ssh.inventory import load_inventory
+
+    _need(lab, 3)
+    bastion, private = lab.hosts[0], lab.hosts[1:3]
+    path = _private_inventory(lab, tmp_path, private, common_args={h.name: "-J h1" for h in private}, extra_hosts=[bastion])
+    inv = load_inventory(path)
+
+    async def main() -> None:
+        settings = ConnectSettings(known_hosts=str(lab.known_hosts))
+        first, second = (HostConnection(inv.hosts[h.name], settings) for h in private)
+        try:
+            await asyncio.gather(first.open(), second.open())
+            assert settings.jumps.open_connections() == 1
+            assert first.via == second.via == "h1"
+            assert first.local_address == lab.head_ip
+            await first.close()
+            status, out, _ = await second.run(["hostname"])
+            assert (status, out.strip()) == (0, private[1].name.encode())
+            assert settings.jumps.open_connections() == 1
+            # The bastion connection drops: the host behind it goes with it, and comes back.
+            (entry,) = settings.jumps._entries.values()
+            assert entry.conn is not None
+            entry.conn.close()
+            await until(lambda: not second.is_open, 10, "the host behind the bastion to drop")
+            status, out, _ = await second.run(["hostname"])
+            assert status == 0 and settings.jumps.open_connections() == 1
+        finally:
+            await first.close()
+            await second.close()
+        assert settings.jumps.open_connections() == 0 and not settings.jumps._entries
+
+        # The bastion's key changed: refused under the same known_hosts policy, and the jump is named.
+        bastion.rotate_host_key()
+        third = HostConnection(inv.hosts[private[0].name], ConnectSettings(known_hosts=str(lab.known_hosts)))
+        with pytest.raises(HostError) as caught:
+            await third.open()
+        await third.close()
+        assert str(caught.value).startswith(f"host {private[0].name}: cannot connect through jump host h1 ({bastion.ip}): ")
+        assert "CHANGED" in str(caught.value)
+
+    with _bastion_topology(lab, [bastion], private):
+        run(main(), timeout=120)
+    await_gone = time.monotonic() + 15
+    while lab.head_ip in bastion.ssh_peers() and time.monotonic() < await_gone:
+        time.sleep(0.1)
+    assert lab.head_ip not in bastion.ssh_peers()
