@@ -2,10 +2,24 @@
 
 The scheduler runs on the head (in this process) unless the inventory has a
 ``scheduler`` group, in which case a host agent runs it there. Workers are
-placed on worker hosts slot by slot (see :mod:`speccluster_ssh.placement`).
-The healer (:mod:`speccluster_ssh.healer`) relaunches entries whose
-processes died, re-places entries of hosts that were lost, and retries lost
-hosts with backoff; it wakes on those events only.
+placed on worker hosts slot by slot. The cluster is the hub; each concern
+lives in a module of its own and is reached through one attribute:
+
+- spec entries are built by :mod:`speccluster_ssh.entries` (``entry_settings``);
+- the remote processes are :mod:`speccluster_ssh.process` interfaces, their
+  hosts' agents an :class:`~speccluster_ssh.process.AgentPool` (``pool``);
+- healing (relaunching dead entries, moving entries off lost hosts, retrying
+  hosts) is :class:`~speccluster_ssh.healer.Healer` (``healer``);
+- the arithmetic of ``scale`` and ``adapt`` is
+  :class:`~speccluster_ssh.scaling.Capacity` (``capacity``);
+- status, readiness and logs are :class:`~speccluster_ssh.reporting.Reports` (``reports``).
+
+What stays here is the public API (constructor, ``scale``, ``adapt``,
+``status_report``, ...), each method delegating, and what touches
+distributed's SpecCluster internals: the reconcile
+(``_correct_state_internal``), following workers through the scheduler's
+events, and closing. That is why :class:`SSHSpecCluster` is still about 550
+lines, a quarter of them the docstrings of its public API.
 """
 
 from __future__ import annotations
@@ -15,66 +29,39 @@ import logging
 import math
 import os
 import secrets
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dask
-from dask.utils import parse_bytes, parse_timedelta
+from dask.utils import parse_timedelta
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
 from distributed.scheduler import Scheduler
-from distributed.utils import Log
 
 from . import config as sc_config
-from .connection import ConnectSettings
 from . import entries
+from .connection import ConnectSettings
 from .entries import EntrySettings
 from .errors import CapacityError, HostError, UserError
 from .healer import Healer
 from .inventory import Inventory, load_inventory
-from .placement import EntryShape, Target, entries_to_remove
+from .placement import Target
 from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
+from .reporting import Reports
+from .scaling import Capacity, SSHAdaptive, UnknownMemoryError, to_bytes
 from .security import remote_security_paths
 from .tasks import TaskSet, log_failures
+
+# Importable from here as before they moved to scaling.py.
+__all__ = ["PROCESS_CLASSES", "SSHAdaptive", "SSHSpecCluster", "UnknownMemoryError"]
 
 # The process classes spec entries name, for :class:`~speccluster_ssh.entries.EntrySettings`.
 PROCESS_CLASSES: Mapping[str, type] = {"nanny": RemoteNanny, "worker": RemoteWorker, "scheduler": RemoteScheduler}
 
 logger = logging.getLogger(__name__)
-
-
-class UnknownMemoryError(UserError, ValueError):
-    """Scaling by memory was asked for, but the memory of a worker is not known.
-
-    A ``ValueError`` too, as ``SpecCluster.scale(memory=...)`` raises one.
-    """
-
-
-class SSHAdaptive(Adaptive):
-    """Adaptive scaling that retires whole spec entries.
-
-    The scheduler proposes single workers to close; an entry of a group is
-    closed only when every member of it was proposed, so adapt never kills
-    the healthy half of a group. With an explicit ``worker_key`` the
-    scheduler groups workers itself, as upstream does.
-    """
-
-    async def workers_to_close(self, target: int) -> list[str]:
-        names = await super().workers_to_close(target)
-        if self.worker_key is not None or not names:
-            return names
-        cluster = self.cluster
-        proposed = set(map(str, names))
-        chosen: list[str] = []
-        for key, spec in list(cluster.worker_spec.items()):
-            members = entries.member_names(key, spec)
-            if members and set(members) <= proposed:
-                chosen.extend(members)
-        return chosen
 
 
 class SSHSpecCluster(SpecCluster):
@@ -164,9 +151,8 @@ class SSHSpecCluster(SpecCluster):
         self.start_timeout = float(start_timeout or sc_config.get("start-timeout"))
         self.silence = float(silence or sc_config.get("silence"))
         self.worker_options = dict(worker_options or {})
-        self.capacity_note = ""
-        self.dead_logs: dict[str, str] = {}
-        self.dead_hosts: dict[str, str] = {}  # member -> host, for logs by host
+        self.capacity = Capacity(self)
+        self.reports = Reports(self)
         self._scheduler_address = scheduler_address
         worker_hosts = {h.name: h for h in inventory.worker_hosts}
         self.worker_hosts = worker_hosts
@@ -306,32 +292,24 @@ class SSHSpecCluster(SpecCluster):
         return self.healer.unavailable_hosts()
 
     @property
+    def capacity_note(self) -> str:
+        """The last shortfall of ``scale`` or ``adapt`` against the inventory's capacity; ``""`` when none."""
+        return self.capacity.note
+
+    @property
+    def dead_logs(self) -> dict[str, str]:
+        """Member name -> last log tail, for members whose processes are gone."""
+        return self.reports.gone_logs
+
+    @property
+    def gone_member_hosts(self) -> dict[str, str]:
+        """Member name -> the host its gone process ran on."""
+        return self.reports.gone_member_hosts
+
+    @property
     def last_heal_error(self) -> str:
         """Why the last healing pass failed, if one did."""
         return self.healer.last_error
-
-    def _shape(self, spec: Mapping[str, Any]) -> EntryShape:
-        opts = spec.get("options", {})
-        inner = opts.get("options", {})
-        host_name = opts.get("host", "")
-        group = spec.get("group")
-        workers = len(group) if group else 1
-        facts = self.pool.agents[host_name].facts if host_name in self.pool.agents else {}
-        threads = int(inner.get("nthreads") or 0)
-        if not threads:
-            # As the process interface will decide: the host's cpus shared by the group.
-            threads = max(1, int(facts.get("cpu_count") or 1) // workers)
-        memory = inner.get("memory_limit")
-        if isinstance(memory, str) and memory != "auto":
-            try:
-                memory = parse_bytes(memory)
-            except ValueError:
-                memory = 0  # the worker itself will refuse it, with the host named
-        if not isinstance(memory, int) or memory <= 0:
-            total = int(facts.get("memory") or 0)
-            cpus = int(facts.get("cpu_count") or 1)
-            memory = int(total * min(1.0, threads / cpus)) if total else 0
-        return EntryShape(host=host_name, workers=workers, threads=threads, memory=memory)
 
     def _next_entry(self) -> dict[str, Any] | None:
         """The next entry ``{name: spec}`` on a host with a free slot; ``None`` when there is none."""
@@ -373,19 +351,8 @@ class SSHSpecCluster(SpecCluster):
             For ``memory=`` when a worker's memory is not known: set
             ``speccluster_memory_limit``, or let the cluster reach a host first.
         """
-        target = Target(
-            workers=int(n or 0),
-            cores=int(cores or 0),
-            memory=parse_bytes(memory) if isinstance(memory, str) else int(memory or 0),
-        )
-        if target.memory:
-            self._memory_per_worker()  # fail early rather than fill every slot
-        shapes = {key: self._shape(spec) for key, spec in self.worker_spec.items()}
-        if not target.met_by(list(shapes.values())):
-            if self.status not in (Status.closing, Status.closed):
-                self._grow(target, shapes)
-        else:
-            self._shrink(target, shapes)
+        target = Target(workers=int(n or 0), cores=int(cores or 0), memory=to_bytes(memory or 0))
+        self.capacity.scale_to(target, growing_allowed=self.status not in (Status.closing, Status.closed))
         # scale() may be called from another thread: the task starts in the loop.
         self.loop.add_callback(self._reconcile_in_background, "reconcile after scale")
         if self.asynchronous:
@@ -393,46 +360,6 @@ class SSHSpecCluster(SpecCluster):
 
             return NoOpAwaitable()
         return None
-
-    def _grow(self, target: Target, shapes: dict[Any, EntryShape]) -> None:
-        bound = self.total_slots + 1
-        for _ in range(bound):
-            if target.met_by(list(shapes.values())):
-                self.capacity_note = ""
-                return
-            entry = self._next_entry()
-            if entry is None:
-                break
-            self.worker_spec.update(entry)
-            for key, spec in entry.items():
-                shapes[key] = self._shape(spec)
-        note = (
-            f"asked for {target.workers} workers, {target.cores} cores, {target.memory} bytes; "
-            f"the inventory's usable capacity is {sum(s.workers for s in shapes.values())} workers"
-        )
-        # Say it once per shortfall, not on every adapt tick that repeats it.
-        if not self.capacity_note:
-            logger.warning("scaled to capacity: %s", note)
-            self._log(f"scaled to capacity: {note}")
-        self.capacity_note = note
-
-    def _shrink(self, target: Target, shapes: dict[Any, EntryShape]) -> None:
-        keys = list(shapes)
-        registered: set[str] = set()
-        try:
-            registered = {str(w["name"]) for w in (self.scheduler_info or {}).get("workers", {}).values()}
-        except Exception as exc:  # then every entry counts as not yet arrived
-            logger.warning("could not read the registered workers to choose entries to remove: %s", exc)
-
-        def arrived(key: Any) -> bool:
-            return any(m in registered for m in self._member_names(key, self.worker_spec[key]))
-
-        # Not-yet-arrived entries go first, then the newest.
-        order = sorted(range(len(keys)), key=lambda i: (arrived(keys[i]), -i))
-        for index in entries_to_remove([shapes[k] for k in keys], order, target):
-            del self.worker_spec[keys[index]]
-        if self.capacity_note and target.met_by(list(shapes.values())):
-            self.capacity_note = ""
 
     async def scale_down(self, workers: Sequence[Any]) -> None:
         """Remove the entries that hold ``workers`` (names or spec keys)."""
@@ -450,35 +377,6 @@ class SSHSpecCluster(SpecCluster):
             if key is not None and key in self.worker_spec:
                 del self.worker_spec[key]
         await self
-
-    def _per_worker(self) -> tuple[int, int]:
-        """Threads and memory of one worker of the next entry, for adapt's arithmetic."""
-        entry = self._next_entry_preview()
-        if entry is None:
-            shapes = [self._shape(s) for s in self.worker_spec.values()]
-            if not shapes:
-                return 1, 0
-            shape = shapes[0]
-        else:
-            shape = self._shape(entry)
-        return shape.threads, shape.memory
-
-    def _next_entry_preview(self) -> dict[str, Any] | None:
-        """The spec the next entry would have on an empty cluster (no name), for adapt's arithmetic."""
-        host = entries.choose_entry_host(self.worker_hosts, {}, self._unavailable_hosts(), self.placement_policy)
-        return entries.worker_entry(self.entry_settings, host, self.new_spec) if host is not None else None
-
-    def _threads_per_worker(self) -> int:
-        return self._per_worker()[0]
-
-    def _memory_per_worker(self) -> int:
-        memory = self._per_worker()[1]
-        if not memory:
-            raise UnknownMemoryError(
-                "scaling by memory needs the memory of a worker: set speccluster_memory_limit, "
-                "or start a worker first so the host's memory is known"
-            )
-        return memory
 
     def adapt(  # noqa: N803
         self,
@@ -507,27 +405,10 @@ class SSHSpecCluster(SpecCluster):
             ``interval``, ``wait_count``, ``target_duration``, ``worker_key``
             and the rest of :class:`distributed.deploy.Adaptive`'s options.
         """
-        if minimum_cores is not None:
-            minimum = max(minimum or 0, math.ceil(minimum_cores / self._threads_per_worker()))
-        if minimum_memory is not None:
-            minimum = max(minimum or 0, math.ceil(_bytes(minimum_memory) / self._memory_per_worker()))
-        if maximum_cores is not None:
-            maximum = min(maximum, math.floor(maximum_cores / self._threads_per_worker()))
-        if maximum_memory is not None:
-            maximum = min(maximum, math.floor(_bytes(maximum_memory) / self._memory_per_worker()))
-        capacity = self.capacity_workers()
-        if maximum > capacity:
-            maximum = capacity
-        if minimum > maximum:
-            # Asking adapt for more than the inventory holds would repeat the
-            # same impossible request on every tick.
-            note = f"adapt asked for at least {minimum} workers; the inventory's usable capacity is {capacity}"
-            if not self.capacity_note:
-                logger.warning("scaled to capacity: %s", note)
-                self._log(f"scaled to capacity: {note}")
-            self.capacity_note = note
-            minimum = maximum
-        return Cluster.adapt(self, Adaptive=Adaptive, minimum=minimum, maximum=int(maximum), **kwargs)
+        minimum, maximum = self.capacity.adapt_bounds(
+            minimum, maximum, minimum_cores, maximum_cores, minimum_memory, maximum_memory
+        )
+        return Cluster.adapt(self, Adaptive=Adaptive, minimum=minimum, maximum=maximum, **kwargs)
 
     def adaptive_bounds(self) -> dict[str, Any] | None:
         """``{"minimum": .., "maximum": ..}`` while adaptive scaling runs, else ``None``."""
@@ -552,22 +433,7 @@ class SSHSpecCluster(SpecCluster):
         Counts entries still starting (not yet in ``workers``) as wanted, so
         progress can be shown while the constructor runs.
         """
-        wanted: dict[str, int] = {}
-        ready: dict[str, int] = {}
-        for spec in list(self.worker_spec.values()):
-            host = spec.get("options", {}).get("host")
-            group = spec.get("group")
-            wanted[host] = wanted.get(host, 0) + (len(group) if group else 1)
-        processes = {id(p): p for p in [*self._created, *self.workers.values()]}
-        for proc in processes.values():
-            if (
-                isinstance(proc, RemoteProcess)
-                and proc.role != "scheduler"
-                and proc.status == Status.running
-                and proc.name in self.worker_spec
-            ):
-                ready[proc.host] = ready.get(proc.host, 0) + len(proc.member_names)
-        return wanted, ready
+        return self.reports.readiness()
 
     def capacity_workers(self) -> int:
         """Dask workers the inventory can hold when every usable slot is used."""
@@ -611,7 +477,7 @@ class SSHSpecCluster(SpecCluster):
                 results = await asyncio.gather(*(self.workers[k].close() for k in to_close), return_exceptions=True)
                 log_failures(results, [f"entry {k}" for k in to_close], logger, "closing removed entries")
                 for key in to_close:
-                    self._keep_logs(key, self.workers.pop(key, None))
+                    self.reports.keep_logs(self.workers.pop(key, None))
             # Entries of hosts that are down or put aside wait for the host (or
             # for the healer to move them); trying them would only fail again.
             unavailable = self._unavailable_hosts()
@@ -701,7 +567,7 @@ class SSHSpecCluster(SpecCluster):
                 proc.follow_worker(member, None)
             if proc is not None:
                 delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
-                asyncio.get_running_loop().call_later(delay, self._forget_lost, key, proc, member)
+                asyncio.get_running_loop().call_later(delay, self.healer.worker_left, key, proc, member)
         super(SpecCluster, self)._update_worker_status(op, msg)
 
     def _follow(self, member: str, address: str) -> None:
@@ -718,70 +584,6 @@ class SSHSpecCluster(SpecCluster):
             if member in getattr(proc, "member_names", [str(key)]):
                 return key
         return None
-
-    def _forget_lost(self, key: Any, proc: Any, member: str) -> None:
-        """Drop entry ``key`` from ``workers`` if ``member`` did not come back.
-
-        The entry stays in the spec, so the next reconcile starts it again.
-        Only the process interface seen at removal time is dropped, never a
-        replacement started meanwhile.
-        """
-        if self.status in (Status.closing, Status.closed) or self.workers.get(key) is not proc:
-            return
-        back = {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
-        if member in back:
-            return
-        self._tasks.start(self._drop_entry_process(key, proc, member), name=f"drop entry {key}")
-
-    async def _drop_entry_process(self, key: Any, proc: Any, member: str) -> None:
-        # Under the lock, and closed before it leaves ``workers``: the entry's
-        # replacement reuses its member names and must not start while the
-        # old processes are still stopping.
-        async with self._lock:
-            if self.workers.get(key) is not proc:
-                return
-            logger.info("worker %s of entry %s is gone; the entry will be started again", member, key)
-            try:
-                await proc.close()
-            except Exception as exc:  # its host may be gone; the agent kills what it leaves
-                logger.warning("closing entry %s failed: %s: %s", key, type(exc).__name__, exc)
-            self.workers.pop(key, None)
-            self._keep_logs(key, proc)
-        self.healer.wake(f"entry {key} dropped")
-
-    def _keep_logs(self, key: Any, worker: Any) -> None:
-        if isinstance(worker, RemoteProcess):
-            for member, info in worker.exit_info.items():
-                self.dead_logs[member] = str(info.get("tail", ""))
-                self.dead_hosts[member] = worker.host
-
-    async def _remove_members_from_scheduler(self, members: Sequence[str], why: str) -> None:
-        """Make the scheduler drop every worker registered under one of ``members``.
-
-        Called under the reconcile lock for entries whose processes are gone,
-        before their replacements start, so a replacement never meets a ghost
-        of its own name. By name, not by the address we last saw: a nanny may
-        have restarted its worker under a new address.
-        """
-        if not members or self.scheduler_comm is None:
-            return
-        wanted = set(members)
-        try:
-            identity = await self.scheduler_comm.identity()
-        except Exception as exc:
-            logger.warning("could not ask the scheduler for workers %s: %s", ", ".join(sorted(wanted)), exc)
-            return
-        for address, info in identity.get("workers", {}).items():
-            if str(info.get("name")) not in wanted:
-                continue
-            try:
-                await self.scheduler_comm.unregister(
-                    address=address, stimulus_id=f"speccluster-{why}-{time.time()}", close=False
-                )
-            except Exception as exc:
-                logger.warning("could not remove worker %s (%s) from the scheduler: %s", info.get("name"), address, exc)
-            else:
-                logger.info("removed worker %s (%s) of a gone entry from the scheduler", info.get("name"), address)
 
     async def _close(self) -> None:
         # The healer and retries first, so nothing starts while we close. Not
@@ -808,72 +610,13 @@ class SSHSpecCluster(SpecCluster):
 
     def status_report(self) -> dict[str, Any]:
         """A JSON-able view of hosts, entries and workers, for ``status``."""
-        info = self.scheduler_info.get("workers", {}) if self.scheduler_info else {}
-        by_name = {str(w["name"]): (addr, w) for addr, w in info.items()}
-        workers = []
-        hosts: dict[str, Any] = {}
-        used = entries.slots_used(self.worker_spec)
-        for name, host in self.worker_hosts.items():
-            state = self.pool.states[name]
-            hosts[name] = {
-                "address": host.address,
-                "slots": host.slots,
-                "slots_used": used.get(name, 0),
-                **state.as_dict(),
-            }
-        for key, spec in self.worker_spec.items():
-            host = spec["options"].get("host")
-            proc = self.workers.get(key)
-            for member in self._member_names(key, spec):
-                addr, winfo = by_name.get(member, (None, {}))
-                workers.append(
-                    {
-                        "name": member,
-                        "entry": str(key),
-                        "host": host,
-                        "address": addr,
-                        "status": "running" if addr else (proc.status.name if proc else self._pending_status(key)),
-                        "threads": winfo.get("nthreads"),
-                        "memory_limit": winfo.get("memory_limit"),
-                        "problem": self.healer.problem(key),
-                    }
-                )
-        return {
-            "name": self.name,
-            "cluster_id": self.cluster_id,
-            "scheduler_address": self.scheduler_address,
-            "dashboard_link": self.dashboard_link,
-            "hosts": hosts,
-            "workers": workers,
-            "capacity_note": self.capacity_note,
-        }
-
-    def _pending_status(self, key: Any) -> str:
-        return "backing off" if self.healer.waiting(key) else "pending"
+        return self.reports.status_report()
 
     async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool | Sequence[str] = True) -> Any:
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=False)
         if not workers:
             return logs
-        wanted = None if workers is True else {self._name_of(str(w)) for w in workers}  # type: ignore[union-attr]
-        for key, proc in list(self.workers.items()):
-            if isinstance(proc, RemoteProcess):
-                for member, text in (await proc.tail()).items():
-                    if wanted is None or member in wanted:
-                        logs[member] = Log(text)
-        for member, text in self.dead_logs.items():
-            if (wanted is None or member in wanted) and member not in logs:
-                logs[member] = Log(text)
-        return logs
-
-    def _name_of(self, worker: str) -> str:
-        """The worker name for a name or an address the scheduler knows."""
-        info = (self.scheduler_info or {}).get("workers", {}).get(worker)
-        return str(info["name"]) if info else worker
-
-
-def _bytes(value: str | int) -> int:
-    return parse_bytes(value) if isinstance(value, str) else int(value)
+        return await self.reports.worker_logs(logs, workers)
 
 
 async def _await(worker: Any) -> Any:

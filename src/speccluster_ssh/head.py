@@ -447,7 +447,7 @@ class Head:
         workers = cluster.status_report()["workers"]
         members = [w["name"] for w in workers if w.get("host") == target]
         # Workers that died or were retired keep their logs; find them by their host too.
-        members += [m for m, h in cluster.dead_hosts.items() if h == target and m not in members]
+        members += [m for m, h in cluster.gone_member_hosts.items() if h == target and m not in members]
         known_hosts = set(cluster.worker_hosts) | {w.get("host") for w in workers}
         if target in known_hosts:
             return {m: logs.get(m, "") for m in members}

@@ -7,8 +7,9 @@ through it. Unlike ``Adaptive`` it does not tick. It sleeps until one of:
 - a process of an entry exits, fails to start, or loses its host
   (:meth:`~speccluster_ssh.process.RemoteProcess.on_failed`);
 - a host's agent is lost (:meth:`~speccluster_ssh.process.AgentPool.on_host_lost`);
-- the spec changed, or an entry left ``workers`` while still in the spec
-  (the cluster calls :meth:`Healer.wake`);
+- the spec changed (the cluster calls :meth:`Healer.wake`), or a worker the
+  scheduler lost did not come back within ``lost-worker-timeout``
+  (:meth:`Healer.worker_left`);
 - the next retry time: of a host that is down (``HostState.retry_at``) or of
   an entry backing off (``FailureLedger.retry_at``).
 
@@ -30,6 +31,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import Status
@@ -197,11 +199,11 @@ class Healer:
                     worker = cluster.workers[key]
                     await worker.close()
                     cluster.workers.pop(key, None)
-                    cluster._keep_logs(key, worker)
+                    cluster.reports.keep_logs(worker)
                     # Before any replacement starts: a name the scheduler still
                     # holds (a cut host cannot say its worker died) would
                     # refuse the replacement.
-                    await cluster._remove_members_from_scheduler(worker.member_names, f"dead-{key}")
+                    await self._remove_members_from_scheduler(worker.member_names, f"dead-{key}")
                     self._count_start_failure(key, worker)
                     if key in cluster.worker_spec and worker.host in self.unavailable_hosts():
                         self._replace(key)
@@ -226,6 +228,67 @@ class Healer:
             # Up: start its entries. Still down: sleep until its next retry time.
             self.wake(f"retry of host {name} ended")
         self.cluster._log(f"host {name} answers again")
+
+    def worker_left(self, key: Any, proc: Any, member: str) -> None:
+        """The scheduler lost ``member`` of entry ``key`` a while ago: drop the entry's process if it did not come back.
+
+        The entry stays in the spec, so the next reconcile starts it again.
+        Only the process interface seen at removal time is dropped, never a
+        replacement started meanwhile.
+        """
+        cluster = self.cluster
+        if cluster.status in (Status.closing, Status.closed) or cluster.workers.get(key) is not proc:
+            return
+        back = {str(w.get("name")) for w in cluster.scheduler_info.get("workers", {}).values()}
+        if member in back:
+            return
+        self._tasks.start(self._drop_entry_process(key, proc, member), name=f"drop entry {key}")
+
+    async def _drop_entry_process(self, key: Any, proc: Any, member: str) -> None:
+        # Under the lock, and closed before it leaves ``workers``: the entry's
+        # replacement reuses its member names and must not start while the
+        # old processes are still stopping.
+        cluster = self.cluster
+        async with cluster._lock:
+            if cluster.workers.get(key) is not proc:
+                return
+            logger.info("worker %s of entry %s is gone; the entry will be started again", member, key)
+            try:
+                await proc.close()
+            except Exception as exc:  # its host may be gone; the agent kills what it leaves
+                logger.warning("closing entry %s failed: %s: %s", key, type(exc).__name__, exc)
+            cluster.workers.pop(key, None)
+            cluster.reports.keep_logs(proc)
+        self.wake(f"entry {key} dropped")
+
+    async def _remove_members_from_scheduler(self, members: Sequence[str], why: str) -> None:
+        """Make the scheduler drop every worker registered under one of ``members``.
+
+        Called under the reconcile lock for entries whose processes are gone,
+        before their replacements start, so a replacement never meets a ghost
+        of its own name. By name, not by the address we last saw: a nanny may
+        have restarted its worker under a new address.
+        """
+        comm = self.cluster.scheduler_comm
+        if not members or comm is None:
+            return
+        wanted = set(members)
+        try:
+            identity = await comm.identity()
+        except Exception as exc:
+            logger.warning("could not ask the scheduler for workers %s: %s", ", ".join(sorted(wanted)), exc)
+            return
+        for address, info in identity.get("workers", {}).items():
+            if str(info.get("name")) not in wanted:
+                continue
+            try:
+                await comm.unregister(
+                    address=address, stimulus_id=f"speccluster-{why}-{time.time()}", close=False
+                )
+            except Exception as exc:
+                logger.warning("could not remove worker %s (%s) from the scheduler: %s", info.get("name"), address, exc)
+            else:
+                logger.info("removed worker %s (%s) of a gone entry from the scheduler", info.get("name"), address)
 
     def _count_start_failure(self, key: Any, worker: RemoteProcess) -> None:
         """Account a failed start, to the host or to the entry (see :mod:`speccluster_ssh.health`).

@@ -1,0 +1,135 @@
+"""What an SSHSpecCluster tells about itself: status reports, readiness and worker logs.
+
+:class:`Reports` reads the cluster (spec, processes, host states, the
+scheduler's worker list) and never changes it. It keeps the last log tail
+of every member whose processes are gone, so that ``get_logs`` and
+``speccluster-ssh logs`` still show why a worker died after its entry was
+relaunched elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from distributed.core import Status
+from distributed.utils import Log
+
+from . import entries
+from .process import RemoteProcess
+
+if TYPE_CHECKING:
+    from .cluster import SSHSpecCluster
+
+
+class Reports:
+    """Status, readiness and logs of one cluster.
+
+    Parameters
+    ----------
+    cluster
+        The cluster reported on.
+
+    Attributes
+    ----------
+    gone_logs
+        Member name -> the last log tail of its process, for members whose
+        processes are gone.
+    gone_member_hosts
+        Member name -> the host its gone process ran on (``logs --host``).
+    """
+
+    def __init__(self, cluster: SSHSpecCluster) -> None:
+        self.cluster = cluster
+        self.gone_logs: dict[str, str] = {}
+        self.gone_member_hosts: dict[str, str] = {}
+
+    def keep_logs(self, worker: Any) -> None:
+        """Keep the exit log tails of ``worker``'s members, which are gone or going."""
+        if isinstance(worker, RemoteProcess):
+            for member, info in worker.exit_info.items():
+                self.gone_logs[member] = str(info.get("tail", ""))
+                self.gone_member_hosts[member] = worker.host
+
+    def status_report(self) -> dict[str, Any]:
+        """See :meth:`SSHSpecCluster.status_report`."""
+        cluster = self.cluster
+        info = cluster.scheduler_info.get("workers", {}) if cluster.scheduler_info else {}
+        by_name = {str(w["name"]): (addr, w) for addr, w in info.items()}
+        workers = []
+        hosts: dict[str, Any] = {}
+        used = entries.slots_used(cluster.worker_spec)
+        for name, host in cluster.worker_hosts.items():
+            hosts[name] = {
+                "address": host.address,
+                "slots": host.slots,
+                "slots_used": used.get(name, 0),
+                **cluster.pool.states[name].as_dict(),
+            }
+        healer = cluster.healer
+        for key, spec in cluster.worker_spec.items():
+            host = spec["options"].get("host")
+            proc = cluster.workers.get(key)
+            pending = "backing off" if healer.waiting(key) else "pending"
+            for member in entries.member_names(key, spec):
+                addr, winfo = by_name.get(member, (None, {}))
+                workers.append(
+                    {
+                        "name": member,
+                        "entry": str(key),
+                        "host": host,
+                        "address": addr,
+                        "status": "running" if addr else (proc.status.name if proc else pending),
+                        "threads": winfo.get("nthreads"),
+                        "memory_limit": winfo.get("memory_limit"),
+                        "problem": healer.problem(key),
+                    }
+                )
+        return {
+            "name": cluster.name,
+            "cluster_id": cluster.cluster_id,
+            "scheduler_address": cluster.scheduler_address,
+            "dashboard_link": cluster.dashboard_link,
+            "hosts": hosts,
+            "workers": workers,
+            "capacity_note": cluster.capacity_note,
+        }
+
+    def readiness(self) -> tuple[dict[str, int], dict[str, int]]:
+        """See :meth:`SSHSpecCluster.readiness`."""
+        cluster = self.cluster
+        wanted: dict[str, int] = {}
+        ready: dict[str, int] = {}
+        for spec in list(cluster.worker_spec.values()):
+            host = spec.get("options", {}).get("host")
+            group = spec.get("group")
+            wanted[host] = wanted.get(host, 0) + (len(group) if group else 1)
+        processes = {id(p): p for p in [*cluster._created, *cluster.workers.values()]}
+        for proc in processes.values():
+            if (
+                isinstance(proc, RemoteProcess)
+                and proc.role != "scheduler"
+                and proc.status == Status.running
+                and proc.name in cluster.worker_spec
+            ):
+                ready[proc.host] = ready.get(proc.host, 0) + len(proc.member_names)
+        return wanted, ready
+
+    async def worker_logs(self, logs: dict[str, Any], workers: bool | Sequence[str]) -> dict[str, Any]:
+        """Add the log of each wanted worker to ``logs``: live tails first, then kept ones."""
+        cluster = self.cluster
+        wanted = None if workers is True else {self.name_of(str(w)) for w in workers}  # type: ignore[union-attr]
+        for proc in list(cluster.workers.values()):
+            if isinstance(proc, RemoteProcess):
+                for member, text in (await proc.tail()).items():
+                    if wanted is None or member in wanted:
+                        logs[member] = Log(text)
+        for member, text in self.gone_logs.items():
+            if (wanted is None or member in wanted) and member not in logs:
+                logs[member] = Log(text)
+        return logs
+
+    def name_of(self, worker: str) -> str:
+        """The worker name for a name or an address the scheduler knows."""
+        info = (self.cluster.scheduler_info or {}).get("workers", {}).get(worker)
+        return str(info["name"]) if info else worker

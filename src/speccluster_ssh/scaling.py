@@ -1,0 +1,219 @@
+"""Capacity scaling of an SSHSpecCluster: the arithmetic behind ``scale`` and ``adapt``.
+
+``scale(n, memory=, cores=)`` becomes a :class:`~speccluster_ssh.placement.Target`;
+:class:`Capacity` grows the spec entry by entry (each from
+:mod:`speccluster_ssh.entries`) until the target is met or the inventory is
+full, or removes entries (not yet arrived first, then the newest) with
+:func:`~speccluster_ssh.placement.entries_to_remove`. Bounds of ``adapt`` in
+cores or memory become worker counts with the threads and memory of one
+worker of the next entry. A shortfall is said once, in ``capacity_note``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from dask.utils import parse_bytes
+from distributed.deploy.adaptive import Adaptive
+
+from . import entries
+from .errors import UserError
+from .placement import EntryShape, Target, entries_to_remove
+
+if TYPE_CHECKING:
+    from .cluster import SSHSpecCluster
+
+logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
+
+
+class UnknownMemoryError(UserError, ValueError):
+    """Scaling by memory was asked for, but the memory of a worker is not known.
+
+    A ``ValueError`` too, as ``SpecCluster.scale(memory=...)`` raises one.
+    """
+
+
+class SSHAdaptive(Adaptive):
+    """Adaptive scaling that retires whole spec entries.
+
+    The scheduler proposes single workers to close; an entry of a group is
+    closed only when every member of it was proposed, so adapt never kills
+    the healthy half of a group. With an explicit ``worker_key`` the
+    scheduler groups workers itself, as upstream does.
+    """
+
+    async def workers_to_close(self, target: int) -> list[str]:
+        names = await super().workers_to_close(target)
+        if self.worker_key is not None or not names:
+            return names
+        cluster = self.cluster
+        proposed = set(map(str, names))
+        chosen: list[str] = []
+        for key, spec in list(cluster.worker_spec.items()):
+            members = entries.member_names(key, spec)
+            if members and set(members) <= proposed:
+                chosen.extend(members)
+        return chosen
+
+
+def to_bytes(value: str | int) -> int:
+    """Bytes from ``"4 GiB"`` or a number."""
+    return parse_bytes(value) if isinstance(value, str) else int(value)
+
+
+class Capacity:
+    """Grows and shrinks one cluster's spec to a target, within the inventory's capacity.
+
+    Parameters
+    ----------
+    cluster
+        The cluster whose ``worker_spec`` is changed.
+    """
+
+    def __init__(self, cluster: SSHSpecCluster) -> None:
+        self.cluster = cluster
+        self.note = ""  # the shortfall last said, "" while the target fits
+
+    def _say_shortfall(self, note: str) -> None:
+        # Once per shortfall, not on every adapt tick that repeats it.
+        if not self.note:
+            logger.warning("scaled to capacity: %s", note)
+            self.cluster._log(f"scaled to capacity: {note}")
+        self.note = note
+
+    def shape(self, spec: Mapping[str, Any]) -> EntryShape:
+        """Workers, threads and memory of one entry, as its processes will have them."""
+        opts = spec.get("options", {})
+        inner = opts.get("options", {})
+        host_name = opts.get("host", "")
+        group = spec.get("group")
+        workers = len(group) if group else 1
+        agents = self.cluster.pool.agents
+        facts = agents[host_name].facts if host_name in agents else {}
+        threads = int(inner.get("nthreads") or 0)
+        if not threads:
+            # As the process interface will decide: the host's cpus shared by the group.
+            threads = max(1, int(facts.get("cpu_count") or 1) // workers)
+        memory = inner.get("memory_limit")
+        if isinstance(memory, str) and memory != "auto":
+            try:
+                memory = parse_bytes(memory)
+            except ValueError:
+                memory = 0  # the worker itself will refuse it, with the host named
+        if not isinstance(memory, int) or memory <= 0:
+            total = int(facts.get("memory") or 0)
+            cpus = int(facts.get("cpu_count") or 1)
+            memory = int(total * min(1.0, threads / cpus)) if total else 0
+        return EntryShape(host=host_name, workers=workers, threads=threads, memory=memory)
+
+    def scale_to(self, target: Target, growing_allowed: bool = True) -> None:
+        """Add or remove spec entries until ``target`` is met (or the inventory is full)."""
+        if target.memory:
+            self.memory_per_worker()  # fail early rather than fill every slot
+        shapes = {key: self.shape(spec) for key, spec in self.cluster.worker_spec.items()}
+        if not target.met_by(list(shapes.values())):
+            if growing_allowed:
+                self._grow(target, shapes)
+        else:
+            self._shrink(target, shapes)
+
+    def _grow(self, target: Target, shapes: dict[Any, EntryShape]) -> None:
+        cluster = self.cluster
+        for _ in range(cluster.total_slots + 1):
+            if target.met_by(list(shapes.values())):
+                self.note = ""
+                return
+            entry = cluster._next_entry()
+            if entry is None:
+                break
+            cluster.worker_spec.update(entry)
+            for key, spec in entry.items():
+                shapes[key] = self.shape(spec)
+        self._say_shortfall(
+            f"asked for {target.workers} workers, {target.cores} cores, {target.memory} bytes; "
+            f"the inventory's usable capacity is {sum(s.workers for s in shapes.values())} workers"
+        )
+
+    def _shrink(self, target: Target, shapes: dict[Any, EntryShape]) -> None:
+        cluster = self.cluster
+        keys = list(shapes)
+        registered: set[str] = set()
+        try:
+            registered = {str(w["name"]) for w in (cluster.scheduler_info or {}).get("workers", {}).values()}
+        except Exception as exc:  # then every entry counts as not yet arrived
+            logger.warning("could not read the registered workers to choose entries to remove: %s", exc)
+
+        def arrived(key: Any) -> bool:
+            return any(m in registered for m in entries.member_names(key, cluster.worker_spec[key]))
+
+        # Not-yet-arrived entries go first, then the newest.
+        order = sorted(range(len(keys)), key=lambda i: (arrived(keys[i]), -i))
+        for index in entries_to_remove([shapes[k] for k in keys], order, target):
+            del cluster.worker_spec[keys[index]]
+        if self.note and target.met_by(list(shapes.values())):
+            self.note = ""
+
+    def per_worker(self) -> tuple[int, int]:
+        """Threads and memory of one worker of the next entry, for adapt's arithmetic."""
+        cluster = self.cluster
+        host = entries.choose_entry_host(cluster.worker_hosts, {}, cluster._unavailable_hosts(), cluster.placement_policy)
+        if host is not None:
+            return self._threads_memory(self.shape(entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)))
+        shapes = [self.shape(s) for s in cluster.worker_spec.values()]
+        return self._threads_memory(shapes[0]) if shapes else (1, 0)
+
+    @staticmethod
+    def _threads_memory(shape: EntryShape) -> tuple[int, int]:
+        return shape.threads, shape.memory
+
+    def threads_per_worker(self) -> int:
+        return self.per_worker()[0]
+
+    def memory_per_worker(self) -> int:
+        """Memory of one worker of the next entry.
+
+        Raises
+        ------
+        UnknownMemoryError
+            When neither the inventory nor a reached host tells it.
+        """
+        memory = self.per_worker()[1]
+        if not memory:
+            raise UnknownMemoryError(
+                "scaling by memory needs the memory of a worker: set speccluster_memory_limit, "
+                "or start a worker first so the host's memory is known"
+            )
+        return memory
+
+    def adapt_bounds(
+        self,
+        minimum: float,
+        maximum: float,
+        minimum_cores: int | None = None,
+        maximum_cores: int | None = None,
+        minimum_memory: str | int | None = None,
+        maximum_memory: str | int | None = None,
+    ) -> tuple[float, int]:
+        """Worker bounds for ``adapt``: the tighter of the given ones, within the usable capacity."""
+        if minimum_cores is not None:
+            minimum = max(minimum or 0, math.ceil(minimum_cores / self.threads_per_worker()))
+        if minimum_memory is not None:
+            minimum = max(minimum or 0, math.ceil(to_bytes(minimum_memory) / self.memory_per_worker()))
+        if maximum_cores is not None:
+            maximum = min(maximum, math.floor(maximum_cores / self.threads_per_worker()))
+        if maximum_memory is not None:
+            maximum = min(maximum, math.floor(to_bytes(maximum_memory) / self.memory_per_worker()))
+        capacity = self.cluster.capacity_workers()
+        if maximum > capacity:
+            maximum = capacity
+        if minimum > maximum:
+            # Asking adapt for more than the inventory holds would repeat the
+            # same impossible request on every tick.
+            self._say_shortfall(
+                f"adapt asked for at least {minimum} workers; the inventory's usable capacity is {capacity}"
+            )
+            minimum = maximum
+        return minimum, int(maximum)
