@@ -48,6 +48,7 @@ def test_idle_healer_sleeps_and_a_killed_worker_wakes_it(tmp_path: Path) -> None
         async with SSHSpecCluster.from_inventory(local_inventory(tmp_path), asynchronous=True) as cluster:
             async with Client(cluster, asynchronous=True) as client:
                 await client.wait_for_workers(2, timeout=60)
+                assert cluster.scheduler_ready()  # a scheduler in this process counts too
                 healer = cluster.healer
                 await asyncio.sleep(0.5)  # the passes of the start settle
                 passes = healer.passes

@@ -435,6 +435,11 @@ class SSHSpecCluster(SpecCluster):
         """
         return self.reports.readiness()
 
+    def scheduler_ready(self) -> bool:
+        """Whether the scheduler runs: on its inventory host, or in this process."""
+        scheduler = getattr(self, "scheduler", None)
+        return scheduler is not None and scheduler.status == Status.running
+
     def capacity_workers(self) -> int:
         """Dask workers the inventory can hold when every usable slot is used."""
         return entries.capacity_workers(self.worker_hosts.values(), self._unavailable_hosts())

@@ -328,10 +328,7 @@ class Head:
             reason = state.reason if state is not None else ""
             want, have = wanted.get(host, 0), ready.get(host, 0)
             if role == "scheduler":
-                from .process import RemoteScheduler
-
-                sched_proc = cluster.scheduler if cluster is not None else None
-                up = isinstance(sched_proc, RemoteScheduler) and sched_proc.status.name == "running"
+                up = cluster is not None and cluster.scheduler_ready()
                 want, have = want + 1, have + (1 if up else 0)
             if conn in ("down", "aside"):
                 label = conn

@@ -19,7 +19,7 @@ from .inventory import HostSpec
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("strict", "accept-new")
+KNOWN_HOSTS_POLICIES = ("strict", "accept-new")
 
 # Where make_security's files go on a host, relative to the host's cluster directory.
 CA_PEM = "tls/ca.pem"
@@ -60,11 +60,11 @@ class KnownHostsChecker:
     """
 
     def __init__(self, host: HostSpec, policy: str, known_hosts: str | None, managed: str | None) -> None:
-        if policy not in POLICIES:
+        if policy not in KNOWN_HOSTS_POLICIES:
             from .errors import UserError
 
             raise UserError(
-                f"host {host.name}: known-hosts policy must be one of {', '.join(POLICIES)}, got {policy!r}"
+                f"host {host.name}: known-hosts policy must be one of {', '.join(KNOWN_HOSTS_POLICIES)}, got {policy!r}"
             )
         self.host = host
         self.policy = policy
