@@ -481,25 +481,33 @@ def check(
     import distributed
 
     inv = _load_inventory(inventory, scheduler_group, worker_group)
-    from .preflight import check_hosts
+    from .preflight import check_lab
 
-    rows = check_hosts(inv, known_hosts, timeout)
+    rows, choice = check_lab(inv, known_hosts, timeout)
     failed = [r for r in rows if not r["ok"]]
     if as_json:
         _echo_json({"head": {"python": sys.version.split()[0], "distributed": distributed.__version__},
-                    "hosts": rows, "ok": not failed})
+                    "hosts": rows, "ok": not failed,
+                    "scheduler_reach": choice.as_dict() if choice is not None else None})
     else:
-        columns = ("host", "address", "result", "python", "version", "distributed", "cpus", "memory",
-                   "free disk", "reaches head", "time", "problems")
+        yes_no = {True: "yes", False: "NO"}
+        columns = ("host", "address", "via", "result", "python", "version", "distributed", "cpus", "memory",
+                   "free disk", "reaches head", "reaches peers", "time", "problems")
         table_rows = [
-            (r["host"], r["address"], r["result"], r.get("python"), r.get("python_version"), r.get("distributed"),
-             r.get("cpu_count"), _bytes(r.get("memory")), _bytes(r.get("free_disk")),
-             {True: "yes", False: "NO"}.get(r.get("reaches_head"), ""), f"{r['seconds']:.1f} s",
-             "; ".join(r["problems"]))
+            (r["host"], r["address"], r.get("via") or ("direct" if "via" in r else ""), r["result"], r.get("python"),
+             r.get("python_version"), r.get("distributed"), r.get("cpu_count"), _bytes(r.get("memory")),
+             _bytes(r.get("free_disk")), yes_no.get(r.get("reaches_head"), ""),
+             yes_no.get(r.get("reaches_peers"), ""), f"{r['seconds']:.1f} s", "; ".join(r["problems"]))
             for r in rows
         ]
         title = f"head: python {sys.version.split()[0]}, distributed {distributed.__version__}"
         _console().print(_table(columns, table_rows, title=title))
+        if choice is not None:
+            where = f"on {choice.scheduler_host}" if choice.scheduler_host else "on the head"
+            click.echo(f"up would run the scheduler {where}, mode {choice.mode}: {choice.why}")
+        for r in rows:
+            if r.get("unreached_peers"):
+                click.echo(f"{r['host']}: {r['problems'][0]}")
         if failed:
             click.echo(f"{len(failed)} of {len(rows)} hosts failed", err=True)
     if failed:

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import HostError
+from .reach import ReachChoice, ReachProbe, choose_reach, peer_problem, probe_reach, reach_setting
 from .tasks import log_failures
 
 if TYPE_CHECKING:
@@ -21,11 +22,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Run by each host's python with the head's address and port as arguments.
-REACH_PROBE = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()"
-
 
 def check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict[str, Any]]:
+    """The rows of :func:`check_lab` (see there), without the mode."""
+    return check_lab(inv, policy, timeout)[0]
+
+
+def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[dict[str, Any]], ReachChoice | None]:
     """Start the host agent once on every host of ``inv``, look at what it reports, stop it.
 
     Parameters
@@ -45,14 +48,18 @@ def check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict
         and, when the agent answered, what it found (python, distributed,
         cpus, memory, free disk, whether the host reaches the head), and how
         the head reached it: ``via`` (the jump hosts as named, ``None`` when
-        direct) and ``reach`` (``direct`` or ``through jump host NAME``).
+        direct) and ``reach`` (``direct`` or ``through jump host NAME``);
+        ``reaches_peers`` (whether it can open a connection to a port every
+        other host listens on, as dask workers do) and ``unreached_peers``.
+    ReachChoice or None
+        The mode ``up`` would choose (see :func:`speccluster_ssh.reach.choose_reach`);
+        ``None`` when no host answered.
     """
     import secrets
 
     import distributed
     from dask.utils import format_bytes
 
-    from .agent import agent_argv
     from .connection import ConnectSettings
     from .process import AgentPool, same_release
 
@@ -65,27 +72,6 @@ def check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict
         # Like up: a --known-hosts flag wins, else each host's speccluster_known_hosts.
         settings = ConnectSettings(known_hosts_policy=policy)
         pool = AgentPool(f"check-{secrets.token_hex(4)}", hosts, settings, agent_timeout=timeout)
-        # A stand-in for the scheduler's port: can each host open a connection to the head?
-        listener = await asyncio.start_server(lambda r, w: w.close(), host="0.0.0.0", port=0)
-        head_port = int(listener.sockets[0].getsockname()[1])
-
-        async def reaches_head(name: str) -> str | None:
-            """``None`` when host ``name`` can connect to the head's port, else why not."""
-            address = pool.head_address_for(name)
-            if not address:
-                return "no address of the head is known from this host"
-            python = agent_argv(hosts[name], "")[2]
-            try:
-                status, _, err = await pool.connection(name).run(
-                    [python, "-c", REACH_PROBE, address, str(head_port)], timeout=15
-                )
-            except HostError as exc:
-                return exc.reason
-            if status != 0:
-                last = err.decode("utf-8", "replace").strip().splitlines()
-                return f"cannot reach the head at {address}:{head_port} ({last[-1] if last else 'exit ' + str(status)})"
-            return None
-
         async def probe(name: str) -> dict[str, Any]:
             host = hosts[name]
             row: dict[str, Any] = {"host": name, "address": host.address, "connection": host.connection}
@@ -116,9 +102,6 @@ def check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict
             remote = str(facts.get("distributed", ""))
             if remote != distributed.__version__ and same_release(remote, distributed.__version__):
                 warnings.append(f"distributed {remote} differs from the head's {distributed.__version__}")
-            unreachable = await reaches_head(name)
-            if unreachable:
-                problems.append(unreachable)
             free = int(facts.get("free_disk") or 0)
             if free and free < 1 << 30:
                 warnings.append(f"only {format_bytes(free)} free in {facts.get('dir')}")
@@ -131,7 +114,6 @@ def check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict
                 cpu_count=facts.get("cpu_count"),
                 memory=facts.get("memory"),
                 free_disk=free,
-                reaches_head=unreachable is None,
                 problems=problems + warnings,
                 seconds=round(time.monotonic() - t0, 1),
             )
@@ -143,10 +125,40 @@ def check_hosts(inv: Inventory, policy: str | None, timeout: float) -> list[dict
             failures = log_failures(results, list(hosts), logger, "check")
             if failures:
                 raise failures[0]
-            return list(results)
+            rows: list[dict[str, Any]] = list(results)
+            answered = [r["host"] for r in rows if "python" in r]
+            if not answered:
+                return rows, None
+            scheduler = inv.scheduler_host.name if inv.scheduler_host is not None else None
+            found = await probe_reach(pool, answered, scheduler_host=scheduler, peers=True)
+            choice = choose_reach(setting, [h.name for h in inv.worker_hosts], scheduler, found)
+            for row in rows:
+                if row["host"] in answered:
+                    _add_reach(row, found, choice, len(answered) - 1)
+            return rows, choice
         finally:
             await pool.close()
-            listener.close()
-            await listener.wait_closed()
 
+    setting = reach_setting(inv)
     return asyncio.run(probe_all())
+
+
+def _add_reach(row: dict[str, Any], found: ReachProbe, choice: ReachChoice, peers: int) -> None:
+    """Put what the reach probes found about ``row``'s host into it."""
+    name = row["host"]
+    to_head = found.to_head.get(name, "not probed")
+    row["reaches_head"] = not to_head
+    unreached = found.peers.get(name, {})
+    row["reaches_peers"] = not unreached if peers else None
+    row["unreached_peers"] = sorted(unreached)
+    problems: list[str] = []
+    if unreached:
+        problems.append(peer_problem(name, unreached, peers))
+    if to_head and choice.mode == "direct" and choice.scheduler_host is None:
+        # Only a problem when workers must reach a scheduler on the head.
+        problems.append(to_head)
+    if name in found.from_head and found.from_head[name] and choice.mode == "direct":
+        problems.append(f"the head cannot reach the scheduler's ports here: {found.from_head[name]}")
+    if problems:
+        row["problems"] = problems + row["problems"]
+        row.update(ok=False, result="FAIL")

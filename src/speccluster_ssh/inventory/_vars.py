@@ -276,6 +276,11 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
     "speccluster_worker_options": VarSpec(
         options_mapping, {}, "Extra keyword options passed to the dask worker (or nanny)."
     ),
+    "speccluster_scheduler_reach": VarSpec(
+        _choice("auto", "direct", "forward"), "auto",
+        "How the head reaches the scheduler: 'direct', 'forward' (scheduler on a lab host, reached through "
+        "SSH forwards) or 'auto' (probe, then pick); one value for the whole cluster, set it under all.vars.",
+    ),
 }
 
 

@@ -1,0 +1,596 @@
+"""Heads the hosts cannot reach: where the scheduler runs, and how the head reaches it.
+
+Three modes (``speccluster_scheduler_reach`` in an inventory, or
+``scheduler-reach`` in the dask config section):
+
+``direct``
+    The scheduler runs on the head, or on the inventory's ``scheduler``
+    host; the head connects to it directly. Every host must reach the
+    scheduler, and the head must reach the scheduler host.
+``forward``
+    The scheduler runs on a lab host (the ``scheduler`` group's, or one the
+    cluster picks); the head reaches it and its dashboard through SSH local
+    port forwards over the connection already open to that host. TLS bytes
+    travel through the forward unchanged: TLS ends at the scheduler.
+``auto`` (the default)
+    Probe first, then pick one of the two: ``direct`` when every host
+    reaches the head (and the head reaches a ``scheduler`` host directly),
+    else ``forward``.
+
+This module holds the probes (host -> head, head -> host, host -> peers),
+the choice between the modes (:func:`choose_reach`, a pure function), the
+forwards (:class:`SchedulerForwards`) and the scheduler interface that opens
+them (:class:`ForwardedScheduler`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import HostError, UserError
+from .process import AgentPool, RemoteScheduler
+from .tasks import log_failures
+
+if TYPE_CHECKING:
+    import asyncssh
+
+    from .connection import HostConnection
+    from .inventory import HostSpec, Inventory
+
+logger = logging.getLogger(__name__)
+
+REACH_MODES = ("auto", "direct", "forward")
+VARIABLE = "speccluster_scheduler_reach"
+CONFIG_KEY = "scheduler-reach"
+
+# Seconds one TCP connect of a probe may take.
+CONNECT_TIMEOUT = 5.0
+# Seconds a probe listener lives at most, whatever happens to the head.
+LISTEN_LIFETIME = 120
+
+# Run by a host's python with "address:port" arguments; prints {"address:port": "why not" or ""}.
+CONNECT_PROBE = (
+    "import json, socket, sys\n"
+    "out = {}\n"
+    "for target in sys.argv[2:]:\n"
+    "    host, _, port = target.rpartition(':')\n"
+    "    try:\n"
+    "        socket.create_connection((host.strip('[]'), int(port)), float(sys.argv[1])).close()\n"
+    "        out[target] = ''\n"
+    "    except OSError as exc:\n"
+    "        out[target] = exc.strerror or ('no answer within ' + sys.argv[1] + ' s' if isinstance(exc, TimeoutError) else type(exc).__name__)\n"
+    "print(json.dumps(out))\n"
+)
+
+# Run by a host's python: listens on a free port, prints it, accepts (and drops)
+# connections until its stdin closes or LISTEN_LIFETIME seconds have passed.
+LISTEN_PROBE = (
+    "import select, socket, sys, time\n"
+    "s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(64)\n"
+    "print(s.getsockname()[1], flush=True)\n"
+    "end = time.monotonic() + float(sys.argv[1])\n"
+    "while time.monotonic() < end:\n"
+    "    ready, _, _ = select.select([s, sys.stdin], [], [], 1.0)\n"
+    "    if s in ready:\n"
+    "        s.accept()[0].close()\n"
+    "    if sys.stdin in ready and not sys.stdin.buffer.read1(1):\n"
+    "        break\n"
+)
+
+
+# -- the setting -------------------------------------------------------------------------------------
+
+
+def _mode(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip().lower() in REACH_MODES:
+        return value.strip().lower()
+    return None
+
+
+def reach_setting(inventory: Inventory, explicit: str | None = None) -> str:
+    """The mode asked for: ``explicit``, else the inventory's variable, else the dask config's.
+
+    Parameters
+    ----------
+    inventory
+        Its hosts' ``speccluster_scheduler_reach`` (validated when the
+        inventory was read) must agree where they are set.
+    explicit
+        A mode given to the cluster or on the command line.
+
+    Raises
+    ------
+    UserError
+        For a value that is not a mode, or hosts that disagree.
+    """
+    from . import config as sc_config
+
+    if explicit is not None:
+        mode = _mode(explicit)
+        if mode is None:
+            raise UserError(f"scheduler_reach must be 'auto', 'direct' or 'forward', got {explicit!r}")
+        return mode
+    hosts = list(inventory.worker_hosts)
+    if inventory.scheduler_host is not None:
+        hosts.append(inventory.scheduler_host)
+    found: dict[str, list[str]] = {}
+    for host in hosts:
+        if VARIABLE in host.vars:
+            value = _mode(host.vars[VARIABLE]) or str(host.vars[VARIABLE])
+            found.setdefault(value, []).append(host.name)
+    if len(found) > 1:
+        listed = "; ".join(f"{value!r} on {', '.join(names)}" for value, names in found.items())
+        raise UserError(
+            f"{VARIABLE} differs between hosts ({listed}); it is one setting for the whole cluster: "
+            "set it once, under all.vars"
+        )
+    if found:
+        return next(iter(found))
+    configured = sc_config.get(CONFIG_KEY, "auto")
+    mode = _mode(configured)
+    if mode is None:
+        raise UserError(
+            f"speccluster-ssh.{CONFIG_KEY} in the dask config must be 'auto', 'direct' or 'forward', "
+            f"got {configured!r}; fix it in your dask config file or DASK_SPECCLUSTER_SSH__SCHEDULER_REACH"
+        )
+    return mode
+
+
+# -- the choice --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReachProbe:
+    """What the probes found, per host name.
+
+    Attributes
+    ----------
+    to_head
+        Host -> ``""`` when it can open a connection to the head, else why not.
+        Hosts that could not be probed (down) are absent.
+    from_head
+        Host -> ``""`` when the head can open a connection to a port the host
+        listens on, else why not (probed for a ``scheduler`` host only).
+    via
+        Host -> the jump hosts the head goes through, ``None`` when direct.
+    peers
+        Host -> {peer: why not} for the peers it cannot reach (empty when it reaches them all).
+    """
+
+    to_head: dict[str, str] = field(default_factory=dict)
+    from_head: dict[str, str] = field(default_factory=dict)
+    via: dict[str, str | None] = field(default_factory=dict)
+    peers: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReachChoice:
+    """Where the scheduler runs and how the head reaches it.
+
+    Attributes
+    ----------
+    mode
+        ``"direct"`` or ``"forward"``.
+    scheduler_host
+        The inventory host the scheduler runs on; ``None`` for the head.
+    why
+        One sentence saying why, for the log and ``status``.
+    setting
+        The mode asked for (``auto``, ``direct`` or ``forward``).
+    """
+
+    mode: str
+    scheduler_host: str | None
+    why: str
+    setting: str = "auto"
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"mode", "why", "scheduler_host", "setting"}`` for ``status_report``."""
+        return {"mode": self.mode, "why": self.why, "scheduler_host": self.scheduler_host, "setting": self.setting}
+
+
+def _names(hosts: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(hosts[:limit])
+    return shown + (f" and {len(hosts) - limit} more" if len(hosts) > limit else "")
+
+
+def pick_scheduler_host(worker_hosts: Sequence[str], probe: ReachProbe | None) -> str | None:
+    """The worker host a forwarded scheduler runs on when the inventory names none.
+
+    Among the hosts that answered (all of them without a probe): one the
+    head reaches without a jump host, else any; the first in inventory
+    order, so the choice is the same on every start.
+    """
+    usable = [h for h in worker_hosts if probe is None or h in probe.to_head]
+    if not usable:
+        return None
+    direct = [h for h in usable if probe is None or not probe.via.get(h)]
+    return (direct or usable)[0]
+
+
+def choose_reach(
+    setting: str,
+    worker_hosts: Sequence[str],
+    scheduler_host: str | None,
+    probe: ReachProbe | None,
+) -> ReachChoice:
+    """Choose where the scheduler runs and how the head reaches it. No I/O.
+
+    Parameters
+    ----------
+    setting
+        ``"auto"``, ``"direct"`` or ``"forward"``.
+    worker_hosts
+        The inventory's worker hosts, in inventory order.
+    scheduler_host
+        The inventory's ``scheduler`` host, ``None`` without one.
+    probe
+        What the probes found; ``None`` when nothing was probed (then
+        ``auto`` means ``direct``).
+
+    Returns
+    -------
+    ReachChoice
+    """
+    if setting not in REACH_MODES:
+        raise UserError(f"scheduler_reach must be 'auto', 'direct' or 'forward', got {setting!r}")
+    if setting == "direct":
+        where = f"on {scheduler_host}, the scheduler host of the inventory" if scheduler_host else "on the head"
+        return ReachChoice("direct", scheduler_host, f"{VARIABLE} is direct: the scheduler runs {where}", setting)
+    if setting == "forward":
+        if scheduler_host is not None:
+            return ReachChoice(
+                "forward", scheduler_host,
+                f"{VARIABLE} is forward: the scheduler runs on {scheduler_host}, the scheduler host of the "
+                "inventory, and the head reaches it through SSH forwards",
+                setting,
+            )
+        picked = pick_scheduler_host(worker_hosts, probe)
+        return ReachChoice(
+            "forward", picked,
+            f"{VARIABLE} is forward and the inventory has no scheduler host: the scheduler runs on {picked}, "
+            "the first worker host that answered"
+            + ("" if probe is None or not probe.via.get(picked or "") else f" (through jump host {probe.via[picked or '']})")
+            + "; the head reaches it through SSH forwards",
+            setting,
+        )
+    # auto
+    if probe is None:
+        return ReachChoice("direct", scheduler_host, "nothing was probed, so the head connects directly", setting)
+    if scheduler_host is not None:
+        via = probe.via.get(scheduler_host)
+        if via:
+            return ReachChoice(
+                "forward", scheduler_host,
+                f"the head reaches the scheduler host {scheduler_host} only through jump host {via}, "
+                "so it reaches the scheduler through SSH forwards",
+                setting,
+            )
+        blocked = probe.from_head.get(scheduler_host)
+        if blocked:
+            return ReachChoice(
+                "forward", scheduler_host,
+                f"the head cannot open a connection to the scheduler host {scheduler_host} ({blocked}), "
+                "so it reaches the scheduler through SSH forwards",
+                setting,
+            )
+        return ReachChoice(
+            "direct", scheduler_host,
+            f"the head reaches the scheduler host {scheduler_host} directly", setting,
+        )
+    blocked_hosts = [h for h in worker_hosts if probe.to_head.get(h)]
+    if not blocked_hosts:
+        probed = [h for h in worker_hosts if h in probe.to_head]
+        return ReachChoice(
+            "direct", None,
+            f"every host that answered ({len(probed)}) can open a connection to the head, "
+            "so the scheduler runs on the head",
+            setting,
+        )
+    first = blocked_hosts[0]
+    picked = pick_scheduler_host(worker_hosts, probe)
+    return ReachChoice(
+        "forward", picked,
+        f"{_names(blocked_hosts)} cannot open a connection to the head ({first}: {probe.to_head[first]}), "
+        f"so the scheduler runs on {picked}, the first worker host that answered"
+        + (f" (through jump host {probe.via[picked]})" if picked and probe.via.get(picked) else "")
+        + ", and the head reaches it through SSH forwards",
+        setting,
+    )
+
+
+# -- the probes --------------------------------------------------------------------------------------
+
+
+def _python(host: HostSpec) -> str:
+    from .agent import agent_argv
+
+    return agent_argv(host, "")[2]
+
+
+def _target(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+async def connect_from(pool: AgentPool, name: str, targets: Sequence[str]) -> dict[str, str]:
+    """From host ``name``, open (and close) a TCP connection to each ``address:port`` of ``targets``.
+
+    Returns
+    -------
+    dict
+        Target -> ``""`` when it connected, else why not.
+    """
+    if not targets:
+        return {}
+    try:
+        status, out, err = await pool.connection(name).run(
+            [_python(pool.hosts[name]), "-c", CONNECT_PROBE, str(CONNECT_TIMEOUT), *targets],
+            timeout=CONNECT_TIMEOUT * len(targets) + 30,
+        )
+    except (HostError, asyncio.TimeoutError, TimeoutError) as exc:
+        reason = exc.reason if isinstance(exc, HostError) else "the probe did not finish"
+        return {t: reason for t in targets}
+    if status != 0:
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        return {t: lines[-1] if lines else f"exit {status}" for t in targets}
+    try:
+        found = json.loads(out.decode("utf-8", "replace").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {t: "the probe printed nothing readable" for t in targets}
+    return {t: str(found.get(t, "not probed")) for t in targets}
+
+
+class _Listener:
+    """A probe listener on one host: a free port that accepts and drops connections."""
+
+    def __init__(self, pool: AgentPool, name: str) -> None:
+        self.pool = pool
+        self.name = name
+        self.port: int | None = None
+        self._channel: Any = None
+
+    async def __aenter__(self) -> _Listener:
+        channel = await self.pool.connection(self.name).open_channel(
+            [_python(self.pool.hosts[self.name]), "-u", "-c", LISTEN_PROBE, str(LISTEN_LIFETIME)]
+        )
+        self._channel = channel
+        line = await asyncio.wait_for(channel.readline(), 30)
+        try:
+            self.port = int(line.strip())
+        except ValueError:
+            self.port = None
+            logger.info("no probe listener on %s: %s", self.name, channel.stderr_tail().strip()[-300:])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def _listen_address(pool: AgentPool, name: str) -> str:
+    agent = pool.agents.get(name)
+    listen = agent.facts.get("listen_address") if agent is not None else None
+    return str(listen or pool.hosts[name].address)
+
+
+async def probe_reach(
+    pool: AgentPool,
+    names: Sequence[str],
+    *,
+    scheduler_host: str | None = None,
+    peers: bool = False,
+    head_port: int | None = None,
+) -> ReachProbe:
+    """Probe hosts ``names`` (their agents must be running or startable).
+
+    Parameters
+    ----------
+    pool
+        The cluster's (or ``check``'s) agent pool.
+    names
+        Hosts to probe; the ones whose agent does not start are left out.
+    scheduler_host
+        Also probe whether the head reaches a port this host listens on.
+    peers
+        Also probe whether each host reaches a port every other host listens on.
+    head_port
+        A port the head listens on; ``None`` opens a stand-in for the probe.
+    """
+    result = ReachProbe()
+    started = await asyncio.gather(*(pool.agent(n) for n in names), return_exceptions=True)
+    up = [n for n, r in zip(names, started) if not isinstance(r, BaseException)]
+    # A host that does not answer is left out (its own start reports why); anything else is a bug.
+    odd = [(n, r) for n, r in zip(names, started) if isinstance(r, BaseException) and not isinstance(r, HostError)]
+    log_failures([r for _, r in odd], [n for n, _ in odd], logger, "reach probe")
+    for name in up:
+        result.via[name] = pool.connection(name).via
+    listener: asyncio.AbstractServer | None = None
+    if head_port is None:
+        # A stand-in for the scheduler's port: can each host open a connection to the head?
+        listener = await asyncio.start_server(lambda r, w: w.close(), host="0.0.0.0", port=0)
+        head_port = int(listener.sockets[0].getsockname()[1])
+    try:
+        async def to_head(name: str) -> None:
+            address = pool.head_address_for(name)
+            if not address:
+                result.to_head[name] = "no address of the head is known from this host"
+                return
+            target = _target(address, head_port)
+            why = (await connect_from(pool, name, [target]))[target]
+            result.to_head[name] = f"cannot reach the head at {target}: {why}" if why else ""
+
+        await asyncio.gather(*(to_head(n) for n in up))
+    finally:
+        if listener is not None:
+            listener.close()
+            await listener.wait_closed()
+    if scheduler_host is not None and scheduler_host in up and not result.via.get(scheduler_host):
+        result.from_head[scheduler_host] = await _head_reaches(pool, scheduler_host)
+    if peers and len(up) > 1:
+        result.peers = await _peer_probe(pool, up)
+    return result
+
+
+async def _head_reaches(pool: AgentPool, name: str) -> str:
+    """``""`` when the head can connect to a port host ``name`` listens on, else why not."""
+    try:
+        async with _Listener(pool, name) as listener:
+            if listener.port is None:
+                return "no probe listener could be started there"
+            address = _listen_address(pool, name)
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(address, listener.port), CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+                what = "no answer" if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else (exc.strerror or str(exc))
+                return f"{_target(address, listener.port)}: {what}"
+            writer.close()
+            return ""
+    except (HostError, asyncio.TimeoutError, TimeoutError) as exc:
+        return exc.reason if isinstance(exc, HostError) else "the probe listener did not start"
+
+
+async def _peer_probe(pool: AgentPool, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Host -> {peer: why not}: every host connects to a port each of its peers listens on."""
+    import contextlib
+
+    async with contextlib.AsyncExitStack() as stack:
+        listeners: dict[str, _Listener] = {}
+        opened = await asyncio.gather(
+            *(stack.enter_async_context(_Listener(pool, n)) for n in names), return_exceptions=True
+        )
+        for name, item in zip(names, opened):
+            if isinstance(item, _Listener) and item.port is not None:
+                listeners[name] = item
+        targets = {n: _target(_listen_address(pool, n), listeners[n].port or 0) for n in listeners}
+
+        async def one(name: str) -> tuple[str, dict[str, str]]:
+            wanted = {targets[p]: p for p in listeners if p != name}
+            found = await connect_from(pool, name, list(wanted))
+            return name, {wanted[t]: why for t, why in found.items() if why}
+
+        pairs = await asyncio.gather(*(one(n) for n in names))
+    return dict(pairs)
+
+
+def peer_problem(name: str, unreachable: Mapping[str, str], total_peers: int) -> str:
+    """The one line ``check`` prints for a host that cannot reach some of its peers."""
+    peers = sorted(unreachable)
+    first = peers[0]
+    which = "any of its peers" if len(peers) == total_peers else f"its peer{'s' if len(peers) > 1 else ''} {_names(peers)}"
+    return (
+        f"cannot reach {which} ({first}: {unreachable[first]}); dask workers must reach each other directly, "
+        "so open TCP between the hosts"
+    )
+
+
+# -- the forwards ------------------------------------------------------------------------------------
+
+
+def split_address(address: str) -> tuple[str, str, int]:
+    """``tls://10.0.0.3:8786`` -> ``("tls", "10.0.0.3", 8786)``."""
+    protocol, _, rest = address.rpartition("://")
+    host, _, port = rest.rpartition(":")
+    return protocol or "tcp", host.strip("[]"), int(port)
+
+
+class SchedulerForwards:
+    """SSH local port forwards to one host, over the connection already open to it.
+
+    Each forward listens on ``127.0.0.1`` of the head on a free port; what
+    it carries (TLS included) goes through the SSH connection to a
+    ``direct-tcpip`` channel that the host's sshd connects onwards. Behind
+    jump hosts the connection itself runs through them, so the forwards do too.
+
+    Parameters
+    ----------
+    connection
+        The open connection to the host.
+    """
+
+    def __init__(self, connection: HostConnection) -> None:
+        self.connection = connection
+        self.listeners: list[asyncssh.SSHListener] = []
+        self.ports: dict[tuple[str, int], int] = {}
+
+    async def forward_port(self, host: str, port: int) -> int:
+        """Forward a free port of ``127.0.0.1`` on the head to ``host:port`` as the host sees it."""
+        key = (host, port)
+        if key in self.ports:
+            return self.ports[key]
+        await self.connection.open()
+        # HostConnection keeps its asyncssh connection private; forwards are the one use of it here.
+        conn = getattr(self.connection, "_conn", None)
+        if conn is None:
+            raise HostError(self.connection.host.name, "not connected, so no SSH forward can be opened")
+        try:
+            listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
+        except OSError as exc:
+            raise HostError(
+                self.connection.host.name, f"cannot open an SSH forward to {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        self.listeners.append(listener)
+        local = int(listener.get_port())
+        self.ports[key] = local
+        logger.info("forwarding 127.0.0.1:%d on the head to %s:%d on %s", local, host, port, self.connection.host.name)
+        return local
+
+    async def forward(self, address: str) -> str:
+        """The head's address for dask ``address`` (``tls://10.0.0.3:8786`` -> ``tls://127.0.0.1:<port>``)."""
+        protocol, host, port = split_address(address)
+        local = await self.forward_port(host, port)
+        return f"{protocol}://127.0.0.1:{local}"
+
+    async def close(self) -> None:
+        """Stop listening; connections already carried end with the SSH connection."""
+        listeners, self.listeners = self.listeners, []
+        self.ports.clear()
+        for listener in listeners:
+            listener.close()
+            try:
+                await asyncio.wait_for(listener.wait_closed(), 5)
+            except (asyncio.TimeoutError, TimeoutError, OSError):
+                pass
+
+
+class ForwardedScheduler(RemoteScheduler):
+    """A scheduler on a lab host that the head reaches through SSH forwards.
+
+    ``address`` stays the scheduler's lab address (what workers use);
+    ``external_address`` is the forward on the head, which SpecCluster
+    connects to, and :attr:`head_dashboard_link` the dashboard's.
+    """
+
+    def __init__(self, *, host: str, cluster: str, **kwargs: Any) -> None:
+        super().__init__(host=host, cluster=cluster, **kwargs)
+        self.forwards: SchedulerForwards | None = None
+        self.head_dashboard_link: str = ""
+
+    async def start(self) -> None:
+        await super().start()
+        pool = AgentPool.lookup(self.cluster)
+        connection = pool.connection(self.host)
+        if connection.host.is_local or not self.address:
+            return  # the head is the host: its address works as it is
+        self.forwards = SchedulerForwards(connection)
+        try:
+            self.external_address = await self.forwards.forward(self.address)
+            port = self.dashboard_port
+            if port:
+                _, host, _ = split_address(self.address)
+                local = await self.forwards.forward_port(host, port)
+                self.head_dashboard_link = f"http://127.0.0.1:{local}/status"
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            if self.forwards is not None:
+                await self.forwards.close()
