@@ -275,7 +275,8 @@ def capacity_workers(hosts: Iterable[HostSpec], unavailable: Collection[str] = (
 
 
 def remote_scheduler_entry(
-    settings: EntrySettings, host: HostSpec, default_dashboard_port: int | str, options: Mapping[str, Any] | None = None
+    settings: EntrySettings, host: HostSpec, default_dashboard_port: int | str, options: Mapping[str, Any] | None = None,
+    cls: Any = None,
 ) -> dict[str, Any]:
     """The spec of a scheduler on inventory host ``host``.
 
@@ -289,6 +290,9 @@ def remote_scheduler_entry(
         The dashboard port when the host sets none (config ``dashboard-port``).
     options
         ``scheduler_options`` given to the cluster; they win.
+    cls
+        The process class; default the settings' ``"scheduler"`` class (the
+        cluster passes another for a scheduler reached through SSH forwards).
     """
     dashboard_port = host.dashboard_port if host.dashboard_port is not None else default_dashboard_port
     remote_options: dict[str, Any] = {"port": host.scheduler_port, "dashboard_address": f":{dashboard_port}"}
@@ -300,7 +304,7 @@ def remote_scheduler_entry(
         remote_options["protocol"] = "tls"
     remote_options.update(options or {})
     return {
-        "cls": settings.classes["scheduler"],
+        "cls": cls if cls is not None else settings.classes["scheduler"],
         "options": {
             "host": host.name,
             "cluster": settings.cluster_id,
