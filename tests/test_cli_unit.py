@@ -459,7 +459,8 @@ def test_failed_up_cleans_up_and_exits_1(tmp_path: Path, state_home: Path) -> No
     inv = local_inventory(tmp_path, speccluster_python=str(fake))
     result = cli("up", str(inv), "--detach", "--name", "broken", "--no-tls", "--timeout", "20")
     assert result.exit_code == 1, result.output
-    assert "host local1" in result.stderr and "this python is broken" in result.stderr
+    assert "no worker host answered" in result.stderr
+    assert "local1: down: " in result.stderr and "this python is broken" in result.stderr
     assert "Traceback" not in result.output
     assert not (state_home / "broken").exists()
 

@@ -18,7 +18,7 @@ from distributed.core import Status
 
 from speccluster_ssh.cluster import SSHSpecCluster
 from speccluster_ssh.connection import ConnectSettings
-from speccluster_ssh.errors import HostError
+from speccluster_ssh.errors import HostError, StartError
 from speccluster_ssh.inventory import load_inventory
 from speccluster_ssh.process import AgentPool, RemoteNanny, RemoteWorker
 from sshlab import processes_besides_sshd
@@ -225,29 +225,32 @@ def test_option_values_arrive_literally(lab: Any, tmp_path: Path) -> None:
 
 
 def test_start_failures_are_explained_and_clean(lab: Any, tmp_path: Path) -> None:
-    # A missing python.
-    path = lab.write_inventory(tmp_path / "a.yml", host_vars={"h1": {"speccluster_python": "/nonexistent/python3"}})
-    with pytest.raises(HostError) as info:
+    # A missing python, on the only host: no host answers, and the fix is named.
+    path = lab.write_inventory(
+        tmp_path / "a.yml", groups={"workers": ["h1"]}, host_vars={"h1": {"speccluster_python": "/nonexistent/python3"}}
+    )
+    with pytest.raises(StartError) as info:
         SSHSpecCluster.from_inventory(path, known_hosts=lab.known_hosts, n_workers=1)
-    assert info.value.host == "h1"
-    assert "/nonexistent/python3" in str(info.value)
-    # A worker that exits at start: the error names the host and carries the log tail.
+    assert list(info.value.hosts) == ["h1"]
+    assert "/nonexistent/python3" in info.value.hosts["h1"]
+    # A worker that exits at start, when the start needs it: the error names the host and the cause.
     path = lab.write_inventory(tmp_path / "b.yml", host_vars={"h2": {"speccluster_worker_options": {"memory_limit": "lots of it"}}})
     inv = load_inventory(path)
-    with pytest.raises(HostError) as info:
-        SSHSpecCluster(inventory=inv, known_hosts=lab.known_hosts, hosts=None, n_workers=2, heal=False)
-    assert info.value.host == "h2"
-    assert "lots" in info.value.tail or "lots" in str(info.value)
+    with pytest.raises(StartError) as info:
+        SSHSpecCluster(inventory=inv, known_hosts=lab.known_hosts, hosts=None, n_workers=2, heal=False,
+                       min_workers=2, start_timeout=20)
+    assert list(info.value.hosts) == ["h2"]
+    assert "lots" in info.value.hosts["h2"]
     assert wait_for(lambda: not processes_besides_sshd(lab), 15), processes_besides_sshd(lab)
     # A host that does not answer.
     lab.hosts[2].cut()
     try:
         path = lab.write_inventory(tmp_path / "c.yml", groups={"workers": ["h3"]})
         started = time.monotonic()
-        with pytest.raises(HostError) as info:
+        with pytest.raises(StartError) as info:
             SSHSpecCluster.from_inventory(path, known_hosts=lab.known_hosts, connect_timeout=2, n_workers=1)
-        assert info.value.host == "h3"
-        assert "did not answer" in str(info.value)
+        assert list(info.value.hosts) == ["h3"]
+        assert "did not answer" in info.value.hosts["h3"]
         assert time.monotonic() - started < 30
     finally:
         lab.hosts[2].heal()

@@ -14,7 +14,7 @@ from distributed import Client
 from distributed.security import Security
 
 from speccluster_ssh.cluster import SSHSpecCluster
-from speccluster_ssh.errors import HostError
+from speccluster_ssh.errors import HostError, StartError
 
 pytestmark = pytest.mark.lab
 
@@ -48,7 +48,7 @@ def test_accept_new_records_then_refuses_a_changed_key(lab: Any, tmp_path: Path,
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     path = lab.write_inventory(tmp_path / "inv.yml", groups={"workers": ["h3"]})
-    with pytest.raises(HostError, match="not known"):
+    with pytest.raises(StartError, match="not known"):
         SSHSpecCluster.from_inventory(path, known_hosts=str(empty), n_workers=1, security=False)
     with SSHSpecCluster.from_inventory(path, known_hosts=str(empty), known_hosts_policy="accept-new", n_workers=1, security=False) as cluster:
         with Client(cluster) as client:
@@ -57,7 +57,7 @@ def test_accept_new_records_then_refuses_a_changed_key(lab: Any, tmp_path: Path,
     assert lab.hosts[2].ip in managed.read_text()
     lab.hosts[2].rotate_host_key()
     try:
-        with pytest.raises(HostError, match="CHANGED"):
+        with pytest.raises(StartError, match="CHANGED"):
             SSHSpecCluster.from_inventory(path, known_hosts=str(empty), known_hosts_policy="accept-new", n_workers=1, security=False)
     finally:
         lab.hosts[2].restore_host_key()

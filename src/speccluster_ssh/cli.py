@@ -316,6 +316,10 @@ def _print_connect_info(state: st.ClusterState, directory: Path, *, detached: bo
         lines.append(f"  stop:      {PROG} down --name {state.name}")
     else:
         lines.append("  stop:      press Ctrl-C")
+    if state.summary:
+        from .reporting import summary_line
+
+        lines.append(summary_line(state.summary))
     for line in lines:
         click.echo(line)
 
@@ -572,11 +576,14 @@ def _setup_logging(level: int) -> None:
 @click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None,
               help="Host key policy (default: each host's speccluster_known_hosts).")
 @click.option("--no-tls", is_flag=True, help="Plain TCP instead of TLS (anyone reaching the scheduler can run code).")
+@click.option("--min-workers", "min_workers", default=None, metavar="M",
+              help="Workers the start needs: a count, a fraction (0.5) or a percentage (50%); default 1. "
+                   "Hosts that do not answer are retried in the background.")
 @_group_options
 @_json_option
 def up(
     inventory: str, name: str | None, workers: int | None, adapt_range: str | None, detach: bool,
-    timeout: float | None, placement: str | None, known_hosts: str | None, no_tls: bool,
+    timeout: float | None, placement: str | None, known_hosts: str | None, no_tls: bool, min_workers: str | None,
     scheduler_group: str, worker_group: str, as_json: bool,
 ) -> None:
     """Start a Dask cluster on the hosts of INVENTORY.
@@ -585,10 +592,14 @@ def up(
     closed cleanly. With --detach the command returns once the cluster is up
     and a head process keeps it; use status, scale, adapt, logs and down.
     Running 'up' again for a running name reports it and changes nothing.
+    Hosts that do not answer do not stop the start: the last line says
+    which are down and why, and they join when they answer. The exit
+    status is 0 when --min-workers workers came up, 1 otherwise.
 
     \b
     Example:
       speccluster-ssh up lab.yml --detach --name lab --workers 8
+      speccluster-ssh up lab.yml --detach --min-workers 75%
       speccluster-ssh up inventories/local.yml
     """
     from . import config
@@ -614,6 +625,14 @@ def up(
         if sum(h.nworkers for _, h in placed) < wanted:
             click.echo(f"{PROG}: warning: asked for {wanted} workers; the inventory holds {capacity(inv)}, "
                        "starting that many", err=True)
+    if min_workers is not None:
+        from .planning import capacity
+        from .scaling import resolve_min_workers
+
+        try:
+            resolve_min_workers(min_workers, wanted if wanted is not None else capacity(inv))
+        except UserError as exc:
+            raise UserError(f"--min-workers: {exc}") from None
     options = UpOptions(
         name=cluster_name,
         inventory=str(Path(inventory).expanduser().absolute()) if os.path.exists(inventory) else inventory,
@@ -626,6 +645,7 @@ def up(
         tls=False if no_tls else None,
         scheduler_group=scheduler_group,
         worker_group=worker_group,
+        min_workers=min_workers,
     )
     directory = st.make_cluster_dir(cluster_name)
     lock = st.HeadLock(directory)
@@ -790,10 +810,15 @@ def _render_status(report: Mapping[str, Any]) -> None:
     hosts = report.get("hosts", {})
     console.print(_table(
         ("host", "address", "state", "slots used", "reason"),
-        [(h, v.get("address"), v.get("state"), f"{v.get('slots_used')}/{v.get('slots')}", v.get("reason"))
+        [(h, v.get("address"), v.get("state"), f"{v.get('slots_used')}/{v.get('slots')}",
+          (v.get("reason") or "") + (f"; fix: {v['fix']}" if v.get("fix") else ""))
          for h, v in hosts.items()],
         title="hosts",
     ))
+    if report.get("summary"):
+        from .reporting import summary_line
+
+        click.echo(summary_line(report["summary"]))
     workers = report.get("workers", [])
     console.print(_table(
         ("name", "host", "address", "status", "threads", "memory"),

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,13 +46,14 @@ from . import config as sc_config
 from . import entries
 from .connection import ConnectSettings
 from .entries import EntrySettings
-from .errors import CapacityError, HostError, UserError
+from .errors import CapacityError, HostError, StartError, UserError
+from .health import Health
 from .healer import Healer
 from .inventory import Inventory, load_inventory
 from .placement import Target
 from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
 from .reporting import Reports
-from .scaling import Capacity, SSHAdaptive, UnknownMemoryError, to_bytes
+from .scaling import Capacity, SSHAdaptive, UnknownMemoryError, resolve_min_workers, to_bytes
 from .security import remote_security_paths
 from .tasks import TaskSet, log_failures
 
@@ -90,6 +92,15 @@ class SSHSpecCluster(SpecCluster):
         and the head marks the host down.
     heal
         Relaunch dead entries and re-place those of lost hosts (default on).
+    min_workers
+        Dask workers the start needs: a count, a fraction of the requested
+        workers (``0.5``) or a percentage (``"50%"``); default 1. Hosts that
+        do not answer do not fail the start: their entries go to free slots
+        or wait for them. If fewer are up within ``start_timeout`` (or every
+        host is down), the start fails with one line per missing host, and
+        nothing is left running.
+    start_timeout
+        Seconds for an agent, a process, and the whole start to come up.
     security
         A ``distributed.Security``, ``True`` for fresh TLS certificates
         (the default), or ``False`` for plain TCP.
@@ -120,6 +131,7 @@ class SSHSpecCluster(SpecCluster):
         connect_timeout: float | None = None,
         silence: float | None = None,
         heal: bool = True,
+        min_workers: int | float | str | None = None,
         start_timeout: float | None = None,
         security: Any = None,
         name: str | None = None,
@@ -148,6 +160,9 @@ class SSHSpecCluster(SpecCluster):
         # Every background task of the cluster; awaited by _close.
         self._tasks = TaskSet(f"cluster {self.cluster_id}", logger)
         self.heal = heal
+        self.min_workers_asked = min_workers
+        self.min_workers = 0  # resolved once the initial spec is known
+        self._last_start_error: dict[Any, str] = {}
         self.start_timeout = float(start_timeout or sc_config.get("start-timeout"))
         self.silence = float(silence or sc_config.get("silence"))
         self.worker_options = dict(worker_options or {})
@@ -228,6 +243,8 @@ class SSHSpecCluster(SpecCluster):
                 if entry is None:
                     break
                 self.worker_spec.update(entry)
+        requested = sum(len(entries.member_names(k, s)) for k, s in self.worker_spec.items())
+        self.min_workers = resolve_min_workers(self.min_workers_asked, requested)
         super().__init__(
             workers=initial,
             scheduler=dict(scheduler),
@@ -397,7 +414,8 @@ class SSHSpecCluster(SpecCluster):
             The adaptive class; :class:`SSHAdaptive` retires group entries whole.
         minimum, maximum
             Dask workers to keep at least and at most. ``maximum`` is capped
-            at the inventory's usable capacity, and ``minimum`` at ``maximum``.
+            at the inventory's capacity (hosts down for now included, as they
+            come back), and ``minimum`` at ``maximum``.
         minimum_cores, maximum_cores, minimum_memory, maximum_memory
             The same bounds in threads or bytes, turned into workers with the
             threads and memory of one worker of the next entry.
@@ -462,6 +480,58 @@ class SSHSpecCluster(SpecCluster):
         if isinstance(self.scheduler, Scheduler) and self._scheduler_address is None:
             protocol, _, rest = self.scheduler.address.partition("://")
             self.pool.head_scheduler = (protocol, int(rest.rsplit(":", 1)[1]))
+        await self._start_workers()
+
+    async def _start_workers(self) -> None:
+        """The first reconcile, then wait until ``min_workers`` workers registered.
+
+        Hosts that do not answer do not fail the start: the healer moves
+        their entries to free slots or retries them. The start fails, and
+        closes everything, when the start timeout runs out first, or at once
+        when every worker host was tried and none answered.
+        """
+        started = time.monotonic()
+        await self._correct_state()
+        for _ in range(int(self.start_timeout / 0.1) + 100):  # bounded; the deadline ends it first
+            registered = len(self.scheduler_info.get("workers", {}))
+            if registered >= self.min_workers:
+                return
+            elapsed = time.monotonic() - started
+            if self._no_host_answers() or elapsed >= self.start_timeout:
+                break
+            await asyncio.sleep(0.1)
+        await self._fail_start(registered, time.monotonic() - started)
+
+    def _no_host_answers(self) -> bool:
+        states = [self.pool.states[name] for name in self.worker_hosts]
+        return all(s.state in (Health.DOWN, Health.ASIDE) for s in states)
+
+    async def _fail_start(self, registered: int, elapsed: float) -> None:
+        wanted = sum(len(entries.member_names(k, s)) for k, s in self.worker_spec.items())
+        running = {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
+        why: dict[str, str] = {}
+        for key, spec in self.worker_spec.items():
+            if all(m in running for m in entries.member_names(key, spec)):
+                continue
+            host = str(spec.get("options", {}).get("host"))
+            state = self.pool.states.get(host)
+            if state is not None and not state.usable and state.reason:
+                why.setdefault(host, f"{state.state}: {state.reason}" + (f"; fix: {state.fix}" if state.fix else ""))
+            else:
+                why.setdefault(host, self._last_start_error.get(key) or "did not start in time")
+        if self._no_host_answers():
+            summary = f"no worker host answered (at least {self.min_workers} workers needed)"
+            for name, state in self.pool.states.items():
+                if name in self.worker_hosts and state.reason:
+                    why.setdefault(name, f"{state.state}: {state.reason}")
+        else:
+            summary = (
+                f"only {registered} of {wanted} workers started within {elapsed:.0f} s; "
+                f"at least {self.min_workers} needed"
+            )
+        logger.warning("start failed: %s", summary)
+        await self._close()
+        raise StartError(summary, why)
 
     async def _correct_state_internal(self) -> None:
         async with self._lock:
@@ -519,10 +589,13 @@ class SSHSpecCluster(SpecCluster):
                     worker._cluster = weakref.ref(self)
                     host = getattr(worker, "host", None)
                     if not task.cancelled() and task.exception() is not None:
+                        # Not raised: the healer moves the entry or retries its host,
+                        # and a start that ends short of min_workers says why.
+                        self._last_start_error[key] = str(task.exception())
                         self.healer.entry_start_failed(key, str(task.exception()))
                     elif host is not None:
+                        self._last_start_error.pop(key, None)
                         self.healer.entry_started(key, host)
-                await asyncio.gather(*tasks)
         # Heal only once the first reconcile succeeded: a constructor that
         # fails must raise its own error, not race the healer for it.
         if self.heal and self.status == Status.running:

@@ -247,7 +247,10 @@ class HostConnection:
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
             return HostError(host.name, f"did not answer within {timeout:g} s at {host.address}{via}")
         if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-            return HostError(host.name, checker.refusal_message(exc))
+            return HostError(
+                host.name, checker.refusal_message(exc),
+                fix=f"check {host.name}'s host key, then update the known_hosts file (or speccluster_known_hosts)",
+            )
         if isinstance(exc, asyncssh.PermissionDenied):
             return HostError(
                 host.name,

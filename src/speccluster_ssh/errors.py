@@ -22,12 +22,17 @@ class HostError(SpecClusterError):
         What went wrong, one line.
     tail
         The tail of the remote log, shown below the line when there is one.
+    fix
+        For a failure that retrying will not cure (a python without
+        distributed, another distributed release, a refused host key): what
+        the user must change. Such hosts are retried rarely.
     """
 
-    def __init__(self, host: str, reason: str, tail: str = "") -> None:
+    def __init__(self, host: str, reason: str, tail: str = "", *, fix: str = "") -> None:
         self.host = host
         self.reason = reason
         self.tail = tail
+        self.fix = fix
         super().__init__(f"host {host}: {reason}")
 
     def details(self) -> str:
@@ -36,6 +41,23 @@ class HostError(SpecClusterError):
             return str(self)
         lines = self.tail.strip().splitlines()[-20:]
         return str(self) + "\n  remote log tail:\n" + "\n".join("    " + line for line in lines)
+
+
+class StartError(SpecClusterError):
+    """Too few workers started: a summary line, then one line per host that failed and why.
+
+    Parameters
+    ----------
+    summary
+        How many workers started of how many, and how many were needed.
+    hosts
+        Host name -> why its workers did not start.
+    """
+
+    def __init__(self, summary: str, hosts: dict[str, str]) -> None:
+        self.summary = summary
+        self.hosts = dict(hosts)
+        super().__init__("\n".join([summary, *(f"  {host}: {why}" for host, why in self.hosts.items())]))
 
 
 class CapacityError(SpecClusterError):

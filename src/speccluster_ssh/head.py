@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # Seconds the cluster may take to close before the head gives up on a clean close.
 CLOSE_TIMEOUT = 120.0
+# Seconds the head waits for a start beyond the cluster's own start timeout.
+START_SLACK = 15.0
 # Seconds to stop every agent (and so every remote process) after the cluster closed.
 POOL_CLOSE_TIMEOUT = 30.0
 
@@ -55,6 +57,7 @@ class UpOptions:
     tls: bool | None = None
     scheduler_group: str = "scheduler"
     worker_group: str = "workers"
+    min_workers: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -193,6 +196,7 @@ class Head:
                 "placement": options.placement,
                 "known_hosts_policy": options.known_hosts,
                 "start_timeout": options.timeout,
+                "min_workers": options.min_workers,
                 "name": options.name,
                 "asynchronous": True,
             }
@@ -208,7 +212,11 @@ class Head:
             stopping = self.stop_event
             stop_wait = self.tasks.start(stopping.wait(), name="stop request") if stopping is not None else None
             waiting = {starting} | ({stop_wait} if stop_wait else set())
-            done, _ = await asyncio.wait(waiting, timeout=options.timeout, return_when=asyncio.FIRST_COMPLETED)
+            # A little past the cluster's own start timeout, so that its
+            # StartError (which names every missing host) comes first.
+            done, _ = await asyncio.wait(
+                waiting, timeout=options.timeout + START_SLACK, return_when=asyncio.FIRST_COMPLETED
+            )
             if starting not in done:
                 starting.cancel()
                 await asyncio.wait([starting])
@@ -245,6 +253,7 @@ class Head:
         self.state.phase = "running"
         self.state.scheduler_address = str(cluster.scheduler_address or "")
         self.state.dashboard_link = str(cluster.dashboard_link or "")
+        self.state.summary = cluster.status_report()["summary"]
         path = st.write_client_files(
             self.directory, self.state.scheduler_address, cluster.security if self.state.tls else None
         )

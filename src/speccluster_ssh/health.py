@@ -29,6 +29,9 @@ FAILURES_BEFORE_ASIDE = 3
 ENTRY_BACKOFF_FIRST = 2.0
 ENTRY_BACKOFF_MAX = 60.0
 HOST_BACKOFF_MAX = 60.0
+# A host whose failure has a fix (see HostError.fix) is retried this rarely at first.
+FIXABLE_BACKOFF_FIRST = 30.0
+FIXABLE_BACKOFF_MAX = 300.0
 
 # Causes that say nothing about the host the entry was started on.
 _NOT_THE_HOST = ("name taken", "the cluster is closing")
@@ -59,6 +62,7 @@ class HostState:
         self.name = name
         self.state = Health.NEW
         self.reason = ""
+        self.fix = ""  # what the user must change, when retrying cannot help
         self.failures: list[tuple[float, str]] = []
         self.retry_at = 0.0
         self.backoff = 1.0
@@ -75,19 +79,27 @@ class HostState:
     def mark_up(self) -> None:
         self.state = Health.UP
         self.reason = ""
+        self.fix = ""
         self.backoff = 1.0
 
-    def mark_down(self, reason: str) -> None:
-        """The agent is lost or cannot be started; see :meth:`schedule_retry`."""
+    def mark_down(self, reason: str, fix: str = "") -> None:
+        """The agent is lost or cannot be started; see :meth:`schedule_retry`.
+
+        ``fix`` says what the user must change when retrying cannot help;
+        such a host is retried rarely.
+        """
         self.state = Health.DOWN
         self.reason = reason
+        self.fix = fix
         self.record_failure(reason)
 
     def schedule_retry(self, now: float | None = None) -> None:
         """Set the next retry after the current backoff, and double the backoff."""
         now = time.monotonic() if now is None else now
+        if self.fix:
+            self.backoff = min(max(self.backoff, FIXABLE_BACKOFF_FIRST), FIXABLE_BACKOFF_MAX)
         self.retry_at = now + self.backoff
-        self.backoff = min(self.backoff * 2, HOST_BACKOFF_MAX)
+        self.backoff = min(self.backoff * 2, FIXABLE_BACKOFF_MAX if self.fix else HOST_BACKOFF_MAX)
 
     def put_aside(self, reason: str) -> None:
         self.state = Health.ASIDE
@@ -103,6 +115,7 @@ class HostState:
         return {
             "state": self.state.value,
             "reason": self.reason,
+            "fix": self.fix,
             "failures": [{"time": t, "reason": r} for t, r in self.failures],
         }
 

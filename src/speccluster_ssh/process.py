@@ -119,7 +119,7 @@ class AgentPool:
         try:
             agent = await asyncio.shield(task)
         except HostError as exc:
-            state.mark_down(exc.reason)
+            state.mark_down(exc.reason, fix=exc.fix)
             raise
         state.mark_up()
         self.agents[name] = agent
@@ -151,6 +151,7 @@ class AgentPool:
                 name,
                 f"distributed {remote_version} at {facts.get('python')} does not match the head's "
                 f"{distributed.__version__}; install distributed=={distributed.__version__} there",
+                fix=f"install distributed=={distributed.__version__} for {facts.get('python')} on {name}",
             )
         for path, data in self.files.items():
             await agent.write_file(path, data)
@@ -369,7 +370,13 @@ class RemoteProcess(ProcessInterface):
 
     async def start(self) -> None:
         pool = AgentPool.lookup(self.cluster)
-        agent = await pool.agent(self.host)
+        try:
+            agent = await pool.agent(self.host)
+        except BaseException:
+            # Failed, not still "created": nobody may start it again, and the
+            # healer sees it as a dead entry (the host is down meanwhile).
+            self._set_failed()
+            raise
         self._agent = agent
         ready: dict[str, asyncio.Future[dict[str, Any]]] = {
             m: asyncio.get_running_loop().create_future() for m in self.member_names

@@ -93,6 +93,7 @@ class Reports:
             "hosts": hosts,
             "workers": workers,
             "capacity_note": cluster.capacity_note,
+            "summary": summarize(hosts, workers, cluster.min_workers),
         }
 
     def readiness(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -133,3 +134,44 @@ class Reports:
         """The worker name for a name or an address the scheduler knows."""
         info = (self.cluster.scheduler_info or {}).get("workers", {}).get(worker)
         return str(info["name"]) if info else worker
+
+
+def summarize(hosts: dict[str, Any], workers: list[dict[str, Any]], min_workers: int) -> dict[str, Any]:
+    """The facts of ``up``'s last line: hosts up, workers running, and why hosts are missing.
+
+    Parameters
+    ----------
+    hosts, workers
+        The ``hosts`` and ``workers`` of a status report.
+    min_workers
+        Workers the start needed.
+    """
+    missing = {
+        name: {"state": host["state"], "reason": host.get("reason", ""), "fix": host.get("fix", "")}
+        for name, host in hosts.items()
+        if host.get("state") in ("down", "aside")
+    }
+    running = sum(1 for w in workers if w.get("status") == "running")
+    return {
+        "hosts": len(hosts),
+        "hosts_up": sum(1 for h in hosts.values() if h.get("state") == "up"),
+        "workers_wanted": len(workers),
+        "workers_running": running,
+        "min_workers": min_workers,
+        "min_met": running >= min_workers,
+        "missing_hosts": missing,
+    }
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line, e.g. ``3 of 4 hosts up, 6 of 8 workers; h3 down: cannot connect (retrying)``."""
+    line = (
+        f"{summary['hosts_up']} of {summary['hosts']} hosts up, "
+        f"{summary['workers_running']} of {summary['workers_wanted']} workers"
+    )
+    parts = []
+    for name, host in summary.get("missing_hosts", {}).items():
+        reason = " ".join(str(host.get("reason") or "no reason recorded").split())
+        then = f"fix: {host['fix']}" if host.get("fix") else ("retrying" if host["state"] == "down" else "put aside")
+        parts.append(f"{name} {host['state']}: {reason} ({then})")
+    return line + ("; " + "; ".join(parts) if parts else "")

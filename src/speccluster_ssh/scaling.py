@@ -64,6 +64,50 @@ def to_bytes(value: str | int) -> int:
     return parse_bytes(value) if isinstance(value, str) else int(value)
 
 
+def resolve_min_workers(value: int | float | str | None, requested: int) -> int:
+    """How many of ``requested`` dask workers a start needs, from ``min_workers``.
+
+    ``value`` is a count (``3``), a fraction of the requested workers
+    (``0.5``) or a percentage (``"50%"``); ``None`` means 1. Never more than
+    ``requested``, and 0 when nothing was requested.
+
+    Raises
+    ------
+    UserError
+        For anything else, with the value and the forms accepted.
+    """
+    forms = "a whole number (3), a fraction of the requested workers (0.5) or a percentage (50%)"
+    if value is None:
+        need = 1
+    elif isinstance(value, bool):
+        raise UserError(f"min_workers must be {forms}; got {value!r}")
+    elif isinstance(value, int):
+        need = value
+    elif isinstance(value, float):
+        if not 0 <= value <= 1:
+            raise UserError(f"min_workers as a fraction must be between 0 and 1; got {value!r}")
+        need = math.ceil(value * requested)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.endswith("%"):
+                percent = float(text[:-1])
+                if not 0 <= percent <= 100:
+                    raise ValueError(text)
+                need = math.ceil(percent / 100 * requested)
+            elif text.isdigit():
+                need = int(text)
+            else:
+                return resolve_min_workers(float(text), requested)
+        except ValueError:
+            raise UserError(f"min_workers must be {forms}; got {value!r}") from None
+    else:
+        raise UserError(f"min_workers must be {forms}; got {value!r}")
+    if need < 0:
+        raise UserError(f"min_workers must be 0 or more; got {value!r}")
+    return min(need, requested)
+
+
 class Capacity:
     """Grows and shrinks one cluster's spec to a target, within the inventory's capacity.
 
@@ -206,7 +250,9 @@ class Capacity:
             maximum = min(maximum, math.floor(maximum_cores / self.threads_per_worker()))
         if maximum_memory is not None:
             maximum = min(maximum, math.floor(to_bytes(maximum_memory) / self.memory_per_worker()))
-        capacity = self.cluster.capacity_workers()
+        # Every host counts, down ones too: they come back, and a cap taken
+        # while hosts are down would keep adapt small after they returned.
+        capacity = entries.capacity_workers(self.cluster.worker_hosts.values())
         if maximum > capacity:
             maximum = capacity
         if minimum > maximum:

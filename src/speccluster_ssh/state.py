@@ -174,6 +174,9 @@ class ClusterState:
         Path of the dask config snippet for clients.
     error, error_exit
         Why a start failed, and the exit status it calls for.
+    summary
+        Hosts up, workers running and missing hosts when the start ended
+        (see :func:`speccluster_ssh.reporting.summarize`).
     """
 
     name: str
@@ -189,6 +192,7 @@ class ClusterState:
     client_config: str = ""
     error: str = ""
     error_exit: int = 1
+    summary: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy."""

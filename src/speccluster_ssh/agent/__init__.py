@@ -145,7 +145,8 @@ class HostAgent:
         hello = _parse(line)
         if hello.get("event") != "hello":
             await channel.close()
-            raise HostError(self.host.name, _start_failure(self.host, channel.stderr_tail()), channel.stderr_tail())
+            reason, fix = _start_failure(self.host, channel.stderr_tail())
+            raise HostError(self.host.name, reason, channel.stderr_tail(), fix=fix)
         self.facts = hello
         self._last_heard = time.monotonic()
         self._reader = self._tasks.start(self._read_loop(), name=f"read from the agent on {self.host.name}")
@@ -284,10 +285,13 @@ def _parse(line: bytes) -> dict[str, Any]:
     return message if isinstance(message, dict) else {"event": "garbage"}
 
 
-def _start_failure(host: HostSpec, stderr: str) -> str:
+def _start_failure(host: HostSpec, stderr: str) -> tuple[str, str]:
+    """Why the agent did not start, and the fix when retrying cannot help."""
     if "No module named 'distributed'" in stderr or 'No module named "distributed"' in stderr:
-        return f"python {host.python} has no 'distributed'; install it there or set speccluster_python"
+        fix = f"install distributed on {host.name} for {host.python}, or set speccluster_python to a python that has it"
+        return f"python {host.python} has no 'distributed'; install it there or set speccluster_python", fix
     if "not found" in stderr or "No such file" in stderr:
-        return f"cannot run python {host.python!r}; set speccluster_python to a python 3 with distributed"
+        fix = f"set speccluster_python for {host.name} to a python 3 that has distributed"
+        return f"cannot run python {host.python!r}; set speccluster_python to a python 3 with distributed", fix
     last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
-    return f"the agent failed to start with {host.python}: {last}"
+    return f"the agent failed to start with {host.python}: {last}", ""
