@@ -38,6 +38,11 @@ def test_up_with_a_host_off_ends_with_a_summary_line(lab: Any, tmp_path: Path, c
         status = cli.json("status", "--name", "partial")
         assert status["summary"]["missing_hosts"][off.name]["state"] == "down"
         assert status["hosts"][off.name]["reason"]
+        # status and plan show the host that is down, with its reason, in one table.
+        shown = cli.ok("status", "--name", "partial").stdout
+        assert any(off.name in line and "down" in line and "connect" in line for line in shown.splitlines()), shown
+        planned = cli.ok("plan", str(path), "--name", "partial").stdout
+        assert "cannot use now" in planned and off.name in planned.split("cannot use now", 1)[1], planned
         cli.ok("down", "--name", "partial", timeout=120)
         # --json carries the same facts.
         data = json.loads(cli.ok("up", str(path), "--detach", "--name", "partial2", "--json", timeout=150).stdout)

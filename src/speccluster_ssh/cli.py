@@ -347,6 +347,23 @@ def _resolve(name: str | None, *, allow_stale: bool = False) -> st.KnownCluster:
     raise UserError(f"{len(candidates)} clusters are running ({names}); choose one with --name")
 
 
+def _hosts_seen_by_running_cluster(name: str) -> dict[str, dict[str, Any]]:
+    """Host name -> state, reason and fix, as a running cluster called ``name`` sees them; ``{}`` if none runs."""
+    directory = st.cluster_dir(name)
+    found = st.read_state(directory) if directory.is_dir() else None
+    if found is None or found.phase != "running" or not st.head_alive(directory):
+        return {}
+    try:
+        report = control.request(directory, "status", timeout=10)
+    except control.ControlError as exc:
+        logger.info("cluster %s runs but did not answer for plan: %s", name, exc)
+        return {}
+    return {
+        h: {"state": v.get("state"), "reason": v.get("reason", ""), "fix": v.get("fix", "")}
+        for h, v in (report.get("hosts") or {}).items()
+    }
+
+
 def _ask(known: st.KnownCluster, op: str, *, timeout: float = 60.0, **fields: Any) -> Any:
     if not known.alive:
         raise control.ControlError(
@@ -416,6 +433,8 @@ def plan(
 
     Per host: the spec entries, the exact remote command of the host agent
     (shell-quoted), the prologue and the environment of the dask processes.
+    When a cluster of that name runs, a table first lists the hosts it
+    cannot use now (down or put aside) and why.
 
     \b
     Example:
@@ -432,10 +451,22 @@ def plan(
         workers = adapt[0]
     tls = False if no_tls else bool(config.get("tls"))
     result = build_plan(inv, name=cluster_name, workers=workers, placement=placement or config.get("placement"), tls=tls)
+    seen = _hosts_seen_by_running_cluster(cluster_name)
+    for host in result["hosts"]:
+        if host["host"] in seen:
+            host["seen"] = seen[host["host"]]
     if as_json:
         _echo_json(result)
         return
     click.echo(f"plan for cluster {cluster_name} (dry run: nothing is started, no host is contacted)")
+    unusable = {h: v for h, v in seen.items() if v.get("state") in ("down", "aside")}
+    if unusable:
+        _console().print(_table(
+            ("host", "state", "reason"),
+            [(h, v["state"], (v.get("reason") or "") + (f"; fix: {v['fix']}" if v.get("fix") else ""))
+             for h, v in unusable.items()],
+            title=f"hosts the running cluster {cluster_name} cannot use now",
+        ))
     click.echo(f"  scheduler: {result['scheduler']}; TLS {'on' if tls else 'off'}; placement {result['placement']}")
     wanted = "every slot" if workers is None else f"{workers} requested"
     click.echo(f"  workers: {result['workers_planned']} planned ({wanted}; the inventory holds {result['capacity']})")
