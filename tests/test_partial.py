@@ -107,6 +107,7 @@ def test_host_without_distributed_is_shown_with_the_fix_and_retried_rarely(lab: 
             assert host["state"] in ("down", "broken"), host
             assert "distributed" in host["reason"], host
             assert host.get("fix") and "distributed" in host["fix"], host
+            assert "No module named" in host.get("tail", ""), host  # the remote log tail comes with it
             tries = len(state.failures)
             await asyncio.sleep(12)  # watching the retry rate, not waiting for a condition
             assert len(state.failures) - tries <= 1, state.as_dict()

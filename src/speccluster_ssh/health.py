@@ -63,6 +63,7 @@ class HostState:
         self.state = Health.NEW
         self.reason = ""
         self.fix = ""  # what the user must change, when retrying cannot help
+        self.tail = ""  # the end of the remote log of the last failure, when there is one
         self.failures: list[tuple[float, str]] = []
         self.retry_at = 0.0
         self.backoff = 1.0
@@ -80,9 +81,10 @@ class HostState:
         self.state = Health.UP
         self.reason = ""
         self.fix = ""
+        self.tail = ""
         self.backoff = 1.0
 
-    def mark_down(self, reason: str, fix: str = "") -> None:
+    def mark_down(self, reason: str, fix: str = "", tail: str = "") -> None:
         """The agent is lost or cannot be started; see :meth:`schedule_retry`.
 
         ``fix`` says what the user must change when retrying cannot help;
@@ -91,6 +93,7 @@ class HostState:
         self.state = Health.DOWN
         self.reason = reason
         self.fix = fix
+        self.tail = tail[-4096:]
         self.record_failure(reason)
 
     def schedule_retry(self, now: float | None = None) -> None:
@@ -116,6 +119,7 @@ class HostState:
             "state": self.state.value,
             "reason": self.reason,
             "fix": self.fix,
+            "tail": self.tail,
             "failures": [{"time": t, "reason": r} for t, r in self.failures],
         }
 

@@ -119,7 +119,7 @@ class AgentPool:
         try:
             agent = await asyncio.shield(task)
         except HostError as exc:
-            state.mark_down(exc.reason, fix=exc.fix)
+            state.mark_down(exc.reason, fix=exc.fix, tail=exc.tail)
             raise
         state.mark_up()
         self.agents[name] = agent
