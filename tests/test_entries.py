@@ -222,37 +222,3 @@ def test_local_scheduler_entry() -> None:
         "cls": Scheduler,
         "options": {"host": "0.0.0.0", "port": 9000, "dashboard_address": ":8787", "security": sec, "protocol": "tcp"},
     }
-
-
-# -- the same dicts as the cluster's own methods, while it still has them ------------------------------
-
-
-def test_same_dicts_as_the_cluster_methods() -> None:
-    """Calls SSHSpecCluster's entry methods on a stand-in (constructing a cluster would start it)."""
-    from types import SimpleNamespace
-
-    from speccluster_ssh import cluster as cluster_module
-
-    cls = cluster_module.SSHSpecCluster
-    if not hasattr(cls, "_entry_for_host"):
-        pytest.skip("the cluster builds its entries with speccluster_ssh.entries")
-    inv = inventory()
-    hosts = {h.name: h for h in inv.worker_hosts}
-    for tls in (True, False):
-        for new_spec in (None, {"cls": RemoteNanny, "options": {}}, {"cls": RemoteWorker, "options": {"nthreads": 5}}):
-            stand_in = SimpleNamespace(
-                cluster_id="lab-0123abcd", start_timeout=42.0, worker_options={"lifetime": "2h"},
-                remote_security=dict(TLS_PATHS) if tls else {}, new_spec=new_spec, worker_hosts=hosts, inventory=inv,
-            )
-            ours = settings(tls=tls, worker_options={"lifetime": "2h"})
-            for host in hosts.values():
-                assert cls._entry_for_host(stand_in, host) == entries.worker_entry(ours, host, new_spec)
-            user = {"cls": RemoteWorker, "options": {"host": "n2", "options": {"nthreads": 3}}}
-            assert cls._complete_entry(stand_in, user) == entries.complete_entry(ours, user, hosts)
-            sec = Security()
-            assert cls._scheduler_spec(stand_in, {"x": 1}, sec) == entries.remote_scheduler_entry(
-                ours, inv.hosts["s"], cluster_module.sc_config.get("dashboard-port"), {"x": 1}
-            )
-    if hasattr(cluster_module, "_remote_security_paths"):
-        _, files = make_security(True, "c1")
-        assert cluster_module._remote_security_paths(files) == remote_security_paths(files)
