@@ -110,6 +110,7 @@ class Session:
                 known_hosts=c["known_hosts"],
                 n_workers=c["entries"],
                 security=c["security"],
+                heal=c.get("heal", True),
                 scheduler_options={"dashboard_address": ":0"},
                 # BENCH_LOG=1 keeps the cluster's logs (in the session's .log file).
                 **({"silence_logs": False} if os.environ.get("BENCH_LOG") else {}),
@@ -190,14 +191,23 @@ class Session:
             }
         )
 
+    def healer_passes(self) -> int | None:
+        """Ours only: healing passes made so far (``None`` for other tools)."""
+        healer = getattr(self.cluster, "healer", None)
+        return getattr(healer, "passes", None)
+
     def cost(self, idle: float, settle: float) -> dict[str, Any]:
         """Head cost now, and CPU used over ``idle`` seconds after ``settle`` seconds of quiet."""
         first = head_cost()
         time.sleep(settle)  # let the start-up's last messages pass
         settled = head_cost()
-        time.sleep(idle)
+        passes_settled = self.healer_passes()
+        time.sleep(idle)  # a fixed window: nothing happens, that is what is measured
         second = head_cost()
-        return {"event": "cost", "now": first, "settled": settled, "idle": idle, "after_idle": second}
+        return {
+            "event": "cost", "now": first, "settled": settled, "idle": idle, "after_idle": second,
+            "passes_settled": passes_settled, "passes_after": self.healer_passes(),
+        }
 
     def scale_up(self, k: int, cap: float) -> dict[str, Any]:
         n = len(self.registered())

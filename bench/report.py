@@ -208,6 +208,7 @@ def build_rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
     o, d = s(cost_case, "ours", "head.cpu_per_s_idle"), s(cost_case, "dask", "head.cpu_per_s_idle")
     rows.append([f"head CPU while idle, {cost_workers} workers (share of one core)", cell(o, "%"), cell(d, "%"),
                  _ratio(ratio(o, d)), "—", "—"])  # fmt: skip
+    rows += _idle_rows(records, cases)
     growth_rows, slopes = _growth(records, cases)
     so, sd = slopes.get("ours"), slopes.get("dask")
     rows.append(["head RSS growth per additional worker (least squares over the growth series)",
@@ -215,6 +216,39 @@ def build_rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
                  "—" if so is None or not sd else f"{so / sd:.2f}", "< 2 MB",
                  met(None if so is None else so < 2 * MB)])  # fmt: skip
     return rows, growth_rows
+
+
+def _idle_rows(records: list[dict[str, Any]], cases: dict[str, Any]) -> list[list[str]]:
+    """Head CPU of ours while idle, healing on and off (the ``idle-HxN`` pairs), and the healer's passes then."""
+    rows: list[list[str]] = []
+    for name, case in cases.items():
+        off_name = f"{name}-noheal"
+        if case.get("kind") != "idle" or not case.get("heal", True) or off_name not in cases:
+            continue
+        workers = case["hosts"] * case["nworkers"]
+        idle = case.get("idle", 0)
+        on, off = summarize(records, name, "ours", "head.cpu_per_s_idle"), summarize(records, off_name, "ours", "head.cpu_per_s_idle")
+        # Within the spread of healing off: the machine is shared, and one median is noisy.
+        flag = None if on.median is None or off.spread is None else on.median <= off.spread[1]
+        label = f"head CPU while idle {idle:g} s, {workers} workers, ours with healing on (share of one core; min – max)"
+        rows.append([label, _spread_cell(on, "%"), "—", "—", "≤ healing off (its max)", met_text(flag)])
+        rows.append([f"head CPU while idle {idle:g} s, {workers} workers, ours with healing off (`heal=False`)",
+                     _spread_cell(off, "%"), "—", "—", "reference", "—"])  # fmt: skip
+        passes = summarize(records, name, "ours", "head.healer_passes_idle")
+        rows.append([f"healing passes in that idle window, {workers} workers (healing on)", cell(passes, ""), "—", "—",
+                     "0 (wakes on events only)", met_text(None if not passes.values else max(passes.values) == 0)])  # fmt: skip
+    return rows
+
+
+def met_text(flag: bool | None) -> str:
+    return "—" if flag is None else ("yes" if flag else "**no**")
+
+
+def _spread_cell(summary: Summary, unit: str) -> str:
+    text = cell(summary, unit)
+    if summary.spread is not None and len(summary.values) > 1:
+        text += f" ({fmt_value(summary.spread[0], unit)} – {fmt_value(summary.spread[1], unit)})"
+    return text
 
 
 def _ratio(r: float | None) -> str:

@@ -48,12 +48,15 @@ class Case:
     name: str
     hosts: int
     nworkers: int
-    kind: str = "start"  # start | ops | headcrash | plain
+    kind: str = "start"  # start | ops | headcrash | plain | idle
     tools: tuple[str, ...] = TOOLS
     end: str = "close"  # close | crash: how an ops session ends
     security: bool = True
     idle: float = 0.0  # seconds of idle head cost to measure after start-up
     settle: float = 2.0  # seconds of quiet before that
+    heal: bool = True  # ours: SSHSpecCluster(heal=...)
+    pair: str = ""  # cases of one pair swap their order from run to run, like the tools
+
 
     @property
     def workers(self) -> int:
@@ -75,12 +78,25 @@ class Settings:
     cases: list[Case] = field(default_factory=list)
 
 
-def plan(quick: bool) -> list[Case]:
+IDLE_SECONDS = 20.0  # the idle window of the healing on/off cases
+
+
+def idle_pair(hosts: int, nworkers: int, idle: float = IDLE_SECONDS) -> list[Case]:
+    """Ours only, idle after start-up, healing on and off: the healer must not cost CPU while nothing happens."""
+    name = f"idle-{hosts}x{nworkers}"
+    return [
+        Case(name, hosts, nworkers, kind="idle", tools=("ours",), idle=idle, settle=3.0, pair=name),
+        Case(f"{name}-noheal", hosts, nworkers, kind="idle", tools=("ours",), idle=idle, settle=3.0, heal=False, pair=name),
+    ]
+
+
+def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
     """The cases of one run, in the order they are run.
 
     Quick mode keeps the smoke test short: 4 × 1 runs for ours alone (its
     target is the plain ssh worker, not SSHCluster), and one 4 × 2 session
-    per tool scales, loses a worker and then loses its head.
+    per tool scales, loses a worker and then loses its head. The idle
+    healing on/off pair is in the full plan only (``--cases`` picks it).
     """
     if quick:
         return [
@@ -100,6 +116,7 @@ def plan(quick: bool) -> list[Case]:
         Case("4x4", 4, 4),
         Case("8x4", 8, 4, idle=5.0),
         Case("8x8", 8, 8),
+        *idle_pair(8, 4, idle),
     ]
 
 
@@ -357,6 +374,7 @@ class Bench:
             "entries": case.hosts,
             "nworkers": case.nworkers,
             "security": case.security,
+            "heal": case.heal,
             "python": sys.executable,
             "cap": cap,
         }
@@ -439,6 +457,12 @@ class Bench:
                 record["head"]["rss_idle"] = cost["after_idle"]["rss"]
                 record["head"]["cpu_per_s_idle"] = (cost["after_idle"]["cpu"] - cost["settled"]["cpu"]) / case.idle
                 record["head"]["ssh"] = cost["after_idle"]["ssh"]
+                record["head"]["cpu_idle"] = cost["after_idle"]["cpu"] - cost["settled"]["cpu"]
+                record["idle_seconds"] = case.idle
+                record["heal"] = case.heal
+                if cost.get("passes_after") is not None and cost.get("passes_settled") is not None:
+                    # Healing passes in the idle window: an event-driven healer makes none.
+                    record["head"]["healer_passes_idle"] = cost["passes_after"] - cost["passes_settled"]
             if case.kind == "ops":
                 self._ops(driver, tool, record)
             if case.kind == "headcrash" or case.end == "crash":
@@ -568,10 +592,27 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def run_order(cases: list[Case], run: int) -> list[Case]:
+    """``cases`` in the order of run ``run``: on odd runs, each pair of cases swaps its order."""
+    if run % 2 == 0:
+        return list(cases)
+    out: list[Case] = []
+    for case in cases:
+        # Consecutive cases of one pair come out reversed.
+        if out and case.pair and out[-1].pair == case.pair:
+            at = len(out) - 1
+            while at > 0 and out[at - 1].pair == case.pair:
+                at -= 1
+            out.insert(at, case)
+        else:
+            out.append(case)
+    return out
+
+
 def sessions(settings: Settings) -> Iterator[tuple[int, Case, str]]:
-    """(run, case, tool) in order: tools alternate which goes first from run to run."""
+    """(run, case, tool) in order: tools, and the cases of a pair, alternate which goes first from run to run."""
     for run in range(settings.runs):
-        for case in settings.cases:
+        for case in run_order(settings.cases, run):
             tools = case.tools if run % 2 == 0 else tuple(reversed(case.tools))
             for tool in tools:
                 yield run, case, tool
@@ -608,6 +649,9 @@ def run_bench(settings: Settings, log: Callable[[str], None] = print) -> dict[st
         for run, case, tool in sessions(settings):
             rec = bench.run_session(case, tool, run)
             shown = {k: rec[k] for k in ("startup", "scale_up", "scale_down", "recover", "head_crash", "teardown") if k in rec}
+            if case.kind == "idle" and "cpu_per_s_idle" in rec.get("head", {}):
+                shown["idle_cpu_share"] = rec["head"]["cpu_per_s_idle"]
+                shown["healer_passes_idle"] = rec["head"].get("healer_passes_idle")
             log(f"run {run + 1}/{settings.runs} {case.name:14} {tool:5} {_fmt(shown)}"
                 + (f" leftovers={rec['leftovers']}" if rec.get("leftovers") else "")
                 + (f" errors={rec['errors']}" if rec["errors"] else ""))
@@ -655,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recover-cap", type=float, default=None, help="seconds to wait for a replacement worker")
     parser.add_argument("--crash-cap", type=float, default=None, help="seconds to wait for hosts to empty after a head crash")
     parser.add_argument("--cases", default="", help="comma-separated case names to run (default: all of the mode)")
+    parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS,
+                        help=f"idle window of the healing on/off cases (default {IDLE_SECONDS:g})")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the bench builds network namespaces and needs root", file=sys.stderr)
@@ -670,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         crash_cap=args.crash_cap or (6.0 if quick else 30.0),
         gone_cap=8.0 if quick else 15.0,
         down_cap=3.0 if quick else 15.0,
-        cases=plan(quick),
+        cases=plan(quick, idle=max(1.0, args.idle_seconds)),
     )
     if args.cases:
         wanted = {c.strip() for c in args.cases.split(",") if c.strip()}
