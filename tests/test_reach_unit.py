@@ -23,7 +23,7 @@ def probe(to_head: dict[str, str], via: dict[str, str | None] | None = None,
 def test_auto_every_host_reaches_the_head_is_direct_on_the_head() -> None:
     choice = choose_reach("auto", WORKERS, None, probe({h: "" for h in WORKERS}))
     assert (choice.mode, choice.scheduler_host) == ("direct", None)
-    assert "every host that answered (3)" in choice.why
+    assert "every host that answered (3) and the head can open connections to each other" in choice.why
 
 
 def test_auto_a_host_that_cannot_reach_the_head_forwards_and_picks_a_host() -> None:
@@ -32,6 +32,14 @@ def test_auto_a_host_that_cannot_reach_the_head_forwards_and_picks_a_host() -> N
     assert choice.why.startswith("h2 cannot open a connection to the head (h2: cannot reach the head at x: refused)")
     assert "the scheduler runs on h1" in choice.why
     assert choice.as_dict() == {"mode": "forward", "why": choice.why, "scheduler_host": "h1", "setting": "auto"}
+
+
+def test_auto_the_head_cannot_reach_the_hosts_ports_forwards() -> None:
+    # Hosts reach the head, but a scheduler there could not connect to its workers.
+    found = probe({h: "" for h in WORKERS}, from_head={"h1": "", "h2": "10.0.0.2:4000: no answer", "h3": ""})
+    choice = choose_reach("auto", WORKERS, None, found)
+    assert (choice.mode, choice.scheduler_host) == ("forward", "h1")
+    assert choice.why.startswith("the head cannot open a connection to h2 (h2: 10.0.0.2:4000: no answer), so")
 
 
 def test_the_picked_host_answered_and_is_reached_without_a_jump_if_one_is() -> None:
@@ -46,9 +54,11 @@ def test_the_picked_host_answered_and_is_reached_without_a_jump_if_one_is() -> N
 def test_auto_with_a_scheduler_host() -> None:
     every = {h: "" for h in [*WORKERS, "s"]}
     assert choose_reach("auto", WORKERS, "s", probe(every, from_head={"s": ""})).mode == "direct"
-    behind = choose_reach("auto", WORKERS, "s", probe(every, via={"s": "bastion"}))
+    behind = choose_reach("auto", WORKERS, "s", probe(every, via={"s": "bastion"}, from_head={"s": "no answer"}))
     assert (behind.mode, behind.scheduler_host) == ("forward", "s")
-    assert "only through jump host bastion" in behind.why
+    assert "which it reaches over SSH only through jump host bastion (no answer)" in behind.why
+    # Behind a jump host, but its ports answer the head: direct.
+    assert choose_reach("auto", WORKERS, "s", probe(every, via={"s": "bastion"}, from_head={"s": ""})).mode == "direct"
     blocked = choose_reach("auto", WORKERS, "s", probe(every, from_head={"s": "10.0.0.9:4000: no answer"}))
     assert (blocked.mode, blocked.scheduler_host) == ("forward", "s")
     assert "(10.0.0.9:4000: no answer)" in blocked.why

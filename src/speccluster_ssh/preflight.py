@@ -158,7 +158,8 @@ def _add_reach(row: dict[str, Any], found: ReachProbe, choice: ReachChoice, peer
         # Only a problem when workers must reach a scheduler on the head.
         problems.append(to_head)
     if name in found.from_head and found.from_head[name] and choice.mode == "direct":
-        problems.append(f"the head cannot reach the scheduler's ports here: {found.from_head[name]}")
+        problems.append(f"the head cannot open a connection to a port here ({found.from_head[name]}), "
+                        "which a scheduler reached directly needs")
     if problems:
         row["problems"] = problems + row["problems"]
         row.update(ok=False, result="FAIL")

@@ -155,7 +155,7 @@ class ReachProbe:
         Hosts that could not be probed (down) are absent.
     from_head
         Host -> ``""`` when the head can open a connection to a port the host
-        listens on, else why not (probed for a ``scheduler`` host only).
+        listens on, else why not (for the ``scheduler`` host only when there is one).
     via
         Host -> the jump hosts the head goes through, ``None`` when direct.
     peers
@@ -263,19 +263,13 @@ def choose_reach(
     if probe is None:
         return ReachChoice("direct", scheduler_host, "nothing was probed, so the head connects directly", setting)
     if scheduler_host is not None:
-        via = probe.via.get(scheduler_host)
-        if via:
-            return ReachChoice(
-                "forward", scheduler_host,
-                f"the head reaches the scheduler host {scheduler_host} only through jump host {via}, "
-                "so it reaches the scheduler through SSH forwards",
-                setting,
-            )
         blocked = probe.from_head.get(scheduler_host)
         if blocked:
+            via = probe.via.get(scheduler_host)
+            jump = f", which it reaches over SSH only through jump host {via}" if via else ""
             return ReachChoice(
                 "forward", scheduler_host,
-                f"the head cannot open a connection to the scheduler host {scheduler_host} ({blocked}), "
+                f"the head cannot open a connection to the scheduler host {scheduler_host}{jump} ({blocked}), "
                 "so it reaches the scheduler through SSH forwards",
                 setting,
             )
@@ -283,20 +277,28 @@ def choose_reach(
             "direct", scheduler_host,
             f"the head reaches the scheduler host {scheduler_host} directly", setting,
         )
-    blocked_hosts = [h for h in worker_hosts if probe.to_head.get(h)]
-    if not blocked_hosts:
+    # A scheduler on the head needs both ways: workers connect to it, and it connects to them.
+    to_head = [h for h in worker_hosts if probe.to_head.get(h)]
+    from_head = [h for h in worker_hosts if probe.from_head.get(h)]
+    if not to_head and not from_head:
         probed = [h for h in worker_hosts if h in probe.to_head]
         return ReachChoice(
             "direct", None,
-            f"every host that answered ({len(probed)}) can open a connection to the head, "
+            f"every host that answered ({len(probed)}) and the head can open connections to each other, "
             "so the scheduler runs on the head",
             setting,
         )
-    first = blocked_hosts[0]
+    reasons = []
+    if to_head:
+        reasons.append(f"{_names(to_head)} cannot open a connection to the head ({to_head[0]}: {probe.to_head[to_head[0]]})")
+    if from_head:
+        reasons.append(
+            f"the head cannot open a connection to {_names(from_head)} ({from_head[0]}: {probe.from_head[from_head[0]]})"
+        )
     picked = pick_scheduler_host(worker_hosts, probe)
     return ReachChoice(
         "forward", picked,
-        f"{_names(blocked_hosts)} cannot open a connection to the head ({first}: {probe.to_head[first]}), "
+        f"{' and '.join(reasons)}, "
         f"so the scheduler runs on {picked}, the first worker host that answered"
         + (f" (through jump host {probe.via[picked]})" if picked and probe.via.get(picked) else "")
         + ", and the head reaches it through SSH forwards",
@@ -386,23 +388,25 @@ async def probe_reach(
     peers: bool = False,
     head_port: int | None = None,
 ) -> ReachProbe:
-    """Probe hosts ``names`` (their agents must be running or startable).
+    """Probe hosts ``names`` over their SSH connections (opened when needed).
 
     Parameters
     ----------
     pool
         The cluster's (or ``check``'s) agent pool.
     names
-        Hosts to probe; the ones whose agent does not start are left out.
+        Hosts to probe; the ones that do not answer are left out.
     scheduler_host
-        Also probe whether the head reaches a port this host listens on.
+        Probe whether the head reaches a port this host listens on; ``None``
+        probes that for every host (a scheduler on the head connects to each).
     peers
         Also probe whether each host reaches a port every other host listens on.
     head_port
         A port the head listens on; ``None`` opens a stand-in for the probe.
     """
     result = ReachProbe()
-    started = await asyncio.gather(*(pool.agent(n) for n in names), return_exceptions=True)
+    # Connections only, no agents: a probe must not change what the cluster knows of its hosts.
+    started = await asyncio.gather(*(pool.connection(n).open() for n in names), return_exceptions=True)
     up = [n for n, r in zip(names, started) if not isinstance(r, BaseException)]
     # A host that does not answer is left out (its own start reports why); anything else is a bug.
     odd = [(n, r) for n, r in zip(names, started) if isinstance(r, BaseException) and not isinstance(r, HostError)]
@@ -429,8 +433,10 @@ async def probe_reach(
         if listener is not None:
             listener.close()
             await listener.wait_closed()
-    if scheduler_host is not None and scheduler_host in up and not result.via.get(scheduler_host):
-        result.from_head[scheduler_host] = await _head_reaches(pool, scheduler_host)
+    targets = [scheduler_host] if scheduler_host is not None else list(up)
+    targets = [t for t in targets if t in up]
+    found = await asyncio.gather(*(_head_reaches(pool, t) for t in targets))
+    result.from_head.update(zip(targets, found))
     if peers and len(up) > 1:
         result.peers = await _peer_probe(pool, up)
     return result
