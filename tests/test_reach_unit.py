@@ -73,6 +73,8 @@ def test_explicit_modes_need_no_probe() -> None:
     assert (forward.mode, forward.scheduler_host, forward.setting) == ("forward", "h1", "forward")
     assert choose_reach("forward", WORKERS, "s", None).scheduler_host == "s"
     assert choose_reach("auto", WORKERS, None, None).mode == "direct"
+    nobody = choose_reach("auto", WORKERS, None, probe({}))
+    assert (nobody.mode, nobody.scheduler_host) == ("direct", None) and nobody.why.startswith("no host answered")
     with pytest.raises(UserError, match="'auto', 'direct' or 'forward'"):
         choose_reach("tunnel", WORKERS, None, None)
 

@@ -43,7 +43,7 @@ from distributed.deploy.spec import SpecCluster
 from distributed.scheduler import Scheduler
 
 from . import config as sc_config
-from . import entries
+from . import entries, reach
 from .connection import ConnectSettings
 from .entries import EntrySettings
 from .errors import CapacityError, HostError, StartError, UserError
@@ -143,6 +143,7 @@ class SSHSpecCluster(SpecCluster):
         worker: Mapping[str, Any] | None = None,
         workers: Mapping[str, Any] | None = None,
         scheduler_sync_interval: float = 1,
+        scheduler_reach: str | None = None,
     ) -> None:
         from .security import make_security
 
@@ -206,8 +207,14 @@ class SSHSpecCluster(SpecCluster):
             process_base=RemoteProcess,
         )
 
+        # Where the scheduler runs and how the head reaches it; auto probes in _start.
+        self.reach_setting = reach.reach_setting(inventory, scheduler_reach)
+        self.reach: reach.ReachChoice | None = None
+        self._scheduler_options = dict(scheduler_options or {})
         if scheduler is None:
-            scheduler = self._scheduler_entry(dict(scheduler_options or {}), sec)
+            scheduler = self._scheduler_entry(self._scheduler_options, sec)
+        else:
+            self.reach = reach.ReachChoice("direct", None, "the scheduler's spec was given to the cluster", "direct")
         self._i = 0
         initial = {
             str(key): entries.complete_entry(self.entry_settings, spec, self.worker_hosts)
@@ -288,8 +295,19 @@ class SSHSpecCluster(SpecCluster):
         return cls(inventory=inventory, **options)
 
     def _scheduler_entry(self, options: dict[str, Any], sec: Any) -> dict[str, Any]:
-        """The scheduler's spec: on the inventory's scheduler host, or in this process."""
+        """The scheduler's spec: on the inventory's scheduler host, or in this process.
+
+        Under ``auto`` (and ``forward`` without a scheduler host) this is
+        provisional: :meth:`_place_scheduler` decides once the hosts are probed.
+        """
         sched_host = self.inventory.scheduler_host
+        setting = "direct" if self._scheduler_address is not None else self.reach_setting
+        if setting == "direct" or (setting == "forward" and sched_host is not None):
+            self.reach = reach.choose_reach(setting, list(self.worker_hosts), sched_host and sched_host.name, None)
+        if self.reach is not None and self.reach.mode == "forward" and sched_host is not None:
+            return entries.remote_scheduler_entry(
+                self.entry_settings, sched_host, sc_config.get("dashboard-port"), options, cls=reach.ForwardedScheduler
+            )
         if sched_host is not None:
             return entries.remote_scheduler_entry(
                 self.entry_settings, sched_host, sc_config.get("dashboard-port"), options
@@ -470,6 +488,11 @@ class SSHSpecCluster(SpecCluster):
             hosts.add(self.inventory.scheduler_host.name)
         self.pool.prestart(h for h in hosts if h is not None)
         try:
+            try:
+                await self._place_scheduler({h for h in hosts if h is not None})
+            except BaseException:
+                await self.pool.close()
+                raise
             await super()._start()
         except RuntimeError as exc:
             await self.pool.close()
@@ -532,6 +555,30 @@ class SSHSpecCluster(SpecCluster):
         logger.warning("start failed: %s", summary)
         await self._close()
         raise StartError(summary, why)
+
+    async def _place_scheduler(self, hosts: set[str]) -> None:
+        """Choose where the scheduler runs (probing the hosts under ``auto``), once, before it starts."""
+        if self.reach is not None or self.scheduler is not None:
+            return
+        sched_host = self.inventory.scheduler_host
+        sched = sched_host.name if sched_host is not None else None
+        probe = None
+        if self.reach_setting == "auto":
+            # The hosts with entries (all worker hosts when there is none yet) and the scheduler host.
+            names = [h for h in self.worker_hosts if h in hosts] or list(self.worker_hosts)
+            if sched is not None and sched not in names:
+                names.append(sched)
+            probe = await reach.probe_reach(self.pool, names, scheduler_host=sched)
+        choice = reach.choose_reach(self.reach_setting, list(self.worker_hosts), sched, probe)
+        if choice.mode == "forward" and choice.scheduler_host is None:
+            raise HostError("*", "no worker host answered, so there is no host to run the scheduler on")
+        self.reach = choice
+        logger.info("scheduler reach: %s, scheduler on %s: %s", choice.mode, choice.scheduler_host or "the head", choice.why)
+        if choice.mode == "forward" and choice.scheduler_host is not None:
+            self.scheduler_spec = entries.remote_scheduler_entry(
+                self.entry_settings, self.pool.hosts[choice.scheduler_host], sc_config.get("dashboard-port"),
+                self._scheduler_options, cls=reach.ForwardedScheduler,
+            )
 
     async def _correct_state_internal(self) -> None:
         async with self._lock:
@@ -680,6 +727,10 @@ class SSHSpecCluster(SpecCluster):
     # -- inspection ------------------------------------------------------
     @property
     def dashboard_link(self) -> str:
+        # A forwarded scheduler's dashboard is reached through its forward on the head.
+        forwarded = getattr(self.scheduler, "head_dashboard_link", "")
+        if forwarded:
+            return str(forwarded)
         if isinstance(self.scheduler, RemoteScheduler):
             port = self.scheduler.dashboard_port
             host = self.scheduler.address.split("://")[-1].rsplit(":", 1)[0] if self.scheduler.address else "localhost"
@@ -688,7 +739,10 @@ class SSHSpecCluster(SpecCluster):
 
     def status_report(self) -> dict[str, Any]:
         """A JSON-able view of hosts, entries and workers, for ``status``."""
-        return self.reports.status_report()
+        report = self.reports.status_report()
+        # How the head reaches the scheduler: {"mode", "why", "scheduler_host", "setting"}.
+        report["scheduler_reach"] = self.reach.as_dict() if self.reach is not None else None
+        return report
 
     async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool | Sequence[str] = True) -> Any:
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=False)

@@ -280,8 +280,10 @@ def choose_reach(
     # A scheduler on the head needs both ways: workers connect to it, and it connects to them.
     to_head = [h for h in worker_hosts if probe.to_head.get(h)]
     from_head = [h for h in worker_hosts if probe.from_head.get(h)]
+    probed = [h for h in worker_hosts if h in probe.to_head]
+    if not probed:
+        return ReachChoice("direct", None, "no host answered the probe, so the scheduler runs on the head", setting)
     if not to_head and not from_head:
-        probed = [h for h in worker_hosts if h in probe.to_head]
         return ReachChoice(
             "direct", None,
             f"every host that answered ({len(probed)}) and the head can open connections to each other, "
@@ -319,31 +321,34 @@ def _target(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-async def connect_from(pool: AgentPool, name: str, targets: Sequence[str]) -> dict[str, str]:
+async def connect_from(pool: AgentPool, name: str, targets: Sequence[str]) -> dict[str, str] | None:
     """From host ``name``, open (and close) a TCP connection to each ``address:port`` of ``targets``.
 
     Returns
     -------
-    dict
-        Target -> ``""`` when it connected, else why not.
+    dict or None
+        Target -> ``""`` when it connected, else why not; ``None`` when the
+        probe could not run there (no connection, a python that does not
+        start): that says nothing about the network, and the host's own
+        start reports it.
     """
     if not targets:
         return {}
     try:
-        status, out, err = await pool.connection(name).run(
+        status, out, _ = await pool.connection(name).run(
             [_python(pool.hosts[name]), "-c", CONNECT_PROBE, str(CONNECT_TIMEOUT), *targets],
             timeout=CONNECT_TIMEOUT * len(targets) + 30,
         )
-    except (HostError, asyncio.TimeoutError, TimeoutError) as exc:
-        reason = exc.reason if isinstance(exc, HostError) else "the probe did not finish"
-        return {t: reason for t in targets}
-    if status != 0:
-        lines = err.decode("utf-8", "replace").strip().splitlines()
-        return {t: lines[-1] if lines else f"exit {status}" for t in targets}
+    except (HostError, asyncio.TimeoutError, TimeoutError, OSError) as exc:
+        logger.info("no reach probe from %s: %s", name, exc)
+        return None
     try:
-        found = json.loads(out.decode("utf-8", "replace").strip().splitlines()[-1])
+        found = json.loads(out.decode("utf-8", "replace").strip().splitlines()[-1]) if status == 0 else None
     except (ValueError, IndexError):
-        return {t: "the probe printed nothing readable" for t in targets}
+        found = None
+    if not isinstance(found, dict):
+        logger.info("the reach probe did not run on %s (exit %s)", name, status)
+        return None
     return {t: str(found.get(t, "not probed")) for t in targets}
 
 
@@ -405,11 +410,17 @@ async def probe_reach(
         A port the head listens on; ``None`` opens a stand-in for the probe.
     """
     result = ReachProbe()
+    async def connect(name: str) -> None:
+        # One connect timeout at most: a start already connecting holds the connection's lock.
+        host = pool.hosts[name]
+        await asyncio.wait_for(pool.connection(name).open(), (pool.settings.connect_timeout or host.connect_timeout) + 2)
+
     # Connections only, no agents: a probe must not change what the cluster knows of its hosts.
-    started = await asyncio.gather(*(pool.connection(n).open() for n in names), return_exceptions=True)
+    started = await asyncio.gather(*(connect(n) for n in names), return_exceptions=True)
     up = [n for n, r in zip(names, started) if not isinstance(r, BaseException)]
     # A host that does not answer is left out (its own start reports why); anything else is a bug.
-    odd = [(n, r) for n, r in zip(names, started) if isinstance(r, BaseException) and not isinstance(r, HostError)]
+    quiet = (HostError, asyncio.TimeoutError, TimeoutError)
+    odd = [(n, r) for n, r in zip(names, started) if isinstance(r, BaseException) and not isinstance(r, quiet)]
     log_failures([r for _, r in odd], [n for n, _ in odd], logger, "reach probe")
     for name in up:
         result.via[name] = pool.connection(name).via
@@ -420,13 +431,18 @@ async def probe_reach(
         head_port = int(listener.sockets[0].getsockname()[1])
     try:
         async def to_head(name: str) -> None:
+            if pool.hosts[name].is_local:
+                result.to_head[name] = ""  # the head itself
+                return
             address = pool.head_address_for(name)
             if not address:
                 result.to_head[name] = "no address of the head is known from this host"
                 return
             target = _target(address, head_port)
-            why = (await connect_from(pool, name, [target]))[target]
-            result.to_head[name] = f"cannot reach the head at {target}: {why}" if why else ""
+            found = await connect_from(pool, name, [target])
+            if found is not None:  # else the host counts as not answering
+                why = found[target]
+                result.to_head[name] = f"cannot reach the head at {target}: {why}" if why else ""
 
         await asyncio.gather(*(to_head(n) for n in up))
     finally:
@@ -434,7 +450,7 @@ async def probe_reach(
             listener.close()
             await listener.wait_closed()
     targets = [scheduler_host] if scheduler_host is not None else list(up)
-    targets = [t for t in targets if t in up]
+    targets = [t for t in targets if t in result.to_head and not pool.hosts[t].is_local]
     found = await asyncio.gather(*(_head_reaches(pool, t) for t in targets))
     result.from_head.update(zip(targets, found))
     if peers and len(up) > 1:
@@ -476,7 +492,7 @@ async def _peer_probe(pool: AgentPool, names: Sequence[str]) -> dict[str, dict[s
 
         async def one(name: str) -> tuple[str, dict[str, str]]:
             wanted = {targets[p]: p for p in listeners if p != name}
-            found = await connect_from(pool, name, list(wanted))
+            found = await connect_from(pool, name, list(wanted)) or {}
             return name, {wanted[t]: why for t, why in found.items() if why}
 
         pairs = await asyncio.gather(*(one(n) for n in names))
