@@ -301,12 +301,20 @@ class ProgressView:
             self.live = None
 
 
+def _reach_line(reach: Mapping[str, Any]) -> str:
+    """``forward, scheduler on h1: why`` from a ``scheduler_reach`` report."""
+    where = reach.get("scheduler_host") or "the head"
+    return f"{reach.get('mode')}, scheduler on {where}: {reach.get('why')}"
+
+
 def _print_connect_info(state: st.ClusterState, directory: Path, *, detached: bool) -> None:
     lines = [
         f"cluster {state.name} is running (head pid {state.pid})",
         f"  scheduler: {state.scheduler_address}",
         f"  dashboard: {state.dashboard_link or '(none)'}",
     ]
+    if state.scheduler_reach:
+        lines.append(f"  reach:     {_reach_line(state.scheduler_reach)}")
     if state.client_config:
         lines.append(f"  connect:   DASK_CONFIG={state.client_config} python -c 'from distributed import Client; Client()'")
         lines.append(f"             or paste the output of: {PROG} client-config --name {state.name}")
@@ -610,12 +618,15 @@ def _setup_logging(level: int) -> None:
 @click.option("--min-workers", "min_workers", default=None, metavar="M",
               help="Workers the start needs: a count, a fraction (0.5) or a percentage (50%); default 1. "
                    "Hosts that do not answer are retried in the background.")
+@click.option("--scheduler-reach", "scheduler_reach", type=click.Choice(["auto", "direct", "forward"]), default=None,
+              help="How the head reaches the scheduler (default: speccluster_scheduler_reach, else config "
+                   "scheduler-reach).")
 @_group_options
 @_json_option
 def up(
     inventory: str, name: str | None, workers: int | None, adapt_range: str | None, detach: bool,
     timeout: float | None, placement: str | None, known_hosts: str | None, no_tls: bool, min_workers: str | None,
-    scheduler_group: str, worker_group: str, as_json: bool,
+    scheduler_reach: str | None, scheduler_group: str, worker_group: str, as_json: bool,
 ) -> None:
     """Start a Dask cluster on the hosts of INVENTORY.
 
@@ -677,6 +688,7 @@ def up(
         scheduler_group=scheduler_group,
         worker_group=worker_group,
         min_workers=min_workers,
+        scheduler_reach=scheduler_reach,
     )
     directory = st.make_cluster_dir(cluster_name)
     lock = st.HeadLock(directory)
@@ -836,6 +848,9 @@ def _render_status(report: Mapping[str, Any]) -> None:
         f"  scheduler: {report.get('scheduler_address')}",
         f"  dashboard: {report.get('dashboard_link') or '(none)'}",
     ]
+    reach = report.get("scheduler_reach")
+    if reach:
+        lines.append(f"  reach:     {_reach_line(reach)}")
     for line in lines:
         click.echo(line)
     hosts = report.get("hosts", {})

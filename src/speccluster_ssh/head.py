@@ -58,6 +58,7 @@ class UpOptions:
     scheduler_group: str = "scheduler"
     worker_group: str = "workers"
     min_workers: str | None = None
+    scheduler_reach: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -202,6 +203,8 @@ class Head:
             }
             if options.tls is not None:
                 kwargs["security"] = options.tls
+            if options.scheduler_reach is not None:
+                kwargs["scheduler_reach"] = options.scheduler_reach
             self.cluster = SSHSpecCluster(**kwargs)
             self.state.cluster_id = self.cluster.cluster_id
             self.state.tls = bool(self.cluster.security.require_encryption)
@@ -254,6 +257,8 @@ class Head:
         self.state.scheduler_address = str(cluster.scheduler_address or "")
         self.state.dashboard_link = str(cluster.dashboard_link or "")
         self.state.summary = cluster.status_report()["summary"]
+        # Forwarded addresses above work on the head; this says so, and why.
+        self.state.scheduler_reach = cluster.reach.as_dict() if cluster.reach is not None else None
         path = st.write_client_files(
             self.directory, self.state.scheduler_address, cluster.security if self.state.tls else None
         )

@@ -177,6 +177,9 @@ class ClusterState:
     summary
         Hosts up, workers running and missing hosts when the start ended
         (see :func:`speccluster_ssh.reporting.summarize`).
+    scheduler_reach
+        Where the scheduler runs and how the head reaches it
+        (:meth:`speccluster_ssh.reach.ReachChoice.as_dict`), once it runs.
     """
 
     name: str
@@ -193,6 +196,7 @@ class ClusterState:
     error: str = ""
     error_exit: int = 1
     summary: dict[str, Any] = field(default_factory=dict)
+    scheduler_reach: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy."""
