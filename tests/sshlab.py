@@ -1407,16 +1407,7 @@ class Lab:
             host._write_sshd_config()
             known_lines.append(f"{host.ip},{host.name} {host.host_public_key}")
             config_lines += [
-                f"Host {host.name} {host.ip}",
-                f"    HostName {host.ip}",
-                "    User root",
-                f"    IdentityFile {self.client_key}",
-                "    IdentitiesOnly yes",
-                f"    UserKnownHostsFile {self.known_hosts}",
-                "    GlobalKnownHostsFile /dev/null",
-                "    StrictHostKeyChecking yes",
-                "    BatchMode yes",
-                "    ConnectTimeout 10",
+                *self._ssh_config_stanza(host),
                 "",
             ]
         self.known_hosts.write_text("\n".join(known_lines) + "\n")
@@ -1591,18 +1582,7 @@ class Lab:
         jumps = dict(jumps or {})
         lines = []
         for host in self.hosts:
-            lines += [
-                f"Host {host.name} {host.ip}",
-                f"    HostName {host.ip}",
-                "    User root",
-                f"    IdentityFile {self.client_key}",
-                "    IdentitiesOnly yes",
-                f"    UserKnownHostsFile {self.known_hosts}",
-                "    GlobalKnownHostsFile /dev/null",
-                "    StrictHostKeyChecking yes",
-                "    BatchMode yes",
-                "    ConnectTimeout 10",
-            ]
+            lines += self._ssh_config_stanza(host)
             if host.name in jumps:
                 lines.append(f"    ProxyJump {jumps[host.name]}")
             lines.append("")
@@ -1611,6 +1591,21 @@ class Lab:
         return out
 
     # -- inventory -----------------------------------------------------------
+
+    def _ssh_config_stanza(self, host: LabHost) -> list[str]:
+        """The ``Host`` block of an ssh_config that reaches ``host`` with the lab's key, strictly."""
+        return [
+            f"Host {host.name} {host.ip}",
+            f"    HostName {host.ip}",
+            "    User root",
+            f"    IdentityFile {self.client_key}",
+            "    IdentitiesOnly yes",
+            f"    UserKnownHostsFile {self.known_hosts}",
+            "    GlobalKnownHostsFile /dev/null",
+            "    StrictHostKeyChecking yes",
+            "    BatchMode yes",
+            "    ConnectTimeout 10",
+        ]
 
     def write_inventory(
         self,

@@ -21,7 +21,7 @@ import asyncssh
 
 from .errors import HostError, UserError
 from .inventory import HostSpec, JumpHop, parse_jump_list
-from .jump import JumpContext, JumpLease, JumpPool, describe_chain, expand_chain
+from .jump import JumpContext, JumpLease, JumpPool, describe_chain, expand_chain, login_options
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +191,7 @@ class HostConnection:
             "keepalive_interval": self.settings.keepalive_interval,
             "keepalive_count_max": 3,
         }
-        if host.port is not None:
-            options["port"] = host.port
-        if host.user is not None:
-            options["username"] = host.user
-        if host.key_file is not None:
-            options["client_keys"] = [host.key_file]
+        options.update(login_options(host.port, host.user, host.key_file))
         config: list[str] = [str(Path(p).expanduser()) for p in self.settings.ssh_config]
         default_config = Path("~/.ssh/config").expanduser()
         if default_config.exists():

@@ -98,6 +98,17 @@ def describe_chain(chain: Sequence[JumpHop]) -> str:
     return " -> ".join(hop.label for hop in chain)
 
 
+def login_options(port: int | None, user: str | None, key_file: str | None) -> dict[str, Any]:
+    """asyncssh ``connect`` options for a host's port, user and key, where they are set."""
+    options: dict[str, Any] = {}
+    if port is not None:
+        options["port"] = port
+    if user is not None:
+        options["username"] = user
+    if key_file is not None:
+        options["client_keys"] = [key_file]
+    return options
+
 @dataclass
 class JumpContext:
     """What connecting to a jump host on behalf of one inventory host needs.
@@ -252,12 +263,7 @@ class JumpPool:
             "tunnel": parent,
         }
         options.update(context.extra)
-        if hop.port is not None:
-            options["port"] = hop.port
-        if hop.user is not None:
-            options["username"] = hop.user
-        if hop.key_file is not None:
-            options["client_keys"] = [hop.key_file]
+        options.update(login_options(hop.port, hop.user, hop.key_file))
         options.update(checker.connect_options())
 
         def fail(reason: str) -> HostError:
