@@ -21,6 +21,7 @@ import pytest
 from distributed import Client
 
 from speccluster_ssh.cluster import SSHSpecCluster
+from speccluster_ssh.entries import member_names
 from test_peer import DEADLINE, host_of, inventory, lab_cluster, lab_host, names, run, slowinc, until
 
 pytestmark = pytest.mark.lab
@@ -285,7 +286,7 @@ def test_random_faults(lab: Any, tmp_path: Path, seed: int) -> None:
                     cluster.scale(4)
                     await until(
                         lambda: all(s.state == "up" for n, s in cluster.pool.states.items())
-                        and names(cluster) == {m for k, sp in cluster.worker_spec.items() for m in cluster._member_names(k, sp)}
+                        and names(cluster) == {m for k, sp in cluster.worker_spec.items() for m in member_names(k, sp)}
                         and len(names(cluster)) == 4,
                         90,
                         f"seed {seed}: the cluster to be whole again",
