@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 from distributed import Client
 
-from sshlab import Lab, LabHost, _tcp_accepts, processes_besides_sshd
+from sshlab import Lab, LabHost, processes_besides_sshd
 from test_cli_lab import Cli, cli, write_inventory  # noqa: F401  (cli is a fixture)
 from test_jump import _need, _watch_bastion
 from test_peer import SMALL, run, slowinc, until
@@ -174,13 +173,9 @@ def test_bastion_scheduler_on_a_private_host(lab: Lab, tmp_path: Path) -> None:
                 assert cluster.pool.settings.jumps.open_connections() == 1
             assert peak[0] == 1, f"the head held {peak[0]} connections to the bastion"
 
-    def make_private() -> contextlib.AbstractContextManager[None]:
+    try:
         lab.make_bastion(bastion)
         lab.make_private(private, [bastion], from_head="all")
-        return contextlib.nullcontext()
-
-    try:
-        make_private()
         run(main(), timeout=360)
         head = subprocess.Popen(
             [sys.executable, "-c", HEAD_SCRIPT, str(path), str(lab.known_hosts), str(config), "4"],

@@ -26,6 +26,7 @@ them (:class:`ForwardedScheduler`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -366,7 +367,12 @@ class _Listener:
             [_python(self.pool.hosts[self.name]), "-u", "-c", LISTEN_PROBE, str(LISTEN_LIFETIME)]
         )
         self._channel = channel
-        line = await asyncio.wait_for(channel.readline(), 30)
+        try:
+            line = await asyncio.wait_for(channel.readline(), 30)
+        except BaseException:
+            # __aexit__ does not run when __aenter__ fails: end the listener here.
+            await channel.close()
+            raise
         try:
             self.port = int(line.strip())
         except ValueError:
@@ -410,6 +416,7 @@ async def probe_reach(
         A port the head listens on; ``None`` opens a stand-in for the probe.
     """
     result = ReachProbe()
+
     async def connect(name: str) -> None:
         # One connect timeout at most: a start already connecting holds the connection's lock.
         host = pool.hosts[name]
@@ -478,8 +485,6 @@ async def _head_reaches(pool: AgentPool, name: str) -> str:
 
 async def _peer_probe(pool: AgentPool, names: Sequence[str]) -> dict[str, dict[str, str]]:
     """Host -> {peer: why not}: every host connects to a port each of its peers listens on."""
-    import contextlib
-
     async with contextlib.AsyncExitStack() as stack:
         listeners: dict[str, _Listener] = {}
         opened = await asyncio.gather(
