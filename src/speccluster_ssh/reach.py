@@ -451,15 +451,21 @@ async def probe_reach(
                 why = found[target]
                 result.to_head[name] = f"cannot reach the head at {target}: {why}" if why else ""
 
-        await asyncio.gather(*(to_head(n) for n in up))
+        # Both directions at once: each costs a python start on the host, and
+        # the two do not depend on each other (this runs before every start).
+        targets = [scheduler_host] if scheduler_host is not None else list(up)
+        targets = [t for t in targets if t in up and not pool.hosts[t].is_local]
+        found = await asyncio.gather(
+            asyncio.gather(*(_head_reaches(pool, t) for t in targets)),
+            *(to_head(n) for n in up),
+        )
+        answered = dict(zip(targets, found[0]))
     finally:
         if listener is not None:
             listener.close()
             await listener.wait_closed()
-    targets = [scheduler_host] if scheduler_host is not None else list(up)
-    targets = [t for t in targets if t in result.to_head and not pool.hosts[t].is_local]
-    found = await asyncio.gather(*(_head_reaches(pool, t) for t in targets))
-    result.from_head.update(zip(targets, found))
+    # A host that did not answer the first probe counts as not answering.
+    result.from_head.update({t: why for t, why in answered.items() if t in result.to_head})
     if peers and len(up) > 1:
         result.peers = await _peer_probe(pool, up)
     return result
