@@ -111,6 +111,9 @@ class Session:
                 n_workers=c["entries"],
                 security=c["security"],
                 heal=c.get("heal", True),
+                # Bastion cases: ProxyJump lines for the private hosts.
+                **({"ssh_config": [c["ssh_config"]]} if c.get("ssh_config") else {}),
+                **({"start_timeout": c["start_timeout"]} if c.get("start_timeout") else {}),
                 scheduler_options={"dashboard_address": ":0"},
                 # BENCH_LOG=1 keeps the cluster's logs (in the session's .log file).
                 **({"silence_logs": False} if os.environ.get("BENCH_LOG") else {}),

@@ -209,6 +209,7 @@ def build_rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
     rows.append([f"head CPU while idle, {cost_workers} workers (share of one core)", cell(o, "%"), cell(d, "%"),
                  _ratio(ratio(o, d)), "—", "—"])  # fmt: skip
     rows += _idle_rows(records, cases)
+    rows += _bastion_rows(records, cases)
     growth_rows, slopes = _growth(records, cases)
     so, sd = slopes.get("ours"), slopes.get("dask")
     rows.append(["head RSS growth per additional worker (least squares over the growth series)",
@@ -237,6 +238,30 @@ def _idle_rows(records: list[dict[str, Any]], cases: dict[str, Any]) -> list[lis
         passes = summarize(records, name, "ours", "head.healer_passes_idle")
         rows.append([f"healing passes in that idle window, {workers} workers (healing on)", cell(passes, ""), "—", "—",
                      "0 (wakes on events only)", met_text(None if not passes.values else max(passes.values) == 0)])  # fmt: skip
+    return rows
+
+
+def _bastion_rows(records: list[dict[str, Any]], cases: dict[str, Any]) -> list[list[str]]:
+    """Ours only: start-up on N hosts behind one strict bastion beside the same N hosts reached directly."""
+    rows: list[list[str]] = []
+    for name, case in cases.items():
+        if case.get("topology") != "bastion":
+            continue
+        n = case["hosts"]
+        flat_name = next((k for k, c in cases.items() if c.get("topology") == "flat" and c["hosts"] == n), None)
+        behind = summarize(records, name, "ours", "startup")
+        flat = summarize(records, flat_name, "ours", "startup") if flat_name else Summary([], [], 0)
+        rows.append([f"start-up, {n} hosts × 1 worker, flat network (every host reached directly)",
+                     cell(flat), "—", "—", "reference", "—"])  # fmt: skip
+        rows.append([f"start-up, {n} private hosts × 1 worker behind one bastion (`MaxStartups 2:100:2`, "
+                     "ProxyJump from an ssh_config, scheduler on the head)", cell(behind), "—", "—",
+                     "reported beside flat", "—"])  # fmt: skip
+        r = ratio(behind, flat)
+        rows.append([f"start-up behind the bastion / flat, {n} hosts", "—" if r is None else f"{r:.2f}", "—", "—", "—", "—"])
+        peak = summarize(records, name, "ours", "bastion_peak")
+        rows.append([f"bastion connections: the head's SSH connections to the bastion during that start-up "
+                     f"(peak, sampled every 0.2 s), {n} hosts behind it", cell(peak, ""), "—", "—", "1",
+                     met_text(None if not peak.values else max(peak.values) == 1 and not peak.notes)])  # fmt: skip
     return rows
 
 

@@ -56,7 +56,8 @@ class Case:
     settle: float = 2.0  # seconds of quiet before that
     heal: bool = True  # ours: SSHSpecCluster(heal=...)
     pair: str = ""  # cases of one pair swap their order from run to run, like the tools
-
+    topology: str = ""  # "" (the usual hosts) | flat | bastion: hosts 2.. behind host 1 or not
+    cap_scale: float = 1.0  # times the start-up cap (many hosts importing distributed at once)
 
     @property
     def workers(self) -> int:
@@ -90,6 +91,23 @@ def idle_pair(hosts: int, nworkers: int, idle: float = IDLE_SECONDS) -> list[Cas
     ]
 
 
+BASTION_MAX_STARTUPS = "2:100:2"  # the bastion's sshd, as on hardened sites
+
+
+def bastion_pair(hosts: int) -> list[Case]:
+    """Ours only, one worker on each of ``hosts`` hosts (lab hosts 2..), reached directly or through host 1.
+
+    The bastion case puts those hosts behind a ``MaxStartups 2:100:2`` bastion
+    (SSH only from it; the hosts still reach the head, so the scheduler stays
+    there) and reaches them with ``ProxyJump`` from an ssh_config.
+    """
+    pair = f"jump-{hosts}"
+    return [
+        Case(f"flat-{hosts}", hosts, 1, tools=("ours",), pair=pair, topology="flat", cap_scale=2.0),
+        Case(f"bastion-{hosts}", hosts, 1, tools=("ours",), pair=pair, topology="bastion", cap_scale=2.0),
+    ]
+
+
 def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
     """The cases of one run, in the order they are run.
 
@@ -117,6 +135,7 @@ def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
         Case("8x4", 8, 4, idle=5.0),
         Case("8x8", 8, 8),
         *idle_pair(8, 4, idle),
+        *bastion_pair(24),
     ]
 
 
@@ -258,6 +277,32 @@ def all_gone(procs: dict[int, float]) -> bool:
     return True
 
 
+class BastionWatch:
+    """Samples, in a thread, the head's established SSH connections to ``bastion`` (as its sshd sees them)."""
+
+    def __init__(self, bastion: Any, head_ip: str, interval: float = 0.2) -> None:
+        self.bastion, self.head_ip, self.interval = bastion, head_ip, interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                self.peak = max(self.peak, self.bastion.ssh_peers().count(self.head_ip))
+            except Exception:  # noqa: BLE001 - a failed look is no sample
+                pass
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self) -> int:
+        """Stop sampling; the peak."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.peak
+
+
 # -- the head process ---------------------------------------------------------
 class Driver:
     """A :mod:`bench.driver` subprocess and its answers."""
@@ -339,13 +384,21 @@ class Bench:
         # The last host runs SSHCluster's scheduler; the others are worker hosts for both tools.
         self.sched_host = lab.hosts[-1]
         self.worker_hosts = lab.hosts[:-1]
-        self._inventories: dict[tuple[int, int], str] = {}
+        self._inventories: dict[tuple[int, int, bool], str] = {}
+        self._ssh_config: Path | None = None
+
+    def hosts_of(self, case: Case) -> list[Any]:
+        """The worker hosts of ``case``: lab hosts 2.. for flat/bastion (host 1 is the bastion)."""
+        if case.topology:
+            return self.lab.hosts[1 : 1 + case.hosts]
+        return self.worker_hosts[: case.hosts]
 
     def inventory(self, case: Case) -> str:
-        key = (case.hosts, case.nworkers)
+        key = (case.hosts, case.nworkers, bool(case.topology))
         if key not in self._inventories:
-            names = [h.name for h in self.worker_hosts[: case.hosts]]
-            path = self.workdir / f"inventory-{case.hosts}x{case.nworkers}.yml"
+            names = [h.name for h in self.hosts_of(case)]
+            tag = "-behind" if case.topology else ""
+            path = self.workdir / f"inventory-{case.hosts}x{case.nworkers}{tag}.yml"
             self._inventories[key] = str(
                 self.lab.write_inventory(
                     path,
@@ -362,13 +415,13 @@ class Bench:
         return self._inventories[key]
 
     def config(self, case: Case, tool: str) -> dict[str, Any]:
-        cap = self.settings.start_cap * (1 if case.workers <= 32 else 2)
+        cap = self.settings.start_cap * (1 if case.workers <= 32 else 2) * case.cap_scale
         return {
             "tool": tool,
             "inventory": self.inventory(case) if tool == "ours" else None,
             "known_hosts": str(self.lab.known_hosts),
             "client_key": str(self.lab.client_key),
-            "hosts": [h.ip for h in self.worker_hosts],
+            "hosts": [h.ip for h in (self.hosts_of(case) if case.topology else self.worker_hosts)],
             "sched_host": self.sched_host.ip,
             "head_ip": self.lab.head_ip,
             "entries": case.hosts,
@@ -377,7 +430,43 @@ class Bench:
             "heal": case.heal,
             "python": sys.executable,
             "cap": cap,
+            "ssh_config": str(self.ssh_config) if case.topology == "bastion" else None,
+            # Many hosts at once: the cluster's own start timeout (60 s by default) grows with the cap.
+            "start_timeout": cap if case.cap_scale > 1 else None,
         }
+
+    @property
+    def ssh_config(self) -> Path:
+        """An ssh_config with ``ProxyJump h1`` for every host but the bastion itself."""
+        if self._ssh_config is None:
+            # Written once per bench: it names this lab's key and known_hosts.
+            bastion = self.lab.hosts[0]
+            self._ssh_config = self.lab.write_ssh_config(
+                self.workdir / "ssh_config-bastion", {h.name: bastion.name for h in self.lab.hosts[1:]}
+            )
+        return self._ssh_config
+
+    @contextmanager
+    def topology(self, case: Case) -> Iterator[None]:
+        """Hosts 2.. behind the strict bastion host 1 for a bastion case; undone whatever happens."""
+        if case.topology != "bastion":
+            yield
+            return
+        sshlab = import_sshlab()
+        bastion, private = self.lab.hosts[0], self.hosts_of(case)
+        try:
+            self.lab.make_bastion(bastion, BASTION_MAX_STARTUPS)
+            # "ssh": only SSH from the head is dropped, so the scheduler stays on the head.
+            self.lab.make_private(private, [bastion], from_head="ssh")
+            direct = [h.name for h in private if sshlab._tcp_accepts(h.ip, 22, 1.0)]
+            if direct:
+                raise RuntimeError(f"the head still reaches {direct} directly")
+            yield
+        finally:
+            for host in private:
+                host.clear_firewall()
+            if bastion.sshd_overrides.pop("MaxStartups", None) is not None:
+                bastion.set_sshd_option("MaxStartups", "100:30:200")  # the lab's default again
 
     def run_session(self, case: Case, tool: str, run: int) -> dict[str, Any]:
         """Run one session of ``case`` with ``tool``; its record (also kept in ``records``)."""
@@ -408,7 +497,8 @@ class Bench:
             if case.kind == "plain":
                 self._plain(case, tool, record)
             else:
-                self._cluster(case, tool, record)
+                with self.topology(case):
+                    self._cluster(case, tool, record)
         except Exception as exc:  # one broken session must not stop the bench
             record["errors"].append(f"{type(exc).__name__}: {exc}")
         finally:
@@ -435,9 +525,15 @@ class Bench:
 
     def _cluster(self, case: Case, tool: str, record: dict[str, Any]) -> None:
         config = self.config(case, tool)
+        watch = BastionWatch(self.lab.hosts[0], self.lab.head_ip) if case.topology == "bastion" else None
         driver = Driver(config, self.workdir / f"{case.name}-{tool}.log")
         try:
-            started = driver.expect("started", "start_failed", timeout=config["cap"] + 120)
+            try:
+                started = driver.expect("started", "start_failed", timeout=config["cap"] + 120)
+            finally:
+                if watch is not None:
+                    # The most connections the head held to the bastion during the start.
+                    record["bastion_peak"] = watch.stop()
             if started["event"] == "start_failed" or not started.get("ok"):
                 record["errors"].append(f"start failed: {started.get('error') or started.get('workers')}")
                 driver.kill()
@@ -622,10 +718,12 @@ def sessions(settings: Settings) -> Iterator[tuple[int, Case, str]]:
 def lab_for(settings: Settings) -> Iterator[Any]:
     """A lab big enough for every case, torn down however the bench ends."""
     sshlab = import_sshlab()
-    worker_hosts = max(c.hosts for c in settings.cases)
+    # +1: SSHCluster's scheduler host (the last), or for a flat/bastion case
+    # the bastion (host 1, its workers on hosts 2..).
+    n_hosts = max(c.hosts for c in settings.cases) + 1
     # SCLAB_PREFIX/SCLAB_SUBNET let the bench run beside a test session's lab.
     with sshlab.Lab(
-        worker_hosts + 1,  # +1: SSHCluster's scheduler host
+        n_hosts,
         prefix=os.environ.get("SCLAB_PREFIX", "sclab"),
         subnet_base=os.environ.get("SCLAB_SUBNET", "10.250.0"),
     ) as lab:
@@ -648,7 +746,8 @@ def run_bench(settings: Settings, log: Callable[[str], None] = print) -> dict[st
         bench = Bench(lab, settings, workdir)
         for run, case, tool in sessions(settings):
             rec = bench.run_session(case, tool, run)
-            shown = {k: rec[k] for k in ("startup", "scale_up", "scale_down", "recover", "head_crash", "teardown") if k in rec}
+            shown = {k: rec[k] for k in ("startup", "scale_up", "scale_down", "recover", "head_crash", "teardown", "bastion_peak")
+                     if k in rec}
             if case.kind == "idle" and "cpu_per_s_idle" in rec.get("head", {}):
                 shown["idle_cpu_share"] = rec["head"]["cpu_per_s_idle"]
                 shown["healer_passes_idle"] = rec["head"].get("healer_passes_idle")
