@@ -638,6 +638,10 @@ class LabHost:
             "StrictModes no",
             "UsePAM no",
             "UseDNS no",
+            # Root's ~/.bashrc may run `pyenv rehash` at every login; a session
+            # killed mid-rehash (tests kill sessions) leaves its lock file, and
+            # every later login would wait 60 s for it. Never wait.
+            "SetEnv PYENV_REHASH_TIMEOUT=0",
             "PidFile none",
             "PrintMotd no",
             "PrintLastLog no",
