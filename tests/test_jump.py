@@ -211,39 +211,51 @@ HEAD_SCRIPT = textwrap.dedent(
 )
 
 
+@contextlib.contextmanager
+def head_process(script: str, args: Sequence[str], ready_within: float) -> Iterator[str]:
+    """Run ``script`` as a head process; yield its ``READY`` line (or the last line read), then SIGKILL it by PID."""
+    head = subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert head.stdout is not None
+        line = ""
+        deadline = time.monotonic() + ready_within
+        while time.monotonic() < deadline and not line.startswith("READY"):
+            line = head.stdout.readline()
+            if not line and head.poll() is not None:
+                break
+        yield line
+    finally:
+        head.send_signal(signal.SIGKILL)  # by PID: the head we started
+        head.wait(30)
+
+
+def assert_nothing_left_after_head_kill(lab: Lab, seconds: float = 15.0) -> None:
+    """Poll (bounded) until no process of the cluster is left on any lab host, failing after ``seconds``."""
+    killed_at = time.monotonic()
+    left: dict[str, Any] = {}
+    for _ in range(int(seconds / 0.1) + 100):  # bounded poll
+        left = processes_besides_sshd(lab)
+        if not left or time.monotonic() - killed_at > seconds:
+            break
+        time.sleep(0.1)
+    assert not left, f"{seconds:g} s after SIGKILL of the head, still running: {left}"
+
+
 def test_head_sigkill_leaves_nothing_behind_the_bastion(lab: Lab, tmp_path: Path) -> None:
     _need(lab, 3)
     bastion, private = lab.hosts[0], lab.hosts[1:5]
     config = lab.write_ssh_config(tmp_path / "ssh_config", {h.name: bastion.name for h in private})
     path = _private_inventory(lab, tmp_path, private)
     with _bastion_topology(lab, [bastion], private):
-        head = subprocess.Popen(
-            [sys.executable, "-c", HEAD_SCRIPT, str(path), str(lab.known_hosts), str(config), "4"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        try:
-            assert head.stdout is not None
-            line = ""
-            deadline = time.monotonic() + 150
-            while time.monotonic() < deadline and not line.startswith("READY"):
-                line = head.stdout.readline()
-                if not line and head.poll() is not None:
-                    break
+        args = [str(path), str(lab.known_hosts), str(config), "4"]
+        with head_process(HEAD_SCRIPT, args, ready_within=150) as line:
             assert line.startswith("READY"), "the head did not come up"
             running = processes_besides_sshd(lab)
             assert {h.name for h in private} & set(running), running
             assert bastion.ssh_peers().count(lab.head_ip) == 1
-        finally:
-            head.send_signal(signal.SIGKILL)  # by PID: the head we started
-            head.wait(30)
-        killed_at = time.monotonic()
-        left: dict[str, Any] = {}
-        for _ in range(400):  # bounded poll, 15 s
-            left = processes_besides_sshd(lab)
-            if not left or time.monotonic() - killed_at > 15:
-                break
-            time.sleep(0.1)
-        assert not left, f"15 s after SIGKILL of the head, still running: {left}"
+        assert_nothing_left_after_head_kill(lab, 15)
 
 
 def _banner(ip: str, timeout: float = 3.0) -> socket.socket | None:

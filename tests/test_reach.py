@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from distributed import Client
 
 from sshlab import Lab, LabHost, processes_besides_sshd
 from test_cli_lab import Cli, cli, write_inventory  # noqa: F401  (cli is a fixture)
-from test_jump import _need, _watch_bastion
+from test_jump import _need, _watch_bastion, assert_nothing_left_after_head_kill, head_process
 from test_peer import SMALL, run, slowinc, until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
@@ -181,32 +180,12 @@ def test_bastion_scheduler_on_a_private_host(lab: Lab, tmp_path: Path) -> None:
         lab.make_bastion(bastion)
         lab.make_private(private, [bastion], from_head="all")
         run(main(), timeout=360)
-        head = subprocess.Popen(
-            [sys.executable, "-c", HEAD_SCRIPT, str(path), str(lab.known_hosts), str(config), "4"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        try:
-            assert head.stdout is not None
-            line = ""
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and not line.startswith("READY"):
-                line = head.stdout.readline()
-                if not line and head.poll() is not None:
-                    break
+        args = [str(path), str(lab.known_hosts), str(config), "4"]
+        with head_process(HEAD_SCRIPT, args, ready_within=180) as line:
             assert line.startswith("READY") and line.split()[1].startswith("tls://127.0.0.1:"), line
             assert line.split()[2] == "forward", line
             assert bastion.ssh_peers().count(lab.head_ip) == 1
-        finally:
-            head.send_signal(signal.SIGKILL)  # by PID: the head we started
-            head.wait(30)
-        killed_at = time.monotonic()
-        left: dict[str, Any] = {}
-        for _ in range(400):  # bounded poll, 15 s
-            left = processes_besides_sshd(lab)
-            if not left or time.monotonic() - killed_at > 15:
-                break
-            time.sleep(0.1)
-        assert not left, f"15 s after SIGKILL of the head, still running: {left}"
+        assert_nothing_left_after_head_kill(lab, 15)
     finally:
         for host in [bastion, *private]:
             host.clear_firewall()
