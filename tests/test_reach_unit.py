@@ -10,7 +10,8 @@ import pytest
 from speccluster_ssh.errors import UserError
 from speccluster_ssh.inventory import load_inventory
 from speccluster_ssh.inventory._errors import InventoryError
-from speccluster_ssh.reach import ReachProbe, choose_reach, peer_problem, reach_setting, split_address
+from speccluster_ssh.forwards import split_address
+from speccluster_ssh.reach import ReachProbe, choose_reach, peer_problem, reach_setting
 
 WORKERS = ["h1", "h2", "h3"]
 

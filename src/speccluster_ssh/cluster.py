@@ -44,6 +44,7 @@ from distributed.scheduler import Scheduler
 
 from . import config as sc_config
 from . import entries, reach
+from .forwards import ForwardedScheduler
 from .connection import ConnectSettings
 from .entries import EntrySettings
 from .errors import CapacityError, HostError, StartError, UserError
@@ -306,7 +307,7 @@ class SSHSpecCluster(SpecCluster):
             self.reach = reach.choose_reach(setting, list(self.worker_hosts), sched_host and sched_host.name, None)
         if self.reach is not None and self.reach.mode == "forward" and sched_host is not None:
             return entries.remote_scheduler_entry(
-                self.entry_settings, sched_host, sc_config.get("dashboard-port"), options, cls=reach.ForwardedScheduler
+                self.entry_settings, sched_host, sc_config.get("dashboard-port"), options, cls=ForwardedScheduler
             )
         if sched_host is not None:
             return entries.remote_scheduler_entry(
@@ -577,7 +578,7 @@ class SSHSpecCluster(SpecCluster):
         if choice.mode == "forward" and choice.scheduler_host is not None:
             self.scheduler_spec = entries.remote_scheduler_entry(
                 self.entry_settings, self.pool.hosts[choice.scheduler_host], sc_config.get("dashboard-port"),
-                self._scheduler_options, cls=reach.ForwardedScheduler,
+                self._scheduler_options, cls=ForwardedScheduler,
             )
 
     async def _correct_state_internal(self) -> None:

@@ -1,0 +1,127 @@
+"""SSH local port forwards to a scheduler on a lab host (the ``forward`` mode of :mod:`speccluster_ssh.reach`).
+
+The head's own connections to such a scheduler (the cluster's, clients',
+the CLI's) and to its dashboard go through forwards over the SSH connection
+already open to the scheduler's host; TLS bytes pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .errors import HostError
+from .process import AgentPool, RemoteScheduler
+
+if TYPE_CHECKING:
+    import asyncssh
+
+    from .connection import HostConnection
+
+logger = logging.getLogger(__name__)
+
+
+def split_address(address: str) -> tuple[str, str, int]:
+    """``tls://10.0.0.3:8786`` -> ``("tls", "10.0.0.3", 8786)``."""
+    protocol, _, rest = address.rpartition("://")
+    host, _, port = rest.rpartition(":")
+    return protocol or "tcp", host.strip("[]"), int(port)
+
+
+class SchedulerForwards:
+    """SSH local port forwards to one host, over the connection already open to it.
+
+    Each forward listens on ``127.0.0.1`` of the head on a free port; what
+    it carries (TLS included) goes through the SSH connection to a
+    ``direct-tcpip`` channel that the host's sshd connects onwards. Behind
+    jump hosts the connection itself runs through them, so the forwards do too.
+
+    Parameters
+    ----------
+    connection
+        The open connection to the host.
+    """
+
+    def __init__(self, connection: HostConnection) -> None:
+        self.connection = connection
+        self.listeners: list[asyncssh.SSHListener] = []
+        self.ports: dict[tuple[str, int], int] = {}
+
+    async def forward_port(self, host: str, port: int) -> int:
+        """Forward a free port of ``127.0.0.1`` on the head to ``host:port`` as the host sees it."""
+        key = (host, port)
+        if key in self.ports:
+            return self.ports[key]
+        await self.connection.open()
+        # HostConnection keeps its asyncssh connection private; forwards are the one use of it here.
+        conn = getattr(self.connection, "_conn", None)
+        if conn is None:
+            raise HostError(self.connection.host.name, "not connected, so no SSH forward can be opened")
+        try:
+            listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
+        except OSError as exc:
+            raise HostError(
+                self.connection.host.name, f"cannot open an SSH forward to {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        self.listeners.append(listener)
+        local = int(listener.get_port())
+        self.ports[key] = local
+        logger.info("forwarding 127.0.0.1:%d on the head to %s:%d on %s", local, host, port, self.connection.host.name)
+        return local
+
+    async def forward(self, address: str) -> str:
+        """The head's address for dask ``address`` (``tls://10.0.0.3:8786`` -> ``tls://127.0.0.1:<port>``)."""
+        protocol, host, port = split_address(address)
+        local = await self.forward_port(host, port)
+        return f"{protocol}://127.0.0.1:{local}"
+
+    async def close(self) -> None:
+        """Stop listening; connections already carried end with the SSH connection."""
+        listeners, self.listeners = self.listeners, []
+        self.ports.clear()
+        for listener in listeners:
+            listener.close()
+            try:
+                await asyncio.wait_for(listener.wait_closed(), 5)
+            except (asyncio.TimeoutError, TimeoutError, OSError):
+                pass
+
+
+class ForwardedScheduler(RemoteScheduler):
+    """A scheduler on a lab host that the head reaches through SSH forwards.
+
+    ``address`` stays the scheduler's lab address (what workers use);
+    ``external_address`` is the forward on the head, which SpecCluster
+    connects to, and :attr:`head_dashboard_link` the dashboard's.
+    """
+
+    def __init__(self, *, host: str, cluster: str, **kwargs: Any) -> None:
+        super().__init__(host=host, cluster=cluster, **kwargs)
+        self.forwards: SchedulerForwards | None = None
+        self.head_dashboard_link: str = ""
+
+    async def start(self) -> None:
+        await super().start()
+        pool = AgentPool.lookup(self.cluster)
+        connection = pool.connection(self.host)
+        if connection.host.is_local or not self.address:
+            return  # the head is the host: its address works as it is
+        self.forwards = SchedulerForwards(connection)
+        try:
+            self.external_address = await self.forwards.forward(self.address)
+            port = self.dashboard_port
+            if port:
+                _, host, _ = split_address(self.address)
+                local = await self.forwards.forward_port(host, port)
+                self.head_dashboard_link = f"http://127.0.0.1:{local}/status"
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            if self.forwards is not None:
+                await self.forwards.close()
