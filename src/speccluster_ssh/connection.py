@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
+from . import timeline
 from .errors import HostError, UserError
 from .inventory import HostSpec, JumpHop, parse_jump_list
 from .jump import JumpContext, JumpLease, JumpPool, describe_chain, expand_chain, login_options
@@ -167,7 +168,9 @@ class HostConnection:
                 return
             await self._release_jumps()
             async with self.settings.semaphore:
+                timeline.stamp("ssh_connect", self.host.name)
                 self._conn = await self._connect()
+                timeline.stamp("ssh_connected", self.host.name)
             # Behind jumps, the head's address as the hosts see it is the one the first jump sees.
             first = self._lease.first if self._lease is not None else self._conn
             sockname = first.get_extra_info("sockname")

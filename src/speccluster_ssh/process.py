@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
+from . import timeline
 from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
 from .errors import HostError
@@ -155,6 +156,7 @@ class AgentPool:
             )
         for path, data in self.files.items():
             await agent.write_file(path, data)
+        timeline.stamp("agent_ready", name)
         agent.on_lost(lambda reason, host=name, a=agent: self._lost(host, a, reason))
         return agent
 
@@ -394,6 +396,7 @@ class RemoteProcess(ProcessInterface):
         def on_ready(message: dict[str, Any]) -> None:
             member = message.get("name")
             if ours(message) and not ready[member].done():
+                timeline.stamp("worker_ready", self.host, str(member))
                 ready[member].set_result(message)
 
         def on_failed(message: dict[str, Any]) -> None:
@@ -419,6 +422,7 @@ class RemoteProcess(ProcessInterface):
         scheduler = self._scheduler_for_host(pool)
         try:
             for member in self.member_names:
+                timeline.stamp("start_request", self.host, member)
                 reply = await agent.request(
                     "start",
                     name=member,
@@ -428,6 +432,7 @@ class RemoteProcess(ProcessInterface):
                     env=self.env,
                 )
                 started[member] = int(reply["pid"])
+                timeline.stamp("forked", self.host, member)
             done, pending = await asyncio.wait(ready.values(), timeout=self.start_timeout)
             if pending:
                 raise HostError(self.host, f"{self.role} {self.name} did not report ready within {self.start_timeout:g} s")
