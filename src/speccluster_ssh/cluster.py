@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import secrets
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,12 +42,9 @@ from distributed.deploy.spec import SpecCluster
 from distributed.scheduler import Scheduler
 
 from . import config as sc_config
-from . import entries, reach, timeline
-from .forwards import ForwardedScheduler
-from .connection import ConnectSettings
+from . import entries, reach, startup, timeline
 from .entries import EntrySettings
-from .errors import CapacityError, HostError, StartError, UserError
-from .health import Health
+from .errors import CapacityError, UserError
 from .healer import Healer
 from .inventory import Inventory, load_inventory
 from .placement import Target
@@ -148,12 +144,7 @@ class SSHSpecCluster(SpecCluster):
     ) -> None:
         from .security import make_security
 
-        if isinstance(inventory, (str, os.PathLike)):
-            inventory = load_inventory(inventory)
-        if inventory is None:
-            if not hosts:
-                raise UserError("SSHSpecCluster needs hosts or an inventory")
-            inventory = Inventory.from_hosts(list(hosts))
+        inventory = startup.resolve_inventory(hosts, inventory)
         self.inventory: Inventory = inventory
         self.placement_policy = placement or sc_config.get("placement")
         if self.placement_policy not in ("spread", "pack"):
@@ -171,19 +162,8 @@ class SSHSpecCluster(SpecCluster):
         self.capacity = Capacity(self)
         self.reports = Reports(self)
         self._scheduler_address = scheduler_address
-        worker_hosts = {h.name: h for h in inventory.worker_hosts}
-        self.worker_hosts = worker_hosts
-        all_hosts = dict(worker_hosts)
-        if inventory.scheduler_host is not None:
-            all_hosts[inventory.scheduler_host.name] = inventory.scheduler_host
-        settings = ConnectSettings(
-            known_hosts=known_hosts,
-            # A non-default policy in the dask config applies to every host.
-            known_hosts_policy=known_hosts_policy
-            or (sc_config.get("known-hosts") if sc_config.get("known-hosts") != "strict" else None),
-            ssh_config=list(ssh_config),
-            connect_timeout=connect_timeout,
-        )
+        self.worker_hosts, all_hosts = startup.hosts_to_reach(inventory)
+        settings = startup.connect_settings(known_hosts, known_hosts_policy, ssh_config, connect_timeout)
         self.pool = AgentPool(
             self.cluster_id,
             all_hosts,
@@ -213,7 +193,7 @@ class SSHSpecCluster(SpecCluster):
         self.reach: reach.ReachChoice | None = None
         self._scheduler_options = dict(scheduler_options or {})
         if scheduler is None:
-            scheduler = self._scheduler_entry(self._scheduler_options, sec)
+            scheduler = startup.scheduler_entry(self, self._scheduler_options, sec)
         else:
             self.reach = reach.ReachChoice("direct", None, "the scheduler's spec was given to the cluster", "direct")
         self._i = 0
@@ -245,12 +225,7 @@ class SSHSpecCluster(SpecCluster):
         self.worker_spec = initial
         self.new_spec = dict(worker) if worker else None
         if not initial:
-            count = self.total_slots if n_workers is None else n_workers
-            for _ in range(count):
-                entry = self._next_entry()
-                if entry is None:
-                    break
-                self.worker_spec.update(entry)
+            startup.fill_initial_spec(self, n_workers)
         requested = sum(len(entries.member_names(k, s)) for k, s in self.worker_spec.items())
         self.min_workers = resolve_min_workers(self.min_workers_asked, requested)
         super().__init__(
@@ -294,28 +269,6 @@ class SSHSpecCluster(SpecCluster):
         worker_group = options.pop("worker_group", "workers")
         inventory = load_inventory(path, scheduler_group=scheduler_group, worker_group=worker_group)
         return cls(inventory=inventory, **options)
-
-    def _scheduler_entry(self, options: dict[str, Any], sec: Any) -> dict[str, Any]:
-        """The scheduler's spec: on the inventory's scheduler host, or in this process.
-
-        Under ``auto`` (and ``forward`` without a scheduler host) this is
-        provisional: :meth:`_place_scheduler` decides once the hosts are probed.
-        """
-        sched_host = self.inventory.scheduler_host
-        setting = "direct" if self._scheduler_address is not None else self.reach_setting
-        if setting == "direct" or (setting == "forward" and sched_host is not None):
-            self.reach = reach.choose_reach(setting, list(self.worker_hosts), sched_host and sched_host.name, None)
-        if self.reach is not None and self.reach.mode == "forward" and sched_host is not None:
-            return entries.remote_scheduler_entry(
-                self.entry_settings, sched_host, sc_config.get("dashboard-port"), options, cls=ForwardedScheduler
-            )
-        if sched_host is not None:
-            return entries.remote_scheduler_entry(
-                self.entry_settings, sched_host, sc_config.get("dashboard-port"), options
-            )
-        return entries.local_scheduler_entry(
-            Scheduler, sec, sc_config.get("scheduler-port"), sc_config.get("dashboard-port"), options
-        )
 
     @property
     def total_slots(self) -> int:
@@ -490,7 +443,7 @@ class SSHSpecCluster(SpecCluster):
         self.pool.prestart(h for h in hosts if h is not None)
         try:
             try:
-                await self._place_scheduler({h for h in hosts if h is not None})
+                await startup.place_scheduler(self, {h for h in hosts if h is not None})
             except BaseException:
                 await self.pool.close()
                 raise
@@ -498,90 +451,14 @@ class SSHSpecCluster(SpecCluster):
             timeline.stamp("scheduler_ready")
         except RuntimeError as exc:
             await self.pool.close()
-            cause = exc.__cause__
-            if isinstance(cause, HostError):
-                raise cause from None
+            host_error = startup.host_error_of(exc)
+            if host_error is not None:
+                raise host_error from None
             raise
         if isinstance(self.scheduler, Scheduler) and self._scheduler_address is None:
             protocol, _, rest = self.scheduler.address.partition("://")
             self.pool.head_scheduler = (protocol, int(rest.rsplit(":", 1)[1]))
-        await self._start_workers()
-
-    async def _start_workers(self) -> None:
-        """The first reconcile, then wait until ``min_workers`` workers registered.
-
-        Hosts that do not answer do not fail the start: the healer moves
-        their entries to free slots or retries them. The start fails, and
-        closes everything, when the start timeout runs out first, or at once
-        when every worker host was tried and none answered.
-        """
-        started = time.monotonic()
-        await self._correct_state()
-        for _ in range(int(self.start_timeout / 0.1) + 100):  # bounded; the deadline ends it first
-            registered = len(self.scheduler_info.get("workers", {}))
-            if registered >= self.min_workers:
-                return
-            elapsed = time.monotonic() - started
-            if self._no_host_answers() or elapsed >= self.start_timeout:
-                break
-            await asyncio.sleep(0.1)
-        await self._fail_start(registered, time.monotonic() - started)
-
-    def _no_host_answers(self) -> bool:
-        states = [self.pool.states[name] for name in self.worker_hosts]
-        return all(s.state in (Health.DOWN, Health.ASIDE) for s in states)
-
-    async def _fail_start(self, registered: int, elapsed: float) -> None:
-        wanted = sum(len(entries.member_names(k, s)) for k, s in self.worker_spec.items())
-        running = {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
-        why: dict[str, str] = {}
-        for key, spec in self.worker_spec.items():
-            if all(m in running for m in entries.member_names(key, spec)):
-                continue
-            host = str(spec.get("options", {}).get("host"))
-            state = self.pool.states.get(host)
-            if state is not None and not state.usable and state.reason:
-                why.setdefault(host, f"{state.state}: {state.reason}" + (f"; fix: {state.fix}" if state.fix else ""))
-            else:
-                why.setdefault(host, self._last_start_error.get(key) or "did not start in time")
-        if self._no_host_answers():
-            summary = f"no worker host answered (at least {self.min_workers} workers needed)"
-            for name, state in self.pool.states.items():
-                if name in self.worker_hosts and state.reason:
-                    why.setdefault(name, f"{state.state}: {state.reason}")
-        else:
-            summary = (
-                f"only {registered} of {wanted} workers started within {elapsed:.0f} s; "
-                f"at least {self.min_workers} needed"
-            )
-        logger.warning("start failed: %s", summary)
-        await self._close()
-        raise StartError(summary, why)
-
-    async def _place_scheduler(self, hosts: set[str]) -> None:
-        """Choose where the scheduler runs (probing the hosts under ``auto``), once, before it starts."""
-        if self.reach is not None or self.scheduler is not None:
-            return
-        sched_host = self.inventory.scheduler_host
-        sched = sched_host.name if sched_host is not None else None
-        probe = None
-        if self.reach_setting == "auto":
-            # The hosts with entries (all worker hosts when there is none yet) and the scheduler host.
-            names = [h for h in self.worker_hosts if h in hosts] or list(self.worker_hosts)
-            if sched is not None and sched not in names:
-                names.append(sched)
-            probe = await reach.probe_reach(self.pool, names, scheduler_host=sched)
-            timeline.stamp("reach_probed")
-        choice = reach.choose_reach(self.reach_setting, list(self.worker_hosts), sched, probe)
-        if choice.mode == "forward" and choice.scheduler_host is None:
-            raise HostError("*", "no worker host answered, so there is no host to run the scheduler on")
-        self.reach = choice
-        logger.info("scheduler reach: %s, scheduler on %s: %s", choice.mode, choice.scheduler_host or "the head", choice.why)
-        if choice.mode == "forward" and choice.scheduler_host is not None:
-            self.scheduler_spec = entries.remote_scheduler_entry(
-                self.entry_settings, self.pool.hosts[choice.scheduler_host], sc_config.get("dashboard-port"),
-                self._scheduler_options, cls=ForwardedScheduler,
-            )
+        await startup.wait_for_min_workers(self)
 
     async def _correct_state_internal(self) -> None:
         async with self._lock:

@@ -1,0 +1,203 @@
+"""Putting an SSHSpecCluster together and starting it.
+
+Two halves, both called only by :class:`~speccluster_ssh.cluster.SSHSpecCluster`:
+
+- construction, which needs no event loop: the inventory the cluster runs
+  on, how hosts are reached (:class:`~speccluster_ssh.connection.ConnectSettings`),
+  and the scheduler's spec, provisional under ``scheduler_reach: auto``;
+- the start policy: where the scheduler runs once the hosts are probed
+  (:func:`place_scheduler`), waiting for ``min_workers``
+  (:func:`wait_for_min_workers`), and the :class:`~speccluster_ssh.errors.StartError`
+  of a start that falls short, raised only after everything is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from distributed.scheduler import Scheduler
+
+from . import config as sc_config
+from . import entries, reach
+from .connection import ConnectSettings
+from .errors import HostError, StartError, UserError
+from .forwards import ForwardedScheduler
+from .health import Health, HostState
+from .inventory import HostSpec, Inventory, load_inventory
+
+if TYPE_CHECKING:
+    from .cluster import SSHSpecCluster
+
+logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
+
+
+# -- construction ------------------------------------------------------
+def resolve_inventory(
+    hosts: Sequence[str | Mapping[str, Any]] | None, inventory: Inventory | str | os.PathLike[str] | None
+) -> Inventory:
+    """The inventory a cluster runs on: parsed from a path, given, or made from ``hosts``."""
+    if isinstance(inventory, (str, os.PathLike)):
+        return load_inventory(inventory)
+    if inventory is not None:
+        return inventory
+    if not hosts:
+        raise UserError("SSHSpecCluster needs hosts or an inventory")
+    return Inventory.from_hosts(list(hosts))
+
+
+def hosts_to_reach(inventory: Inventory) -> tuple[dict[str, HostSpec], dict[str, HostSpec]]:
+    """The worker hosts, and every host an agent may run on (the scheduler host too)."""
+    worker_hosts = {h.name: h for h in inventory.worker_hosts}
+    all_hosts = dict(worker_hosts)
+    if inventory.scheduler_host is not None:
+        all_hosts[inventory.scheduler_host.name] = inventory.scheduler_host
+    return worker_hosts, all_hosts
+
+
+def connect_settings(
+    known_hosts: str | None, known_hosts_policy: str | None, ssh_config: Sequence[str], connect_timeout: float | None
+) -> ConnectSettings:
+    """How the head reaches hosts; a non-default policy in the dask config applies to every host."""
+    configured = sc_config.get("known-hosts")
+    return ConnectSettings(
+        known_hosts=known_hosts,
+        known_hosts_policy=known_hosts_policy or (configured if configured != "strict" else None),
+        ssh_config=list(ssh_config),
+        connect_timeout=connect_timeout,
+    )
+
+
+def scheduler_entry(cluster: SSHSpecCluster, options: dict[str, Any], sec: Any) -> dict[str, Any]:
+    """The scheduler's spec: on the inventory's scheduler host, or in the head's process.
+
+    Sets ``cluster.reach`` when the mode is known without probing. Under
+    ``auto`` (and ``forward`` without a scheduler host) the spec is
+    provisional: :func:`place_scheduler` decides once the hosts are probed.
+    """
+    sched_host = cluster.inventory.scheduler_host
+    setting = "direct" if cluster._scheduler_address is not None else cluster.reach_setting
+    if setting == "direct" or (setting == "forward" and sched_host is not None):
+        cluster.reach = reach.choose_reach(setting, list(cluster.worker_hosts), sched_host and sched_host.name, None)
+    dashboard_port = sc_config.get("dashboard-port")
+    if cluster.reach is not None and cluster.reach.mode == "forward" and sched_host is not None:
+        return entries.remote_scheduler_entry(
+            cluster.entry_settings, sched_host, dashboard_port, options, cls=ForwardedScheduler
+        )
+    if sched_host is not None:
+        return entries.remote_scheduler_entry(cluster.entry_settings, sched_host, dashboard_port, options)
+    return entries.local_scheduler_entry(Scheduler, sec, sc_config.get("scheduler-port"), dashboard_port, options)
+
+
+def fill_initial_spec(cluster: SSHSpecCluster, n_workers: int | None) -> None:
+    """Place ``n_workers`` entries (every slot when ``None``) before SpecCluster starts.
+
+    Placed up front so that a synchronous constructor returns with every
+    worker running.
+    """
+    count = cluster.total_slots if n_workers is None else n_workers
+    for _ in range(count):
+        entry = cluster._next_entry()
+        if entry is None:
+            break
+        cluster.worker_spec.update(entry)
+
+
+# -- the start policy ----------------------------------------------------
+async def place_scheduler(cluster: SSHSpecCluster, hosts: set[str]) -> None:
+    """Choose where the scheduler runs (probing the hosts under ``auto``), once, before it starts."""
+    if cluster.reach is not None or cluster.scheduler is not None:
+        return
+    sched_host = cluster.inventory.scheduler_host
+    sched = sched_host.name if sched_host is not None else None
+    probe = None
+    if cluster.reach_setting == "auto":
+        # The hosts with entries (all worker hosts when there is none yet) and the scheduler host.
+        names = [h for h in cluster.worker_hosts if h in hosts] or list(cluster.worker_hosts)
+        if sched is not None and sched not in names:
+            names.append(sched)
+        probe = await reach.probe_reach(cluster.pool, names, scheduler_host=sched)
+    choice = reach.choose_reach(cluster.reach_setting, list(cluster.worker_hosts), sched, probe)
+    if choice.mode == "forward" and choice.scheduler_host is None:
+        raise StartError("no worker host answered, so there is no host to run the scheduler on", {})
+    cluster.reach = choice
+    logger.info(
+        "scheduler reach: %s, scheduler on %s: %s", choice.mode, choice.scheduler_host or "the head", choice.why
+    )
+    if choice.mode == "forward" and choice.scheduler_host is not None:
+        cluster.scheduler_spec = entries.remote_scheduler_entry(
+            cluster.entry_settings, cluster.pool.hosts[choice.scheduler_host], sc_config.get("dashboard-port"),
+            cluster._scheduler_options, cls=ForwardedScheduler,
+        )
+
+
+def registered_workers(cluster: SSHSpecCluster) -> int:
+    return len(cluster.scheduler_info.get("workers", {}))
+
+
+async def wait_for_min_workers(cluster: SSHSpecCluster) -> None:
+    """The first reconcile, then wait until ``min_workers`` workers registered.
+
+    Hosts that do not answer do not fail the start: the healer moves their
+    entries to free slots or retries them. The start fails, and closes
+    everything, when the start timeout runs out first, or at once when every
+    worker host was tried and none answered.
+    """
+    started = time.monotonic()
+    await cluster._correct_state()
+    registered = registered_workers(cluster)
+    for _ in range(int(cluster.start_timeout / 0.1) + 100):  # bounded; the deadline ends it first
+        registered = registered_workers(cluster)
+        if registered >= cluster.min_workers:
+            return
+        elapsed = time.monotonic() - started
+        if no_host_answers(cluster.pool.states, cluster.worker_hosts) or elapsed >= cluster.start_timeout:
+            break
+        await asyncio.sleep(0.1)
+    error = start_error(cluster, registered, time.monotonic() - started)
+    logger.warning("start failed: %s", error.summary)
+    await cluster._close()
+    raise error
+
+
+def no_host_answers(states: Mapping[str, HostState], worker_hosts: Mapping[str, HostSpec]) -> bool:
+    """Whether every worker host was tried and is down or put aside."""
+    return all(states[name].state in (Health.DOWN, Health.ASIDE) for name in worker_hosts)
+
+
+def start_error(cluster: SSHSpecCluster, registered: int, elapsed: float) -> StartError:
+    """The error of a start short of ``min_workers``: a summary, then why each missing host is missing."""
+    wanted = sum(len(entries.member_names(k, s)) for k, s in cluster.worker_spec.items())
+    running = {str(w.get("name")) for w in cluster.scheduler_info.get("workers", {}).values()}
+    states = cluster.pool.states
+    why: dict[str, str] = {}
+    for key, spec in cluster.worker_spec.items():
+        if all(m in running for m in entries.member_names(key, spec)):
+            continue
+        host = str(spec.get("options", {}).get("host"))
+        state = states.get(host)
+        if state is not None and not state.usable and state.reason:
+            why.setdefault(host, f"{state.state}: {state.reason}" + (f"; fix: {state.fix}" if state.fix else ""))
+        else:
+            why.setdefault(host, cluster._last_start_error.get(key) or "did not start in time")
+    if no_host_answers(states, cluster.worker_hosts):
+        summary = f"no worker host answered (at least {cluster.min_workers} workers needed)"
+        for name, state in states.items():
+            if name in cluster.worker_hosts and state.reason:
+                why.setdefault(name, f"{state.state}: {state.reason}")
+    else:
+        summary = (
+            f"only {registered} of {wanted} workers started within {elapsed:.0f} s; "
+            f"at least {cluster.min_workers} needed"
+        )
+    return StartError(summary, why)
+
+
+def host_error_of(exc: BaseException) -> HostError | None:
+    """The host error behind SpecCluster's ``RuntimeError("Cluster failed to start")``, if one is."""
+    cause = exc.__cause__
+    return cause if isinstance(cause, HostError) else None
