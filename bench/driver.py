@@ -19,6 +19,11 @@ Tools
 ``plain``
     One ``ssh host python -m distributed.cli.dask_worker ADDRESS`` against a
     scheduler in this process, as a reference for a single worker start.
+``floor``
+    One ``python -c "import distributed"`` per host, all at once, each over
+    the same kind of SSH connection as ours (speccluster-ssh's own
+    ``HostConnection`` from the same inventory): the part of a start-up that
+    no deployer can avoid on these hosts.
 """
 
 from __future__ import annotations
@@ -168,15 +173,21 @@ class Session:
     def start(self) -> None:
         want = self.config["entries"] * self.config["nworkers"]
         before = head_cost()
+        from speccluster_ssh import timeline
+
+        # Ours stamps its phases (SSH connect, agent ready, ...) into this.
+        recorder = timeline.start() if self.tool == "ours" else None
         t0 = time.monotonic()
         try:
             self.cluster = self._make()
         except Exception as exc:
+            timeline.stop()
             emit({"event": "start_failed", "t0": t0, "error": f"{type(exc).__name__}: {exc}"[:2000]})
             return
         t_ctor = time.monotonic()
         t_reg = wait_until(lambda: len(self.registered()) >= want, self.config["cap"])
         after = head_cost()
+        timeline.stop()
         emit(
             {
                 "event": "started",
@@ -191,6 +202,7 @@ class Session:
                 "after": after,
                 "pids": self._pids(),
                 "entry_hosts": self._entry_hosts(),
+                "timeline": recorder.as_list() if recorder is not None else None,
             }
         )
 
@@ -375,6 +387,43 @@ async def plain_worker(config: dict[str, Any]) -> dict[str, Any]:
     return {"event": "plain", "ok": t_reg is not None, "t0": t0, "startup": None if t_reg is None else t_reg - t0, "error": error}
 
 
+async def floor(config: dict[str, Any]) -> dict[str, Any]:
+    """``python -c "import distributed"`` on each of ``entries`` hosts at once, over our own SSH connections.
+
+    Timed from before the connections open until the last import returned,
+    as a start-up is timed from before the constructor.
+    """
+    from speccluster_ssh.connection import ConnectSettings, HostConnection
+    from speccluster_ssh.inventory import load_inventory
+
+    inventory = load_inventory(config["inventory"])
+    hosts = list(inventory.worker_hosts)[: config["entries"]]
+    settings = ConnectSettings(known_hosts=config["known_hosts"])
+    connections = [HostConnection(h, settings) for h in hosts]
+    done: dict[str, float] = {}
+
+    async def one(conn: HostConnection) -> None:
+        await conn.open()
+        status, _, err = await conn.run([conn.host.python, "-c", "import distributed"], timeout=config["cap"])
+        if status != 0:
+            raise RuntimeError(f"{conn.host.name}: exit {status}: {err.decode(errors='replace')[-300:]}")
+        done[conn.host.name] = time.monotonic()
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(one(c) for c in connections), return_exceptions=True)
+    t_end = time.monotonic()
+    await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
+    errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+    return {
+        "event": "floor",
+        "ok": not errors,
+        "t0": t0,
+        "startup": None if errors else t_end - t0,
+        "per_host": {name: t - t0 for name, t in done.items()},
+        "error": "; ".join(errors)[:2000],
+    }
+
+
 def main(argv: list[str]) -> int:
     """Run one session described by the JSON in ``argv[1]``."""
     config = json.loads(argv[1])
@@ -384,6 +433,9 @@ def main(argv: list[str]) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if config["tool"] == "plain":
         emit(asyncio.run(plain_worker(config)))
+        return 0
+    if config["tool"] == "floor":
+        emit(asyncio.run(floor(config)))
         return 0
     Session(config).serve()
     return 0

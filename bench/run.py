@@ -39,6 +39,9 @@ from .driver import MARK, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = ("ours", "dask")
+# Start-up cases also measure the floor: one `import distributed` per host, at once, over SSH.
+WITH_FLOOR = ("ours", "dask", "floor")
+GROWTH_HOSTS = (4, 8, 16, 32, 48)  # the growth series: hosts × 1 worker
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class Case:
     hosts: int
     nworkers: int
     kind: str = "start"  # start | ops | headcrash | plain | idle
-    tools: tuple[str, ...] = TOOLS
+    tools: tuple[str, ...] = WITH_FLOOR
     end: str = "close"  # close | crash: how an ops session ends
     security: bool = True
     idle: float = 0.0  # seconds of idle head cost to measure after start-up
@@ -108,6 +111,18 @@ def bastion_pair(hosts: int) -> list[Case]:
     ]
 
 
+def growth_cases(hosts: tuple[int, ...] = GROWTH_HOSTS) -> list[Case]:
+    """One worker on each of 4 … 48 hosts, for ours, SSHCluster and the floor (``4x1`` is in the plan anyway)."""
+    return [Case(f"{n}x1", n, 1) for n in hosts if n != 4]
+
+
+# Names that stand for several cases in --cases.
+CASE_GROUPS = {
+    "growth": ["4x1", *(c.name for c in growth_cases())],
+    "targets": ["4x2", "ops-4x2", "8x4", "16x1", "32x1", "48x1"],
+}
+
+
 def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
     """The cases of one run, in the order they are run.
 
@@ -119,21 +134,22 @@ def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
     if quick:
         return [
             Case("plain-1", 1, 1, kind="plain", tools=("plain",)),
-            Case("4x1", 4, 1, tools=("ours",)),
+            Case("4x1", 4, 1, tools=("ours", "floor")),
             Case("4x2", 4, 2, idle=1.0, settle=1.0),
             Case("4x2-notls", 4, 2, tools=("ours",), security=False),
-            Case("ops-4x2", 4, 2, kind="ops", end="crash"),
+            Case("ops-4x2", 4, 2, kind="ops", end="crash", tools=TOOLS),
         ]
     return [
         Case("plain-1", 1, 1, kind="plain", tools=("plain",)),
         Case("4x1", 4, 1),
         Case("4x2", 4, 2),
         Case("4x2-notls", 4, 2, tools=("ours",), security=False),
-        Case("ops-4x2", 4, 2, kind="ops"),
-        Case("headcrash-4x2", 4, 2, kind="headcrash"),
+        Case("ops-4x2", 4, 2, kind="ops", tools=TOOLS),
+        Case("headcrash-4x2", 4, 2, kind="headcrash", tools=TOOLS),
         Case("4x4", 4, 4),
         Case("8x4", 8, 4, idle=5.0),
         Case("8x8", 8, 8),
+        *growth_cases(),
         *idle_pair(8, 4, idle),
         *bastion_pair(24),
     ]
@@ -418,7 +434,7 @@ class Bench:
         cap = self.settings.start_cap * (1 if case.workers <= 32 else 2) * case.cap_scale
         return {
             "tool": tool,
-            "inventory": self.inventory(case) if tool == "ours" else None,
+            "inventory": self.inventory(case) if tool in ("ours", "floor") else None,
             "known_hosts": str(self.lab.known_hosts),
             "client_key": str(self.lab.client_key),
             "hosts": [h.ip for h in (self.hosts_of(case) if case.topology else self.worker_hosts)],
@@ -496,6 +512,8 @@ class Bench:
         try:
             if case.kind == "plain":
                 self._plain(case, tool, record)
+            elif tool == "floor":
+                self._floor(case, tool, record)
             else:
                 with self.topology(case):
                     self._cluster(case, tool, record)
@@ -523,6 +541,17 @@ class Bench:
         if not answer.get("ok"):
             record["errors"].append(f"plain worker did not register: {answer.get('error', '')[-300:]}")
 
+    def _floor(self, case: Case, tool: str, record: dict[str, Any]) -> None:
+        driver = Driver(self.config(case, tool), self.workdir / f"{case.name}-{tool}.log")
+        try:
+            answer = driver.expect("floor", timeout=self.config(case, tool)["cap"] + 60)
+        finally:
+            driver.stop()
+        record["startup"] = answer.get("startup")
+        record["per_host"] = answer.get("per_host")
+        if not answer.get("ok"):
+            record["errors"].append(f"floor: {answer.get('error', '')[-300:]}")
+
     def _cluster(self, case: Case, tool: str, record: dict[str, Any]) -> None:
         config = self.config(case, tool)
         watch = BastionWatch(self.lab.hosts[0], self.lab.head_ip) if case.topology == "bastion" else None
@@ -540,6 +569,11 @@ class Bench:
                 return
             record["startup"] = started["startup"]
             record["constructor"] = started["t_ctor"] - started["t0"]
+            if started.get("timeline"):
+                # Ours: the phases of this start-up, in seconds after the constructor was called.
+                record["timeline"] = [
+                    {**e, "t": round(e["t"] - started["t0"], 4)} for e in started["timeline"]
+                ]
             record["head"] = {
                 "rss_before": started["before"]["rss"],
                 "rss": started["after"]["rss"],
@@ -819,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.cases:
         wanted = {c.strip() for c in args.cases.split(",") if c.strip()}
+        for group, names in CASE_GROUPS.items():
+            if group in wanted:
+                wanted = (wanted - {group}) | set(names)
         known = {c.name for c in settings.cases}
         if wanted - known:
             parser.error(f"unknown cases {sorted(wanted - known)}; choose from {sorted(known)}")

@@ -55,19 +55,29 @@ def test_quick_bench_writes_json_markdown_and_png(tmp_path: Path) -> None:
         assert key in data["machine"], key
     assert data["settings"]["quick"] is True
     runs = data["runs"]
-    assert {r["tool"] for r in runs} == {"ours", "dask", "plain"}
+    assert {r["tool"] for r in runs} == {"ours", "dask", "plain", "floor"}
     assert {r["case"] for r in runs} >= {"plain-1", "4x1", "4x2", "4x2-notls", "ops-4x2"}
     for record in runs:
         assert "time" in record and "leftovers" in record
-    # Every session of ours started its cluster (a number, whatever its size).
+    # Every session of ours started its cluster (a number, whatever its size),
+    # and every start-up case measured the floor.
     for record in runs:
-        if record["tool"] == "ours":
+        if record["tool"] in ("ours", "floor"):
             assert isinstance(record.get("startup"), float), record
+    # Ours recorded the phases of its start-ups, in order per worker.
+    timed = [r for r in runs if r["tool"] == "ours" and r.get("timeline")]
+    assert timed
+    phases = {e["phase"] for e in timed[0]["timeline"]}
+    assert {"ssh_connected", "agent_ready", "scheduler_ready", "start_request", "forked", "worker_registered"} <= phases
 
     text = (out / "results.md").read_text()
     assert "| row | ours (median) | SSHCluster (median) | ours / SSHCluster | target | met? |" in text
     for row in EXPECTED_ROWS:
         assert f"| {row}" in text, row
 
-    png = (out / "startup.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    assert "start-up above the floor, 4 × 2" in text
+    assert "## Timeline of one start-up" in text
+    assert "## Growth with hosts (one worker each), and the floor" in text
+    for name in ("startup.png", "growth.png", "timeline.png"):
+        png = (out / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000, name
