@@ -119,3 +119,43 @@ def test_host_state_transitions_and_json() -> None:
     assert f"{state.state}" == "aside" == str(state.state)
     state.restore()
     assert state.state == Health.UP and state.reason == ""
+
+
+# -- drained hosts ---------------------------------------------------------------------------------
+
+
+def test_a_drained_host_is_not_usable_whatever_its_health_and_says_why() -> None:
+    state = HostState("h1")
+    state.mark_up()
+    state.drain("  disk replacement ")
+    assert not state.usable
+    assert state.state == Health.UP  # draining is beside the health, not a health
+    assert state.as_dict()["drained"] == "disk replacement"
+    # It still goes down and comes back while drained, and stays drained.
+    state.mark_down("connection lost")
+    state.mark_up()
+    assert not state.usable and state.drained == "disk replacement"
+    state.undrain()
+    assert state.usable and state.as_dict()["drained"] == ""
+
+
+def test_undrain_gives_back_the_health_the_host_has_then() -> None:
+    state = HostState("h1")
+    state.drain("")
+    assert state.drained == "drained"  # an empty reason still says something
+    state.mark_down("cannot connect")
+    state.undrain()
+    assert state.state == Health.DOWN and not state.usable
+    state.put_aside("failed three times")
+    state.restore()
+    assert state.usable
+
+
+def test_drained_hosts_are_said_apart_from_failing_ones_in_the_summary() -> None:
+    from speccluster_ssh.reporting import summarize, summary_line
+
+    hosts = {"h1": {"state": "up", "drained": ""}, "h2": {"state": "up", "drained": "maintenance"}}
+    summary = summarize(hosts, [{"status": "running"}], 1)
+    assert summary["drained_hosts"] == {"h2": "maintenance"}
+    assert summary["missing_hosts"] == {}
+    assert summary_line(summary) == "2 of 2 hosts up, 1 of 1 workers; h2 drained: maintenance"

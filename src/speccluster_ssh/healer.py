@@ -21,8 +21,8 @@ put aside, and reconciles.
 
 The healer owns host health decisions (``put_aside``, ``restore``, retries)
 and the :class:`~speccluster_ssh.health.FailureLedger`; the cluster asks it
-(:meth:`Healer.unavailable_hosts`, :meth:`Healer.waiting`,
-:meth:`Healer.problem`) and reports start outcomes to it.
+(:meth:`Healer.unavailable_hosts`, :meth:`Healer.drained_hosts`,
+:meth:`Healer.waiting`, :meth:`Healer.problem`) and reports start outcomes to it.
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ class Healer:
 
     # -- questions the cluster asks ---------------------------------------------------------------
     def unavailable_hosts(self) -> set[str]:
-        """Hosts that are down or put aside: no entry is placed or started there."""
+        """Hosts that are down, put aside or drained: no entry is placed or started there."""
         return {n for n, s in self.pool.states.items() if not s.usable}
+
+    def drained_hosts(self) -> dict[str, str]:
+        """Drained host -> why (see :meth:`~speccluster_ssh.health.HostState.drain`)."""
+        return {n: s.drained for n, s in self.pool.states.items() if s.drained}
 
     def waiting(self, key: Any) -> bool:
         """Whether entry ``key`` is backing off after failing by itself."""

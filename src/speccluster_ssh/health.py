@@ -4,6 +4,14 @@ A host is ``new`` until its agent first answers, then ``up``; ``down`` when
 its agent is lost or cannot be started (retried with backoff); ``aside``
 when it failed to start workers again and again while its agent answered.
 
+Apart from its health, a host may be *drained* (:meth:`HostState.drain`):
+taken out of use by the user (``speccluster-ssh drain``) or by a reload that
+removed it from the inventory. Draining is a flag beside the health, not a
+health of its own, because the two change independently: a drained host
+still goes down and comes back up, and undraining it must give back the
+health it has then. A drained host is not :attr:`~HostState.usable`, so
+nothing is placed or started there.
+
 The rule that decides whether a failed start is the host's fault
 (:class:`FailureLedger`):
 
@@ -67,11 +75,20 @@ class HostState:
         self.failures: list[tuple[float, str]] = []
         self.retry_at = 0.0
         self.backoff = 1.0
+        self.drained = ""  # why the host is drained; "" when it is not
 
     @property
     def usable(self) -> bool:
-        """Whether entries may be placed and started here."""
-        return self.state not in (Health.DOWN, Health.ASIDE)
+        """Whether entries may be placed and started here: healthy and not drained."""
+        return self.state not in (Health.DOWN, Health.ASIDE) and not self.drained
+
+    def drain(self, reason: str) -> None:
+        """Take the host out of use (whatever its health); ``reason`` is shown by ``status``."""
+        self.drained = reason.strip() or "drained"
+
+    def undrain(self) -> None:
+        """Undo :meth:`drain`: the host is usable again if it is healthy."""
+        self.drained = ""
 
     def record_failure(self, reason: str) -> None:
         self.failures.append((time.time(), reason))
@@ -120,6 +137,7 @@ class HostState:
             "reason": self.reason,
             "fix": self.fix,
             "tail": self.tail,
+            "drained": self.drained,
             "failures": [{"time": t, "reason": r} for t, r in self.failures],
         }
 

@@ -152,6 +152,8 @@ def summarize(hosts: dict[str, Any], workers: list[dict[str, Any]], min_workers:
         if host.get("state") in ("down", "aside")
     }
     running = sum(1 for w in workers if w.get("status") == "running")
+    # Drained hosts are missing on purpose; they are said apart from the failing ones.
+    drained = {name: str(host["drained"]) for name, host in hosts.items() if host.get("drained")}
     return {
         "hosts": len(hosts),
         "hosts_up": sum(1 for h in hosts.values() if h.get("state") == "up"),
@@ -160,6 +162,7 @@ def summarize(hosts: dict[str, Any], workers: list[dict[str, Any]], min_workers:
         "min_workers": min_workers,
         "min_met": running >= min_workers,
         "missing_hosts": missing,
+        "drained_hosts": drained,
     }
 
 
@@ -174,4 +177,6 @@ def summary_line(summary: dict[str, Any]) -> str:
         reason = " ".join(str(host.get("reason") or "no reason recorded").split())
         then = f"fix: {host['fix']}" if host.get("fix") else ("retrying" if host["state"] == "down" else "put aside")
         parts.append(f"{name} {host['state']}: {reason} ({then})")
+    for name, why in summary.get("drained_hosts", {}).items():
+        parts.append(f"{name} drained: {' '.join(why.split())}")
     return line + ("; " + "; ".join(parts) if parts else "")

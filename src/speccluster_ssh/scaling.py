@@ -120,6 +120,10 @@ class Capacity:
     def __init__(self, cluster: SSHSpecCluster) -> None:
         self.cluster = cluster
         self.note = ""  # the shortfall last said, "" while the target fits
+        # The last target asked for, which a drain or reload may leave the cluster short of.
+        self.target: Target | None = None
+        # The bounds adapt was last asked for, before capping at the capacity of the time.
+        self.adapt_asked: tuple[Any, ...] | None = None
 
     def _say_shortfall(self, note: str) -> None:
         # Once per shortfall, not on every adapt tick that repeats it.
@@ -155,6 +159,7 @@ class Capacity:
 
     def scale_to(self, target: Target, growing_allowed: bool = True) -> None:
         """Add or remove spec entries until ``target`` is met (or the inventory is full)."""
+        self.target = target
         if target.memory:
             self.memory_per_worker()  # fail early rather than fill every slot
         shapes = {key: self.shape(spec) for key, spec in self.cluster.worker_spec.items()}
@@ -200,6 +205,27 @@ class Capacity:
         if self.note and target.met_by(list(shapes.values())):
             self.note = ""
 
+    def remember_target(self) -> Target:
+        """The target to come back to; the current size when none was asked for yet (the initial spec)."""
+        if self.target is None:
+            workers = sum(len(entries.member_names(k, s)) for k, s in self.cluster.worker_spec.items())
+            self.target = Target(workers=workers)
+        return self.target
+
+    def refill(self) -> None:
+        """Grow back to the last target where usable slots allow (after an undrain or a reload)."""
+        if self.target is not None:
+            self.scale_to(self.target)
+
+    def refresh_adapt(self, adaptive: Any) -> None:
+        """Recompute the bounds of a running ``adaptive`` from what was asked, within today's capacity.
+
+        The maximum was capped at the inventory's capacity when adapt was
+        asked; a reload that added hosts raises that cap (or lowers it).
+        """
+        if self.adapt_asked is not None and adaptive is not None:
+            adaptive.minimum, adaptive.maximum = self.adapt_bounds(*self.adapt_asked)
+
     def per_worker(self) -> tuple[int, int]:
         """Threads and memory of one worker of the next entry, for adapt's arithmetic."""
         cluster = self.cluster
@@ -242,6 +268,7 @@ class Capacity:
         maximum_memory: str | int | None = None,
     ) -> tuple[float, int]:
         """Worker bounds for ``adapt``: the tighter of the given ones, within the usable capacity."""
+        self.adapt_asked = (minimum, maximum, minimum_cores, maximum_cores, minimum_memory, maximum_memory)
         if minimum_cores is not None:
             minimum = max(minimum or 0, math.ceil(minimum_cores / self.threads_per_worker()))
         if minimum_memory is not None:
