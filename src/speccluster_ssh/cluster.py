@@ -417,6 +417,55 @@ class SSHSpecCluster(SpecCluster):
             self._adaptive_options = {}
         return adaptive is not None
 
+    # -- operating a running cluster (speccluster_ssh.operations, speccluster_ssh.reload) --------
+    def rolling_restart(self, batch: int = 1) -> Any:
+        """Replace every running entry by a new one, ``batch`` entries at a time.
+
+        Each host gets a new agent first (so a newly installed wheel is
+        used); a host whose ``distributed`` is no longer the head's release
+        is refused and its entries left as they are. An entry is retired
+        (its data moves to other workers) before its replacement starts, or
+        its replacement starts first where a free slot allows: at most
+        ``batch`` entries' workers are missing at any moment. Returns what
+        was done (``moved``, ``dropped``, ``refused``); awaitable when the
+        cluster is asynchronous.
+        """
+        from . import operations
+
+        return self.sync(operations.rolling_restart, self, batch)
+
+    def drain(self, host: str, reason: str = "") -> Any:
+        """Move ``host``'s entries elsewhere gracefully and place nothing there until :meth:`undrain`.
+
+        Entries that find no free slot are retired, and the cluster is
+        short of its target until the host (or another slot) comes back.
+        ``status`` shows the host as drained, with ``reason``.
+        """
+        from . import operations
+
+        return self.sync(operations.drain, self, host, reason)
+
+    def undrain(self, host: str) -> Any:
+        """Make a drained ``host`` usable again; a fixed-size cluster short of its target refills."""
+        from . import operations
+
+        return self.sync(operations.undrain, self, host)
+
+    def reload_inventory(
+        self, path: str | os.PathLike[str] | None = None, dry_run: bool = False, batch: int = 1
+    ) -> Any:
+        """Read the inventory again (``path``, default where it was read) and apply the difference.
+
+        New hosts become usable, removed ones are drained then closed, and
+        the entries of hosts whose ``speccluster_*`` or connection variables
+        changed are replaced ``batch`` at a time. An invalid inventory
+        changes nothing (:class:`UserError`). Returns the difference (see
+        :func:`speccluster_ssh.reload.describe`); ``dry_run`` only returns it.
+        """
+        from . import reload
+
+        return self.sync(reload.reload_inventory, self, path, dry_run=dry_run, batch=batch)
+
     def readiness(self) -> tuple[dict[str, int], dict[str, int]]:
         """Dask workers wanted and workers running, per host name.
 
