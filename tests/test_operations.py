@@ -1,0 +1,192 @@
+"""Operating a running cluster on the lab (issue 12): rolling restart, drain and undrain.
+
+Each test starts its own small cluster (the lab is reset between tests).
+How many workers the scheduler has is watched two ways during an
+operation: a scheduler plugin sees every removal as it happens, and a task
+polls the scheduler's worker list; the lowest count of either must stay at
+or above what the operation promises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client, wait
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from speccluster_ssh.cluster import SSHSpecCluster
+from test_peer import DEADLINE, inventory, lab_cluster, names, run, slowinc, until, where_am_i
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
+
+
+def _chunk_function() -> Any:
+    # Made in a function so that it travels by value (workers cannot import this module).
+    def chunk(i: int) -> Any:
+        import numpy as np
+
+        return np.full(1000, i, dtype="int64")
+
+    return chunk
+
+
+chunk = _chunk_function()
+
+
+class Floor(SchedulerPlugin):
+    """The fewest workers the scheduler had after any removal, and which watched keys ran again."""
+
+    name = "ops-floor"
+
+    def __init__(self, keys: set[Any]) -> None:
+        self.floor = math.inf
+        self.keys = keys
+        self.recomputed: set[Any] = set()
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        self.floor = min(self.floor, len([w for w in scheduler.workers if w != worker]))
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if key in self.keys and finish == "processing":
+            self.recomputed.add(key)
+
+
+@contextlib.asynccontextmanager
+async def watched(cluster: SSHSpecCluster, keys: set[Any]) -> AsyncIterator[dict[str, Any]]:
+    """Watch the worker count (plugin and polling) while the body runs; yields the lowest seen."""
+    plugin = Floor(keys)
+    cluster.scheduler.add_plugin(plugin)
+    seen: dict[str, Any] = {"polled": math.inf, "plugin": plugin}
+    stop = asyncio.Event()
+
+    async def poll() -> None:
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline:
+            seen["polled"] = min(seen["polled"], len(cluster.scheduler.workers))
+            await asyncio.sleep(0.01)
+
+    poller = asyncio.create_task(poll())
+    try:
+        yield seen
+    finally:
+        stop.set()
+        await poller
+        cluster.scheduler.remove_plugin(name=plugin.name)
+
+
+async def restart_keeps_everything(cluster: SSHSpecCluster, workers: int, floor: int) -> None:
+    """Rolling restart (batch 1) under a computation, with 200 persisted chunks."""
+    async with Client(cluster, asynchronous=True) as client:
+        await client.wait_for_workers(workers)
+        chunks = client.map(chunk, range(200), pure=False)
+        await wait(chunks)
+        before = set(cluster.scheduler.workers)
+        running = client.map(slowinc, range(150), delay=0.2, pure=False)
+        async with watched(cluster, {c.key for c in chunks}) as seen:
+            result = await cluster.rolling_restart(batch=1)
+        assert not result["refused"] and not result["dropped"], result
+        assert len(result["moved"]) == len(cluster.worker_spec), result
+        assert await client.gather(running) == list(range(1, 151))
+        # Every chunk is still held (moved, not recomputed), and right.
+        assert not seen["plugin"].recomputed, sorted(seen["plugin"].recomputed)[:5]
+        assert all(cluster.scheduler.tasks[c.key].state == "memory" for c in chunks)
+        totals = await client.gather(client.map(lambda a: int(a.sum()), chunks, pure=False))
+        assert totals == [1000 * i for i in range(200)]
+        after = set(cluster.scheduler.workers)
+        assert len(after) == workers and not (before & after), (before, after)
+        assert seen["plugin"].floor >= floor and seen["polled"] >= floor, (seen["plugin"].floor, seen["polled"])
+        assert seen["plugin"].floor < math.inf, "no worker was ever removed"
+
+
+def test_rolling_restart_single_worker_entries(lab: Any, tmp_path: Path) -> None:
+    """Six single-worker entries filling every slot: each retired, then started again; never fewer than 5."""
+    hosts = {h.name: {"speccluster_slots": 2} for h in lab.hosts[:3]}
+
+    async def main() -> None:
+        async with lab_cluster(lab, inventory(lab, tmp_path, hosts), n_workers=6) as (cluster, _):
+            agents = {h: a for h, a in cluster.pool.agents.items()}
+            await restart_keeps_everything(cluster, workers=6, floor=5)
+            # Fresh agents (a newly installed wheel is imported), and the old ones are gone.
+            assert all(cluster.pool.agents[h] is not a and not a.alive for h, a in agents.items())
+            assert names(cluster) == {str(i) for i in range(6)}  # retired first: the names stay
+
+    run(main())
+
+
+def test_rolling_restart_group_entries(lab: Any, tmp_path: Path) -> None:
+    """Three entries of two workers each filling every slot: never fewer than 4."""
+    hosts = {h.name: {"speccluster_nworkers": 2} for h in lab.hosts[:3]}
+
+    async def main() -> None:
+        async with lab_cluster(lab, inventory(lab, tmp_path, hosts), n_workers=6) as (cluster, _):
+            await restart_keeps_everything(cluster, workers=6, floor=4)
+
+    run(main())
+
+
+def test_drain_moves_workers_and_nothing_is_placed_there_until_undrain(lab: Any, tmp_path: Path) -> None:
+    """Drain a host during a computation: its workers move with their data; scale up avoids it; undrain refills."""
+    hosts = {h.name: {"speccluster_slots": 2} for h in lab.hosts[:3]}
+    drained = lab.hosts[0].name
+
+    def on(host: str) -> list[str]:
+        return [w["name"] for w in cluster.status_report()["workers"] if w["host"] == host]
+
+    async def main() -> None:
+        nonlocal cluster
+        async with lab_cluster(lab, inventory(lab, tmp_path, hosts), n_workers=4) as (cluster, _):
+            async with Client(cluster, asynchronous=True) as client:
+                await client.wait_for_workers(4)
+                there = on(drained)
+                assert len(there) == 2, cluster.status_report()["workers"]
+                # A result held only by a worker of the drained host.
+                pinned = client.submit(where_am_i, workers=[there[0]], allow_other_workers=False, pure=False)
+                first = await pinned
+                running = client.map(slowinc, range(60), delay=0.2, pure=False)
+                result = await cluster.drain(drained, reason="disk replacement")
+                assert sorted(result["moved"]) == sorted(there) and not result["dropped"], result
+                assert on(drained) == []
+                assert not {str(ws.name) for ws in cluster.scheduler.workers.values()} & set(there)
+                report = cluster.status_report()
+                assert report["hosts"][drained]["drained"] == "disk replacement"
+                assert report["summary"]["drained_hosts"] == {drained: "disk replacement"}
+                assert await client.gather(running) == list(range(1, 61))
+                assert await asyncio.wait_for(pinned, 30) == first  # its data moved
+                # While drained, growing places nothing there (the other slots are full).
+                cluster.scale(6)
+                await until(lambda: len(cluster.scheduler.workers) == 4 and not any(
+                    k not in cluster.workers for k in cluster.worker_spec), DEADLINE, "the scale to settle")
+                assert on(drained) == [] and len(cluster.worker_spec) == 4
+                assert "capacity" in cluster.capacity_note
+                # Undrain: the cluster is short of its 6 and fills the host again.
+                result = await cluster.undrain(drained)
+                assert len(result["added"]) == 2, result
+                await client.wait_for_workers(6)
+                await until(lambda: len(on(drained)) == 2, DEADLINE, f"two workers on {drained}")
+                assert cluster.status_report()["hosts"][drained]["drained"] == ""
+
+    cluster: SSHSpecCluster
+    run(main())
+
+
+def test_drain_and_restart_refuse_user_mistakes(lab: Any, tmp_path: Path) -> None:
+    """An unknown host or a batch below 1: one clear error, nothing changed."""
+    from speccluster_ssh.errors import UserError
+
+    async def main() -> None:
+        async with lab_cluster(lab, inventory(lab, tmp_path, {lab.hosts[0].name: {}}), n_workers=1) as (cluster, _):
+            spec = dict(cluster.worker_spec)
+            with pytest.raises(UserError, match="no worker host named 'nosuch'.*" + lab.hosts[0].name):
+                await cluster.drain("nosuch")
+            with pytest.raises(UserError, match="batch must be 1 or more"):
+                await cluster.rolling_restart(batch=0)
+            assert cluster.worker_spec == spec and not cluster.healer.drained_hosts()
+
+    run(main())
