@@ -12,14 +12,15 @@ lives in a module of its own and is reached through one attribute:
   hosts) is :class:`~speccluster_ssh.healer.Healer` (``healer``);
 - the arithmetic of ``scale`` and ``adapt`` is
   :class:`~speccluster_ssh.scaling.Capacity` (``capacity``);
-- status, readiness and logs are :class:`~speccluster_ssh.reporting.Reports` (``reports``).
+- status, readiness and logs are :class:`~speccluster_ssh.reporting.Reports` (``reports``);
+- how the cluster is put together and started, and what a start short of
+  ``min_workers`` raises, is :mod:`speccluster_ssh.startup`;
+- the steps of the reconcile and the map from dask workers to entries are
+  :mod:`speccluster_ssh.reconcile`.
 
 What stays here is the public API (constructor, ``scale``, ``adapt``,
-``status_report``, ...), each method delegating, and what touches
-distributed's SpecCluster internals: the reconcile
-(``_correct_state_internal``), following workers through the scheduler's
-events, and closing. That is why :class:`SSHSpecCluster` is still about 550
-lines, a quarter of them the docstrings of its public API.
+``status_report``, ...), each method delegating, and the overrides of
+distributed's SpecCluster internals, so that only this class touches them.
 """
 
 from __future__ import annotations
@@ -29,20 +30,16 @@ import logging
 import math
 import os
 import secrets
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import dask
-from dask.utils import parse_timedelta
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
-from distributed.scheduler import Scheduler
 
 from . import config as sc_config
-from . import entries, reach, startup, timeline
+from . import entries, reach, reconcile, startup
 from .entries import EntrySettings
 from .errors import CapacityError, UserError
 from .healer import Healer
@@ -51,8 +48,8 @@ from .placement import Target
 from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
 from .reporting import Reports
 from .scaling import Capacity, SSHAdaptive, UnknownMemoryError, resolve_min_workers, to_bytes
-from .security import remote_security_paths
-from .tasks import TaskSet, log_failures
+from .security import make_security
+from .tasks import TaskSet
 
 # Importable from here as before they moved to scaling.py.
 __all__ = ["PROCESS_CLASSES", "SSHAdaptive", "SSHSpecCluster", "UnknownMemoryError"]
@@ -142,8 +139,6 @@ class SSHSpecCluster(SpecCluster):
         scheduler_sync_interval: float = 1,
         scheduler_reach: str | None = None,
     ) -> None:
-        from .security import make_security
-
         inventory = startup.resolve_inventory(hosts, inventory)
         self.inventory: Inventory = inventory
         self.placement_policy = placement or sc_config.get("placement")
@@ -164,29 +159,16 @@ class SSHSpecCluster(SpecCluster):
         self._scheduler_address = scheduler_address
         self.worker_hosts, all_hosts = startup.hosts_to_reach(inventory)
         settings = startup.connect_settings(known_hosts, known_hosts_policy, ssh_config, connect_timeout)
-        self.pool = AgentPool(
-            self.cluster_id,
-            all_hosts,
-            settings,
-            silence=self.silence,
-            agent_timeout=self.start_timeout,
-        )
+        self.pool = AgentPool(self.cluster_id, all_hosts, settings, silence=self.silence, agent_timeout=self.start_timeout)
         # Owns host health decisions and start-failure accounting; runs only with heal=True.
         self.healer = Healer(self, self.pool, self._tasks)
-        if security is None:
-            security = sc_config.get("tls")
-        self.security_files: dict[str, bytes] = {}
-        sec, files = make_security(security, self.cluster_id)
-        self.pool.files.update(files)
-        self.remote_security = remote_security_paths(files)
-        self.entry_settings = EntrySettings(
-            self.cluster_id,
-            self.start_timeout,
-            self.remote_security,
-            self.worker_options,
-            classes=PROCESS_CLASSES,
-            process_base=RemoteProcess,
+        sec, files = make_security(sc_config.get("tls") if security is None else security, self.cluster_id)
+        self.pool.files.update(files)  # sent to each host's cluster directory by its agent
+        self.entry_settings = EntrySettings.for_tls_files(
+            self.cluster_id, self.start_timeout, files, worker_options=self.worker_options,
+            classes=PROCESS_CLASSES, process_base=RemoteProcess,
         )
+        self.remote_security = self.entry_settings.remote_security
 
         # Where the scheduler runs and how the head reaches it; auto probes in _start.
         self.reach_setting = reach.reach_setting(inventory, scheduler_reach)
@@ -201,25 +183,6 @@ class SSHSpecCluster(SpecCluster):
             str(key): entries.complete_entry(self.entry_settings, spec, self.worker_hosts)
             for key, spec in (workers or {}).items()
         }
-        self._init_spec(
-            initial, scheduler, worker, asynchronous, loop, sec, silence_logs, name, shutdown_on_close,
-            scheduler_sync_interval, n_workers,
-        )
-
-    def _init_spec(
-        self,
-        initial: dict[str, Any],
-        scheduler: Mapping[str, Any],
-        worker: Mapping[str, Any] | None,
-        asynchronous: bool,
-        loop: Any,
-        sec: Any,
-        silence_logs: int | bool,
-        name: str | None,
-        shutdown_on_close: bool,
-        scheduler_sync_interval: float,
-        n_workers: int | None,
-    ) -> None:
         # The initial spec is placed before SpecCluster starts, so that a
         # synchronous constructor returns with every worker running.
         self.worker_spec = initial
@@ -229,16 +192,9 @@ class SSHSpecCluster(SpecCluster):
         requested = sum(len(entries.member_names(k, s)) for k, s in self.worker_spec.items())
         self.min_workers = resolve_min_workers(self.min_workers_asked, requested)
         super().__init__(
-            workers=initial,
-            scheduler=dict(scheduler),
-            worker=dict(worker) if worker else {"cls": RemoteNanny, "options": {}},
-            asynchronous=asynchronous,
-            loop=loop,
-            security=sec,
-            silence_logs=silence_logs,
-            name=name,
-            shutdown_on_close=shutdown_on_close,
-            scheduler_sync_interval=scheduler_sync_interval,
+            workers=initial, scheduler=dict(scheduler), worker=dict(worker) if worker else {"cls": RemoteNanny, "options": {}},
+            asynchronous=asynchronous, loop=loop, security=sec, silence_logs=silence_logs, name=name,
+            shutdown_on_close=shutdown_on_close, scheduler_sync_interval=scheduler_sync_interval,
         )
 
     # -- construction helpers -------------------------------------------
@@ -351,20 +307,9 @@ class SSHSpecCluster(SpecCluster):
         return None
 
     async def scale_down(self, workers: Sequence[Any]) -> None:
-        """Remove the entries that hold ``workers`` (names or spec keys)."""
-        mapping: dict[str, Any] = {}
-        for key, spec in self.worker_spec.items():
-            mapping[str(key)] = key
-            for member in self._member_names(key, spec):
-                mapping[member] = key
-        for worker in workers:
-            key = mapping.get(str(worker))
-            if key is None:
-                # An address: find the worker's name through the scheduler.
-                info = self.scheduler_info.get("workers", {}).get(worker)
-                key = mapping.get(str(info["name"])) if info else None
-            if key is not None and key in self.worker_spec:
-                del self.worker_spec[key]
+        """Remove the entries that hold ``workers`` (names, addresses or spec keys)."""
+        for key in reconcile.keys_holding(self.worker_spec, self.scheduler_info.get("workers", {}), workers):
+            self.worker_spec.pop(key, None)
         await self
 
     def adapt(  # noqa: N803
@@ -485,93 +430,17 @@ class SSHSpecCluster(SpecCluster):
 
     # -- reconciling -----------------------------------------------------
     async def _start(self) -> None:
-        # Connect to the hosts while the scheduler (and its dashboard) starts.
-        hosts = {spec.get("options", {}).get("host") for spec in self.worker_spec.values()}
-        if self.inventory.scheduler_host is not None:
-            hosts.add(self.inventory.scheduler_host.name)
-        self.pool.prestart(h for h in hosts if h is not None)
-        try:
-            try:
-                await startup.place_scheduler(self, {h for h in hosts if h is not None})
-            except BaseException:
-                await self.pool.close()
-                raise
-            await super()._start()
-            timeline.stamp("scheduler_ready")
-        except RuntimeError as exc:
-            await self.pool.close()
-            host_error = startup.host_error_of(exc)
-            if host_error is not None:
-                raise host_error from None
-            raise
-        if isinstance(self.scheduler, Scheduler) and self._scheduler_address is None:
-            protocol, _, rest = self.scheduler.address.partition("://")
-            self.pool.head_scheduler = (protocol, int(rest.rsplit(":", 1)[1]))
-        await startup.wait_for_min_workers(self)
+        await startup.start(self, super()._start)
 
     async def _correct_state_internal(self) -> None:
         async with self._lock:
             self._correct_state_waiting = None
             to_close = [k for k in self.workers if k not in self.worker_spec]
             if to_close:
-                names = [
-                    m
-                    for k in to_close
-                    for m in (self.workers[k].member_names if isinstance(self.workers[k], RemoteProcess) else [str(k)])
-                ]
-                if self.scheduler.status == Status.running and names:
-                    # Retire by name so the scheduler moves their data first.
-                    try:
-                        await self.scheduler_comm.retire_workers(names=names, remove=True, close_workers=False)
-                    except Exception as exc:  # they are closed below all the same, data or not
-                        logger.warning("could not retire workers %s before closing them: %s", ", ".join(names), exc)
-                results = await asyncio.gather(*(self.workers[k].close() for k in to_close), return_exceptions=True)
-                log_failures(results, [f"entry {k}" for k in to_close], logger, "closing removed entries")
-                for key in to_close:
-                    self.reports.keep_logs(self.workers.pop(key, None))
-            # Entries of hosts that are down or put aside wait for the host (or
-            # for the healer to move them); trying them would only fail again.
-            unavailable = self._unavailable_hosts()
-            # An entry found to fail by itself waits out its backoff.
-            to_open = [
-                k for k in self.worker_spec
-                if k not in self.workers
-                and self.worker_spec[k].get("options", {}).get("host") not in unavailable
-                and not self.healer.waiting(k)
-            ]
-            created = []
-            for key in to_open:
-                spec = self.worker_spec[key]
-                cls = spec["cls"]
-                opts = dict(spec.get("options", {}))
-                opts.setdefault("name", key)
-                if spec.get("group"):
-                    opts["group"] = spec["group"]
-                address = getattr(self.scheduler, "contact_address", None) or self.scheduler.address
-                worker = cls(address, **opts)
-                if isinstance(worker, RemoteProcess):
-                    self.healer.watch(worker)
-                self._created.add(worker)
-                created.append((key, worker))
+                await reconcile.close_removed(self, to_close)
+            created = reconcile.create_missing(self)
             if created:
-                tasks = [
-                    # Read below; kept in the task set so a cancelled reconcile leaves none running.
-                    self._tasks.start(_await(w), name=f"start entry {key}", log_failure=False)
-                    for key, w in created
-                ]
-                await asyncio.wait(tasks)
-                for (key, worker), task in zip(created, tasks):
-                    self.workers[key] = worker
-                    worker._cluster = weakref.ref(self)
-                    host = getattr(worker, "host", None)
-                    if not task.cancelled() and task.exception() is not None:
-                        # Not raised: the healer moves the entry or retries its host,
-                        # and a start that ends short of min_workers says why.
-                        self._last_start_error[key] = str(task.exception())
-                        self.healer.entry_start_failed(key, str(task.exception()))
-                    elif host is not None:
-                        self._last_start_error.pop(key, None)
-                        self.healer.entry_started(key, host)
+                await reconcile.start_created(self, created)
         # Heal only once the first reconcile succeeded: a constructor that
         # fails must raise its own error, not race the healer for it.
         if self.heal and self.status == Status.running:
@@ -607,38 +476,9 @@ class SSHSpecCluster(SpecCluster):
 
     def _update_worker_status(self, op: str, msg: Any) -> None:
         # SpecCluster forgets a lost worker by its name, which for a group
-        # member is not a spec key (dask issue 9102): map members to entries.
-        if op == "add":
-            # worker_address follows what the scheduler has, through restarts
-            # a nanny does by itself.
-            for address, info in dict(msg.get("workers") or {}).items():
-                self._follow(str(info.get("name")), address)
-        if op == "remove" and msg in self.scheduler_info.get("workers", {}):
-            member = str(self.scheduler_info["workers"][msg].get("name"))
-            key = self._key_of_member(member)
-            proc = self.workers.get(key) if key is not None else None
-            if isinstance(proc, RemoteProcess) and proc.members.get(member, {}).get("worker_address") == msg:
-                proc.follow_worker(member, None)
-            if proc is not None:
-                delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
-                asyncio.get_running_loop().call_later(delay, self.healer.worker_left, key, proc, member)
+        # member is not a spec key (dask issue 9102): members map to entries.
+        reconcile.follow_scheduler_event(self, op, msg)
         super(SpecCluster, self)._update_worker_status(op, msg)
-
-    def _follow(self, member: str, address: str) -> None:
-        timeline.stamp("worker_registered", "", member)
-        key = self._key_of_member(member)
-        proc = self.workers.get(key) if key is not None else None
-        if isinstance(proc, RemoteProcess) and proc.role != "scheduler":
-            proc.follow_worker(member, address)
-
-    def _key_of_member(self, member: str) -> Any:
-        for key, spec in self.worker_spec.items():
-            if member in self._member_names(key, spec):
-                return key
-        for key, proc in self.workers.items():
-            if member in getattr(proc, "member_names", [str(key)]):
-                return key
-        return None
 
     async def _close(self) -> None:
         # The healer and retries first, so nothing starts while we close. Not
@@ -679,8 +519,4 @@ class SSHSpecCluster(SpecCluster):
         if not workers:
             return logs
         return await self.reports.worker_logs(logs, workers)
-
-
-async def _await(worker: Any) -> Any:
-    return await worker
 

@@ -17,13 +17,13 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from distributed.scheduler import Scheduler
 
 from . import config as sc_config
-from . import entries, reach
+from . import entries, reach, timeline
 from .connection import ConnectSettings
 from .errors import HostError, StartError, UserError
 from .forwards import ForwardedScheduler
@@ -108,6 +108,38 @@ def fill_initial_spec(cluster: SSHSpecCluster, n_workers: int | None) -> None:
 
 
 # -- the start policy ----------------------------------------------------
+async def start(cluster: SSHSpecCluster, start_scheduler: Callable[[], Awaitable[None]]) -> None:
+    """Start the cluster: agents, the scheduler (``start_scheduler``: SpecCluster's), then the workers.
+
+    Connecting to the hosts overlaps the scheduler's (and its dashboard's)
+    start. Whatever fails first closes the agents before it is raised.
+    """
+    hosts = {spec.get("options", {}).get("host") for spec in cluster.worker_spec.values()}
+    if cluster.inventory.scheduler_host is not None:
+        hosts.add(cluster.inventory.scheduler_host.name)
+    names = {h for h in hosts if h is not None}
+    cluster.pool.prestart(names)
+    try:
+        try:
+            await place_scheduler(cluster, names)
+        except BaseException:
+            await cluster.pool.close()
+            raise
+        await start_scheduler()
+        timeline.stamp("scheduler_ready")
+    except RuntimeError as exc:
+        await cluster.pool.close()
+        host_error = host_error_of(exc)
+        if host_error is not None:
+            raise host_error from None
+        raise
+    if isinstance(cluster.scheduler, Scheduler) and cluster._scheduler_address is None:
+        # Each host finds the head's scheduler at the local end of its own SSH connection.
+        protocol, _, rest = cluster.scheduler.address.partition("://")
+        cluster.pool.head_scheduler = (protocol, int(rest.rsplit(":", 1)[1]))
+    await wait_for_min_workers(cluster)
+
+
 async def place_scheduler(cluster: SSHSpecCluster, hosts: set[str]) -> None:
     """Choose where the scheduler runs (probing the hosts under ``auto``), once, before it starts."""
     if cluster.reach is not None or cluster.scheduler is not None:

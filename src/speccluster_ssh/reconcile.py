@@ -1,0 +1,168 @@
+"""The steps of an SSHSpecCluster's reconcile, and the map from dask workers to spec entries.
+
+SpecCluster's ``_correct_state`` makes ``workers`` (the running process
+interfaces) match ``worker_spec`` (what should run). The cluster keeps the
+lock and the order; the steps are here:
+
+- :func:`close_removed` retires the workers of entries no longer in the spec
+  by name, so the scheduler moves their data first, then closes their
+  processes concurrently and keeps their logs;
+- :func:`create_missing` makes a process interface for every entry that
+  should run and can: its host is usable and it is not backing off;
+- :func:`start_created` starts them concurrently and tells the healer how
+  each start went. A failed start is not raised: the healer moves the entry
+  or retries its host, and a start short of ``min_workers`` says why.
+
+Spec keys name entries; a group entry runs several dask workers named
+``key-suffix``. :func:`key_of_member` and :func:`keys_holding` map the
+scheduler's names and addresses back to keys (SpecCluster maps by name only,
+which misses group members: dask issue 9102).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import dask
+from dask.utils import parse_timedelta
+from distributed.core import Status
+
+from . import entries, timeline
+from .process import RemoteProcess
+from .tasks import log_failures
+
+if TYPE_CHECKING:
+    from .cluster import SSHSpecCluster
+
+logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
+
+
+async def close_removed(cluster: SSHSpecCluster, keys: list[Any]) -> None:
+    """Retire, then close, the running entries ``keys`` that left the spec."""
+    names = [m for k in keys for m in member_names_of(cluster.workers[k], k)]
+    if cluster.scheduler.status == Status.running and names:
+        # Retire by name so the scheduler moves their data first.
+        try:
+            await cluster.scheduler_comm.retire_workers(names=names, remove=True, close_workers=False)
+        except Exception as exc:  # they are closed below all the same, data or not
+            logger.warning("could not retire workers %s before closing them: %s", ", ".join(names), exc)
+    results = await asyncio.gather(*(cluster.workers[k].close() for k in keys), return_exceptions=True)
+    log_failures(results, [f"entry {k}" for k in keys], logger, "closing removed entries")
+    for key in keys:
+        cluster.reports.keep_logs(cluster.workers.pop(key, None))
+
+
+def create_missing(cluster: SSHSpecCluster) -> list[tuple[Any, Any]]:
+    """Process interfaces, not yet started, for the entries that should run and can."""
+    # Entries of hosts that are down or put aside wait for the host (or for
+    # the healer to move them); trying them would only fail again. An entry
+    # found to fail by itself waits out its backoff.
+    unavailable = cluster.healer.unavailable_hosts()
+    address = getattr(cluster.scheduler, "contact_address", None) or cluster.scheduler.address
+    created = []
+    for key, spec in cluster.worker_spec.items():
+        if key in cluster.workers or spec.get("options", {}).get("host") in unavailable or cluster.healer.waiting(key):
+            continue
+        opts = dict(spec.get("options", {}))
+        opts.setdefault("name", key)
+        if spec.get("group"):
+            opts["group"] = spec["group"]
+        worker = spec["cls"](address, **opts)
+        if isinstance(worker, RemoteProcess):
+            cluster.healer.watch(worker)
+        cluster._created.add(worker)
+        created.append((key, worker))
+    return created
+
+
+async def start_created(cluster: SSHSpecCluster, created: list[tuple[Any, Any]]) -> None:
+    """Start ``created`` concurrently; record each in ``workers`` and tell the healer how it went."""
+    tasks = [
+        # Read below; kept in the task set so a cancelled reconcile leaves none running.
+        cluster._tasks.start(_await(worker), name=f"start entry {key}", log_failure=False)
+        for key, worker in created
+    ]
+    await asyncio.wait(tasks)
+    for (key, worker), task in zip(created, tasks):
+        cluster.workers[key] = worker
+        worker._cluster = weakref.ref(cluster)
+        host = getattr(worker, "host", None)
+        if not task.cancelled() and task.exception() is not None:
+            cluster._last_start_error[key] = str(task.exception())
+            cluster.healer.entry_start_failed(key, str(task.exception()))
+        elif host is not None:
+            cluster._last_start_error.pop(key, None)
+            cluster.healer.entry_started(key, host)
+
+
+def follow_scheduler_event(cluster: SSHSpecCluster, op: str, msg: Any) -> None:
+    """Keep each entry's ``worker_address`` on what the scheduler has, and tell the healer of lost workers.
+
+    Addresses follow ``add`` events, so a worker restarted by its nanny is
+    followed too. A removed worker that does not come back within
+    ``lost-worker-timeout`` is the healer's to look at.
+    """
+    if op == "add":
+        for address, info in dict(msg.get("workers") or {}).items():
+            member = str(info.get("name"))
+            timeline.stamp("worker_registered", "", member)
+            process = cluster.workers.get(key_of_member(cluster.worker_spec, cluster.workers, member))
+            if isinstance(process, RemoteProcess) and process.role != "scheduler":
+                process.follow_worker(member, address)
+    if op == "remove" and msg in cluster.scheduler_info.get("workers", {}):
+        member = str(cluster.scheduler_info["workers"][msg].get("name"))
+        key = key_of_member(cluster.worker_spec, cluster.workers, member)
+        process = cluster.workers.get(key) if key is not None else None
+        if isinstance(process, RemoteProcess) and process.members.get(member, {}).get("worker_address") == msg:
+            process.follow_worker(member, None)
+        if process is not None:
+            delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+            asyncio.get_running_loop().call_later(delay, cluster.healer.worker_left, key, process, member)
+
+
+def member_names_of(process: Any, key: Any) -> list[str]:
+    """The dask worker names a running entry holds."""
+    return process.member_names if isinstance(process, RemoteProcess) else [str(key)]
+
+
+def key_of_member(worker_spec: Mapping[Any, Any], workers: Mapping[Any, Any], member: str) -> Any:
+    """The spec key of the entry that holds the dask worker named ``member``; ``None`` if none does.
+
+    Entries still in the spec first, then running ones already removed from it.
+    """
+    for key, spec in worker_spec.items():
+        if member in entries.member_names(key, spec):
+            return key
+    for key, process in workers.items():
+        if member in getattr(process, "member_names", [str(key)]):
+            return key
+    return None
+
+
+def keys_holding(
+    worker_spec: Mapping[Any, Any], scheduler_workers: Mapping[str, Any], workers: Iterable[Any]
+) -> list[Any]:
+    """Spec keys of the entries holding ``workers``: spec keys, member names or worker addresses."""
+    by_name: dict[str, Any] = {}
+    for key, spec in worker_spec.items():
+        by_name[str(key)] = key
+        for member in entries.member_names(key, spec):
+            by_name[member] = key
+    keys = []
+    for worker in workers:
+        key = by_name.get(str(worker))
+        if key is None:
+            # An address: the scheduler knows its worker's name.
+            info = scheduler_workers.get(worker)
+            key = by_name.get(str(info["name"])) if info else None
+        if key is not None and key not in keys:
+            keys.append(key)
+    return keys
+
+
+async def _await(worker: Any) -> Any:
+    return await worker
