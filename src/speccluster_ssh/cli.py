@@ -856,8 +856,10 @@ def _render_status(report: Mapping[str, Any]) -> None:
     hosts = report.get("hosts", {})
     console.print(_table(
         ("host", "address", "state", "slots used", "reason"),
-        [(h, v.get("address"), v.get("state"), f"{v.get('slots_used')}/{v.get('slots')}",
-          (v.get("reason") or "") + (f"; fix: {v['fix']}" if v.get("fix") else ""))
+        [(h, v.get("address"), f"{v.get('state')}, drained" if v.get("drained") else v.get("state"),
+          f"{v.get('slots_used')}/{v.get('slots')}",
+          "; ".join(filter(None, (f"drained: {v['drained']}" if v.get("drained") else "", v.get("reason") or "")))
+          + (f"; fix: {v['fix']}" if v.get("fix") else ""))
          for h, v in hosts.items()],
         title="hosts",
     ))
@@ -1167,5 +1169,13 @@ def client_config(cluster: str | None, name: str | None, as_yaml: bool, as_path:
     click.echo(st.client_snippet(known.state, known.directory), nl=False)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ != "__main__":
+    # restart, drain, undrain and reload (operating a running cluster) are in their own module.
+    from .cli_operations import register as _register_operations
+
+    _register_operations(main)
+else:
+    # Run as a module (the detached head): the package's own copy, with every command registered.
+    from speccluster_ssh.cli import main as _main
+
+    _main()

@@ -6,7 +6,7 @@ and replies are JSON objects, one per line: ``{"op": "status"}`` is answered
 by ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "...",
 "exit": 1}``. Operations (answered by :class:`speccluster_ssh.head.Head`):
 ``progress``, ``status``, ``scale``, ``adapt``, ``adapt-off``, ``logs``,
-``down``.
+``restart``, ``drain``, ``undrain``, ``reload``, ``down``.
 
 Like :mod:`speccluster_ssh.state`, this module imports neither
 ``distributed`` nor the cluster code.

@@ -442,7 +442,26 @@ class Head:
             return {"adaptive": None, "was_on": was_on}
         if op == "logs":
             return await self._logs(request.get("target"))
+        if op in ("restart", "drain", "undrain", "reload"):
+            return await self._operate(cluster, op, request)
         raise UserError(f"unknown control operation {op!r}")
+
+    async def _operate(self, cluster: SSHSpecCluster, op: str, request: Mapping[str, Any]) -> Any:
+        """The operations of a running cluster (see :mod:`speccluster_ssh.operations`, :mod:`speccluster_ssh.reload`)."""
+        if op == "restart":
+            return await cluster.rolling_restart(batch=int(request.get("batch") or 1))
+        if op == "drain":
+            return await cluster.drain(str(request.get("host")), reason=str(request.get("reason") or ""))
+        if op == "undrain":
+            return await cluster.undrain(str(request.get("host")))
+        result = await cluster.reload_inventory(
+            request.get("inventory") or None, dry_run=bool(request.get("dry_run")), batch=int(request.get("batch") or 1)
+        )
+        if result.get("applied") and result.get("source"):
+            # status and a later reload show (and read) the inventory now in use.
+            self.options.inventory = self.state.inventory = str(result["source"])
+            st.write_state(self.directory, self.state)
+        return result
 
     async def _logs(self, target: str | None) -> dict[str, str]:
         cluster = self.cluster

@@ -253,7 +253,7 @@ async def reload_inventory(
     diff = diff_inventories(cluster.inventory, new, str(new.path or path or ""))
     result = diff.as_dict(entries_per_host(cluster))
     result.update({"dry_run": dry_run, "applied": False, "batch": int(batch), "warnings": list(new.warnings)})
-    if dry_run:
+    if dry_run or diff.empty:
         return result
     operations.check_running(cluster)
     async with operations.of(cluster).lock:
@@ -325,7 +325,7 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
     # 4. Fill the target again, onto new hosts too; adapt may grow onto them.
     before = set(cluster.worker_spec)
     cluster.capacity.refill()
-    out["added"] = [str(k) for k in cluster.worker_spec if k not in before]
+    out["added_entries"] = [str(k) for k in cluster.worker_spec if k not in before]
     adaptive = getattr(cluster, "_adaptive", None)
     if adaptive is not None and getattr(adaptive, "periodic_callback", None) is not None:
         cluster.capacity.refresh_adapt(adaptive)
