@@ -39,7 +39,7 @@ def test_added_removed_and_changed_hosts_with_the_variables_that_changed() -> No
         {"name": "speccluster_nthreads", "old": 1, "new": 2, "shown": True}]}]
     assert describe(data) == [
         "host h4: added, 1 slot(s), ssh 10.0.0.4; entries may be placed there",
-        "host h2: removed; drained first (its 1 entry move to free slots), then its agent and connection are closed",
+        "host h2: removed; drained first (its 1 entry moves to free slots), then its agent and connection are closed",
         "host h3: changed speccluster_nthreads: 1 -> 2; its 2 entries are replaced, 1 at a time",
     ]
 

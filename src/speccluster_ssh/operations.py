@@ -249,10 +249,12 @@ async def _replace_batch(
     await reconcile(cluster)
     failed = await _wait_started(cluster, [new for _, new in first], cluster.start_timeout)
     for old, new in first:
+        if new not in spec:  # scaled away meanwhile (adapt): the old entry stays as it is
+            continue
         if new in failed:
             del spec[new]  # the old entry stays; the next reconcile stops what was started
             continue
-        del spec[old]
+        spec.pop(old, None)
         done.moved[old] = (new, host_of(spec[new]))
         cluster._log(f"entry {old} {why}: entry {new} on {host_of(spec[new])} replaced it")
     back: list[str] = []
@@ -267,7 +269,7 @@ async def _replace_batch(
     await reconcile(cluster)
     failed_back = await _wait_started(cluster, back, cluster.start_timeout)
     for key in back:
-        if key not in failed_back:
+        if key not in failed_back and key in spec:
             done.moved[key] = (key, host_of(spec[key]))
             cluster._log(f"entry {key} {why}: started again on {host_of(spec[key])}")
     # Entries that failed to come back stay in the spec: the healer keeps trying them.

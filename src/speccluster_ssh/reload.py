@@ -191,7 +191,7 @@ def describe(diff: Mapping[str, Any], *, batch: int = 1) -> list[str]:
     for host in diff.get("removed", []):
         n = host.get("entries", 0)
         lines.append(f"host {host['host']}: removed; " + (
-            f"drained first (its {n} entr{'y' if n == 1 else 'ies'} move to free slots), then " if n else "")
+            f"drained first (its {n} entr{'y moves' if n == 1 else 'ies move'} to free slots), then " if n else "")
             + "its agent and connection are closed")
     for host in diff.get("changed", []):
         parts = []
