@@ -16,8 +16,9 @@ from typing import Any
 
 import click
 
-from .cli import _ask, _echo_json, _json_option, _load_inventory, _name_option, _resolve
-from .messages import PROG
+from ..messages import PROG
+from .common import _ask, _json_option, _load_inventory, _name_option, _resolve
+from .display import _echo_json
 
 # Seconds to wait for the head's answer to a restart or reload (the operation goes on in the head after).
 OPERATION_TIMEOUT = 3600.0
@@ -164,7 +165,7 @@ def reload(inventory: str | None, dry_run: bool, batch: int, timeout: float, nam
       speccluster-ssh reload --name lab --dry-run
       speccluster-ssh reload --name lab lab.yml
     """
-    from .reload import describe
+    from ..reload import describe
 
     known = _resolve(name)
     path = None

@@ -1,0 +1,32 @@
+"""The ``speccluster-ssh`` command line.
+
+``up`` starts a cluster from an inventory, in the foreground (Ctrl-C stops
+it) or detached (``--detach``: a head process keeps the cluster object, its
+healing and adaptive scaling alive, and serves a control socket).
+``status``, ``scale``, ``adapt``, ``logs`` and ``down`` talk to that head
+process; ``restart``, ``drain``, ``undrain`` and ``reload`` operate it;
+``list`` shows the clusters known on this machine; ``inventory``, ``plan``
+and ``check`` look at an inventory without starting a cluster.
+
+The command line only parses arguments and presents results; the work is
+done by the cluster, the head process (:mod:`speccluster_ssh.head`), the
+control socket (:mod:`speccluster_ssh.control`), ``check``
+(:mod:`speccluster_ssh.preflight`) and ``plan``
+(:mod:`speccluster_ssh.planning`). Its modules:
+
+- :mod:`.common`: the command group, shared options, finding a cluster;
+- :mod:`.display`: tables, progress, status;
+- :mod:`.inventory_commands`, :mod:`.lifecycle`, :mod:`.running` and
+  :mod:`.operations`: the commands, each registering itself on the group.
+"""
+
+from __future__ import annotations
+
+from . import inventory_commands, lifecycle, running  # noqa: F401  (each registers its commands)
+from .common import main
+from .display import _new_text
+from .operations import register as _register_operations
+
+_register_operations(main)
+
+__all__ = ["main", "_new_text"]

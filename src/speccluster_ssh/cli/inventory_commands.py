@@ -1,0 +1,193 @@
+"""The commands that look at an inventory without starting a cluster:
+``inventory`` (what was read), ``plan`` (where workers would go; the work is
+:mod:`speccluster_ssh.planning`) and ``check`` (can every host be reached and
+run workers; the work is :mod:`speccluster_ssh.preflight`).
+"""
+
+from __future__ import annotations
+import logging
+import shlex
+import sys
+from typing import TYPE_CHECKING
+import click
+from .. import state as st
+from .common import _exit, _group_options, _hosts_seen_by_running_cluster, _json_option, _load_inventory, _parse_adapt, main
+from .display import _bytes, _console, _echo_json, _table
+if TYPE_CHECKING:
+
+    pass
+
+logger = logging.getLogger("speccluster_ssh.cli")
+
+
+@main.command()
+@click.argument("inventory", metavar="INVENTORY")
+@click.option("--list", "show_list", is_flag=True, help="JSON as 'ansible-inventory --list' prints it.")
+@click.option("--hosts", "show_hosts", is_flag=True, help="One row per host with its speccluster settings (default).")
+@_json_option
+@_group_options
+def inventory(
+    inventory: str, show_list: bool, show_hosts: bool, as_json: bool, scheduler_group: str, worker_group: str
+) -> None:
+    """Show how INVENTORY is read, without contacting any host.
+
+    \b
+    Example:
+      speccluster-ssh inventory lab.yml --hosts
+      speccluster-ssh inventory lab.yml --list > lab.json
+    """
+    if show_list and show_hosts:
+        raise click.UsageError("--list and --hosts exclude each other; pick one")
+    inv = _load_inventory(inventory, scheduler_group, worker_group)
+    if show_list:
+        _echo_json(inv.to_ansible_list())
+        return
+    from ..inventory import hosts_table_rows
+
+    rows = hosts_table_rows(inv)
+    if as_json:
+        _echo_json(rows)
+        return
+    columns = ("name", "address", "port", "user", "connection", "role", "python",
+               "nworkers", "nthreads", "memory_limit", "slots", "resources")
+    table_rows = []
+    for row in rows:
+        values = dict(row)
+        values["nthreads"] = row["nthreads"] if row["nthreads"] is not None else "auto"
+        values["memory_limit"] = _bytes(row["memory_limit"])
+        values["resources"] = ", ".join(f"{k}={v}" for k, v in row["resources"].items())
+        table_rows.append([values.get(c) for c in columns])
+    _console().print(_table(columns, table_rows, title=f"{len(rows)} hosts in {inventory}"))
+
+
+@main.command()
+@click.argument("inventory", metavar="INVENTORY")
+@click.option("--name", "-n", default=None, metavar="NAME", help="Cluster name (default: the inventory's file name).")
+@click.option("--workers", "-w", type=click.IntRange(min=0), default=None, help="Dask workers (default: every slot).")
+@click.option("--adapt", "adapt_range", default=None, metavar="MIN:MAX", help="Start MIN workers (adaptive range).")
+@click.option("--placement", type=click.Choice(["spread", "pack"]), default=None, help="Where entries go.")
+@click.option("--no-tls", is_flag=True, help="Plain TCP instead of TLS.")
+@_group_options
+@_json_option
+def plan(
+    inventory: str, name: str | None, workers: int | None, adapt_range: str | None, placement: str | None,
+    no_tls: bool, scheduler_group: str, worker_group: str, as_json: bool,
+) -> None:
+    """Show what 'up' would start on each host, touching no host.
+
+    Per host: the spec entries, the exact remote command of the host agent
+    (shell-quoted), the prologue and the environment of the dask processes.
+    When a cluster of that name runs, a table first lists the hosts it
+    cannot use now (down or put aside) and why.
+
+    \b
+    Example:
+      speccluster-ssh plan lab.yml --workers 8
+      speccluster-ssh plan lab.yml --json | jq '.hosts[].command_line'
+    """
+    from .. import config
+    from ..planning import build_plan
+
+    adapt = _parse_adapt(adapt_range)
+    inv = _load_inventory(inventory, scheduler_group, worker_group)
+    cluster_name = st.check_name(name or st.default_name(inventory))
+    if workers is None and adapt is not None:
+        workers = adapt[0]
+    tls = False if no_tls else bool(config.get("tls"))
+    result = build_plan(inv, name=cluster_name, workers=workers, placement=placement or config.get("placement"), tls=tls)
+    seen = _hosts_seen_by_running_cluster(cluster_name)
+    for host in result["hosts"]:
+        if host["host"] in seen:
+            host["seen"] = seen[host["host"]]
+    if as_json:
+        _echo_json(result)
+        return
+    click.echo(f"plan for cluster {cluster_name} (dry run: nothing is started, no host is contacted)")
+    unusable = {h: v for h, v in seen.items() if v.get("state") in ("down", "aside")}
+    if unusable:
+        _console().print(_table(
+            ("host", "state", "reason"),
+            [(h, v["state"], (v.get("reason") or "") + (f"; fix: {v['fix']}" if v.get("fix") else ""))
+             for h, v in unusable.items()],
+            title=f"hosts the running cluster {cluster_name} cannot use now",
+        ))
+    click.echo(f"  scheduler: {result['scheduler']}; TLS {'on' if tls else 'off'}; placement {result['placement']}")
+    wanted = "every slot" if workers is None else f"{workers} requested"
+    click.echo(f"  workers: {result['workers_planned']} planned ({wanted}; the inventory holds {result['capacity']})")
+    for host in result["hosts"]:
+        click.echo("")
+        role = " [scheduler]" if host["scheduler"] else ""
+        click.echo(f"host {host['host']}{role}: {host['target']}, {host['slots']} slot(s)")
+        if not host["started"]:
+            click.echo("  nothing placed here: the agent is not started")
+            continue
+        for entry in host["entries"]:
+            opts = ", ".join(f"{k}={v}" for k, v in entry["options"].items())
+            click.echo(f"  entry {entry['entry']}: {entry['class']} x{len(entry['workers'])} "
+                       f"({', '.join(entry['workers'])}); {opts}")
+        env = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in host["environment"].items())
+        click.echo(f"  environment: {env}")
+        if host["prologue"]:
+            click.echo("  prologue (run by /bin/sh before the agent):")
+            for line in str(host["prologue"]).splitlines():
+                click.echo(f"    {line}")
+        click.echo("  remote command (the agent's source follows on its stdin):")
+        for line in host["command_line"].splitlines():
+            click.echo(f"    {line}")
+
+
+@main.command()
+@click.argument("inventory", metavar="INVENTORY")
+@click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None,
+              help="Host key policy (default: each host's speccluster_known_hosts).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds for each host's agent to answer.")
+@_group_options
+@_json_option
+def check(
+    inventory: str, known_hosts: str | None, timeout: float, scheduler_group: str, worker_group: str, as_json: bool
+) -> None:
+    """Preflight every host of INVENTORY: SSH, host key, python, distributed, disk.
+
+    Starts the host agent once per host (nothing else) and stops it again.
+    Exit status 1 when any host fails.
+
+    \b
+    Example:
+      speccluster-ssh check lab.yml
+      speccluster-ssh check lab.yml --known-hosts accept-new --json
+    """
+    import distributed
+
+    inv = _load_inventory(inventory, scheduler_group, worker_group)
+    from ..preflight import check_lab
+
+    rows, choice = check_lab(inv, known_hosts, timeout)
+    failed = [r for r in rows if not r["ok"]]
+    if as_json:
+        _echo_json({"head": {"python": sys.version.split()[0], "distributed": distributed.__version__},
+                    "hosts": rows, "ok": not failed,
+                    "scheduler_reach": choice.as_dict() if choice is not None else None})
+    else:
+        yes_no = {True: "yes", False: "NO"}
+        columns = ("host", "address", "via", "result", "python", "version", "distributed", "cpus", "memory",
+                   "free disk", "reaches head", "reaches peers", "time", "problems")
+        table_rows = [
+            (r["host"], r["address"], r.get("via") or ("direct" if "via" in r else ""), r["result"], r.get("python"),
+             r.get("python_version"), r.get("distributed"), r.get("cpu_count"), _bytes(r.get("memory")),
+             _bytes(r.get("free_disk")), yes_no.get(r.get("reaches_head"), ""),
+             yes_no.get(r.get("reaches_peers"), ""), f"{r['seconds']:.1f} s", "; ".join(r["problems"]))
+            for r in rows
+        ]
+        title = f"head: python {sys.version.split()[0]}, distributed {distributed.__version__}"
+        _console().print(_table(columns, table_rows, title=title))
+        if choice is not None:
+            where = f"on {choice.scheduler_host}" if choice.scheduler_host else "on the head"
+            click.echo(f"up would run the scheduler {where}, mode {choice.mode}: {choice.why}")
+        for r in rows:
+            if r.get("unreached_peers"):
+                click.echo(f"{r['host']}: {r['problems'][0]}")
+        if failed:
+            click.echo(f"{len(failed)} of {len(rows)} hosts failed", err=True)
+    if failed:
+        _exit(1)

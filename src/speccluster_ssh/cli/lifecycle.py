@@ -1,0 +1,399 @@
+"""The commands that start and end clusters and list them: ``up`` (in the
+foreground, or detached: a head process from :mod:`speccluster_ssh.head`
+keeps the cluster alive), the hidden ``_serve`` that is that head process,
+``down``, ``list`` and ``client-config``.
+"""
+
+from __future__ import annotations
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+import click
+from .. import control
+from .. import state as st
+from ..errors import SpecClusterError, UserError
+from ..head import CLOSE_TIMEOUT, Head, UpOptions
+from ..messages import PROG
+from .common import HEAD_SLACK, _exit, _group_options, _json_option, _load_inventory, _name_option, _parse_adapt, _resolve, _setup_logging, main
+from .display import ProgressView, _console, _echo_json, _error_line, _print_connect_info, _table, _tail
+if TYPE_CHECKING:
+
+    pass
+
+logger = logging.getLogger("speccluster_ssh.cli")
+
+
+def _report_existing(directory: Path, as_json: bool) -> None:
+    found = st.read_state(directory)
+    if found is None:
+        raise SpecClusterError(f"cluster {directory.name} is being set up by another command; try again shortly")
+    if as_json:
+        _echo_json({**found.to_dict(), "already_running": True})
+        return
+    if found.phase != "running":
+        click.echo(f"cluster {found.name} is already {found.phase} (head pid {found.pid}); nothing changed")
+        return
+    click.echo(f"cluster {found.name} is already running; nothing changed")
+    _print_connect_info(found, directory, detached=True)
+
+
+def _clear_stale(directory: Path) -> None:
+    """Empty a cluster directory of a dead head (we hold the lock, so keep the lock file)."""
+    previous = st.read_state(directory)
+    leftovers = [p for p in directory.iterdir() if p.name != st.LOCK_FILE]
+    if previous is not None and leftovers:
+        click.echo(
+            f"cluster {directory.name}: removing the state of a previous head (pid {previous.pid}) that is gone",
+            err=True,
+        )
+    for path in leftovers:
+        if path.is_dir() and not path.is_symlink():
+            st.remove_cluster_dir(path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+@main.command()
+@click.argument("inventory", metavar="INVENTORY")
+@click.option("--name", "-n", default=None, metavar="NAME", help="Cluster name (default: the inventory's file name).")
+@click.option("--workers", "-w", type=click.IntRange(min=0), default=None,
+              help="Dask workers to start (default: every worker host's slots).")
+@click.option("--adapt", "adapt_range", default=None, metavar="MIN:MAX",
+              help="Scale adaptively between MIN and MAX workers.")
+@click.option("--detach", "-d", is_flag=True, help="Return once the cluster is up; a head process keeps it.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=None,
+              help="Seconds for the cluster to come up (default: config start-timeout).")
+@click.option("--placement", type=click.Choice(["spread", "pack"]), default=None,
+              help="Spread entries over hosts or pack them (default: config placement).")
+@click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None,
+              help="Host key policy (default: each host's speccluster_known_hosts).")
+@click.option("--no-tls", is_flag=True, help="Plain TCP instead of TLS (anyone reaching the scheduler can run code).")
+@click.option("--min-workers", "min_workers", default=None, metavar="M",
+              help="Workers the start needs: a count, a fraction (0.5) or a percentage (50%); default 1. "
+                   "Hosts that do not answer are retried in the background.")
+@click.option("--scheduler-reach", "scheduler_reach", type=click.Choice(["auto", "direct", "forward"]), default=None,
+              help="How the head reaches the scheduler (default: speccluster_scheduler_reach, else config "
+                   "scheduler-reach).")
+@_group_options
+@_json_option
+def up(
+    inventory: str, name: str | None, workers: int | None, adapt_range: str | None, detach: bool,
+    timeout: float | None, placement: str | None, known_hosts: str | None, no_tls: bool, min_workers: str | None,
+    scheduler_reach: str | None, scheduler_group: str, worker_group: str, as_json: bool,
+) -> None:
+    """Start a Dask cluster on the hosts of INVENTORY.
+
+    In the foreground the cluster runs until Ctrl-C (or SIGTERM), then it is
+    closed cleanly. With --detach the command returns once the cluster is up
+    and a head process keeps it; use status, scale, adapt, logs and down.
+    Running 'up' again for a running name reports it and changes nothing.
+    Hosts that do not answer do not stop the start: the last line says
+    which are down and why, and they join when they answer. The exit
+    status is 0 when --min-workers workers came up, 1 otherwise.
+
+    \b
+    Example:
+      speccluster-ssh up lab.yml --detach --name lab --workers 8
+      speccluster-ssh up lab.yml --detach --min-workers 75%
+      speccluster-ssh up inventories/local.yml
+    """
+    from .. import config
+
+    adapt = _parse_adapt(adapt_range)
+    inv = _load_inventory(inventory, scheduler_group, worker_group)
+    cluster_name = st.check_name(name or st.default_name(inventory))
+    if not inv.worker_hosts:
+        raise UserError(
+            f"{inventory}: no worker hosts (group {worker_group!r} is empty or every host has "
+            "speccluster_slots: 0); add hosts to run workers on"
+        )
+    policy = placement or config.get("placement")
+    if policy not in ("spread", "pack"):
+        raise UserError(f"config speccluster-ssh.placement is {policy!r}; set it to spread or pack")
+    wanted = workers if workers is not None else (adapt[0] if adapt is not None else None)
+    entries = None
+    if wanted is not None:
+        from ..planning import capacity, place_entries
+
+        placed = place_entries(inv, wanted, policy)
+        entries = len(placed)
+        if sum(h.nworkers for _, h in placed) < wanted:
+            click.echo(f"{PROG}: warning: asked for {wanted} workers; the inventory holds {capacity(inv)}, "
+                       "starting that many", err=True)
+    if min_workers is not None:
+        from ..planning import capacity
+        from ..scaling import resolve_min_workers
+
+        try:
+            resolve_min_workers(min_workers, wanted if wanted is not None else capacity(inv))
+        except UserError as exc:
+            raise UserError(f"--min-workers: {exc}") from None
+    options = UpOptions(
+        name=cluster_name,
+        inventory=str(Path(inventory).expanduser().absolute()) if os.path.exists(inventory) else inventory,
+        entries=entries,
+        workers=workers,
+        adapt=adapt,
+        timeout=float(timeout or config.get("start-timeout")),
+        placement=policy,
+        known_hosts=known_hosts,
+        tls=False if no_tls else None,
+        scheduler_group=scheduler_group,
+        worker_group=worker_group,
+        min_workers=min_workers,
+        scheduler_reach=scheduler_reach,
+    )
+    directory = st.make_cluster_dir(cluster_name)
+    lock = st.HeadLock(directory)
+    if not lock.acquire():
+        _report_existing(directory, as_json)
+        return
+    try:
+        _clear_stale(directory)
+        if detach:
+            code = _up_detached(options, directory, lock, as_json)
+        else:
+            code = _up_foreground(options, directory, lock, as_json)
+    finally:
+        if not detach:
+            # Whatever ended the foreground head (even Ctrl-C before it ran), nothing of it survives.
+            st.remove_cluster_dir(directory)
+        lock.release()
+    if code:
+        _exit(code)
+
+
+def _up_foreground(options: UpOptions, directory: Path, lock: st.HeadLock, as_json: bool) -> int:
+    _setup_logging(logging.WARNING)
+    head = Head(options, directory, lock, detached=False)
+    view = ProgressView(_console(stderr=True))
+
+    def on_running(state: st.ClusterState) -> None:
+        view.stop()
+        if as_json:
+            _echo_json(state.to_dict())
+        else:
+            _print_connect_info(state, directory, detached=False)
+
+    try:
+        code = asyncio.run(head.run(on_progress=view.update, on_running=on_running))
+    finally:
+        view.stop()
+    if head.phase == "failed":
+        _error_line(head.error)
+        return head.error_exit
+    if code == 0:
+        click.echo(f"cluster {options.name} closed", err=True)
+    else:
+        _error_line(f"cluster {options.name} did not close cleanly")
+    return code
+
+
+def _up_detached(options: UpOptions, directory: Path, lock: st.HeadLock, as_json: bool) -> int:
+    if lock.fd is None:
+        raise SpecClusterError("internal: the head lock is not held")
+    log_fd = os.open(directory / st.LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    argv = [sys.executable, "-m", "speccluster_ssh.cli", "_serve", "--lock-fd", str(lock.fd), options.to_json()]
+    try:
+        # Its own session: Ctrl-C or a closed terminal must not reach the head.
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            pass_fds=(lock.fd,), start_new_session=True, close_fds=True,
+        )
+    except OSError as exc:
+        st.remove_cluster_dir(directory)
+        raise SpecClusterError(f"cannot start the head process ({sys.executable}): {exc}") from None
+    finally:
+        os.close(log_fd)
+    view = ProgressView(_console(stderr=True))
+    deadline = time.monotonic() + options.timeout + HEAD_SLACK
+    progress: dict[str, Any] | None = None
+    try:
+        while True:
+            code = proc.poll()
+            if code is not None:
+                break
+            try:
+                progress = control.request(directory, "progress", timeout=10)
+            except control.ControlError as exc:
+                # Expected until the head serves its socket; proc.poll() above notices a dead head.
+                logger.debug("no progress yet: %s", exc)
+            if progress is not None:
+                view.update(progress)
+                if progress.get("phase") == "running":
+                    break
+            if time.monotonic() > deadline:
+                proc.terminate()
+                proc.wait(timeout=CLOSE_TIMEOUT)
+                code = proc.returncode
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        view.stop()
+        _error_line(f"interrupted; stopping the head process of cluster {options.name}")
+        proc.terminate()
+        try:
+            proc.wait(timeout=CLOSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _error_line(f"the head process (pid {proc.pid}) did not stop within {CLOSE_TIMEOUT:g} s; "
+                        f"stop it with 'kill {proc.pid}'")
+        return 130
+    finally:
+        view.stop()
+    found = st.read_state(directory)
+    if progress is not None and progress.get("phase") == "running" and found is not None and proc.poll() is None:
+        if as_json:
+            _echo_json(found.to_dict())
+        else:
+            _print_connect_info(found, directory, detached=True)
+        return 0
+    # The head is gone: say why, then remove what it left.
+    if found is not None and found.error:
+        message, status = found.error, found.error_exit
+    else:
+        tail = _tail(directory / st.LOG_FILE)
+        message = f"the head process of cluster {options.name} exited with status {code}" + (
+            f"; its log ends with:\n{tail}" if tail else ""
+        )
+        status = 1
+    st.remove_cluster_dir(directory)
+    _error_line(message)
+    return status
+
+
+@main.command("_serve", hidden=True)
+@click.option("--lock-fd", type=int, required=True)
+@click.argument("spec")
+def serve(lock_fd: int, spec: str) -> None:
+    """Run a detached head process (started by 'up --detach')."""
+    options = UpOptions.from_json(spec)
+    directory = st.cluster_dir(options.name)
+    # The agent subprocesses of local hosts must not inherit the lock.
+    os.set_inheritable(lock_fd, False)
+    _setup_logging(logging.INFO)
+    head = Head(options, directory, st.HeadLock(directory, lock_fd), detached=True)
+    code = asyncio.run(head.run())
+    if head.phase == "failed":
+        logger.error("start failed: %s", head.error)
+    _exit(code)
+
+
+@main.command()
+@_name_option
+@click.option("--timeout", type=click.FloatRange(min=1), default=CLOSE_TIMEOUT, show_default=True,
+              help="Seconds to wait for the cluster to close.")
+@_json_option
+def down(name: str | None, timeout: float, as_json: bool) -> None:
+    """Close a cluster: retire its workers, stop every process, end its head.
+
+    A stale cluster (its head process is gone) only has its state removed;
+    its remote agents stop their processes by themselves once the head's
+    SSH connections are gone.
+
+    \b
+    Example:
+      speccluster-ssh down --name lab
+    """
+    known = _resolve(name, allow_stale=True)
+    cluster_name, directory, pid = known.state.name, known.directory, known.state.pid
+    if not known.alive:
+        st.remove_cluster_dir(directory)
+        message = (f"cluster {cluster_name} was stale (head process {pid} is gone); removed its state in {directory}; "
+                   "its remote processes stop by themselves once the head's connections are gone")
+        if as_json:
+            _echo_json({"name": cluster_name, "stale": True, "closed": True})
+        else:
+            click.echo(message)
+        return
+    click.echo(f"closing cluster {cluster_name} ...", err=True)
+    try:
+        control.request(directory, "down", timeout=timeout)
+    except control.ControlError as exc:
+        if st.head_alive(directory):
+            raise
+        # The head ended before it could answer: the next check tells whether it cleaned up.
+        logger.debug("down: %s", exc)
+    gone = st.wait_for_exit(pid, 30.0) if pid else True
+    deadline = time.monotonic() + 30.0
+    while st.head_alive(directory) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not gone or st.head_alive(directory):
+        raise SpecClusterError(
+            f"the head process of cluster {cluster_name} (pid {pid}) did not exit; stop it with 'kill {pid}'"
+        )
+    st.remove_cluster_dir(directory)
+    if as_json:
+        _echo_json({"name": cluster_name, "stale": False, "closed": True})
+    else:
+        click.echo(f"cluster {cluster_name} closed")
+
+
+@main.command("list")
+@_json_option
+def list_clusters(as_json: bool) -> None:
+    """List the clusters known on this machine, running or stale.
+
+    \b
+    Example:
+      speccluster-ssh list
+      speccluster-ssh list --json
+    """
+    known = st.known_clusters()
+    rows = [
+        {
+            "name": k.state.name,
+            "status": k.status,
+            "pid": k.state.pid,
+            "scheduler_address": k.state.scheduler_address,
+            "dashboard_link": k.state.dashboard_link,
+            "started": k.state.started,
+            "inventory": k.state.inventory,
+            "directory": str(k.directory),
+        }
+        for k in known
+    ]
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no clusters in {st.state_root()}")
+        return
+    columns = ("name", "status", "pid", "scheduler_address", "dashboard_link", "started", "inventory")
+    _console().print(_table(columns, [[r[c] for c in columns] for r in rows]))
+    if any(r["status"] == "stale" for r in rows):
+        click.echo(f"stale clusters: their head process is gone; '{PROG} down --name NAME' removes them", err=True)
+
+
+@main.command("client-config")
+@click.argument("cluster", required=False, metavar="[NAME]")
+@_name_option
+@click.option("--yaml", "as_yaml", is_flag=True, help="Print the dask config file instead of Python.")
+@click.option("--path", "as_path", is_flag=True, help="Print the path of the dask config file.")
+def client_config(cluster: str | None, name: str | None, as_yaml: bool, as_path: bool) -> None:
+    """Print Python that connects a dask Client to a cluster (TLS files included).
+
+    \b
+    Example:
+      speccluster-ssh client-config lab > connect.py
+      DASK_CONFIG=$(speccluster-ssh client-config lab --path) python my_job.py
+    """
+    if cluster is not None and name is not None and cluster != name:
+        raise click.UsageError("give the cluster name once, as NAME or --name")
+    known = _resolve(cluster or name)
+    if not known.alive or known.state.phase != "running":
+        raise control.ControlError(f"cluster {known.state.name} is {known.status}; there is nothing to connect to")
+    if as_path:
+        click.echo(known.state.client_config)
+        return
+    if as_yaml:
+        click.echo(Path(known.state.client_config).read_text(), nl=False)
+        return
+    click.echo(f"# cluster {known.state.name}; or run with DASK_CONFIG={known.state.client_config} and Client()")
+    click.echo(st.client_snippet(known.state, known.directory), nl=False)
