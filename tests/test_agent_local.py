@@ -15,7 +15,7 @@ import pytest
 from distributed import Scheduler
 
 from speccluster_ssh.agent import HostAgent
-from speccluster_ssh.agent.remote import _private_dir
+from speccluster_ssh.agent.host import _private_dir
 from speccluster_ssh.connection import ConnectSettings, HostConnection
 from speccluster_ssh.errors import HostError
 from speccluster_ssh.inventory import Inventory

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 import speccluster_ssh
-from speccluster_ssh.agent import agent_source
+from speccluster_ssh.agent import agent_sources
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,10 +28,11 @@ def test_package_data_is_installed() -> None:
     defaults = yaml.safe_load(package.joinpath("speccluster-ssh.yaml").read_text())
     assert "speccluster-ssh" in defaults
     assert package.joinpath("py.typed").is_file()
-    # The agent is sent to hosts as source: it must be there and compile.
-    source = agent_source()
-    compile(source, "speccluster_agent", "exec")
-    assert b"def main(" in source
+    # The agent is sent to hosts as sources: they must be there and compile.
+    sources = agent_sources()
+    for name, source in sources:
+        compile(source, f"speccluster_agent/{name}", "exec")
+    assert b"def main(" in sources[-1][1]
 
 
 def test_installed_from_site_packages_when_asked() -> None:

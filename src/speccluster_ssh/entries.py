@@ -20,11 +20,17 @@ The process classes are given in :class:`EntrySettings` rather than imported,
 so that this module stays free of the SSH and process code: the cluster
 passes its ``RemoteNanny``/``RemoteWorker``/``RemoteScheduler``, the planner
 passes :data:`CLASS_NAMES`.
+
+Two more things every remote process gets are worked out here: the head's
+dask config as sent to hosts (:func:`forwarded_dask_config`, merged with a
+host's ``speccluster_dask_config`` on the host) and the GPU devices of each
+worker (:func:`gpu_share`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +139,8 @@ def worker_entry(settings: EntrySettings, host: HostSpec, new_spec: Mapping[str,
             "start_timeout": settings.start_timeout,
         },
     }
+    if host.dask_config:
+        spec["options"]["dask_config"] = dict(host.dask_config)
     suffixes = group_suffixes(host)
     if suffixes:
         spec["group"] = suffixes
@@ -303,7 +311,7 @@ def remote_scheduler_entry(
         remote_options["security"] = security
         remote_options["protocol"] = "tls"
     remote_options.update(options or {})
-    return {
+    spec: dict[str, Any] = {
         "cls": cls if cls is not None else settings.classes["scheduler"],
         "options": {
             "host": host.name,
@@ -313,6 +321,9 @@ def remote_scheduler_entry(
             "start_timeout": settings.start_timeout,
         },
     }
+    if host.dask_config:
+        spec["options"]["dask_config"] = dict(host.dask_config)
+    return spec
 
 
 def local_scheduler_entry(
@@ -340,3 +351,141 @@ def local_scheduler_entry(
     }
     local_options.update(options or {})
     return {"cls": scheduler_cls, "options": local_options}
+
+
+# -- the head's dask config on the hosts -----------------------------------------------------------
+
+#: Parts of the head's dask config never sent to hosts (dotted keys; a key drops its whole subtree):
+#: the head's own settings, and paths that name files or directories of the head (its temporary
+#: directory, its TLS certificates; a cluster's TLS files are shipped and passed on their own).
+HEAD_ONLY_CONFIG: tuple[str, ...] = (
+    "speccluster-ssh",
+    "temporary-directory",
+    "distributed.comm.tls.ca-file",
+    "distributed.comm.tls.scheduler",
+    "distributed.comm.tls.worker",
+    "distributed.comm.tls.client",
+    "distributed.scheduler.dashboard.tls",
+)
+
+
+def _json_value(value: Any) -> tuple[bool, Any]:
+    """``(True, value)`` with tuples as lists when ``value`` travels as JSON, else ``(False, None)``."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True, value
+    if isinstance(value, (list, tuple)):
+        items = [_json_value(v) for v in value]
+        if all(ok for ok, _ in items):
+            return True, [v for _, v in items]
+        return False, None
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        items_ = {k: _json_value(v) for k, v in value.items()}
+        if all(ok for ok, _ in items_.values()):
+            return True, {k: v for k, (_, v) in items_.items()}
+    return False, None
+
+
+def forwarded_dask_config(
+    config: Mapping[str, Any], exclude: Iterable[str] = HEAD_ONLY_CONFIG
+) -> tuple[dict[str, Any], list[str]]:
+    """The part of the head's dask config that is sent to every remote process.
+
+    Like dask's own ``SSHCluster``, the whole config travels (it goes over
+    the SSH channel in the start request, never on a command line), less the
+    keys in ``exclude`` and the values that are not plain data (a Python
+    object set with ``dask.config.set`` cannot travel as JSON).
+
+    Parameters
+    ----------
+    config
+        The head's config, ``dask.config.config``.
+    exclude
+        Dotted keys left out with their subtrees, e.g. ``"temporary-directory"``.
+
+    Returns
+    -------
+    (dict, list of str)
+        The config to send, and the dotted keys left out because their
+        values are not plain data (sorted).
+    """
+    excluded = {tuple(key.split(".")) for key in exclude if key}
+    dropped: list[str] = []
+
+    def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            here = (*path, str(key))
+            if here in excluded:
+                continue
+            if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+                out[str(key)] = walk(value, here)
+                continue
+            ok, plain = _json_value(value)
+            if ok:
+                out[str(key)] = plain
+            else:
+                dropped.append(".".join(here))
+        return out
+
+    return walk(config, ()), sorted(dropped)
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in: mappings merge key by key, other values replace."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_size(config: Mapping[str, Any]) -> int:
+    """Bytes ``config`` takes in a start request."""
+    return len(json.dumps(config))
+
+
+# -- GPUs --------------------------------------------------------------------------------------------
+
+
+def gpu_share(devices: Sequence[str], host_workers: int, index: int) -> list[str]:
+    """The devices of worker ``index`` of the ``host_workers`` workers of a host.
+
+    Parameters
+    ----------
+    devices
+        The host's devices, e.g. ``["0", "1", "2", "3"]``.
+    host_workers
+        Workers the host holds when every slot is used (slots x nworkers).
+    index
+        ``slot * nworkers + member``: which worker of the host.
+
+    Raises
+    ------
+    ValueError
+        When the devices do not divide evenly among the workers, or
+        ``index`` is not one of them.
+    """
+    if host_workers < 1 or not 0 <= index < host_workers:
+        raise ValueError(f"worker {index} is not one of the host's {host_workers} workers")
+    if len(devices) % host_workers:
+        raise ValueError(f"{len(devices)} GPUs do not divide evenly among {host_workers} workers")
+    per = len(devices) // host_workers
+    return [str(d) for d in devices[index * per:(index + 1) * per]]
+
+
+def uneven_gpus(count: int, host: HostSpec) -> str | None:
+    """Why ``count`` GPUs cannot be shared among ``host``'s workers; ``None`` when they can."""
+    workers = host.slots * host.nworkers
+    if count == 0 or workers == 0 or count % workers == 0:
+        return None
+    return (
+        f"{count} GPUs do not divide evenly among its {workers} workers "
+        f"(speccluster_slots {host.slots} x speccluster_nworkers {host.nworkers})"
+    )
+
+
+def free_gpu_slot(claimed: Collection[int], slots: int) -> int | None:
+    """The lowest slot of a host whose GPU share no running entry holds; ``None`` when all are held."""
+    return next((slot for slot in range(slots) if slot not in claimed), None)

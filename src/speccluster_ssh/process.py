@@ -10,18 +10,21 @@ remote process without waiting for a heartbeat timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import dask.config
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
-from . import timeline
+from . import config, timeline
 from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
+from .entries import HEAD_ONLY_CONFIG, forwarded_dask_config, free_gpu_slot, gpu_share, uneven_gpus
 from .errors import HostError
 from .health import HostState
 from .inventory import HostSpec
@@ -76,6 +79,13 @@ class AgentPool:
         self._lost_callbacks: list[Callable[[str, str], None]] = []
         self.files: dict[str, bytes] = {}  # relative path -> content, written to every host
         self.head_scheduler: tuple[str, int] | None = None  # (protocol, port) of a head scheduler
+        # The head's dask config as it is now, sent with every start (see forwarded_dask_config).
+        exclude = (*HEAD_ONLY_CONFIG, *(config.get("dask-config-exclude") or ()))
+        self.dask_config, dropped = forwarded_dask_config(dask.config.config, exclude)
+        if dropped:
+            logger.info("dask config not sent to the hosts (not plain data): %s", ", ".join(dropped))
+        # host -> GPU slot -> the entry holding that slot's devices
+        self.gpu_claims: dict[str, dict[int, RemoteProcess]] = {}
         self.closed = False
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
@@ -154,11 +164,52 @@ class AgentPool:
                 f"{distributed.__version__}; install distributed=={distributed.__version__} there",
                 fix=f"install distributed=={distributed.__version__} for {facts.get('python')} on {name}",
             )
+        problem = self._gpu_problem(name, facts)
+        if problem:
+            await agent.close()
+            raise HostError(name, problem[0], fix=problem[1])
         for path, data in self.files.items():
             await agent.write_file(path, data)
         timeline.stamp("agent_ready", name)
         agent.on_lost(lambda reason, host=name, a=agent: self._lost(host, a, reason))
         return agent
+
+    def _gpu_problem(self, name: str, facts: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Why the GPUs that ``speccluster_gpus: auto`` found on ``name`` cannot be shared, and the fix."""
+        host = self.hosts[name]
+        if host.gpus != "auto":
+            return None  # a count or a list was checked when the inventory was read
+        why = uneven_gpus(len(facts.get("gpus") or ()), host)
+        if why is None:
+            return None
+        workers = host.slots * host.nworkers
+        return (
+            f"speccluster_gpus is auto and nvidia-smi -L lists {len(facts.get('gpus') or ())} GPUs: {why}",
+            f"set speccluster_gpus for {name} to a list of GPUs whose length is a multiple of {workers}, "
+            "or change speccluster_nworkers or speccluster_slots",
+        )
+
+    def gpus_of(self, name: str) -> list[str]:
+        """The GPU device ids of host ``name``: its ``speccluster_gpus``, or what its agent found for ``auto``."""
+        host = self.hosts[name]
+        if host.gpus == "auto":
+            agent = self.agents.get(name)
+            return [str(g) for g in (agent.facts.get("gpus") or ())] if agent is not None else []
+        return list(host.gpus)
+
+    def claim_gpus(self, name: str, process: RemoteProcess) -> int | None:
+        """A free GPU slot of host ``name`` for ``process``; ``None`` when every slot is held."""
+        claims = self.gpu_claims.setdefault(name, {})
+        slot = free_gpu_slot(claims, self.hosts[name].slots)
+        if slot is not None:
+            claims[slot] = process
+        return slot
+
+    def release_gpus(self, name: str, process: RemoteProcess) -> None:
+        """Give back the GPU slot ``process`` holds on host ``name``."""
+        claims = self.gpu_claims.get(name, {})
+        for slot in [s for s, p in claims.items() if p is process]:
+            del claims[slot]
 
     def _lost(self, name: str, agent: HostAgent, reason: str) -> None:
         if self.closed or self.agents.get(name) is not agent or reason == "closed":
@@ -285,6 +336,7 @@ class RemoteProcess(ProcessInterface):
         group: Sequence[str] | None = None,
         start_timeout: float = 60.0,
         stop_grace: float = 3.0,
+        dask_config: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__()
@@ -295,6 +347,8 @@ class RemoteProcess(ProcessInterface):
         self.options = dict(options or {})
         self.options.update(extra)
         self.env = dict(env or {})
+        self.dask_config = dict(dask_config or {})
+        self.gpus: dict[str, list[str]] = {}  # member -> its GPU devices, on a host with speccluster_gpus
         self.group = list(group) if group else None
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
@@ -309,7 +363,14 @@ class RemoteProcess(ProcessInterface):
         """Call ``callback(self)`` when the entry fails: a process exited, the host was lost, or the start failed."""
         self._failed_callbacks.append(callback)
 
+    def _release_gpus(self) -> None:
+        # A failed entry gives its GPUs back at once, so that its replacement gets them.
+        if self.gpus:
+            with contextlib.suppress(RuntimeError):  # the cluster's pool is gone: nothing to give back
+                AgentPool.lookup(self.cluster).release_gpus(self.host, self)
+
     def _set_failed(self) -> None:
+        self._release_gpus()
         self.status = Status.failed
         self._event_finished.set()
         for callback in list(self._failed_callbacks):
@@ -356,8 +417,35 @@ class RemoteProcess(ProcessInterface):
             return None
         return pool.scheduler_address_for(self.host) or self.scheduler
 
+    def _assign_gpus(self, pool: AgentPool) -> None:
+        """Give each member its share of the host's GPUs (see :func:`~speccluster_ssh.entries.gpu_share`)."""
+        devices = pool.gpus_of(self.host)
+        if self.role == "scheduler" or not devices:
+            return
+        host = pool.hosts[self.host]
+        slot = pool.claim_gpus(self.host, self)
+        for i, member in enumerate(self.member_names):
+            try:
+                if slot is None:
+                    raise ValueError(f"all {host.slots} GPU shares of the host are held")
+                self.gpus[member] = gpu_share(devices, host.slots * host.nworkers, slot * host.nworkers + i)
+            except ValueError as exc:
+                # A spec entry written by hand may not fit the host's shares: no GPU rather than a shared one.
+                logger.warning("%s %s on %s gets no GPU: %s", self.role, member, self.host, exc)
+                self.gpus[member] = []
+
+    def _member_env(self, member: str) -> dict[str, str]:
+        env = dict(self.env)
+        if member in self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[member])
+            # CUDA numbers devices fastest first unless told; nvidia-smi numbers them by PCI bus.
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        return env
+
     def _process_options(self, member: str, agent: HostAgent) -> dict[str, Any]:
         options = dict(self.options)
+        if member in self.gpus:
+            options["resources"] = {**(options.get("resources") or {}), "GPU": len(self.gpus[member])}
         if self.role != "scheduler":
             options["name"] = member
             if options.get("nthreads") is None:
@@ -420,6 +508,7 @@ class RemoteProcess(ProcessInterface):
         self._unsubscribe = [agent.on("ready", on_ready), agent.on("failed", on_failed), agent.on("exited", on_exited)]
         agent.on_lost(self._on_agent_lost)
         scheduler = self._scheduler_for_host(pool)
+        self._assign_gpus(pool)
         try:
             for member in self.member_names:
                 timeline.stamp("start_request", self.host, member)
@@ -429,7 +518,9 @@ class RemoteProcess(ProcessInterface):
                     role=self.role,
                     scheduler=scheduler,
                     options=self._process_options(member, agent),
-                    env=self.env,
+                    env=self._member_env(member),
+                    config=pool.dask_config,
+                    host_config=self.dask_config,
                 )
                 started[member] = int(reply["pid"])
                 timeline.stamp("forked", self.host, member)
@@ -473,6 +564,7 @@ class RemoteProcess(ProcessInterface):
         """Stop the entry's processes: SIGTERM, then SIGKILL after ``stop_grace``."""
         self._closing = True
         await self._stop_members()
+        self._release_gpus()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()

@@ -1,9 +1,10 @@
 """The head's side of the host agent: start it over a connection and talk to it.
 
-One :class:`HostAgent` runs per host and cluster. It ships the source of
-:mod:`speccluster_ssh.agent.remote` over its channel (nothing of this package
-needs to be installed on the host), then sends requests as JSON lines and
-routes the agent's events (ready, exited) to whoever waits for them.
+One :class:`HostAgent` runs per host and cluster. It ships the agent's
+sources (:data:`AGENT_SOURCES`, ending with :mod:`speccluster_ssh.agent.remote`)
+over its channel (nothing of this package needs to be installed on the
+host), then sends requests as JSON lines and routes the agent's events
+(ready, exited) to whoever waits for them.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from ..tasks import TaskSet
 
 logger = logging.getLogger(__name__)
 
-# Reads a JSON config line and the agent's source from stdin byte-exactly
-# (no buffered reader, so nothing meant for the agent is swallowed), then runs it.
+# Reads a JSON config line, then the number of sources and each source
+# ("NAME SIZE" line, then SIZE bytes) from stdin byte-exactly (no buffered
+# reader, so nothing meant for the agent is swallowed), runs the sources in
+# order in one namespace, then the last one's main().
 BOOTSTRAP = """\
 import os, sys, json
 def line():
@@ -40,24 +43,41 @@ def line():
         data += chunk
     return data
 config = json.loads(line())
-size = int(line())
-source = b''
-while len(source) < size:
-    chunk = os.read(0, size - len(source))
-    if not chunk:
-        sys.exit(3)
-    source += chunk
 namespace = {'__name__': 'speccluster_agent'}
-exec(compile(source, 'speccluster_agent', 'exec'), namespace)
+for _ in range(int(line())):
+    name, size = line().split()
+    source = b''
+    while len(source) < int(size):
+        chunk = os.read(0, int(size) - len(source))
+        if not chunk:
+            sys.exit(3)
+        source += chunk
+    exec(compile(source, 'speccluster_agent/' + name.decode(), 'exec'), namespace)
 namespace['main'](config)
 """
+
+#: The agent's source files, in the order they run in one namespace on the
+#: host: each may use the names of those before it. Split by concern (log
+#: files, host facts, the forked child's body, the agent's loop) to keep
+#: each file small; none imports another, since none is a package module there.
+AGENT_SOURCES = ("logs.py", "host.py", "child.py", "remote.py")
 
 EventHandler = Callable[[dict[str, Any]], None]
 
 
-def agent_source() -> bytes:
-    """The agent program's source, as shipped to hosts."""
-    return resources.files(__package__).joinpath("remote.py").read_bytes()
+def agent_sources() -> list[tuple[str, bytes]]:
+    """The agent program's sources ``(file name, source)``, in the order the host runs them."""
+    package = resources.files(__package__)
+    return [(name, package.joinpath(name).read_bytes()) for name in AGENT_SOURCES]
+
+
+def agent_payload(config: dict[str, Any]) -> bytes:
+    """What the head writes to the bootstrap: the config line, then every source."""
+    sources = agent_sources()
+    parts = [json.dumps(config).encode() + b"\n", str(len(sources)).encode() + b"\n"]
+    for name, source in sources:
+        parts.append(f"{name} {len(source)}\n".encode() + source)
+    return b"".join(parts)
 
 
 MARKER_ENV = "SPECCLUSTER_SSH_CLUSTER"
@@ -134,9 +154,10 @@ class HostAgent:
             "silence": self.silence,
             "base_dir": self.base_dir,
             "listen_address": "127.0.0.1" if self.host.is_local else None,
+            "log_max_bytes": self.host.log_max_bytes,
+            "detect_gpus": self.host.gpus == "auto",
         }
-        source = agent_source()
-        channel.write(json.dumps(config).encode() + b"\n" + str(len(source)).encode() + b"\n" + source)
+        channel.write(agent_payload(config))
         try:
             line = await asyncio.wait_for(channel.readline(), timeout)
         except (asyncio.TimeoutError, TimeoutError):
@@ -147,6 +168,16 @@ class HostAgent:
             await channel.close()
             reason, fix = _start_failure(self.host, channel.stderr_tail())
             raise HostError(self.host.name, reason, channel.stderr_tail(), fix=fix)
+        if hello.get("error"):
+            await channel.close()
+            base = self.base_dir or "~/.cache/speccluster-ssh"
+            user = self.host.user or "the login user"
+            raise HostError(
+                self.host.name,
+                f"the agent cannot work: {hello['error']}",
+                fix=f"make {base} on {self.host.name} a directory that {user} can write (it holds the logs), "
+                "or free the disk there",
+            )
         self.facts = hello
         self._last_heard = time.monotonic()
         self._reader = self._tasks.start(self._read_loop(), name=f"read from the agent on {self.host.name}")

@@ -2,22 +2,41 @@
 
 This file is shipped as source over the SSH channel and run by the host's
 python, so it may import only the standard library and ``distributed``.
-It never imports anything from ``speccluster_ssh``.
+It never imports anything from ``speccluster_ssh``. It is the last of the
+agent's sources, which run in order in one namespace (``agent_sources`` in
+``agent/__init__.py``): ``logs.py`` (capped log files), ``host.py`` (the
+host's facts and directories), ``child.py`` (the body of a forked child),
+then this file (the agent's loop); it uses their names as globals.
+
+The head first sends one JSON line of agent config: ``cluster``,
+``host_label``, ``silence``, ``base_dir``, ``listen_address``,
+``log_max_bytes`` (cap of each log file) and ``detect_gpus`` (run
+``nvidia-smi -L`` for the hello).
 
 Protocol (JSON, one object per line):
 
 head -> agent
     ``{"op": "start", "id": 7, "name": "3", "role": "nanny", "scheduler": "tcp://..",
-    "options": {...}, "env": {...}, "files": {...}}``,
+    "options": {...}, "env": {...}, "config": {...}, "host_config": {...}}``
+    (``config``: the head's dask config; ``host_config``: the host's
+    ``speccluster_dask_config``, merged over it),
     ``{"op": "stop", "id": 8, "name": "3", "grace": 5}``,
     ``{"op": "tail", "id": 9, "name": "3", "bytes": 65536}``,
     ``{"op": "write_file", "id": 10, "path": "tls/ca.pem", "data_b64": "..", "mode": 384}``,
     ``{"op": "ping"}``, ``{"op": "shutdown", "id": 11, "remove": true}``.
 agent -> head
-    ``{"event": "hello", ...facts}`` once, replies ``{"id": 7, "ok": true, ...}`` or
+    ``{"event": "hello", ...facts}`` once (facts include ``gpus``, the
+    device ids ``nvidia-smi -L`` lists when asked, and ``error`` when the
+    agent cannot work, e.g. its log directory is not writable, after which
+    it exits), replies ``{"id": 7, "ok": true, ...}`` or
     ``{"id": 7, "ok": false, "error": ".."}``, and unsolicited events
     ``{"event": "ready", "name": .., "address": .., "worker_address": ..}``,
     ``{"event": "exited", "name": .., "code": .., "tail": ..}``, ``{"event": "pong"}``.
+
+Logs: a child's stdout and stderr are one pipe that the agent reads without
+blocking and appends to the child's log file, cut at ``log_max_bytes``
+(``logs.py``); what a child wrote is in its log before its ``exited`` or
+``failed`` event and before any ``tail`` reply.
 
 Process tree: the agent is single threaded and runs no event loop, so it can
 fork warm children safely. Each child is put in its own process group (so a
@@ -41,184 +60,29 @@ import socket
 import stat
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-PR_SET_PDEATHSIG = 1
-TAIL_BYTES = 16384
+if TYPE_CHECKING:  # shipped, these are globals already: the other sources run first in the same namespace
+    from .child import _run_child, _set_parent_death_signal
+    from .host import (
+        _cpu_count, _detect_gpus, _distributed_version, _listen_address, _private_dir, _probe_writable, _total_memory,
+    )
+    from .logs import TAIL_BYTES, LogFile, LogPipe, _tail_of, widen_pipe
+
 MAX_OUTBUF = 16 * 1024 * 1024
 MARKER_ENV = "SPECCLUSTER_SSH_CLUSTER"
-
-
-def _set_parent_death_signal() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _tail_of(path: str, nbytes: int = TAIL_BYTES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - nbytes))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def _private_dir(path: str) -> str:
-    """Create ``path`` (and parents) as a directory only we can enter.
-
-    Every existing component must be owned by root or by us: a directory or
-    symlink that another user planted in a shared place such as ``/tmp`` is
-    refused instead of followed.
-    """
-    path = os.path.abspath(path)
-    uid = os.getuid()
-    current = os.sep
-    for part in path.split(os.sep)[1:]:
-        current = os.path.join(current, part)
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            os.mkdir(current, 0o700)
-            st = os.lstat(current)
-        if st.st_uid not in (0, uid):
-            raise PermissionError(f"{current} belongs to uid {st.st_uid}; refusing to use it")
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise PermissionError(f"{path} is not a plain directory; refusing to use it")
-    os.chmod(path, 0o700)
-    return path
-
-
-def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
-    """Body of a forked child: run one dask server until it finishes."""
-    import asyncio
-
-    import dask
-
-    os.environ.update(request.get("env") or {})
-    dask.config.refresh()
-    if request.get("config"):
-        dask.config.update(dask.config.config, request["config"], priority="new")
-    # The nanny forks its worker from this warm process instead of spawning.
-    dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
-
-    from distributed import Nanny, Scheduler, Worker
-    from distributed.security import Security
-
-    role = request["role"]
-    options = dict(request.get("options") or {})
-    tls = options.pop("security", None)
-    if tls:
-        options["security"] = Security(**tls)
-
-    def report(message: dict[str, Any]) -> None:
-        data = (json.dumps(message) + "\n").encode()
-        try:
-            os.write(status_fd, data)
-        except OSError:
-            pass
-
-    async def serve() -> None:
-        if role == "scheduler":
-            server = Scheduler(**options)
-        elif role == "nanny":
-            server = Nanny(request["scheduler"], **options)
-        else:
-            server = Worker(request["scheduler"], **options)
-        loop = asyncio.get_running_loop()
-        stopping: list[asyncio.Task[Any]] = []
-
-        def on_term() -> None:
-            if not stopping:
-                stopping.append(asyncio.ensure_future(server.close()))
-
-        loop.add_signal_handler(signal.SIGTERM, on_term)
-        loop.add_signal_handler(signal.SIGINT, on_term)
-        # A nanny forks its worker from here; without this the worker would
-        # inherit the handlers' wakeup fd, and the SIGTERM of a memory-limit
-        # restart would close the nanny instead of only its worker.
-        os.register_at_fork(after_in_child=_default_signals_in_child)
-        await server
-        ready: dict[str, Any] = {
-            "event": "ready",
-            "name": request["name"],
-            "address": server.address,
-            "pid": os.getpid(),
-        }
-        if role == "nanny":
-            ready["worker_address"] = server.worker_address
-        elif role == "worker":
-            ready["worker_address"] = server.address
-        else:
-            http_server = getattr(server, "http_server", None)
-            ready["dashboard_port"] = getattr(http_server, "port", None)
-        report(ready)
-        await server.finished()
-
-    try:
-        asyncio.run(serve())
-    except BaseException as exc:  # report every start failure before dying
-        import traceback
-
-        traceback.print_exc()
-        report({"event": "failed", "name": request["name"], "pid": os.getpid(), "error": _describe_failure(exc)})
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _default_signals_in_child() -> None:
-    """In a process forked by a server: take back the signal handling it inherited."""
-    try:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-    except ValueError:  # not the main thread: nothing was inherited there
-        pass
-
-
-def _describe_failure(exc: BaseException) -> str:
-    """One line for a start failure: the outer error and its root cause.
-
-    dask wraps the real cause ("name taken", "could not connect") in
-    ``RuntimeError('Nanny failed to start.')``; the chain keeps it.
-    """
-    chain: list[BaseException] = [exc]
-    seen = {id(exc)}
-    current = exc
-    for _ in range(20):  # bounded: a chain is short, but may loop
-        following = current.__cause__ or current.__context__
-        if following is None or id(following) in seen:
-            break
-        seen.add(id(following))
-        chain.append(following)
-        current = following
-    outer, root = chain[0], chain[-1]
-    text = f"{type(outer).__name__}: {outer}"
-    if root is not outer:
-        text += f" caused by {type(root).__name__}: {root}"
-    return " ".join(text.split())[:2000]
 
 
 class Child:
     """One forked dask server process."""
 
-    def __init__(self, name: str, pid: int, status_fd: int, log_path: str) -> None:
+    def __init__(self, name: str, pid: int, status_fd: int, log_path: str, log_pipe: LogPipe) -> None:
         self.name = name
         self.pid = pid
         self.status_fd = status_fd
         self.status_buf = b""
         self.log_path = log_path
+        self.log_pipe = log_pipe
         self.exit_code: int | None = None
         self.kill_deadline: float | None = None
         self.stop_waiters: list[int] = []
@@ -231,10 +95,21 @@ class Agent:
         self.config = config
         self.silence = float(config.get("silence", 15.0))
         self.cluster = str(config["cluster"])
+        self.log_max_bytes = int(config.get("log_max_bytes") or 64 * 2**20)
         base = os.path.expanduser(config.get("base_dir") or "~/.cache/speccluster-ssh")
-        self.root_dir = _private_dir(os.path.join(base, self.cluster))
-        self.dir = _private_dir(os.path.join(self.root_dir, config["host_label"]))
-        self.log_dir = _private_dir(os.path.join(self.dir, "logs"))
+        self.setup_error = ""
+        try:
+            self.root_dir = _private_dir(os.path.join(base, self.cluster))
+            self.dir = _private_dir(os.path.join(self.root_dir, config["host_label"]))
+            self.log_dir = _private_dir(os.path.join(self.dir, "logs"))
+            _probe_writable(self.log_dir)
+        except OSError as exc:
+            # Said in the hello, so the head gives one clear error instead of retrying a crash.
+            where = getattr(exc, "filename", None) or base
+            self.setup_error = f"cannot write the log directory under {base} ({where}: {exc.strerror or exc})"
+            self.root_dir = self.dir = self.log_dir = ""
+        self.log_files: dict[str, LogFile] = {}  # path -> its file, shared by processes of one name
+        self.log_pipes: set[LogPipe] = set()
         self.children: dict[str, Child] = {}
         self.by_pid: dict[int, Child] = {}
         self.selector = selectors.DefaultSelector()
@@ -281,8 +156,12 @@ class Agent:
         if old is not None and old.exit_code is None:
             return {"ok": False, "error": f"a process named {name} is already running"}
         log_path = os.path.join(self.log_dir, f"{_safe(name)}.log")
+        log = self.log_files.get(log_path)
+        if log is None:
+            log = self.log_files[log_path] = LogFile(log_path, self.log_max_bytes)
         read_fd, write_fd = os.pipe()
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        out_read, out_write = os.pipe()
+        widen_pipe(out_write)
         pid = os.fork()
         if pid == 0:  # child
             try:
@@ -291,11 +170,13 @@ class Agent:
                 if os.getppid() == 1:
                     os._exit(1)
                 os.close(read_fd)
+                os.close(out_read)
+                self._close_in_child()
                 devnull = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(devnull, 0)
-                os.dup2(log_fd, 1)
-                os.dup2(log_fd, 2)
-                for fd in (devnull, log_fd):
+                os.dup2(out_write, 1)
+                os.dup2(out_write, 2)
+                for fd in (devnull, out_write):
                     os.close(fd)
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -308,17 +189,53 @@ class Agent:
             finally:
                 os._exit(1)
         os.close(write_fd)
-        os.close(log_fd)
+        os.close(out_write)
         try:
             os.setpgid(pid, pid)  # also from the parent: no race with killpg
         except OSError:
             pass
         os.set_blocking(read_fd, False)
-        child = Child(name, pid, read_fd, log_path)
+        os.set_blocking(out_read, False)
+        pipe = LogPipe(out_read, log)
+        self.log_pipes.add(pipe)
+        child = Child(name, pid, read_fd, log_path, pipe)
         self.children[name] = child
         self.by_pid[pid] = child
         self.selector.register(read_fd, selectors.EVENT_READ, ("status", child))
+        self.selector.register(out_read, selectors.EVENT_READ, ("log", pipe))
         return {"ok": True, "pid": pid, "log": log_path}
+
+    def _close_in_child(self) -> None:
+        """In a new child: close the agent's ends of the other children's pipes and files."""
+        fds = [p.fd for p in self.log_pipes] + [f.fd for f in self.log_files.values()]
+        fds += [c.status_fd for c in self.children.values()]
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _pump(self, pipe: LogPipe, max_chunks: int = 1) -> None:
+        """Move output of one pipe into its log; at EOF (every writer gone) close it."""
+        try:
+            open_ = pipe.drain(max_chunks)
+        except OSError as exc:  # the log cannot be written: drop the output, keep the agent
+            self.send({"event": "error", "error": f"cannot write {pipe.log.path}: {exc}"})
+            open_ = pipe.drain(max_chunks) if pipe.log.fd < 0 else True
+        if open_:
+            return
+        self.selector.unregister(pipe.fd)
+        pipe.close()
+        self.log_pipes.discard(pipe)
+        if pipe.log.users == 0:
+            pipe.log.close()
+            self.log_files.pop(pipe.log.path, None)
+
+    def _flush_log(self, child: Child | None) -> None:
+        """Everything ``child`` has written so far, into its log (before a tail is read)."""
+        if child is not None and child.log_pipe.fd >= 0:
+            self._pump(child.log_pipe, max_chunks=64)
 
     def _on_status(self, child: Child) -> None:
         try:
@@ -338,6 +255,7 @@ class Agent:
             except ValueError:
                 continue
             if message.get("event") == "failed":
+                self._flush_log(child)
                 message["tail"] = _tail_of(child.log_path)
             self.send(message)
 
@@ -355,6 +273,7 @@ class Agent:
             child.exit_code = os.waitstatus_to_exitcode(status)
             if child.status_fd >= 0:
                 self._on_status(child)  # deliver a last "ready"/"failed" first
+            self._flush_log(child)  # its last words are in the tail below
             self.send(
                 {
                     "event": "exited",
@@ -405,10 +324,13 @@ class Agent:
                 reply = {"ok": True, "code": None}
             elif op == "tail":
                 child = self.children.get(str(message["name"]))
+                self._flush_log(child)
                 path = child.log_path if child else ""
                 reply = {"ok": True, "data": _tail_of(path, int(message.get("bytes", TAIL_BYTES)))}
             elif op == "logs":
                 nbytes = int(message.get("bytes", TAIL_BYTES))
+                for child in self.children.values():
+                    self._flush_log(child)
                 reply = {
                     "ok": True,
                     "logs": {n: _tail_of(c.log_path, nbytes) for n, c in self.children.items()},
@@ -474,6 +396,8 @@ class Agent:
 
     # -- main loop ------------------------------------------------------
     def run(self) -> None:
+        # Before SIGCHLD has a handler: the probe's own child is reaped by subprocess.
+        gpus = _detect_gpus() if self.config.get("detect_gpus") and not self.setup_error else {}
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -486,6 +410,10 @@ class Agent:
         os.set_blocking(0, False)
         os.set_blocking(1, False)
         self.selector.register(0, selectors.EVENT_READ, ("stdin", None))
+        if self.setup_error:
+            self.send({"event": "hello", "pid": os.getpid(), "hostname": socket.gethostname(), "error": self.setup_error})
+            self._finish_output()
+            return
         self.send(
             {
                 "event": "hello",
@@ -499,6 +427,7 @@ class Agent:
                 "dir": self.dir,
                 "listen_address": _listen_address(self.config),
                 "free_disk": shutil.disk_usage(self.dir).free,
+                **gpus,
             }
         )
         term_seen = False
@@ -509,6 +438,8 @@ class Agent:
                     self._on_stdin()
                 elif kind == "status":
                     self._on_status(key.data[1])
+                elif kind == "log":
+                    self._pump(key.data[1])
                 elif kind == "wake":
                     drained = _drain(wake_r)
                     if signal.SIGTERM in drained or signal.SIGHUP in drained:
@@ -534,7 +465,12 @@ class Agent:
         while self.by_pid and time.monotonic() < deadline:
             self._reap()
             self._enforce_deadlines()
-            time.sleep(0.02)
+            # Keep reading their output while they stop, or a chatty one would block on its pipe.
+            for key, _ in self.selector.select(timeout=0.02):
+                if key.data and key.data[0] == "log":
+                    self._pump(key.data[1])
+        for pipe in list(self.log_pipes):
+            self._pump(pipe, max_chunks=64)
         # Keys never outlive the cluster, even when the logs stay for a post-mortem.
         shutil.rmtree(os.path.join(self.dir, "tls"), ignore_errors=True)
         if self.remove_dir:
@@ -545,6 +481,10 @@ class Agent:
                 pass
         if self.shutdown_reply is not None:
             self.send({"id": self.shutdown_reply, "ok": True, "left": sorted(c.name for c in self.by_pid.values())})
+        self._finish_output()
+
+    def _finish_output(self) -> None:
+        """Write what is left for the head, blocking: the agent is about to exit."""
         os.set_blocking(1, True)
         if self.outbuf:
             try:
@@ -579,36 +519,8 @@ def _drain(fd: int) -> bytes:
     return out
 
 
-def _listen_address(config: dict[str, Any]) -> str | None:
-    """The address of this host that faces the head: the server end of our SSH link."""
-    fields = os.environ.get("SSH_CONNECTION", "").split()
-    if len(fields) == 4:
-        return fields[2]
-    return config.get("listen_address")
-
-
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
-
-
-def _distributed_version() -> str:
-    import distributed
-
-    return str(distributed.__version__)
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _total_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
 
 
 def main(config: dict[str, Any]) -> None:

@@ -53,8 +53,11 @@ class HostSpec:
         Every group the host belongs to, ancestors included, sorted, without ``all``.
     nworkers, nthreads, memory_limit, worker_class, slots, resources, env, prologue,
     local_directory, interface, scheduler_port, dashboard_port, known_hosts,
-    connect_timeout, venv, worker_options
+    connect_timeout, venv, worker_options, dask_config, log_max_bytes
         Validated ``speccluster_*`` variables, see :data:`SPECCLUSTER_VARS`.
+    gpus
+        ``speccluster_gpus``: ``"auto"`` or the device ids (a count ``n``
+        gives ``"0"`` .. ``"n-1"``; none is ``()``).
     vars
         Every merged variable, as ``ansible-inventory --list`` shows it for the host.
     jumps
@@ -90,6 +93,9 @@ class HostSpec:
     connect_timeout: float = 10.0
     venv: str | None = None
     worker_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    dask_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    gpus: str | tuple[str, ...] = ()
+    log_max_bytes: int = 64 * 2**20
     vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     jumps: tuple[JumpHop, ...] | None = None
 
@@ -348,6 +354,18 @@ def resolve_host(
     if python is None:
         python = "python3"
 
+    devices = spec["speccluster_gpus"]
+    if isinstance(devices, int):  # a count: devices 0 .. n-1
+        devices = tuple(str(i) for i in range(devices))
+    workers = spec["speccluster_slots"] * spec["speccluster_nworkers"]
+    if devices != "auto" and workers and len(devices) % workers:
+        raise InventoryError(
+            f"speccluster_gpus on host {name} gives {len(devices)} GPUs, which do not divide evenly among its "
+            f"{workers} workers (speccluster_slots {spec['speccluster_slots']} x speccluster_nworkers "
+            f"{spec['speccluster_nworkers']}); give a multiple of {workers} GPUs or change the worker count",
+            var_origin("speccluster_gpus"),
+        )
+
     return HostSpec(
         name=name,
         address=address,
@@ -374,6 +392,9 @@ def resolve_host(
         connect_timeout=float(spec["speccluster_connect_timeout"]),
         venv=spec["speccluster_venv"],
         worker_options=dict(spec["speccluster_worker_options"]),
+        dask_config=dict(spec["speccluster_dask_config"]),
+        gpus=devices,
+        log_max_bytes=int(spec["speccluster_log_max_bytes"]),
         vars=_plain_containers(variables),
         jumps=jumps,
     )

@@ -221,6 +221,93 @@ def options_mapping(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def dask_config(value: Any) -> dict[str, Any]:
+    """Validate a mapping of dask config, nested or with dotted keys (``distributed.worker.memory.target``).
+
+    Dotted keys are expanded as ``dask.config.set`` does; values must be
+    plain data (strings, numbers, booleans, null, lists, mappings).
+    """
+    expected = "a mapping of dask config (nested, or dotted keys such as distributed.worker.memory.target)"
+    fix = "write e.g. {distributed.worker.memory.target: 0.5}"
+    if not isinstance(value, Mapping):
+        raise BadValue(expected, fix)
+
+    def plain(item: Any, where: str) -> Any:
+        if item is None or isinstance(item, (str, bool, int, float)):
+            return item
+        if isinstance(item, list):
+            return [plain(v, where) for v in item]
+        if isinstance(item, Mapping):
+            return nest(item, where)
+        raise BadValue(expected + f" (the value of {where} is not plain data)", fix)
+
+    def nest(mapping: Mapping[Any, Any], where: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, item in mapping.items():
+            if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
+                raise BadValue(expected + f" (bad key {key!r})", fix)
+            *parents, last = key.split(".")
+            node = out
+            for part in parents:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = node[part] = {}
+                node = child
+            converted = plain(item, f"{where}.{key}" if where else key)
+            if isinstance(converted, dict) and isinstance(node.get(last), dict):
+                node[last] = _merged(node[last], converted)
+            else:
+                node[last] = converted
+        return out
+
+    return nest(value, "")
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, item in override.items():
+        out[key] = _merged(out[key], item) if isinstance(item, dict) and isinstance(out.get(key), dict) else item
+    return out
+
+
+def gpus(value: Any) -> str | int | tuple[str, ...]:
+    """Validate ``"auto"``, a count of GPUs (kept as an int) or a list of device ids (a tuple of strings)."""
+    expected = "'auto', a number of GPUs or a list of device ids"
+    fix = "write auto, a count such as 4, or a list such as [0, 1] or [GPU-5fd2..., GPU-77aa...]"
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    count = _as_int(value)
+    if count is not None:
+        if count < 0:
+            raise BadValue(expected, fix)
+        return count
+    if isinstance(value, list):
+        ids: list[str] = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise BadValue(expected, fix)
+            text = str(item).strip()
+            if not text or "," in text or any(c.isspace() for c in text) or text in ids:
+                raise BadValue(expected + f" (bad or repeated device id {item!r})", fix)
+            ids.append(text)
+        return tuple(ids)
+    raise BadValue(expected, fix)
+
+
+MIN_LOG_BYTES = 64 * 1024
+
+
+def log_max_bytes(value: Any) -> int:
+    """Validate a size of at least 64 KiB, returned in bytes."""
+    try:
+        size = parse_bytes(value)
+    except ValueError:
+        size = 0
+    if size < MIN_LOG_BYTES:
+        raise BadValue("a size of at least 64 KiB", "write a size such as '64MiB' or '500 MB'")
+    return size
+
+
 #: Every variable speccluster-ssh reads from an inventory: name -> (validator, default, doc).
 SPECCLUSTER_VARS: dict[str, VarSpec] = {
     "speccluster_nworkers": VarSpec(
@@ -280,6 +367,21 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         _choice("auto", "direct", "forward"), "auto",
         "How the head reaches the scheduler: 'direct', 'forward' (scheduler on a lab host, reached through "
         "SSH forwards) or 'auto' (probe, then pick); one value for the whole cluster, set it under all.vars.",
+    ),
+    "speccluster_dask_config": VarSpec(
+        dask_config, {},
+        "Dask config for the host's processes, deep-merged over the head's config that every host gets "
+        "(nested, or dotted keys such as distributed.worker.memory.target).",
+    ),
+    "speccluster_gpus": VarSpec(
+        gpus, 0,
+        "GPUs shared evenly among the host's workers (CUDA_VISIBLE_DEVICES and a GPU resource each): "
+        "'auto' (nvidia-smi -L on the host), a count, or a list of device ids.",
+    ),
+    "speccluster_log_max_bytes": VarSpec(
+        log_max_bytes, 64 * 2**20,
+        "Cap of each process's log file on the host (64 MiB by default), newest part kept: a size such as "
+        "'64MiB' (at least 64 KiB).",
     ),
 }
 
