@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from ._errors import InventoryError, Origin
 from ._hostspec import HostSpec
-from ._inventory import GroupInfo, Inventory, hosts_table_rows, load_inventory, to_json_value
+from ._inventory import GroupInfo, Inventory, hosts_table_rows, to_json_value
 from ._ini import parse_ini_value
 from ._jumps import JumpHop, jumps_from_args, parse_jump_list
 from ._loader import UnsafeStr, VaultStr
 from ._patterns import expand_host_pattern, expand_ranges
+from ._sources import load_inventory
 from ._vars import SPECCLUSTER_VARS, VarSpec, speccluster_vars_markdown
 
 __all__ = [
