@@ -81,7 +81,7 @@ async def watched(cluster: SSHSpecCluster, keys: set[Any]) -> AsyncIterator[dict
         cluster.scheduler.remove_plugin(name=plugin.name)
 
 
-async def restart_keeps_everything(cluster: SSHSpecCluster, workers: int, floor: int) -> None:
+async def restart_keeps_everything(cluster: SSHSpecCluster, workers: int, floor: int) -> dict[str, Any]:
     """Rolling restart (batch 1) under a computation, with 200 persisted chunks."""
     async with Client(cluster, asynchronous=True) as client:
         await client.wait_for_workers(workers)
@@ -103,6 +103,7 @@ async def restart_keeps_everything(cluster: SSHSpecCluster, workers: int, floor:
         assert len(after) == workers and not (before & after), (before, after)
         assert seen["plugin"].floor >= floor and seen["polled"] >= floor, (seen["plugin"].floor, seen["polled"])
         assert seen["plugin"].floor < math.inf, "no worker was ever removed"
+        return result
 
 
 def test_rolling_restart_single_worker_entries(lab: Any, tmp_path: Path) -> None:
@@ -112,7 +113,8 @@ def test_rolling_restart_single_worker_entries(lab: Any, tmp_path: Path) -> None
     async def main() -> None:
         async with lab_cluster(lab, inventory(lab, tmp_path, hosts), n_workers=6) as (cluster, _):
             agents = {h: a for h, a in cluster.pool.agents.items()}
-            await restart_keeps_everything(cluster, workers=6, floor=5)
+            result = await restart_keeps_everything(cluster, workers=6, floor=5)
+            assert result["new_agents"] == sorted(hosts), result
             # Fresh agents (a newly installed wheel is imported), and the old ones are gone.
             assert all(cluster.pool.agents[h] is not a and not a.alive for h, a in agents.items())
             assert names(cluster) == {str(i) for i in range(6)}  # retired first: the names stay

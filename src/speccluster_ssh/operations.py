@@ -294,6 +294,7 @@ class AgentRenewal:
         self.old_agents: dict[str, HostAgent] = {}
         self.old_connections: dict[str, HostConnection] = {}
         self.refused: dict[str, str] = {}
+        self.renewed: list[str] = []
 
     async def renew(self, names: Iterable[str], *, new_connection: Collection[str] = ()) -> None:
         """Start a new agent on each host of ``names`` (a new connection too for those in ``new_connection``).
@@ -332,6 +333,7 @@ class AgentRenewal:
             raise
         pool.agents[name] = agent
         pool.states[name].mark_up()
+        self.renewed.append(name)
         if old is not None:
             self.old_agents[name] = old
         if old_conn is not None:
@@ -389,6 +391,7 @@ async def rolling_restart(cluster: SSHSpecCluster, batch: int = 1) -> dict[str, 
             "batch": int(batch),
             "seconds": round(time.monotonic() - started, 1),
             "refused": renewal.refused,
+            "new_agents": sorted(renewal.renewed),
             **done.as_dict(),
         }
 

@@ -85,8 +85,9 @@ def restart(batch: int, timeout: float, name: str | None, as_json: bool) -> None
     for line in _moved_lines(result):
         click.echo(line)
     done = len(result.get("moved", {}))
+    agents = f" (new agents on {', '.join(result['new_agents'])})" if result.get("new_agents") else ""
     click.echo(f"cluster {known.state.name}: {done} of {result.get('entries', done)} entries restarted "
-               f"in {result.get('seconds', 0):g} s")
+               f"in {result.get('seconds', 0):g} s{agents}")
 
 
 @click.command()
