@@ -22,14 +22,10 @@ from distributed import Client, Scheduler
 
 from speccluster_ssh.agent import HostAgent
 from speccluster_ssh.agent.logs import LogFile, _tail_of, kept_part
+from speccluster_ssh.cli.display import _new_text
 from speccluster_ssh.connection import ConnectSettings, HostConnection
 from speccluster_ssh.errors import HostError
 from speccluster_ssh.inventory import Inventory, InventoryError
-
-try:  # the CLI's rendering helpers are moving to display.py
-    from speccluster_ssh.display import _new_text
-except ImportError:
-    from speccluster_ssh.cli import _new_text
 
 KIB = 1024
 

@@ -486,6 +486,25 @@ def uneven_gpus(count: int, host: HostSpec) -> str | None:
     )
 
 
+def planned_gpus(host: HostSpec, slot: int, members: Sequence[str]) -> dict[str, list[str]] | str | None:
+    """The GPUs each member of the entry in GPU slot ``slot`` of ``host`` gets, as ``plan`` shows them.
+
+    ``"auto"`` when the host finds its GPUs at start, ``None`` without GPUs.
+    """
+    if host.gpus == "auto":
+        return "auto"
+    if not host.gpus:
+        return None
+    workers = host.slots * host.nworkers
+    shares: dict[str, list[str]] = {}
+    for i, member in enumerate(members):
+        try:
+            shares[member] = gpu_share(host.gpus, workers, slot * host.nworkers + i)
+        except ValueError:
+            shares[member] = []
+    return shares
+
+
 def free_gpu_slot(claimed: Collection[int], slots: int) -> int | None:
     """The lowest slot of a host whose GPU share no running entry holds; ``None`` when all are held."""
     return next((slot for slot in range(slots) if slot not in claimed), None)

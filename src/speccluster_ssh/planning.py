@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from typing import TYPE_CHECKING, Any
 
-from .entries import EntrySettings, capacity_workers, member_names, next_entry
+from .entries import EntrySettings, capacity_workers, member_names, next_entry, planned_gpus
 
 if TYPE_CHECKING:
     from .inventory import HostSpec, Inventory
@@ -74,11 +74,15 @@ def ssh_target(host: HostSpec) -> str:
     return f"ssh {target}" + (f" -p {host.port}" if host.port else "")
 
 
-def _entry_plan(key: str, spec: dict[str, Any], tls: bool) -> dict[str, Any]:
+def _entry_plan(key: str, spec: dict[str, Any], tls: bool, host: HostSpec, slot: int) -> dict[str, Any]:
     options = dict(spec["options"]["options"])
     if options.get("nthreads") is None:
         options["nthreads"] = "auto (host cpus / nworkers)"
-    return {"entry": key, "class": spec["cls"], "workers": member_names(key, spec), "options": options, "tls": tls}
+    workers = member_names(key, spec)
+    plan = {"entry": key, "class": spec["cls"], "workers": workers, "options": options, "tls": tls}
+    # Worker name -> its GPU devices; "auto" when the host finds them at start.
+    plan["gpus"] = planned_gpus(host, slot, workers)
+    return plan
 
 
 def build_plan(
@@ -109,7 +113,9 @@ def build_plan(
     marker = f"{name}-<8 random hex digits, chosen by up>"
     by_host: dict[str, list[dict[str, Any]]] = {}
     for key, spec in plan_entries(inv, workers, placement).items():
-        by_host.setdefault(spec["options"]["host"], []).append(_entry_plan(key, spec, tls))
+        on_host = by_host.setdefault(spec["options"]["host"], [])
+        # Entries take a host's GPU shares in start order, as the cluster hands them out.
+        on_host.append(_entry_plan(key, spec, tls, inv.hosts[spec["options"]["host"]], len(on_host)))
     hosts: list[dict[str, Any]] = []
     order = list(inv.worker_hosts)
     sched = inv.scheduler_host

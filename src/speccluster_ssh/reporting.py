@@ -82,6 +82,8 @@ class Reports:
                         "status": "running" if addr else (proc.status.name if proc else pending),
                         "threads": winfo.get("nthreads"),
                         "memory_limit": winfo.get("memory_limit"),
+                        # The worker's GPU devices (CUDA_VISIBLE_DEVICES) on a host with speccluster_gpus.
+                        "gpus": proc.gpus.get(member) if isinstance(proc, RemoteProcess) else None,
                         "problem": healer.problem(key),
                     }
                 )

@@ -182,10 +182,12 @@ def _render_status(report: Mapping[str, Any]) -> None:
 
         click.echo(summary_line(report["summary"]))
     workers = report.get("workers", [])
+    gpus = any(w.get("gpus") is not None for w in workers)  # a column only where hosts have GPUs
     console.print(_table(
-        ("name", "host", "address", "status", "threads", "memory"),
+        ("name", "host", "address", "status", "threads", "memory", *(("gpus",) if gpus else ())),
         [(w.get("name"), w.get("host"), w.get("address"), w.get("status"), w.get("threads"),
-          _bytes(w.get("memory_limit"))) for w in workers],
+          _bytes(w.get("memory_limit")), *((",".join(w.get("gpus") or []) or "-",) if gpus else ()))
+         for w in workers],
         title=f"{len(workers)} workers",
     ))
     if report.get("capacity_note"):

@@ -123,6 +123,11 @@ def plan(
             continue
         for entry in host["entries"]:
             opts = ", ".join(f"{k}={v}" for k, v in entry["options"].items())
+            gpus = entry.get("gpus")
+            if isinstance(gpus, dict):
+                opts += "; gpus " + " ".join(f"{w}={','.join(d) or '-'}" for w, d in gpus.items())
+            elif gpus:
+                opts += "; gpus found on the host at start (nvidia-smi -L)"
             click.echo(f"  entry {entry['entry']}: {entry['class']} x{len(entry['workers'])} "
                        f"({', '.join(entry['workers'])}); {opts}")
         env = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in host["environment"].items())
