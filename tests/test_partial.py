@@ -31,7 +31,7 @@ from proctools import kill_tree
 from speccluster_ssh.cluster import SSHSpecCluster
 from speccluster_ssh.errors import SpecClusterError
 from sshlab import processes_besides_sshd
-from test_peer import DEADLINE, inventory, lab_cluster, lab_host, names, run, slowinc, until
+from test_peer import DEADLINE, inventory, lab_cluster, names, run, slowinc, until
 
 pytestmark = pytest.mark.lab
 
@@ -179,7 +179,6 @@ def lab_user(lab: Any, tmp_path: Path) -> Iterator[tuple[str, str]]:
     keys = contextlib.ExitStack()
     try:
         keys.enter_context(readable_by_all(Path(lab.authorized_keys)))
-        uid = pwd.getpwnam(user).pw_uid
         # The head's python lives under /root; the user gets Debian's python
         # with the head's distributed release from pip's cache.
         venv = home / "venv"

@@ -58,7 +58,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.utils import is_valid_xml
 
 from speccluster_ssh.cluster import SSHSpecCluster
-from speccluster_ssh.errors import HostError, StartError
+from speccluster_ssh.errors import StartError
 from speccluster_ssh.process import RemoteNanny, RemoteWorker
 from sshlab import processes_besides_sshd
 

@@ -18,7 +18,7 @@ from distributed.core import Status
 
 from speccluster_ssh.cluster import SSHSpecCluster
 from speccluster_ssh.connection import ConnectSettings
-from speccluster_ssh.errors import HostError, StartError
+from speccluster_ssh.errors import StartError
 from speccluster_ssh.inventory import load_inventory
 from speccluster_ssh.process import AgentPool, RemoteNanny, RemoteWorker
 from sshlab import processes_besides_sshd

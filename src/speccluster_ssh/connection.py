@@ -22,7 +22,7 @@ import asyncssh
 from . import timeline
 from .errors import HostError, UserError
 from .inventory import HostSpec, JumpHop, parse_jump_list
-from .jump import JumpContext, JumpLease, JumpPool, describe_chain, expand_chain, login_options
+from .jump import JumpContext, JumpLease, JumpPool, expand_chain, login_options
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +305,22 @@ class HostConnection:
             timeout,
         )
         return int(result.exit_status or 0), bytes(result.stdout or b""), bytes(result.stderr or b"")
+
+    async def forward_local_port(self, remote_host: str, remote_port: int) -> asyncssh.SSHListener:
+        """Listen on a free port of ``127.0.0.1`` on the head and forward it to ``remote_host:remote_port``.
+
+        The address is as the host sees it; connections travel inside this
+        SSH connection. ``listener.get_port()`` is the head's port.
+        """
+        await self.open()
+        if self._conn is None:
+            raise HostError(self.host.name, "not connected, so no SSH forward can be opened")
+        try:
+            return await self._conn.forward_local_port("127.0.0.1", 0, remote_host, remote_port)
+        except OSError as exc:
+            raise HostError(
+                self.host.name, f"cannot open an SSH forward to {remote_host}:{remote_port}: {exc.strerror or exc}"
+            ) from exc
 
     async def open_channel(self, argv: Sequence[str], shell_prefix: str | None = None) -> Channel:
         """Start ``argv`` on the host and return a channel to its stdin/stdout.

@@ -11,7 +11,6 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .errors import HostError
 from .process import AgentPool, RemoteScheduler
 
 if TYPE_CHECKING:
@@ -53,17 +52,7 @@ class SchedulerForwards:
         key = (host, port)
         if key in self.ports:
             return self.ports[key]
-        await self.connection.open()
-        # HostConnection keeps its asyncssh connection private; forwards are the one use of it here.
-        conn = getattr(self.connection, "_conn", None)
-        if conn is None:
-            raise HostError(self.connection.host.name, "not connected, so no SSH forward can be opened")
-        try:
-            listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
-        except OSError as exc:
-            raise HostError(
-                self.connection.host.name, f"cannot open an SSH forward to {host}:{port}: {exc.strerror or exc}"
-            ) from exc
+        listener = await self.connection.forward_local_port(host, port)
         self.listeners.append(listener)
         local = int(listener.get_port())
         self.ports[key] = local
@@ -84,8 +73,8 @@ class SchedulerForwards:
             listener.close()
             try:
                 await asyncio.wait_for(listener.wait_closed(), 5)
-            except (asyncio.TimeoutError, TimeoutError, OSError):
-                pass
+            except (asyncio.TimeoutError, TimeoutError, OSError) as exc:
+                logger.debug("SSH forward on %s not closed cleanly: %r", self.connection.host.name, exc)
 
 
 class ForwardedScheduler(RemoteScheduler):
