@@ -120,3 +120,18 @@ def test_bad_or_differing_inventory_values_name_the_host(tmp_path: Path) -> None
     ))
     with pytest.raises(UserError, match=r"differs between hosts \('forward' on a; 'direct' on b\).*under all.vars"):
         reach_setting(inv)
+
+
+def test_plan_says_how_the_head_would_reach_the_scheduler() -> None:
+    from speccluster_ssh.inventory import Inventory
+    from speccluster_ssh.planning import build_plan
+
+    inv = Inventory.from_hosts(["10.9.0.1", "10.9.0.2"])
+    auto = build_plan(inv, name="c", workers=None, placement="spread", tls=True)["scheduler_reach"]
+    assert (auto["setting"], auto["mode"]) == ("auto", None)
+    assert "decided by 'up'" in auto["why"]
+    forward = build_plan(inv, name="c", workers=None, placement="spread", tls=True, scheduler_reach="forward")
+    reach = forward["scheduler_reach"]
+    assert (reach["setting"], reach["mode"], reach["scheduler_host"]) == ("forward", "forward", "10.9.0.1")
+    direct = build_plan(inv, name="c", workers=None, placement="spread", tls=True, scheduler_reach="direct")
+    assert (direct["scheduler_reach"]["mode"], direct["scheduler_reach"]["scheduler_host"]) == ("direct", None)

@@ -86,7 +86,7 @@ def _entry_plan(key: str, spec: dict[str, Any], tls: bool, host: HostSpec, slot:
 
 
 def build_plan(
-    inv: Inventory, *, name: str, workers: int | None, placement: str, tls: bool
+    inv: Inventory, *, name: str, workers: int | None, placement: str, tls: bool, scheduler_reach: str | None = None
 ) -> dict[str, Any]:
     """What ``up`` would start, per host, without contacting any host.
 
@@ -102,6 +102,9 @@ def build_plan(
         ``"spread"`` or ``"pack"``.
     tls
         Whether the cluster would use TLS.
+    scheduler_reach
+        ``auto``, ``direct`` or ``forward`` as given to ``up``; ``None`` for
+        the inventory's or the config's.
 
     Returns
     -------
@@ -149,5 +152,20 @@ def build_plan(
         "workers_requested": workers,
         "workers_planned": planned,
         "capacity": capacity(inv),
+        "scheduler_reach": plan_reach(inv, scheduler_reach),
         "hosts": hosts,
     }
+
+
+def plan_reach(inv: Inventory, explicit: str | None) -> dict[str, Any]:
+    """How the head would reach the scheduler: the mode, or under ``auto`` how ``up`` decides."""
+    from .reach import choose_reach, reach_setting
+
+    setting = reach_setting(inv, explicit)
+    sched = inv.scheduler_host.name if inv.scheduler_host is not None else None
+    if setting == "auto":
+        return {
+            "setting": setting, "mode": None, "scheduler_host": sched,
+            "why": "decided by 'up': it probes host -> head and head -> host, direct when both work, else forward",
+        }
+    return choose_reach(setting, [h.name for h in inv.worker_hosts], sched, None).as_dict()

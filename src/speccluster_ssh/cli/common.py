@@ -5,17 +5,21 @@ and finding a running cluster by name and asking its head process.
 """
 
 from __future__ import annotations
+
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
+
 import click
+
 from .. import control
 from .. import state as st
 from ..errors import HostError, SpecClusterError, UserError
 from ..messages import PROG, host_error_text, is_inventory_error, one_line
 from .display import _error_line
+
 if TYPE_CHECKING:
 
     from ..inventory import Inventory

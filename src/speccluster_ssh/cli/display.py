@@ -4,20 +4,20 @@ log for ``logs --follow``. Nothing here asks a cluster anything.
 """
 
 from __future__ import annotations
+
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
 import click
+
 from .. import state as st
 from ..messages import PROG
+
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
-
-
-logger = logging.getLogger("speccluster_ssh.cli")
 
 
 def _console(stderr: bool = False) -> Console:

@@ -5,19 +5,24 @@ run workers; the work is :mod:`speccluster_ssh.preflight`).
 """
 
 from __future__ import annotations
-import logging
+
 import shlex
 import sys
-from typing import TYPE_CHECKING
+from typing import Any
+
 import click
+
 from .. import state as st
-from .common import _exit, _group_options, _hosts_seen_by_running_cluster, _json_option, _load_inventory, _parse_adapt, main
-from .display import _bytes, _console, _echo_json, _table
-if TYPE_CHECKING:
-
-    pass
-
-logger = logging.getLogger("speccluster_ssh.cli")
+from .common import (
+    _exit,
+    _group_options,
+    _hosts_seen_by_running_cluster,
+    _json_option,
+    _load_inventory,
+    _parse_adapt,
+    main,
+)
+from .display import _bytes, _console, _echo_json, _reach_line, _table
 
 
 @main.command()
@@ -67,11 +72,13 @@ def inventory(
 @click.option("--adapt", "adapt_range", default=None, metavar="MIN:MAX", help="Start MIN workers (adaptive range).")
 @click.option("--placement", type=click.Choice(["spread", "pack"]), default=None, help="Where entries go.")
 @click.option("--no-tls", is_flag=True, help="Plain TCP instead of TLS.")
+@click.option("--scheduler-reach", "scheduler_reach", type=click.Choice(["auto", "direct", "forward"]), default=None,
+              help="How the head reaches the scheduler, as for 'up'.")
 @_group_options
 @_json_option
 def plan(
     inventory: str, name: str | None, workers: int | None, adapt_range: str | None, placement: str | None,
-    no_tls: bool, scheduler_group: str, worker_group: str, as_json: bool,
+    no_tls: bool, scheduler_reach: str | None, scheduler_group: str, worker_group: str, as_json: bool,
 ) -> None:
     """Show what 'up' would start on each host, touching no host.
 
@@ -94,7 +101,10 @@ def plan(
     if workers is None and adapt is not None:
         workers = adapt[0]
     tls = False if no_tls else bool(config.get("tls"))
-    result = build_plan(inv, name=cluster_name, workers=workers, placement=placement or config.get("placement"), tls=tls)
+    result = build_plan(
+        inv, name=cluster_name, workers=workers, placement=placement or config.get("placement"), tls=tls,
+        scheduler_reach=scheduler_reach,
+    )
     seen = _hosts_seen_by_running_cluster(cluster_name)
     for host in result["hosts"]:
         if host["host"] in seen:
@@ -112,6 +122,7 @@ def plan(
             title=f"hosts the running cluster {cluster_name} cannot use now",
         ))
     click.echo(f"  scheduler: {result['scheduler']}; TLS {'on' if tls else 'off'}; placement {result['placement']}")
+    click.echo(f"  reach: {_plan_reach_line(result['scheduler_reach'])}")
     wanted = "every slot" if workers is None else f"{workers} requested"
     click.echo(f"  workers: {result['workers_planned']} planned ({wanted}; the inventory holds {result['capacity']})")
     for host in result["hosts"]:
@@ -196,3 +207,9 @@ def check(
             click.echo(f"{len(failed)} of {len(rows)} hosts failed", err=True)
     if failed:
         _exit(1)
+
+
+def _plan_reach_line(reach: dict[str, Any]) -> str:
+    if reach.get("mode") is None:
+        return f"{reach['setting']}: {reach['why']}"
+    return f"{reach['setting']}: {_reach_line(reach)}"

@@ -5,6 +5,7 @@ keeps the cluster alive), the hidden ``_serve`` that is that head process,
 """
 
 from __future__ import annotations
+
 import asyncio
 import contextlib
 import logging
@@ -13,18 +14,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
 import click
+
 from .. import control
 from .. import state as st
 from ..errors import SpecClusterError, UserError
 from ..head import CLOSE_TIMEOUT, Head, UpOptions
 from ..messages import PROG
-from .common import HEAD_SLACK, _exit, _group_options, _json_option, _load_inventory, _name_option, _parse_adapt, _resolve, _setup_logging, main
+from .common import (
+    HEAD_SLACK,
+    _exit,
+    _group_options,
+    _json_option,
+    _load_inventory,
+    _name_option,
+    _parse_adapt,
+    _resolve,
+    _setup_logging,
+    main,
+)
 from .display import ProgressView, _console, _echo_json, _error_line, _print_connect_info, _table, _tail
-if TYPE_CHECKING:
-
-    pass
 
 logger = logging.getLogger("speccluster_ssh.cli")
 

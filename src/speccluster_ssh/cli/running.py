@@ -3,21 +3,17 @@
 """
 
 from __future__ import annotations
-import logging
+
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+
 import click
+
 from .. import control
 from .. import state as st
 from ..messages import PROG
 from .common import _ask, _check_bytes, _json_option, _name_option, _resolve, main
 from .display import _echo_json, _new_text, _render_status
-if TYPE_CHECKING:
-
-    pass
-
-logger = logging.getLogger("speccluster_ssh.cli")
 
 
 @main.command()
