@@ -59,6 +59,11 @@ PROCESS_CLASSES: Mapping[str, type] = {"nanny": RemoteNanny, "worker": RemoteWor
 
 logger = logging.getLogger(__name__)
 
+# Seconds the processes of a closing cluster get between SIGTERM and SIGKILL.
+# A worker dies at its SIGTERM anyway (it has the default handler); only its
+# nanny would close gracefully, and nothing of it is kept.
+CLOSE_GRACE = 0.5
+
 
 class SSHSpecCluster(SpecCluster):
     """A Dask cluster on the hosts of an Ansible inventory, started over SSH.
@@ -172,6 +177,7 @@ class SSHSpecCluster(SpecCluster):
 
         # Where the scheduler runs and how the head reaches it; auto probes in _start.
         self.reach_setting = reach.reach_setting(inventory, scheduler_reach)
+        self.pool.agent_probes = self.reach_setting == "auto"  # agents probe as they start (reach.probe_reach)
         self.reach: reach.ReachChoice | None = None
         self._scheduler_options = dict(scheduler_options or {})
         if scheduler is None:
@@ -486,6 +492,8 @@ class SSHSpecCluster(SpecCluster):
         # waiting for entry starts in it.
         await self.healer.stop()
         try:
+            if self.status in (Status.running, Status.failed):
+                await self._drop_entries()
             await super()._close()
         finally:
             try:
@@ -493,6 +501,26 @@ class SSHSpecCluster(SpecCluster):
             finally:
                 # Tasks started while closing (drops of lost workers, say).
                 await self._tasks.close()
+
+    async def _drop_entries(self) -> None:
+        """The whole cluster closes: no worker's data is kept, so none is retired.
+
+        Every entry is marked closed without stopping its processes one by
+        one: each worker host's agent gets one shutdown message now (a
+        short grace, then SIGKILL), while the scheduler closes; the
+        scheduler's own host waits for the pool's close.
+        """
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        self.pool.shutdown_grace = CLOSE_GRACE
+        async with self._lock:
+            self.worker_spec.clear()
+            dropped = [(k, w) for k, w in self.workers.items() if isinstance(w, RemoteProcess)]
+            await asyncio.gather(*(w.close(stop=False) for _, w in dropped))
+            for key, worker in dropped:
+                self.reports.keep_logs(self.workers.pop(key, None))
+        keep = getattr(self.scheduler, "host", None) if isinstance(self.scheduler, RemoteProcess) else None
+        self.pool.stop_agents({w.host for _, w in dropped} - {keep})
 
     # -- inspection ------------------------------------------------------
     @property

@@ -87,6 +87,14 @@ class AgentPool:
         # host -> GPU slot -> the entry holding that slot's devices
         self.gpu_claims: dict[str, dict[int, RemoteProcess]] = {}
         self.closed = False
+        # Seconds between SIGTERM and SIGKILL at the agents' shutdown; None: the agents' default.
+        self.shutdown_grace: float | None = None
+        self._stopping: list[asyncio.Task[None]] = []  # agents shut down early by stop_agents()
+        # Under scheduler_reach auto, agents started from now on probe the network as they start
+        # (reach.probe_reach reads ``probes``), instead of the probe opening channels of its own.
+        self.agent_probes = False
+        self.probes: dict[str, asyncio.Future[dict[str, str] | None]] = {}
+        self._probe_server: asyncio.AbstractServer | None = None
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
         AgentPool._registry[cluster_id] = self
@@ -144,6 +152,8 @@ class AgentPool:
         """
         for name in names:
             if name in self.hosts and name not in self.agents and name not in self._starting:
+                if self.agent_probes and not self.hosts[name].is_local:
+                    self.probes.setdefault(name, asyncio.get_running_loop().create_future())
                 # The first caller of agent() claims the outcome; close() reports an unclaimed failure.
                 task = self.tasks.start(self._start_agent(name), name=f"start the agent on {name}", log_failure=False)
                 self._starting[name] = task
@@ -153,8 +163,23 @@ class AgentPool:
         import distributed
 
         connection = self.connection(name)
-        agent = HostAgent(connection, self.cluster_id, silence=self.silence, base_dir=self.base_dir)
-        facts = await agent.start(timeout=self.agent_timeout)
+        probe = self.probes.get(name)
+        if probe is not None and probe.done():
+            probe = None  # probed already
+        port = await self._probe_port() if probe is not None and self.agent_probes else None
+
+        def probed(result: dict[str, str]) -> None:
+            if probe is not None and not probe.done():
+                probe.set_result(result)
+
+        agent = HostAgent(
+            connection, self.cluster_id, silence=self.silence, base_dir=self.base_dir, probe_port=port, on_probe=probed
+        )
+        try:
+            facts = await agent.start(timeout=self.agent_timeout)
+        finally:
+            if probe is not None and not probe.done():
+                probe.set_result(None)  # no answer: the host is left out of the probe
         remote_version = str(facts.get("distributed", "?"))
         if not same_release(remote_version, distributed.__version__):
             await agent.close()
@@ -211,6 +236,20 @@ class AgentPool:
         for slot in [s for s, p in claims.items() if p is process]:
             del claims[slot]
 
+    async def _probe_port(self) -> int:
+        """The port of the head's stand-in listener that agents' reach probes connect to."""
+        if self._probe_server is None:
+            self._probe_server = await asyncio.start_server(lambda r, w: w.close(), host="0.0.0.0", port=0)
+        return int(self._probe_server.sockets[0].getsockname()[1])
+
+    async def stop_probing(self) -> None:
+        """The reach is decided: agents started from now on do not probe."""
+        self.agent_probes = False
+        server, self._probe_server = self._probe_server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
     def _lost(self, name: str, agent: HostAgent, reason: str) -> None:
         if self.closed or self.agents.get(name) is not agent or reason == "closed":
             return
@@ -251,6 +290,18 @@ class AgentPool:
             address = f"[{address}]"
         return f"{protocol}://{address}:{port}"
 
+    def stop_agents(self, names: Iterable[str]) -> None:
+        """Begin shutting down the agents of hosts ``names`` (and every process they run); :meth:`close` awaits it.
+
+        For a closing cluster: the hosts' processes stop while the scheduler closes.
+        """
+        for name in names:
+            agent = self.agents.pop(name, None)  # gone from the pool: its loss is no host failure
+            if agent is not None:
+                self._stopping.append(
+                    self.tasks.start(agent.close(grace=self.shutdown_grace), name=f"stop the agent on {name}")
+                )
+
     async def close(self) -> None:
         """Stop every agent (and so every process) and close the connections."""
         self.closed = True
@@ -265,8 +316,13 @@ class AgentPool:
             if isinstance(result, HostAgent):
                 agents.setdefault(id(result), result)
         closing = list(agents.values())
-        results = await asyncio.gather(*(a.close() for a in closing), return_exceptions=True)
-        log_failures(results, [a.host.name for a in closing], logger, "stopping agents")
+        results = await asyncio.gather(
+            *(a.close(grace=self.shutdown_grace) for a in closing), *self._stopping, return_exceptions=True
+        )
+        # The early stops' failures were logged by their tasks.
+        log_failures(results[: len(closing)], [a.host.name for a in closing], logger, "stopping agents")
+        self._stopping.clear()
+        await self.stop_probing()
         self.agents.clear()
         self._starting.clear()
         self._unclaimed.clear()
@@ -560,10 +616,15 @@ class RemoteProcess(ProcessInterface):
         )
         log_failures(results, self.member_names, logger, f"stopping {self.role} processes on {self.host}")
 
-    async def close(self) -> None:
-        """Stop the entry's processes: SIGTERM, then SIGKILL after ``stop_grace``."""
+    async def close(self, stop: bool = True) -> None:
+        """Stop the entry's processes: SIGTERM, then SIGKILL after ``stop_grace``.
+
+        ``stop=False`` only marks the entry closed: the whole cluster is
+        closing, and its agents' shutdown stops every process of a host at once.
+        """
         self._closing = True
-        await self._stop_members()
+        if stop:
+            await self._stop_members()
         self._release_gpus()
         for unsubscribe in self._unsubscribe:
             unsubscribe()

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import timeline
 from .errors import HostError, UserError
 from .process import AgentPool
 from .tasks import log_failures
@@ -395,6 +396,39 @@ async def probe_reach(
     peers: bool = False,
     head_port: int | None = None,
 ) -> ReachProbe:
+    """Probe hosts ``names``: through their starting agents where the pool has them probe, else over SSH channels.
+
+    A cluster's start under ``auto`` has its agents probe as they start
+    (``AgentPool.agent_probes``), before their slow import: no SSH channel
+    and no python start of its own per host. Other hosts, and ``check``,
+    are probed by :func:`probe_by_channels`; the parameters are the same.
+    """
+    agents = [n for n in names if n in pool.probes] if not peers and head_port is None else []
+    rest = [n for n in names if n not in agents]
+    result = await probe_by_channels(pool, rest, scheduler_host=scheduler_host, peers=peers, head_port=head_port)
+    if agents:
+        # Each resolves at its agent's probe line, or with None when its start failed first.
+        found = await asyncio.gather(*(pool.probes[n] for n in agents))
+        for name, probe in zip(agents, found):
+            if probe is None:
+                continue  # did not answer: left out, as below
+            result.via[name] = pool.connection(name).via
+            result.to_head[name] = probe["to_head"]
+            if scheduler_host is None or name == scheduler_host:
+                result.from_head[name] = probe["from_head"]
+        await pool.stop_probing()
+    timeline.stamp("reach_probed")
+    return result
+
+
+async def probe_by_channels(
+    pool: AgentPool,
+    names: Sequence[str],
+    *,
+    scheduler_host: str | None = None,
+    peers: bool = False,
+    head_port: int | None = None,
+) -> ReachProbe:
     """Probe hosts ``names`` over their SSH connections (opened when needed).
 
     Parameters
@@ -412,6 +446,8 @@ async def probe_reach(
         A port the head listens on; ``None`` opens a stand-in for the probe.
     """
     result = ReachProbe()
+    if not names:
+        return result
 
     async def connect(name: str) -> None:
         # One connect timeout at most: a start already connecting holds the connection's lock.

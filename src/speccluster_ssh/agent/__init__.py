@@ -81,6 +81,8 @@ def agent_payload(config: dict[str, Any]) -> bytes:
 
 
 MARKER_ENV = "SPECCLUSTER_SSH_CLUSTER"
+# Seconds one TCP connect of a reach probe may take (host -> head, head -> host).
+PROBE_CONNECT_TIMEOUT = 5.0
 
 
 def agent_argv(host: HostSpec, cluster_id: str = "") -> list[str]:
@@ -120,8 +122,13 @@ class HostAgent:
         *,
         silence: float = 15.0,
         base_dir: str | None = None,
+        probe_port: int | None = None,
+        on_probe: Callable[[dict[str, str]], None] | None = None,
     ) -> None:
         self.connection = connection
+        # A port the head listens on: the agent probes the network before its import (scheduler_reach auto).
+        self.probe_port = probe_port
+        self._on_probe = on_probe
         self.host = connection.host
         self.cluster_id = cluster_id
         self.silence = silence
@@ -157,13 +164,15 @@ class HostAgent:
             "log_max_bytes": self.host.log_max_bytes,
             "detect_gpus": self.host.gpus == "auto",
         }
+        head = self.connection.local_address
+        if self.probe_port is not None and head:
+            config["probe"] = {"head": f"[{head}]:{self.probe_port}" if ":" in head else f"{head}:{self.probe_port}",
+                               "timeout": PROBE_CONNECT_TIMEOUT}  # fmt: skip
         channel.write(agent_payload(config))
-        try:
-            line = await asyncio.wait_for(channel.readline(), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            await channel.close()
-            raise HostError(self.host.name, f"the agent did not start within {timeout:g} s", channel.stderr_tail()) from None
-        hello = _parse(line)
+        hello = _parse(await self._first_line(channel, timeout))
+        if hello.get("event") == "probe":
+            await self._probed(hello)
+            hello = _parse(await self._first_line(channel, timeout))
         if hello.get("event") != "hello":
             await channel.close()
             reason, fix = _start_failure(self.host, channel.stderr_tail())
@@ -183,6 +192,30 @@ class HostAgent:
         self._reader = self._tasks.start(self._read_loop(), name=f"read from the agent on {self.host.name}")
         self._pinger = self._tasks.start(self._ping_loop(), name=f"ping the agent on {self.host.name}")
         return hello
+
+    async def _first_line(self, channel: Channel, timeout: float) -> bytes:
+        try:
+            return await asyncio.wait_for(channel.readline(), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            await channel.close()
+            raise HostError(self.host.name, f"the agent did not start within {timeout:g} s", channel.stderr_tail()) from None
+
+    async def _probed(self, message: dict[str, Any]) -> None:
+        """The agent's reach probe: connect back to the port it opened, then report both directions."""
+        port, address = message.get("port"), str(message.get("address") or self.host.address)
+        target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        from_head = ""
+        if not port:
+            from_head = "no probe listener could be started there"
+        else:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(address, int(port)), PROBE_CONNECT_TIMEOUT)
+                writer.close()
+            except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+                what = "no answer" if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else (exc.strerror or str(exc))
+                from_head = f"{target}: {what}"
+        if self._on_probe is not None:
+            self._on_probe({"to_head": str(message.get("to_head") or ""), "from_head": from_head})
 
     def on(self, event: str, handler: EventHandler) -> Callable[[], None]:
         """Call ``handler(message)`` for each ``event``; returns an unsubscribe function."""
@@ -287,11 +320,15 @@ class HostAgent:
             except Exception:
                 logger.exception("lost-agent callback on %s failed", self.host.name)
 
-    async def close(self, *, remove_files: bool = True, timeout: float = 15.0) -> None:
-        """Stop every process of this cluster on the host, then the agent itself."""
+    async def close(self, *, remove_files: bool = True, timeout: float = 15.0, grace: float | None = None) -> None:
+        """Stop every process of this cluster on the host, then the agent itself.
+
+        ``grace``: seconds between the processes' SIGTERM and SIGKILL (the agent's default when ``None``).
+        """
         if self.alive:
             try:
-                await self.request("shutdown", remove=remove_files, timeout=timeout)
+                extra = {} if grace is None else {"grace": grace}
+                await self.request("shutdown", remove=remove_files, timeout=timeout, **extra)
             except HostError as exc:
                 # Closing the channel below stops the agent anyway (it exits when stdin closes).
                 logger.info("host %s: the agent did not confirm its shutdown: %s", self.host.name, exc)

@@ -23,8 +23,10 @@ head -> agent
     ``{"op": "stop", "id": 8, "name": "3", "grace": 5}``,
     ``{"op": "tail", "id": 9, "name": "3", "bytes": 65536}``,
     ``{"op": "write_file", "id": 10, "path": "tls/ca.pem", "data_b64": "..", "mode": 384}``,
-    ``{"op": "ping"}``, ``{"op": "shutdown", "id": 11, "remove": true}``.
+    ``{"op": "ping"}``, ``{"op": "shutdown", "id": 11, "remove": true, "grace": 0.5}``.
 agent -> head
+    ``{"event": "probe", "to_head": .., "port": .., "address": ..}`` first when the
+    config asks for a reach probe (scheduler_reach auto),
     ``{"event": "hello", ...facts}`` once (facts include ``gpus``, the
     device ids ``nvidia-smi -L`` lists when asked, and ``error`` when the
     agent cannot work, e.g. its log directory is not writable, after which
@@ -119,6 +121,7 @@ class Agent:
         self.running = True
         self.shutdown_reply: int | None = None
         self.remove_dir = False
+        self.probe_listener: socket.socket | None = None  # see _reach_probe
         os.environ[MARKER_ENV] = self.cluster
 
     # -- output ---------------------------------------------------------
@@ -311,6 +314,10 @@ class Agent:
     def handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
         request_id = message.get("id")
+        if self.probe_listener is not None and op != "ping":
+            # The head connected to it before it read our hello; no child may inherit it.
+            self.probe_listener.close()
+            self.probe_listener = None
         try:
             if op == "ping":
                 self.send({"event": "pong"})
@@ -347,6 +354,8 @@ class Agent:
                 }
             elif op == "shutdown":
                 self.remove_dir = bool(message.get("remove", False))
+                if message.get("grace") is not None:
+                    self.config["grace"] = float(message["grace"])
                 self.shutdown_reply = request_id
                 self.running = False
                 return
@@ -523,12 +532,48 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
 
 
+def _reach_probe(config: dict[str, Any]) -> socket.socket | None:
+    """Before the slow import: can this host open a connection to the head, and a port for the head to try.
+
+    Writes ``{"event": "probe", "to_head": "" or why not, "port": .., "address": ..}``
+    and returns the listening socket (the kernel completes the head's
+    connection in its backlog; the agent closes it at the head's first request).
+    """
+    probe = config.get("probe")
+    if not probe:
+        return None
+    target = str(probe["head"])
+    timeout = float(probe.get("timeout", 5.0))
+    message: dict[str, Any] = {"event": "probe", "to_head": "", "port": None, "address": _listen_address(config)}
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout).close()
+    except OSError as exc:
+        why = exc.strerror or (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        message["to_head"] = f"cannot reach the head at {target}: {why}"
+    listener = None
+    try:
+        listener = socket.socket()
+        listener.bind(("0.0.0.0", 0))
+        listener.listen(64)
+        message["port"] = listener.getsockname()[1]
+    except OSError as exc:
+        message["listen_error"] = str(exc)
+    os.write(1, (json.dumps(message) + "\n").encode())
+    return listener
+
+
 def main(config: dict[str, Any]) -> None:
     """Import dask once, then serve requests until the head goes away."""
+    # Under scheduler_reach auto the head decides where the scheduler runs
+    # from this, while the import below runs.
+    listener = _reach_probe(config)
     # Import every server class now so that forked children start warm.
     import distributed.nanny  # noqa: F401
     import distributed.scheduler  # noqa: F401
     import distributed.worker  # noqa: F401
 
-    Agent(config).run()
+    agent = Agent(config)
+    agent.probe_listener = listener
+    agent.run()
     os._exit(0)
