@@ -129,18 +129,19 @@ def test_log_directory_that_cannot_be_written_is_one_clear_error(tmp_path: Path)
     asyncio.run(main())
 
 
+# One burst of ~900 KB (the pipe holds it all) and an immediate exit: the
+# agent still has it to read when it learns of the exit.
 CHATTY_EXIT = """
 import os, sys
-for i in range(20000):
-    sys.stderr.write(f"chatter {i:06d} " + "x" * 40 + "\\n")
-sys.stderr.write("LAST WORDS\\n")
+burst = "".join(f"chatter {i:06d} " + "x" * 40 + "\\n" for i in range(16000)) + "LAST WORDS\\n"
+sys.stderr.write(burst)
 sys.stderr.flush()
 os._exit(7)
 """
 
 
 def test_exit_tail_holds_the_last_output_of_a_chatty_process(tmp_path: Path) -> None:
-    """A worker writes ~1.2 MB and exits at once: its ``exited`` tail ends with its last line, the log stays capped."""
+    """A worker writes ~900 KB at once and exits: its ``exited`` tail ends with its last line, the log stays capped."""
 
     async def main() -> None:
         scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address=":0")
@@ -212,6 +213,9 @@ def test_worker_writing_200_mb_leaves_a_capped_log_and_logs_shows_its_end(lab: A
             assert log.read_bytes().startswith(b"[speccluster-ssh: older output cut here"), "the log was never cut"
             assert max([*sizes, final]) <= cap + 65536, (max(sizes), final)
             logs = await cluster.get_logs(cluster=False, scheduler=False, workers=True)
-            assert str(logs[name]).rstrip().endswith("THE LAST LINE OF 200 MB"), str(logs[name])[-500:]
+            # Its last lines; dask may log after them (e.g. that the event loop was busy).
+            text = str(logs[name])
+            end = text.rindex("THE LAST LINE OF 200 MB")
+            assert len(text) - end < 4096 and "noise 000063 " in text[end - 2000:end], text[-3000:]
 
     run(main(), timeout=600)

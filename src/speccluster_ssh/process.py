@@ -80,7 +80,8 @@ class AgentPool:
         self.files: dict[str, bytes] = {}  # relative path -> content, written to every host
         self.head_scheduler: tuple[str, int] | None = None  # (protocol, port) of a head scheduler
         # The head's dask config as it is now, sent with every start (see forwarded_dask_config).
-        exclude = (*HEAD_ONLY_CONFIG, *(config.get("dask-config-exclude") or ()))
+        extra = config.get("dask-config-exclude") or ()
+        exclude = (*HEAD_ONLY_CONFIG, *([extra] if isinstance(extra, str) else extra))
         self.dask_config, dropped = forwarded_dask_config(dask.config.config, exclude)
         if dropped:
             logger.info("dask config not sent to the hosts (not plain data): %s", ", ".join(dropped))

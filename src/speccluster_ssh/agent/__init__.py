@@ -145,6 +145,8 @@ class HostAgent:
         self.lost_reason: str | None = None
         self._lost = asyncio.Event()
         self._on_lost: list[Callable[[str], None]] = []
+        # What the agent reports outside any request (a log it cannot write, a request it cannot read).
+        self.on("error", lambda message: logger.warning("host %s: the agent says: %s", self.host.name, message.get("error")))
 
     @property
     def alive(self) -> bool:

@@ -223,9 +223,12 @@ class Agent:
         """Move output of one pipe into its log; at EOF (every writer gone) close it."""
         try:
             open_ = pipe.drain(max_chunks)
-        except OSError as exc:  # the log cannot be written: drop the output, keep the agent
-            self.send({"event": "error", "error": f"cannot write {pipe.log.path}: {exc}"})
-            open_ = pipe.drain(max_chunks) if pipe.log.fd < 0 else True
+        except OSError as exc:
+            # The log cannot be written (disk, permissions): say so once, then drop
+            # this log's output, still reading the pipe so that the child never blocks.
+            self.send({"event": "error", "error": f"cannot write {pipe.log.path} ({exc}); its output is dropped"})
+            pipe.log.close()
+            open_ = True
         if open_:
             return
         self.selector.unregister(pipe.fd)
@@ -476,8 +479,15 @@ class Agent:
             self._enforce_deadlines()
             # Keep reading their output while they stop, or a chatty one would block on its pipe.
             for key, _ in self.selector.select(timeout=0.02):
-                if key.data and key.data[0] == "log":
+                kind = key.data[0] if key.data else "stdout"
+                if kind == "log":
                     self._pump(key.data[1])
+                elif kind == "wake":
+                    _drain(key.fd)
+                elif kind == "stdin":
+                    self.selector.unregister(0)  # stopping: no more requests are read
+                elif key.fd == 1:
+                    self._flush()
         for pipe in list(self.log_pipes):
             self._pump(pipe, max_chunks=64)
         # Keys never outlive the cluster, even when the logs stay for a post-mortem.
