@@ -219,3 +219,47 @@ def test_worker_writing_200_mb_leaves_a_capped_log_and_logs_shows_its_end(lab: A
             assert len(text) - end < 4096 and "noise 000063 " in text[end - 2000:end], text[-3000:]
 
     run(main(), timeout=600)
+
+
+def test_follow_through_the_agent_prints_every_line_once_across_cuts(tmp_path: Path) -> None:
+    """``logs --follow``'s way (poll ``tail``, print what is new) over a worker's log that is cut again and again."""
+
+    def write_batch(step: int) -> None:
+        import sys
+
+        sys.stderr.write("".join(f"step {step:04d} line {i:02d} " + "z" * 60 + "\n" for i in range(40)))
+        sys.stderr.flush()
+
+    async def main() -> None:
+        scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address=":0")
+        await scheduler
+        host = local_host(speccluster_log_max_bytes="64KiB")
+        agent = HostAgent(HostConnection(host, ConnectSettings()), f"local-{time.monotonic_ns()}", base_dir=str(tmp_path / "b"))
+        await agent.start()
+        try:
+            ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            agent.on("ready", lambda m: ready.done() or ready.set_result(m))
+            reply = await agent.request(
+                "start", name="w", role="worker", scheduler=scheduler.address, options={"nthreads": 1, "name": "w"}
+            )
+            await asyncio.wait_for(ready, 60)
+            printed, seen, sizes = "", "", []
+            async with Client(scheduler.address, asynchronous=True) as client:
+                for step in range(60):  # about 3.8 KiB a step: a cut every ~8 steps
+                    await client.run(write_batch, step)
+                    tail = (await agent.request("tail", name="w", bytes=16384))["data"]
+                    printed += _new_text(seen, tail)
+                    seen = tail
+                    sizes.append(os.path.getsize(reply["log"]))
+            assert max(sizes) <= 64 * KIB, max(sizes)
+            assert Path(reply["log"]).read_bytes().startswith(b"[speccluster-ssh: older output cut here")
+            ours = [line for line in printed.splitlines() if line.startswith("step ")]
+            expected = [f"step {s:04d} line {i:02d} " + "z" * 60 for s in range(60) for i in range(40)]
+            # From the first line the first tail showed, every line once and in order.
+            assert ours == expected[len(expected) - len(ours):], ours[:3]
+            assert len(ours) == len(expected)  # the first window held the whole log then
+        finally:
+            await agent.close()
+            await scheduler.close()
+
+    asyncio.run(main())
