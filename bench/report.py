@@ -304,6 +304,7 @@ def host_growth(records: list[dict[str, Any]], cases: dict[str, Any]) -> tuple[l
     """The hosts × 1 series: its rows, the slope rows (seconds per added host) and the points, for the plot."""
     rows: list[list[str]] = []
     points: dict[str, list[tuple[float, float]]] = {"ours": [], "dask": [], "floor": []}
+    cpu_points: list[tuple[float, float]] = []  # ours: the head's CPU seconds to start, against hosts
     stopped: dict[str, str] = {}
     for name in HOST_CASES:
         if name not in cases:
@@ -319,13 +320,20 @@ def host_growth(records: list[dict[str, Any]], cases: dict[str, Any]) -> tuple[l
             else:
                 points[tool].append((float(n), summ.median))
         above_o, above_d = above_floor(records, name), above_floor(records, name, "dask")
+        cpu = summarize(records, name, "ours", "head.cpu_startup")
+        if cpu.median is not None:
+            cpu_points.append((float(n), cpu.median))
         rows.append([str(n), cell(sums["ours"]), cell(sums["dask"]), cell(sums["floor"]), cell(above_o), cell(above_d),
-                     _ratio(ratio(sums["ours"], sums["dask"]))])  # fmt: skip
+                     _ratio(ratio(sums["ours"], sums["dask"])), cell(cpu),
+                     cell(summarize(records, name, "ours", "derived.rss_growth"), "MB")])  # fmt: skip
     slopes = {tool: slope(p) for tool, p in points.items()}
     fit = [[{"ours": "ours", "dask": "SSHCluster", "floor": "floor"}[tool],
             "—" if slopes[tool] is None else f"{slopes[tool]:.3f} s",
             ", ".join(f"{x:g}" for x, _ in points[tool]) or "—",
             stopped.get(tool, "—")] for tool in points]  # fmt: skip
+    k = slope(cpu_points)
+    fit.append(["head CPU seconds of ours to start (scheduler, TLS, SSH)", "—" if k is None else f"{k:.3f} s",
+                ", ".join(f"{x:g}" for x, _ in cpu_points) or "—", "—"])  # fmt: skip
     return rows, fit, {"points": points, "slopes": slopes, "stopped": stopped}
 
 
@@ -606,7 +614,8 @@ def markdown(data: dict[str, Any]) -> str:
             "## Growth with hosts (one worker each), and the floor",
             "",
             _table(["hosts", "start-up, ours", "start-up, SSHCluster", "floor", "ours above floor",
-                    "SSHCluster above floor", "ours / SSHCluster"], hrows),  # fmt: skip
+                    "SSHCluster above floor", "ours / SSHCluster", "head CPU to start, ours",
+                    "head RSS added, ours"], hrows),  # fmt: skip
             "",
             _table(["series", "seconds per added host (least squares)", "hosts fitted", "stopped"], fit),
             "",
