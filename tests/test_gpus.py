@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from speccluster_ssh.agent import HostAgent
 from speccluster_ssh.connection import ConnectSettings, HostConnection
 from speccluster_ssh.entries import free_gpu_slot, gpu_share, planned_gpus, uneven_gpus
+from speccluster_ssh.errors import HostError
 from speccluster_ssh.inventory import Inventory, InventoryError
 from speccluster_ssh.planning import build_plan
 from speccluster_ssh.process import AgentPool
@@ -189,3 +190,22 @@ def test_two_workers_share_four_stand_in_gpus(lab: Any, tmp_path: Path) -> None:
         assert sorted(",".join(d) for d in rows.values()) == ["0,1", "2,3"], rows
 
     run(main())
+
+
+def test_auto_gpus_found_uneven_on_the_host_fail_its_agent_with_the_fix(tmp_path: Path) -> None:
+    """3 (stand-in) GPUs for 2 workers: the host's agent start fails once, saying what to set."""
+    bin_dir = stand_in_bin(tmp_path / "bin3", count=3)
+    spec = host(speccluster_gpus="auto", speccluster_nworkers=2, speccluster_prologue=f"PATH={bin_dir}:$PATH; export PATH")
+
+    async def main() -> None:
+        pool = AgentPool("gpu-uneven", {"g1": spec}, base_dir=str(tmp_path / "base"))
+        try:
+            with pytest.raises(HostError) as info:
+                await pool.agent("g1")
+        finally:
+            await pool.close()
+        state = pool.states["g1"].as_dict()
+        assert "nvidia-smi -L lists 3 GPUs" in str(info.value), info.value
+        assert "speccluster_gpus" in state.get("fix", ""), state
+
+    asyncio.run(main())
