@@ -192,3 +192,37 @@ def test_drain_and_restart_refuse_user_mistakes(lab: Any, tmp_path: Path) -> Non
             assert cluster.worker_spec == spec and not cluster.healer.drained_hosts()
 
     run(main())
+
+
+def test_restart_refuses_a_host_whose_distributed_changed(lab: Any, tmp_path: Path) -> None:
+    """After the start, h2's python claims another distributed release: h2 is refused, left as it was; h1 restarts."""
+    import sys
+
+    wrappers = {}
+    for host in lab.hosts[:2]:
+        site = tmp_path / f"site-{host.name}"
+        site.mkdir()
+        wrapper = tmp_path / f"python-{host.name}"
+        wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} \"$@\"\n")
+        wrapper.chmod(0o755)
+        wrappers[host.name] = (site, wrapper)
+    old, new = lab.hosts[1].name, lab.hosts[0].name
+    hosts = {name: {"speccluster_python": str(wrapper)} for name, (_, wrapper) in wrappers.items()}
+
+    async def main() -> None:
+        async with lab_cluster(lab, inventory(lab, tmp_path, hosts), n_workers=2) as (cluster, _):
+            await until(lambda: len(cluster.scheduler.workers) == 2, DEADLINE, "two workers")
+            before = {str(ws.name): addr for addr, ws in cluster.scheduler.workers.items()}
+            # As if provision.yml had installed another release on h2 since the start.
+            (wrappers[old][0] / "sitecustomize.py").write_text(
+                "import distributed\ndistributed.__version__ = '2020.1.0'\n")
+            result = await cluster.rolling_restart()
+            assert list(result["refused"]) == [old] and "2020.1.0" in result["refused"][old], result
+            assert result["new_agents"] == [new], result
+            after = {str(ws.name): addr for addr, ws in cluster.scheduler.workers.items()}
+            kept = [k for k, spec in cluster.worker_spec.items() if spec["options"]["host"] == old]
+            assert kept and all(after[k] == before[k] for k in kept)  # left as they were
+            assert all(after[k] != before[k] for k in after if k not in kept)
+            assert cluster.status_report()["hosts"][old]["state"] == "up"
+
+    run(main())

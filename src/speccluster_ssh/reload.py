@@ -21,8 +21,8 @@ entries moving off removed hosts can use the new ones:
    :mod:`speccluster_ssh.operations`), then their agent and SSH connection
    are closed and the cluster forgets them;
 3. the entries of changed hosts are replaced ``batch`` at a time, each by
-   an entry built from the new variables, through a new agent (and a new
-   SSH connection when connection variables changed);
+   an entry built from the new variables, through a new agent on a new
+   SSH connection (made from the new variables);
 4. a fixed-size cluster short of its last target grows back onto free
    slots, and a running ``adapt`` gets its maximum recomputed from the
    bounds it was asked for.
@@ -292,10 +292,9 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
     # 3. Changed hosts: entries replaced through a new agent (and connection).
     if diff.changed:
         renewal = operations.AgentRenewal(cluster)
-        await renewal.renew(
-            [n for n in diff.changed if n in pool.agents],
-            new_connection={n for n in diff.changed if diff.connection_changed(n)},
-        )
+        # A new connection for every changed host: it carries the host's spec, which the
+        # new agent's command line (python, prologue) is made from.
+        await renewal.renew([n for n in diff.changed if n in pool.agents], new_connection=set(diff.changed))
         for name, reason in renewal.refused.items():
             # The host keeps running as it was; the user fixes the inventory and reloads again.
             pool.hosts[name] = old_hosts[name]
@@ -303,7 +302,7 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
             out["refused"][name] = reason
         targets = [n for n in diff.changed if n not in renewal.refused]
         for name in targets:
-            if diff.connection_changed(name) and name not in renewal.old_connections and name not in pool.agents:
+            if name not in renewal.old_connections and name not in pool.agents:
                 # No agent ran there: a connection left from before must not be reused.
                 stale = pool.connections.pop(name, None)
                 if stale is not None:
