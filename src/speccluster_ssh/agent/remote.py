@@ -582,7 +582,13 @@ def main(config: dict[str, Any]) -> None:
     import distributed.nanny  # noqa: F401
     import distributed.scheduler  # noqa: F401
     import distributed.worker  # noqa: F401
+    import multiprocessing.synchronize  # noqa: F401  (a nanny's queues to its worker)
 
+    import distributed.versions
+
+    # Every worker sends these when it registers; cached here, each forked
+    # child has them instead of scanning the installed packages again.
+    distributed.versions.get_versions()
     agent = Agent(config)
     agent.probe_listener = listener
     agent.run()
