@@ -110,3 +110,26 @@ def test_files_with_group_vars_give_the_same_difference(tmp_path: Path) -> None:
     diff = diff_inventories(old, load_inventory(path))
     assert sorted(diff.changed) == ["a", "b"]
     assert diff.changed["a"][0].new == 2
+
+
+def test_adapt_bounds_follow_the_hosts_a_reload_adds() -> None:
+    """adapt's maximum was capped at the capacity of the time; a reload works it out again from what was asked."""
+    import math
+    from types import SimpleNamespace
+
+    from speccluster_ssh.scaling import Capacity
+
+    two, three = hosts("h1", "h2"), hosts("h1", "h2", "h3")
+    cluster = SimpleNamespace(worker_hosts={h.name: h for h in two.worker_hosts}, _log=lambda message: None)
+    capacity = Capacity(cluster)  # type: ignore[arg-type]
+    adaptive = SimpleNamespace()
+    adaptive.minimum, adaptive.maximum = capacity.adapt_bounds(1, math.inf)
+    assert (adaptive.minimum, adaptive.maximum) == (1, 2)
+    cluster.worker_hosts = {h.name: h for h in three.worker_hosts}
+    capacity.refresh_adapt(adaptive)
+    assert (adaptive.minimum, adaptive.maximum) == (1, 3)
+    # A maximum the user asked for stays the user's.
+    adaptive.minimum, adaptive.maximum = capacity.adapt_bounds(0, 2)
+    cluster.worker_hosts["h4"] = hosts("h4").worker_hosts[0]
+    capacity.refresh_adapt(adaptive)
+    assert adaptive.maximum == 2

@@ -374,11 +374,12 @@ async def rolling_restart(cluster: SSHSpecCluster, batch: int = 1) -> dict[str, 
     ops = of(cluster)
     async with ops.lock:
         keys = running_keys(cluster, list(cluster.worker_spec))
-        hosts = {host_of(cluster.worker_spec[k]) for k in keys}
         renewal = AgentRenewal(cluster)
         scheduler_host = cluster.scheduler.host if isinstance(cluster.scheduler, RemoteProcess) else None
-        # The scheduler's host keeps its agent: the agent owns the scheduler, which a restart leaves alone.
-        await renewal.renew(h for h in hosts if h != scheduler_host and h in cluster.pool.agents)
+        # Every host with an agent, those with no entry now too (drained ones, say): what starts
+        # there later runs the new code. The scheduler's host keeps its agent: the agent owns the
+        # scheduler, which a restart leaves alone.
+        await renewal.renew(h for h in list(cluster.pool.agents) if h != scheduler_host)
         keys = [k for k in keys if host_of(cluster.worker_spec[k]) not in renewal.refused]
         started = time.monotonic()
         cluster._log(f"rolling restart of {len(keys)} entries, {batch} at a time")
