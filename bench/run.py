@@ -812,6 +812,43 @@ def run_bench(settings: Settings, log: Callable[[str], None] = print) -> dict[st
     return data
 
 
+def merge_outputs(sources: list[Path], out: Path) -> dict[str, Any]:
+    """Combine the ``runs.json`` of several bench outputs (sittings) into one output in ``out``.
+
+    Runs are renumbered in order, so run-by-run values (above the floor) pair
+    within one sitting; the machine record keeps each sitting's date and load.
+    """
+    from .report import write_outputs
+
+    datas = [json.loads((src / "runs.json").read_text()) for src in sources]
+    merged = datas[0]
+    merged["machine"]["sittings"] = []
+    offset = 0
+    seen = set()
+    records: list[dict[str, Any]] = []
+    cases: list[dict[str, Any]] = []
+    for data in datas:
+        runs = data["runs"]
+        for rec in runs:
+            rec.pop("derived", None)  # recomputed
+            records.append({**rec, "run": rec["run"] + offset})
+        offset += 1 + max((r["run"] for r in runs), default=-1)
+        cases += [c for c in data["settings"]["cases"] if c["name"] not in seen]
+        seen |= {c["name"] for c in data["settings"]["cases"]}
+        m = data["machine"]
+        merged["machine"]["sittings"].append(
+            {k: m.get(k) for k in ("date", "loadavg_start", "loadavg_end", "seconds")}
+        )
+    merged["runs"] = records
+    merged["settings"]["cases"] = cases
+    merged["settings"]["runs"] = offset
+    merged["machine"]["loadavg_end"] = datas[-1]["machine"]["loadavg_end"]
+    merged["machine"]["seconds"] = round(sum(d["machine"]["seconds"] for d in datas), 1)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(merged, out)
+    return merged
+
+
 def _fmt(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
@@ -838,7 +875,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="", help="comma-separated case names to run (default: all of the mode)")
     parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS,
                         help=f"idle window of the healing on/off cases (default {IDLE_SECONDS:g})")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="combine the runs.json of earlier outputs (sittings) into --out; runs nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = merge_outputs(args.merge, args.out)
+        print(f"merged {len(merged['runs'])} sessions of {len(args.merge)} sittings into {args.out}")
+        return 0
     if os.geteuid() != 0:
         print("the bench builds network namespaces and needs root", file=sys.stderr)
         return 2
