@@ -583,6 +583,9 @@ def markdown(data: dict[str, Any]) -> str:
         f"asyncssh {m['asyncssh']} · load average {m['loadavg_start'][0]:.2f} at start, "
         f"{m['loadavg_end'][0]:.2f} at end · {m['seconds']:.0f} s in all",
         "",
+        *([f"Merged from {len(m['sittings'])} sittings (`--merge`): "
+           + "; ".join(f"{x['date']}, load {x['loadavg_start'][0]:.1f} → {x['loadavg_end'][0]:.1f}" for x in m["sittings"]),
+           ""] if m.get("sittings") else []),  # fmt: skip
         "Medians over runs; the two tools ran alternately on the same lab hosts (real sshd in network "
         "namespaces on this one machine). Ours uses its default TLS unless a row says otherwise; "
         "SSHCluster uses plain TCP and runs its scheduler over SSH on a host of its own. Nanny workers, "
