@@ -236,6 +236,10 @@ class Head:
             starting.result()
             if options.adapt is not None:
                 self.cluster.adapt(minimum=options.adapt[0], maximum=options.adapt[1])
+            elif options.workers is not None and sum(self._wanted_and_ready()[0].values()) < options.workers:
+                # More than the inventory holds: asked for all the same, so that hosts that
+                # come later (undrain, a reload adding hosts) fill the cluster up to it.
+                self.cluster.scale(options.workers)
         except Exception as exc:
             self._record_failure(exc)
             await self._close_cluster()

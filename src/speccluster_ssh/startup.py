@@ -29,6 +29,7 @@ from .errors import HostError, StartError, UserError
 from .forwards import ForwardedScheduler
 from .health import Health, HostState
 from .inventory import HostSpec, Inventory, load_inventory
+from .placement import Target
 
 if TYPE_CHECKING:
     from .cluster import SSHSpecCluster
@@ -100,9 +101,15 @@ def fill_initial_spec(cluster: SSHSpecCluster, n_workers: int | None) -> None:
     worker running.
     """
     count = cluster.total_slots if n_workers is None else n_workers
-    for _ in range(count):
+    for placed in range(count):
         entry = cluster._next_entry()
         if entry is None:
+            # Short of what was asked: remembered, so that hosts that come later (an
+            # undrain, a reload that adds hosts) fill it up; the missing entries counted
+            # with the size of the last one placed.
+            members = [len(entries.member_names(k, s)) for k, s in cluster.worker_spec.items()]
+            wanted = sum(members) + (count - placed) * (members[-1] if members else 1)
+            cluster.capacity.target = Target(workers=wanted)
             break
         cluster.worker_spec.update(entry)
 
