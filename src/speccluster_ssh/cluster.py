@@ -490,9 +490,12 @@ class SSHSpecCluster(SpecCluster):
         # The healer and retries first, so nothing starts while we close. Not
         # the whole task set: a reconcile that close() itself awaits may be
         # waiting for entry starts in it.
+        whole = self.status in (Status.running, Status.failed)
+        if whole:
+            self._stop_hosts()
         await self.healer.stop()
         try:
-            if self.status in (Status.running, Status.failed):
+            if whole:
                 await self._drop_entries()
             await super()._close()
         finally:
@@ -502,25 +505,34 @@ class SSHSpecCluster(SpecCluster):
                 # Tasks started while closing (drops of lost workers, say).
                 await self._tasks.close()
 
-    async def _drop_entries(self) -> None:
-        """The whole cluster closes: no worker's data is kept, so none is retired.
+    def _stop_hosts(self) -> None:
+        """The whole cluster closes: its worker hosts' processes stop first, before anything awaits.
 
-        Every entry is marked closed without stopping its processes one by
-        one: each worker host's agent gets one shutdown message now (a
-        short grace, then SIGKILL), while the scheduler closes; the
-        scheduler's own host waits for the pool's close.
+        No worker's data is kept, so none is retired. Every entry is marked
+        closing (its processes' exits are no failures, so nothing is healed),
+        no agent starts any more, and each agent but the scheduler host's
+        gets one shutdown message now (a short grace, then SIGKILL) instead
+        of a stop per process. Hosts sharing the head's CPUs (a lab) give
+        them back to the rest of the close at once.
         """
+        self.pool.shutdown_grace = CLOSE_GRACE
+        self.pool.closed = True
+        for worker in self.workers.values():
+            if isinstance(worker, RemoteProcess):
+                worker.mark_closing()
+        keep = getattr(self.scheduler, "host", None) if isinstance(self.scheduler, RemoteProcess) else None
+        self.pool.stop_agents(set(self.pool.agents) - {keep})
+
+    async def _drop_entries(self) -> None:
+        """Mark every entry closed and forget it, without stopping its processes (see :meth:`_stop_hosts`)."""
         if self._adaptive is not None:
             self._adaptive.stop()
-        self.pool.shutdown_grace = CLOSE_GRACE
         async with self._lock:
             self.worker_spec.clear()
             dropped = [(k, w) for k, w in self.workers.items() if isinstance(w, RemoteProcess)]
             await asyncio.gather(*(w.close(stop=False) for _, w in dropped))
-            for key, worker in dropped:
+            for key, _ in dropped:
                 self.reports.keep_logs(self.workers.pop(key, None))
-        keep = getattr(self.scheduler, "host", None) if isinstance(self.scheduler, RemoteProcess) else None
-        self.pool.stop_agents({w.host for _, w in dropped} - {keep})
 
     # -- inspection ------------------------------------------------------
     @property

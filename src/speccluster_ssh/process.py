@@ -617,6 +617,10 @@ class RemoteProcess(ProcessInterface):
         )
         log_failures(results, self.member_names, logger, f"stopping {self.role} processes on {self.host}")
 
+    def mark_closing(self) -> None:
+        """From now on the entry's processes exiting, or its host's agent going, is no failure."""
+        self._closing = True
+
     async def close(self, stop: bool = True) -> None:
         """Stop the entry's processes: SIGTERM, then SIGKILL after ``stop_grace``.
 
