@@ -11,7 +11,6 @@ runs; an inventory with an error must change nothing and give the line
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from distributed import Client
@@ -67,4 +66,8 @@ def test_reload_adds_removes_and_changes_hosts(lab: Lab, cli: Cli, tmp_path: Pat
     assert refused.stderr == at_start.stderr and len(refused.stderr.splitlines()) == 1, (refused.stderr, at_start.stderr)
     assert "speccluster_nthread" in refused.stderr and "did you mean" in refused.stderr
     assert status_counts(cli.json("status", "--name", "rel")) == {"h2": 1, "h3": 1, "h4": 2}
+    # So does a host the cluster does not have.
+    unknown = cli.run("drain", "nosuch", "--name", "rel")
+    assert unknown.returncode == 2 and len(unknown.stderr.splitlines()) == 1, unknown
+    assert "no worker host named 'nosuch'" in unknown.stderr and "h2, h3, h4" in unknown.stderr
     cli.ok("down", "--name", "rel")
