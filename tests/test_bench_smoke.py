@@ -16,9 +16,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The bench builds its own lab on the lab subnet, so it must run before the
-# session's shared lab exists (see conftest.py).
-pytestmark = [pytest.mark.lab, pytest.mark.lab_first]
 
 EXPECTED_ROWS = (
     "start-up, 4 hosts × 1 worker",
@@ -36,6 +33,10 @@ EXPECTED_ROWS = (
 )
 
 
+# The bench builds its own lab on the lab subnet, so this must run before the
+# session's shared lab exists (see conftest.py).
+@pytest.mark.lab
+@pytest.mark.lab_first
 @pytest.mark.timeout(400)
 def test_quick_bench_writes_json_markdown_and_png(tmp_path: Path) -> None:
     out = tmp_path / "results"
@@ -81,3 +82,60 @@ def test_quick_bench_writes_json_markdown_and_png(tmp_path: Path) -> None:
     for name in ("startup.png", "growth.png", "timeline.png"):
         png = (out / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000, name
+
+
+def _fake_data() -> dict:
+    """Two runs of 4 × 1 and 8 × 1 for ours, SSHCluster and the floor, with one timeline (no lab needed)."""
+    cases = [
+        {"name": "4x1", "hosts": 4, "nworkers": 1, "kind": "start"},
+        {"name": "8x1", "hosts": 8, "nworkers": 1, "kind": "start"},
+    ]
+    runs = []
+    for run in range(2):
+        for case, n in (("4x1", 4), ("8x1", 8)):
+            base = {"case": case, "run": run, "workers": n, "errors": [], "leftovers": 0, "time": "t"}
+            runs.append({**base, "tool": "floor", "startup": 1.0 * n})
+            runs.append({**base, "tool": "dask", "startup": 2.0 * n, "teardown": 4.0})
+            timeline = [
+                {"t": 0.01, "phase": "ssh_connect", "host": "h1", "item": ""},
+                {"t": 0.1, "phase": "ssh_connected", "host": "h1", "item": ""},
+                {"t": 0.5, "phase": "reach_probed", "host": "", "item": ""},
+                {"t": 1.0 * n - 0.3, "phase": "agent_ready", "host": "h1", "item": ""},
+                {"t": 1.0 * n - 0.3, "phase": "scheduler_ready", "host": "", "item": ""},
+                {"t": 1.0 * n - 0.2, "phase": "start_request", "host": "h1", "item": "0"},
+                {"t": 1.0 * n - 0.1, "phase": "forked", "host": "h1", "item": "0"},
+                {"t": 1.0 * n + 0.2, "phase": "worker_registered", "host": "", "item": "0"},
+            ]
+            runs.append({**base, "tool": "ours", "startup": 1.0 * n + 0.25, "teardown": 0.2, "timeline": timeline,
+                         "head": {"rss_before": 100, "rss": 200, "cpu_startup": 1.0}})
+    machine = {"date": "d", "cpu_count": 2, "python": "3", "distributed": "x", "asyncssh": "y",
+               "loadavg_start": [1.0, 1.0, 1.0], "loadavg_end": [1.0, 1.0, 1.0], "seconds": 1.0}
+    settings = {"runs": 2, "quick": False, "start_cap": 90, "recover_cap": 30, "crash_cap": 30, "gone_cap": 15,
+                "down_cap": 15, "cases": cases}
+    return {"machine": machine, "settings": settings, "runs": runs}
+
+
+@pytest.mark.timeout(120)
+def test_report_floor_growth_timeline_and_merge(tmp_path: Path) -> None:
+    """The report's arithmetic on made-up runs: above the floor run by run, seconds per host, the timeline, --merge."""
+    sys.path.insert(0, str(REPO))
+    from bench.report import above_floor, host_growth, write_outputs
+    from bench.run import merge_outputs
+
+    data = _fake_data()
+    assert above_floor(data["runs"], "8x1").median == pytest.approx(0.25)
+    cases = {c["name"]: c for c in data["settings"]["cases"]}
+    _, fit, found = host_growth(data["runs"], cases)
+    assert found["slopes"]["floor"] == pytest.approx(1.0)
+    assert found["slopes"]["dask"] == pytest.approx(2.0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_outputs(_fake_data(), tmp_path / name)
+    text = (tmp_path / "a" / "results.md").read_text()
+    assert "## Timeline of one start-up (ours, 8x1" in text
+    assert "| ours | 1.000 s | 4, 8 | — |" in text
+    merged = merge_outputs([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert merged["settings"]["runs"] == 4 and len(merged["runs"]) == 2 * len(data["runs"])
+    assert "Merged from 2 sittings" in (tmp_path / "m" / "results.md").read_text()
+    for name in ("startup.png", "growth.png", "timeline.png"):
+        assert (tmp_path / "m" / name).read_bytes().startswith(b"\x89PNG")
