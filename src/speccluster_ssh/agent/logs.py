@@ -19,6 +19,7 @@ reads, is the same text before and after the cut.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from typing import Any
@@ -90,7 +91,8 @@ class LogFile:
     path
         The file; created (mode 600) if missing, appended to otherwise.
     cap
-        Its largest size in bytes.
+        Its largest size in bytes; at least 4 KiB here (the inventory asks
+        for 64 KiB, so that a cut keeps a useful tail).
     """
 
     def __init__(self, path: str, cap: int) -> None:
@@ -125,11 +127,18 @@ class LogFile:
         temporary = self.path + ".cut"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _write_all(fd, content)
-        finally:
-            os.close(fd)
-        os.replace(temporary, self.path)
-        os.close(self.fd)
+            try:
+                _write_all(fd, content)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
+        except OSError:
+            # Most likely a full disk: leave no half copy behind to make it fuller.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        old_fd, self.fd = self.fd, -1  # never closed twice, even if the reopen fails
+        os.close(old_fd)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = len(content)
         self.cuts += 1
