@@ -45,7 +45,8 @@ from .errors import CapacityError, UserError
 from .healer import Healer
 from .inventory import Inventory, load_inventory
 from .placement import Target
-from .process import AgentPool, RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
+from .pool import AgentPool
+from .process import RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
 from .reporting import Reports
 from .scaling import Capacity, SSHAdaptive, UnknownMemoryError, resolve_min_workers, to_bytes
 from .security import make_security

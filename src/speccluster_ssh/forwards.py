@@ -11,7 +11,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .process import AgentPool, RemoteScheduler
+from .pool import AgentPool
+from .process import RemoteScheduler
 
 if TYPE_CHECKING:
     import asyncssh

@@ -39,7 +39,8 @@ from distributed.core import Status
 from . import entries
 from .errors import HostError
 from .health import FailureLedger, Health
-from .process import AgentPool, RemoteProcess
+from .pool import AgentPool
+from .process import RemoteProcess
 from .tasks import TaskSet
 
 if TYPE_CHECKING:

@@ -61,7 +61,7 @@ def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[
     from dask.utils import format_bytes
 
     from .connection import ConnectSettings
-    from .process import AgentPool, same_release
+    from .pool import AgentPool, same_release
 
     hosts: dict[str, HostSpec] = {h.name: h for h in inv.worker_hosts}
     if inv.scheduler_host is not None:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import timeline
 from .errors import HostError, UserError
-from .process import AgentPool
+from .pool import AgentPool
 from .tasks import log_failures
 
 if TYPE_CHECKING:

@@ -23,7 +23,10 @@ head -> agent
     ``{"op": "stop", "id": 8, "name": "3", "grace": 5}``,
     ``{"op": "tail", "id": 9, "name": "3", "bytes": 65536}``,
     ``{"op": "write_file", "id": 10, "path": "tls/ca.pem", "data_b64": "..", "mode": 384}``,
-    ``{"op": "ping"}``, ``{"op": "shutdown", "id": 11, "remove": true, "grace": 0.5}``.
+    ``{"op": "ping"}``, ``{"op": "shutdown", "id": 11, "remove": true, "grace": 0.5, "keep_tls": false}``
+    (``keep_tls``: leave the host's TLS files, which a newer agent of the
+    same cluster on the host uses; otherwise they are removed even when
+    ``remove`` is false).
 agent -> head
     ``{"event": "probe", "to_head": .., "port": .., "address": ..}`` first when the
     config asks for a reach probe (scheduler_reach auto),
@@ -59,7 +62,6 @@ import selectors
 import shutil
 import signal
 import socket
-import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -121,6 +123,7 @@ class Agent:
         self.running = True
         self.shutdown_reply: int | None = None
         self.remove_dir = False
+        self.keep_tls = False
         self.probe_listener: socket.socket | None = None  # see _reach_probe
         os.environ[MARKER_ENV] = self.cluster
 
@@ -357,6 +360,7 @@ class Agent:
                 }
             elif op == "shutdown":
                 self.remove_dir = bool(message.get("remove", False))
+                self.keep_tls = bool(message.get("keep_tls", False))
                 if message.get("grace") is not None:
                     self.config["grace"] = float(message["grace"])
                 self.shutdown_reply = request_id
@@ -490,8 +494,10 @@ class Agent:
                     self._flush()
         for pipe in list(self.log_pipes):
             self._pump(pipe, max_chunks=64)
-        # Keys never outlive the cluster, even when the logs stay for a post-mortem.
-        shutil.rmtree(os.path.join(self.dir, "tls"), ignore_errors=True)
+        # Keys never outlive the cluster, even when the logs stay for a post-mortem; a
+        # restart's old agent leaves them to the new agent of the host (keep_tls).
+        if not self.keep_tls:
+            shutil.rmtree(os.path.join(self.dir, "tls"), ignore_errors=True)
         if self.remove_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
             try:

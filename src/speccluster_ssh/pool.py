@@ -1,0 +1,337 @@
+"""The agents of one cluster: one per host, started once and shared.
+
+:class:`AgentPool` keeps each host's connection, agent and health state. The
+first process interface that needs a host's agent starts it
+(:meth:`AgentPool.agent`); every later one shares the outcome. The pool
+checks the host's ``distributed`` release and GPUs when its agent says hello,
+hands out GPU shares, tells the healer when a host is lost, and at close
+stops every agent, so every process of the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import dask.config
+
+from . import config, timeline
+from .agent import HostAgent
+from .connection import ConnectSettings, HostConnection
+from .entries import HEAD_ONLY_CONFIG, forwarded_dask_config, free_gpu_slot, uneven_gpus
+from .errors import HostError
+from .health import HostState
+from .inventory import HostSpec
+from .tasks import TaskSet, log_failures
+
+if TYPE_CHECKING:
+    from .process import RemoteProcess
+
+logger = logging.getLogger("speccluster_ssh.process")  # the messages users know from the process log
+
+
+def same_release(a: str, b: str) -> bool:
+    """True when two dask versions share their first two components."""
+    return a.split(".")[:2] == b.split(".")[:2]
+
+
+class AgentPool:
+    """The agents of one cluster, one per host, started on first use.
+
+    Parameters
+    ----------
+    cluster_id
+        Unique id of the cluster (names remote directories and the marker).
+    hosts
+        Every host the cluster may use, by inventory name.
+    settings
+        Connection settings.
+    silence
+        Agent silence timeout in seconds.
+    """
+
+    _registry: ClassVar[weakref.WeakValueDictionary[str, AgentPool]] = weakref.WeakValueDictionary()
+
+    def __init__(
+        self,
+        cluster_id: str,
+        hosts: Mapping[str, HostSpec],
+        settings: ConnectSettings | None = None,
+        *,
+        silence: float = 15.0,
+        base_dir: str | None = None,
+        agent_timeout: float = 60.0,
+    ) -> None:
+        self.cluster_id = cluster_id
+        self.hosts = dict(hosts)
+        self.settings = settings or ConnectSettings()
+        self.silence = silence
+        self.base_dir = base_dir
+        self.agent_timeout = agent_timeout
+        self.connections: dict[str, HostConnection] = {}
+        self.agents: dict[str, HostAgent] = {}
+        self.states: dict[str, HostState] = {name: HostState(name) for name in self.hosts}
+        self._starting: dict[str, asyncio.Task[HostAgent]] = {}
+        self._unclaimed: set[str] = set()  # prestarted, outcome not yet handed out
+        self._lost_callbacks: list[Callable[[str, str], None]] = []
+        self.files: dict[str, bytes] = {}  # relative path -> content, written to every host
+        self.head_scheduler: tuple[str, int] | None = None  # (protocol, port) of a head scheduler
+        # The head's dask config as it is now, sent with every start (see forwarded_dask_config).
+        extra = config.get("dask-config-exclude") or ()
+        exclude = (*HEAD_ONLY_CONFIG, *([extra] if isinstance(extra, str) else extra))
+        self.dask_config, dropped = forwarded_dask_config(dask.config.config, exclude)
+        if dropped:
+            logger.info("dask config not sent to the hosts (not plain data): %s", ", ".join(dropped))
+        # host -> GPU slot -> the entry holding that slot's devices
+        self.gpu_claims: dict[str, dict[int, RemoteProcess]] = {}
+        self.closed = False
+        # Seconds between SIGTERM and SIGKILL at the agents' shutdown; None: the agents' default.
+        self.shutdown_grace: float | None = None
+        self._stopping: list[asyncio.Task[None]] = []  # agents shut down early by stop_agents()
+        # Under scheduler_reach auto, agents started from now on probe the network as they start
+        # (reach.probe_reach reads ``probes``), instead of the probe opening channels of its own.
+        self.agent_probes = False
+        self.probes: dict[str, asyncio.Future[dict[str, str] | None]] = {}
+        self._probe_server: asyncio.AbstractServer | None = None
+        # Agent starts and connection closes; awaited by close().
+        self.tasks = TaskSet(f"agents of {cluster_id}", logger)
+        AgentPool._registry[cluster_id] = self
+
+    @classmethod
+    def lookup(cls, cluster_id: str) -> AgentPool:
+        try:
+            return cls._registry[cluster_id]
+        except KeyError:
+            raise RuntimeError(f"no agent pool for cluster {cluster_id!r}") from None
+
+    def on_host_lost(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(host_name, reason)`` when a host's agent is lost."""
+        self._lost_callbacks.append(callback)
+
+    def connection(self, name: str) -> HostConnection:
+        if name not in self.connections:
+            self.connections[name] = HostConnection(self.hosts[name], self.settings)
+        return self.connections[name]
+
+    async def agent(self, name: str) -> HostAgent:
+        """The running agent on host ``name``, starting it (once) if needed.
+
+        Callers that arrive while a start is in flight share its outcome, so
+        a host that does not answer costs one connect timeout, not one per
+        spec entry; a start begun by :meth:`prestart` is handed to the first
+        caller, success or failure.
+        """
+        if self.closed:
+            raise HostError(name, "the cluster is closing")
+        agent = self.agents.get(name)
+        if agent is not None and agent.alive:
+            return agent
+        task = self._starting.get(name)
+        if task is None or (task.done() and name not in self._unclaimed):
+            # Its outcome is read (and reported) by every caller, below.
+            task = self.tasks.start(self._start_agent(name), name=f"start the agent on {name}", log_failure=False)
+            self._starting[name] = task
+        self._unclaimed.discard(name)
+        state = self.states[name]
+        try:
+            agent = await asyncio.shield(task)
+        except HostError as exc:
+            state.mark_down(exc.reason, fix=exc.fix, tail=exc.tail)
+            raise
+        state.mark_up()
+        self.agents[name] = agent
+        return agent
+
+    def prestart(self, names: Iterable[str]) -> None:
+        """Begin starting the agents of ``names`` now, in the background.
+
+        Nothing is recorded until a caller of :meth:`agent` claims the
+        outcome, so a host that fails here fails where it is used.
+        """
+        for name in names:
+            if name in self.hosts and name not in self.agents and name not in self._starting:
+                if self.agent_probes and not self.hosts[name].is_local:
+                    self.probes.setdefault(name, asyncio.get_running_loop().create_future())
+                # The first caller of agent() claims the outcome; close() reports an unclaimed failure.
+                task = self.tasks.start(self._start_agent(name), name=f"start the agent on {name}", log_failure=False)
+                self._starting[name] = task
+                self._unclaimed.add(name)
+
+    async def _start_agent(self, name: str) -> HostAgent:
+        import distributed
+
+        connection = self.connection(name)
+        probe = self.probes.get(name)
+        if probe is not None and probe.done():
+            probe = None  # probed already
+        port = await self._probe_port() if probe is not None and self.agent_probes else None
+
+        def probed(result: dict[str, str]) -> None:
+            if probe is not None and not probe.done():
+                probe.set_result(result)
+
+        agent = HostAgent(
+            connection, self.cluster_id, silence=self.silence, base_dir=self.base_dir, probe_port=port, on_probe=probed
+        )
+        try:
+            facts = await agent.start(timeout=self.agent_timeout)
+        finally:
+            if probe is not None and not probe.done():
+                probe.set_result(None)  # no answer: the host is left out of the probe
+        remote_version = str(facts.get("distributed", "?"))
+        # Refused while another agent of the cluster runs on the host (a restart's new agent):
+        # its directory, TLS files and live logs are that agent's and stay.
+        refuse = {"remove_files": False, "keep_tls": True} if name in self.agents else {}
+        if not same_release(remote_version, distributed.__version__):
+            await agent.close(**refuse)
+            raise HostError(
+                name,
+                f"distributed {remote_version} at {facts.get('python')} does not match the head's "
+                f"{distributed.__version__}; install distributed=={distributed.__version__} there",
+                fix=f"install distributed=={distributed.__version__} for {facts.get('python')} on {name}",
+            )
+        problem = self._gpu_problem(name, facts)
+        if problem:
+            await agent.close(**refuse)
+            raise HostError(name, problem[0], fix=problem[1])
+        for path, data in self.files.items():
+            await agent.write_file(path, data)
+        timeline.stamp("agent_ready", name)
+        agent.on_lost(lambda reason, host=name, a=agent: self._lost(host, a, reason))
+        return agent
+
+    def _gpu_problem(self, name: str, facts: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Why the GPUs that ``speccluster_gpus: auto`` found on ``name`` cannot be shared, and the fix."""
+        host = self.hosts[name]
+        if host.gpus != "auto":
+            return None  # a count or a list was checked when the inventory was read
+        why = uneven_gpus(len(facts.get("gpus") or ()), host)
+        if why is None:
+            return None
+        workers = host.slots * host.nworkers
+        return (
+            f"speccluster_gpus is auto and nvidia-smi -L lists {len(facts.get('gpus') or ())} GPUs: {why}",
+            f"set speccluster_gpus for {name} to a list of GPUs whose length is a multiple of {workers}, "
+            "or change speccluster_nworkers or speccluster_slots",
+        )
+
+    def gpus_of(self, name: str) -> list[str]:
+        """The GPU device ids of host ``name``: its ``speccluster_gpus``, or what its agent found for ``auto``."""
+        host = self.hosts[name]
+        if host.gpus == "auto":
+            agent = self.agents.get(name)
+            return [str(g) for g in (agent.facts.get("gpus") or ())] if agent is not None else []
+        return list(host.gpus)
+
+    def claim_gpus(self, name: str, process: RemoteProcess) -> int | None:
+        """A free GPU slot of host ``name`` for ``process``; ``None`` when every slot is held."""
+        claims = self.gpu_claims.setdefault(name, {})
+        slot = free_gpu_slot(claims, self.hosts[name].slots)
+        if slot is not None:
+            claims[slot] = process
+        return slot
+
+    def release_gpus(self, name: str, process: RemoteProcess) -> None:
+        """Give back the GPU slot ``process`` holds on host ``name``."""
+        claims = self.gpu_claims.get(name, {})
+        for slot in [s for s, p in claims.items() if p is process]:
+            del claims[slot]
+
+    async def _probe_port(self) -> int:
+        """The port of the head's stand-in listener that agents' reach probes connect to."""
+        if self._probe_server is None:
+            self._probe_server = await asyncio.start_server(lambda r, w: w.close(), host="0.0.0.0", port=0)
+        return int(self._probe_server.sockets[0].getsockname()[1])
+
+    async def stop_probing(self) -> None:
+        """The reach is decided: agents started from now on do not probe."""
+        self.agent_probes = False
+        server, self._probe_server = self._probe_server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+    def _lost(self, name: str, agent: HostAgent, reason: str) -> None:
+        if self.closed or self.agents.get(name) is not agent or reason == "closed":
+            return
+        state = self.states[name]
+        state.mark_down(reason)
+        state.schedule_retry()
+        self.agents.pop(name, None)
+        # The connection may be dead too; the next attempt reconnects.
+        conn = self.connections.pop(name, None)
+        if conn is not None:
+            self.tasks.start(conn.close(), name=f"close the lost connection to {name}")
+        for callback in self._lost_callbacks:
+            try:
+                callback(name, reason)
+            except Exception:
+                logger.exception("host-lost callback failed for %s", name)
+
+    def head_address_for(self, name: str) -> str | None:
+        """The head's address as seen from host ``name`` (local end of the SSH link)."""
+        conn = self.connections.get(name)
+        return conn.local_address if conn is not None else None
+
+    def scheduler_address_for(self, name: str) -> str | None:
+        """Where host ``name`` reaches a scheduler that runs on the head.
+
+        The head may have several addresses (or a NAT one, as under Vagrant);
+        the local end of the SSH connection to that host is one the host can
+        reach. ``None`` when the scheduler is not on the head or an explicit
+        address was set.
+        """
+        if self.head_scheduler is None:
+            return None
+        protocol, port = self.head_scheduler
+        address = self.head_address_for(name)
+        if not address:
+            return None
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{protocol}://{address}:{port}"
+
+    def stop_agents(self, names: Iterable[str]) -> None:
+        """Begin shutting down the agents of hosts ``names`` (and every process they run); :meth:`close` awaits it.
+
+        For a closing cluster: the hosts' processes stop while the scheduler closes.
+        """
+        for name in names:
+            agent = self.agents.pop(name, None)  # gone from the pool: its loss is no host failure
+            if agent is not None:
+                self._stopping.append(
+                    self.tasks.start(agent.close(grace=self.shutdown_grace), name=f"stop the agent on {name}")
+                )
+
+    async def close(self) -> None:
+        """Stop every agent (and so every process) and close the connections."""
+        self.closed = True
+        # Starts still in flight, or prestarted and never claimed, own agents too.
+        starting = dict(self._starting)
+        results = await asyncio.gather(*starting.values(), return_exceptions=True)
+        # A claimed failure was reported to whoever claimed it; an unclaimed one only here.
+        unclaimed = [(n, r) for n, r in zip(starting, results) if n in self._unclaimed]
+        log_failures([r for _, r in unclaimed], [n for n, _ in unclaimed], logger, "starting agents")
+        agents = {id(a): a for a in self.agents.values()}
+        for result in results:
+            if isinstance(result, HostAgent):
+                agents.setdefault(id(result), result)
+        closing = list(agents.values())
+        results = await asyncio.gather(
+            *(a.close(grace=self.shutdown_grace) for a in closing), *self._stopping, return_exceptions=True
+        )
+        # The early stops' failures were logged by their tasks.
+        log_failures(results[: len(closing)], [a.host.name for a in closing], logger, "stopping agents")
+        self._stopping.clear()
+        await self.stop_probing()
+        self.agents.clear()
+        self._starting.clear()
+        self._unclaimed.clear()
+        names = list(self.connections)
+        results = await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
+        log_failures(results, names, logger, "closing connections")
+        self.connections.clear()
+        await self.tasks.close()
