@@ -322,15 +322,19 @@ class HostAgent:
             except Exception:
                 logger.exception("lost-agent callback on %s failed", self.host.name)
 
-    async def close(self, *, remove_files: bool = True, timeout: float = 15.0, grace: float | None = None) -> None:
+    async def close(
+        self, *, remove_files: bool = True, timeout: float = 15.0, grace: float | None = None, keep_tls: bool = False
+    ) -> None:
         """Stop every process of this cluster on the host, then the agent itself.
 
         ``grace``: seconds between the processes' SIGTERM and SIGKILL (the agent's default when ``None``).
+        ``keep_tls``: leave the host's TLS files (another agent of the cluster on the host uses them);
+        ``remove_files`` false keeps the logs.
         """
         if self.alive:
             try:
                 extra = {} if grace is None else {"grace": grace}
-                await self.request("shutdown", remove=remove_files, timeout=timeout, **extra)
+                await self.request("shutdown", remove=remove_files, keep_tls=keep_tls, timeout=timeout, **extra)
             except HostError as exc:
                 # Closing the channel below stops the agent anyway (it exits when stdin closes).
                 logger.info("host %s: the agent did not confirm its shutdown: %s", self.host.name, exc)
