@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 # Seconds the processes of a closing cluster get between SIGTERM and SIGKILL.
 # A worker dies at its SIGTERM anyway (it has the default handler); only its
 # nanny would close gracefully, and nothing of it is kept.
-CLOSE_GRACE = 0.5
+CLOSE_GRACE = 0.2
 
 
 class SSHSpecCluster(SpecCluster):
