@@ -22,6 +22,7 @@ from distributed import Client, wait
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from speccluster_ssh.cluster import SSHSpecCluster
+from test_cli_lab import agent_dir
 from test_peer import DEADLINE, inventory, lab_cluster, names, run, slowinc, until, where_am_i
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
@@ -67,10 +68,11 @@ async def watched(cluster: SSHSpecCluster, keys: set[Any]) -> AsyncIterator[dict
     stop = asyncio.Event()
 
     async def poll() -> None:
+        # The plugin is the primary signal (it sees every removal); the poll is a cross-check.
         deadline = time.monotonic() + 300
         while not stop.is_set() and time.monotonic() < deadline:
             seen["polled"] = min(seen["polled"], len(cluster.scheduler.workers))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
 
     poller = asyncio.create_task(poll())
     try:
@@ -161,11 +163,11 @@ def test_drain_moves_workers_and_nothing_is_placed_there_until_undrain(lab: Any,
                 assert report["summary"]["drained_hosts"] == {drained: "disk replacement"}
                 assert await client.gather(running) == list(range(1, 61))
                 assert await asyncio.wait_for(pinned, 30) == first  # its data moved
-                # While drained, growing places nothing there (the other slots are full).
+                # While drained, growing places nothing there (the other slots are full): scale
+                # changes the spec at once, so a placement there would show now.
                 cluster.scale(6)
-                await until(lambda: len(cluster.scheduler.workers) == 4 and not any(
-                    k not in cluster.workers for k in cluster.worker_spec), DEADLINE, "the scale to settle")
                 assert on(drained) == [] and len(cluster.worker_spec) == 4
+                assert not [s for s in cluster.worker_spec.values() if s["options"]["host"] == drained]
                 assert "capacity" in cluster.capacity_note
                 # Undrain: the cluster is short of its 6 and fills the host again.
                 result = await cluster.undrain(drained)
@@ -173,9 +175,38 @@ def test_drain_moves_workers_and_nothing_is_placed_there_until_undrain(lab: Any,
                 await client.wait_for_workers(6)
                 await until(lambda: len(on(drained)) == 2, DEADLINE, f"two workers on {drained}")
                 assert cluster.status_report()["hosts"][drained]["drained"] == ""
+                await drain_moves_an_entry_still_starting(cluster)
 
     cluster: SSHSpecCluster
     run(main())
+
+
+def processes_on(cluster: SSHSpecCluster, host: str) -> list[Any]:
+    """The cluster's entry processes on ``host`` that are not closed: running, starting or failed."""
+    from distributed.core import Status
+
+    procs = {id(p): p for p in (*cluster.workers.values(), *cluster._created)}
+    return [p for p in procs.values() if getattr(p, "host", None) == host and p.status != Status.closed]
+
+
+async def drain_moves_an_entry_still_starting(cluster: SSHSpecCluster) -> None:
+    """Drain the host of an entry whose process is starting: the process is closed there, not left running."""
+    cluster.scale(3)
+    await until(lambda: len(cluster.scheduler.workers) == 3 and set(cluster.workers) == set(cluster.worker_spec),
+                DEADLINE, "three workers")
+    cluster.scale(4)  # two free slots are left after it, at least one on another host
+    (key,) = [k for k in cluster.worker_spec if k not in cluster.workers]
+    host = cluster.worker_spec[key]["options"]["host"]
+    deadline = time.monotonic() + DEADLINE
+    # Looked at every turn of the loop: the process is created at once, its start takes far longer.
+    while not any(getattr(p, "name", None) == key for p in cluster._created):
+        assert time.monotonic() < deadline, f"entry {key} was not created"
+        await asyncio.sleep(0)
+    assert key not in cluster.workers, "started already"
+    result = await cluster.drain(host, reason="starting entry")
+    assert key in result["moved"] and result["moved"][key]["host"] != host, result
+    await until(lambda: not processes_on(cluster, host) and len(cluster.scheduler.workers) == 4, 30,
+                f"no process left on {host}: {processes_on(cluster, host)}")
 
 
 def test_drain_and_restart_refuse_user_mistakes(lab: Any, tmp_path: Path) -> None:
@@ -195,8 +226,15 @@ def test_drain_and_restart_refuse_user_mistakes(lab: Any, tmp_path: Path) -> Non
 
 
 def test_restart_refuses_a_host_whose_distributed_changed(lab: Any, tmp_path: Path) -> None:
-    """After the start, h2's python claims another distributed release: h2 is refused, left as it was; h1 restarts."""
+    """After the start, h2's python claims another distributed release: h2 is refused, left as it was; h1 restarts.
+
+    The refused host keeps its files (TLS, logs). Then a restart whose first replacement does not
+    register in time stops there, and every entry it did not replace keeps running on its old agent
+    until the cluster closes (which must leave nothing on the hosts).
+    """
     import sys
+
+    from speccluster_ssh.operations import OperationError
 
     wrappers = {}
     for host in lab.hosts[:2]:
@@ -208,21 +246,55 @@ def test_restart_refuses_a_host_whose_distributed_changed(lab: Any, tmp_path: Pa
         wrappers[host.name] = (site, wrapper)
     old, new = lab.hosts[1].name, lab.hosts[0].name
     hosts = {name: {"speccluster_python": str(wrapper)} for name, (_, wrapper) in wrappers.items()}
+    hosts[new]["speccluster_slots"] = 3  # two entries and a free slot there
+
+    def addresses() -> dict[str, str]:
+        return {str(ws.name): addr for addr, ws in cluster.scheduler.workers.items()}
+
+    def keys_on(host: str) -> list[str]:
+        return [k for k, spec in cluster.worker_spec.items() if spec["options"]["host"] == host]
 
     async def main() -> None:
-        async with lab_cluster(lab, inventory(lab, tmp_path, hosts), n_workers=2) as (cluster, _):
-            await until(lambda: len(cluster.scheduler.workers) == 2, DEADLINE, "two workers")
-            before = {str(ws.name): addr for addr, ws in cluster.scheduler.workers.items()}
+        nonlocal cluster
+        async with lab_cluster(lab, inventory(lab, tmp_path, hosts), n_workers=3, security=True) as (cluster, _):
+            await until(lambda: len(cluster.scheduler.workers) == 3, DEADLINE, "three workers")
+            assert len(keys_on(new)) == 2 and len(keys_on(old)) == 1, cluster.worker_spec
+            before = addresses()
             # As if provision.yml had installed another release on h2 since the start.
             (wrappers[old][0] / "sitecustomize.py").write_text(
                 "import distributed\ndistributed.__version__ = '2020.1.0'\n")
             result = await cluster.rolling_restart()
             assert list(result["refused"]) == [old] and "2020.1.0" in result["refused"][old], result
             assert result["new_agents"] == [new], result
-            after = {str(ws.name): addr for addr, ws in cluster.scheduler.workers.items()}
-            kept = [k for k, spec in cluster.worker_spec.items() if spec["options"]["host"] == old]
+            after = addresses()
+            kept = keys_on(old)
             assert kept and all(after[k] == before[k] for k in kept)  # left as they were
-            assert all(after[k] != before[k] for k in after if k not in kept)
+            assert not {before[k] for k in before if k not in kept} & set(after.values()), (before, after)
             assert cluster.status_report()["hosts"][old]["state"] == "up"
+            # The refused agent left the host's files to the agent that runs there.
+            there = agent_dir(cluster.cluster_id) / old
+            assert cluster.pool.files and all((there / f).is_file() for f in cluster.pool.files), list(there.rglob("*"))
+            assert all((there / "logs" / f"{k}.log").is_file() for k in kept), list(there.rglob("*"))
+            async with Client(cluster, asynchronous=True) as client:
+                assert (await client.submit(where_am_i, workers=kept, pure=False))[0] == kept[0]
 
+            # A restart whose first replacement (start first, on h1's free slot) fails: h1's new agent
+            # imports a dask whose servers cannot start.
+            (wrappers[new][0] / "sitecustomize.py").write_text(
+                "import distributed.nanny, distributed.worker\n"
+                "async def broken(self):\n    raise RuntimeError('broken by the test')\n"
+                "distributed.nanny.Nanny.start_unsafe = broken\ndistributed.worker.Worker.start_unsafe = broken\n")
+            staying = keys_on(new)
+            agent = cluster.pool.agents[new]
+            before = addresses()
+            with pytest.raises(OperationError, match="1 left as they were"):
+                await cluster.rolling_restart()
+            # The entries it did not replace run on, on their old agent, as they were.
+            assert agent.alive and cluster.pool.agents[new] is not agent
+            assert all(cluster.workers[k].status.name == "running" for k in staying), cluster.workers
+            await until(lambda: set(cluster.worker_spec) == set(cluster.workers), DEADLINE, "the failed entry to close")
+            assert {k: addresses().get(k) for k in staying} == {k: before[k] for k in staying}
+            assert all(cluster.workers[k]._agent is agent for k in staying)
+
+    cluster: SSHSpecCluster
     run(main())

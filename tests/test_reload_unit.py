@@ -133,3 +133,21 @@ def test_adapt_bounds_follow_the_hosts_a_reload_adds() -> None:
     cluster.worker_hosts["h4"] = hosts("h4").worker_hosts[0]
     capacity.refresh_adapt(adaptive)
     assert adaptive.maximum == 2
+
+
+def test_a_refused_host_stays_as_it_runs_in_the_adopted_inventory() -> None:
+    """A host whose new agent was refused keeps its old variables: the next reload finds its change again."""
+    from speccluster_ssh.reload import in_effect
+
+    old = hosts("h1", "h2", "h3")
+    new = hosts("h1", "h3", "h4", h1={"speccluster_nthreads": 2}, h3={"speccluster_nthreads": 3})
+    adopted = in_effect(old, new, {"h3"})
+    assert [h.name for h in adopted.worker_hosts] == ["h1", "h3", "h4"]
+    assert adopted.hosts["h3"] is old.hosts["h3"] and adopted.hosts["h1"] is new.hosts["h1"]
+    # What the reload did is not found again; what it could not do is.
+    again = diff_inventories(adopted, new)
+    assert not again.added and not again.removed and list(again.changed) == ["h3"]
+    assert [(c.name, c.old, c.new) for c in again.changed["h3"]] == [("speccluster_nthreads", 1, 3)]
+    # Nothing refused: the new inventory itself; the old one is untouched.
+    assert in_effect(old, new, ()) is new
+    assert old.hosts["h3"].vars["speccluster_nthreads"] == 1 and len(new.worker_hosts) == 3

@@ -27,8 +27,13 @@ entries are replaced (:class:`AgentRenewal`). The agent imports
 processes of the old agent would still run the code it imported: a wheel
 installed since (``provision.yml``) is only picked up by a new agent. A new
 agent whose ``distributed`` is no longer the head's release is refused, as
-at start, and the entries of that host keep running untouched. The old agent
-is stopped once its last process was replaced.
+at start, and the entries of that host keep running untouched. An old agent
+is stopped once no process of the cluster runs on it any more: at the end of
+the restart when every one of its entries was replaced, else (a batch that
+failed, entries left as they were, entries that were still starting) when
+its last such process ends, or at the latest when the cluster closes.
+
+An operation stops quietly between batches when the cluster is closing.
 
 The functions take the cluster and use its reconcile, its healer's host
 states and :mod:`speccluster_ssh.entries`; the cluster's public methods
@@ -76,6 +81,7 @@ class Replaced:
     dropped: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON for results: ``{"moved": {old: {"entry": new, "host": host}}, "dropped": [...]}``."""
         return {
             "moved": {old: {"entry": new, "host": host} for old, (new, host) in self.moved.items()},
             "dropped": list(self.dropped),
@@ -84,6 +90,9 @@ class Replaced:
 
 class Operations:
     """The operations of one cluster; one runs at a time.
+
+    Restart, drain, undrain and reload each hold :attr:`lock` while they
+    change the cluster's spec, so two of them never replace the same entries.
 
     Parameters
     ----------
@@ -131,6 +140,7 @@ def check_host(cluster: SSHSpecCluster, host: str) -> None:
 
 
 def check_running(cluster: SSHSpecCluster) -> None:
+    """Raise a one-line :class:`UserError` unless the cluster is running (not starting, closing or closed)."""
     if cluster.status != Status.running:
         raise UserError(f"cluster {cluster.name} is {cluster.status.name}; operations need a running cluster")
 
@@ -213,6 +223,10 @@ async def replace_entries(
     done = Replaced()
     keys = [str(k) for k in keys]
     for start in range(0, len(keys), batch):
+        if cluster.status != Status.running:
+            # Closing ('down'): its spec is emptied; putting entries back would start them again.
+            logger.info("the cluster is %s: %d entries left as they were", cluster.status.name, len(keys) - start)
+            break
         chunk = [k for k in keys[start:start + batch] if k in cluster.worker_spec]
         if chunk:
             failed = await _replace_batch(cluster, chunk, set(avoid), why, done)
@@ -258,6 +272,8 @@ async def _replace_batch(
         done.moved[old] = (new, host_of(spec[new]))
         cluster._log(f"entry {old} {why}: entry {new} on {host_of(spec[new])} replaced it")
     back: list[str] = []
+    if cluster.status != Status.running:
+        return {}  # closing: the retired entries stay retired, and the caller stops quietly
     for key in later:
         host = _free_host(cluster, entries.slots_used(spec), avoid, prefer=old_hosts[key])
         if host is None:
@@ -340,27 +356,68 @@ class AgentRenewal:
             self.old_connections[name] = old_conn
 
     async def close_old(self) -> None:
-        """Stop the old agents (their processes were replaced) and the old connections."""
+        """Stop the old agents no process runs on any more, and their old connections.
+
+        An old agent that still runs processes of the cluster (entries a
+        failed batch left as they were, entries that were starting when its
+        host got the new agent) is kept, with its connection, until the last
+        of them ended (closed or failed), or the pool closes.
+        """
         pool = self.cluster.pool
         agents, self.old_agents = self.old_agents, {}
         conns, self.old_connections = self.old_connections, {}
-        results = await asyncio.gather(*(a.close(remove_files=False) for a in agents.values()), return_exceptions=True)
-        for name, result in zip(agents, results):
+        unused: dict[str, HostAgent] = {}
+        for name, old in agents.items():
+            users = processes_on(self.cluster, old)
+            if users and not pool.closed:
+                logger.info("host %s: the old agent is kept while %d of its entries run", name, len(users))
+                # The pool's close awaits it (and it ends within a second of that close).
+                pool._stopping.append(pool.tasks.start(
+                    _close_when_unused(self.cluster, old, users, conns.pop(name, None)),
+                    name=f"stop the old agent on {name} once unused",
+                ))
+            else:
+                unused[name] = old
+        # keep_tls: the new agent of the host uses the same TLS files.
+        results = await asyncio.gather(
+            *(a.close(remove_files=False, keep_tls=True) for a in unused.values()), return_exceptions=True
+        )
+        for name, result in zip(unused, results):
             if isinstance(result, BaseException):
                 logger.warning("stopping the old agent on %s failed: %s", name, result)
-        # An agent that stops removes the TLS files of the host, which the new one shares: write them again.
-        for name in agents:
-            agent = pool.agents.get(name)
-            if agent is not None and agent.alive:
-                for path, data in pool.files.items():
-                    try:
-                        await agent.write_file(path, data)
-                    except HostError as exc:
-                        logger.warning("could not write %s on %s again: %s", path, name, exc)
         results = await asyncio.gather(*(c.close() for c in conns.values()), return_exceptions=True)
         for name, result in zip(conns, results):
             if isinstance(result, BaseException):
                 logger.warning("closing the old connection to %s failed: %s", name, result)
+
+
+def processes_on(cluster: SSHSpecCluster, agent: HostAgent) -> list[RemoteProcess]:
+    """The cluster's processes, running or starting, whose members run under ``agent``."""
+    candidates = {id(p): p for p in (*cluster.workers.values(), *cluster._created, cluster.scheduler)}
+    return [
+        p for p in candidates.values()
+        if isinstance(p, RemoteProcess) and p._agent is agent and p.status not in (Status.closed, Status.failed)
+    ]
+
+
+async def _close_when_unused(
+    cluster: SSHSpecCluster, agent: HostAgent, users: list[RemoteProcess], connection: HostConnection | None
+) -> None:
+    """Stop ``agent`` (then ``connection``) once every one of ``users`` ended, or the pool closes."""
+    pool = cluster.pool
+    waits = [asyncio.ensure_future(p.finished()) for p in users]
+    try:
+        while not pool.closed:  # ends with the users, or within a second of the pool's close
+            _, pending = await asyncio.wait(waits, timeout=1.0)
+            if not pending:
+                break
+    finally:
+        for w in waits:
+            w.cancel()
+    # At the pool's close it goes as every agent goes: files and all.
+    await agent.close(remove_files=pool.closed, keep_tls=not pool.closed, grace=pool.shutdown_grace)
+    if connection is not None:
+        await connection.close()
 
 
 # -- the operations ------------------------------------------------------------------------------
@@ -412,17 +469,20 @@ async def drain_unlocked(cluster: SSHSpecCluster, host: str, reason: str) -> dic
     state.drain(reason)
     cluster._log(f"host {host} drained: {state.drained}")
     keys = [str(k) for k, s in cluster.worker_spec.items() if host_of(s) == host]
-    # Entries not running yet have nothing to retire: they are just placed elsewhere.
+    # Entries not running yet have nothing to retire: they are just placed elsewhere, under a new
+    # key. One that is starting (not yet in ``workers``), or in ``workers`` but not running, has a
+    # process on this host already: the reconcile closes it only when its key left the spec.
     idle = [k for k in keys if k not in running_keys(cluster, keys)]
     result = Replaced()
     for key in idle:
+        del cluster.worker_spec[key]
         target = _free_host(cluster, entries.slots_used(cluster.worker_spec), {host})
         if target is None:
-            del cluster.worker_spec[key]
             result.dropped.append(key)
         else:
-            cluster.worker_spec[key] = entries.worker_entry(cluster.entry_settings, target, cluster.new_spec)
-            result.moved[key] = (key, target.name)
+            new = _new_key(cluster, (key,))
+            cluster.worker_spec[new] = entries.worker_entry(cluster.entry_settings, target, cluster.new_spec)
+            result.moved[key] = (new, target.name)
     running = [k for k in keys if k not in idle]
     if running:
         done = await replace_entries(cluster, running, batch=len(running), avoid={host}, why=f"moved off {host}")

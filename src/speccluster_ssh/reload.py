@@ -29,13 +29,20 @@ entries moving off removed hosts can use the new ones:
 
 An inventory that cannot be read changes nothing and gives the same one
 line as at start.
+
+The cluster adopts the new inventory (what the next reload compares with)
+only once every step succeeded, and then with the hosts whose new agent was
+refused as they really run (:func:`in_effect`): a reload that stopped part
+way, or refused a host, shows the rest of the difference again and can be
+run again once the cause is fixed.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +83,7 @@ class VarChange:
 
     @property
     def connection(self) -> bool:
+        """Whether this is a connection (``ansible_*``) variable: the host's SSH connection is made again."""
         return self.name.startswith(CONNECTION_PREFIX)
 
     def as_dict(self) -> dict[str, Any]:
@@ -212,6 +220,21 @@ def _value(value: Any) -> str:
     return "(unset)" if value is None else str(value)
 
 
+def in_effect(old: Inventory, new: Inventory, refused: Collection[str]) -> Inventory:
+    """The inventory a reload of ``new`` put in effect: ``new``, with the hosts of ``refused`` as ``old`` has them.
+
+    A refused host keeps running with its old variables, so the next reload
+    finds its change again.
+    """
+    if not refused:
+        return new
+    kept = copy.copy(new)
+    kept.hosts = {name: old.hosts[name] if name in refused and name in old.hosts else spec
+                  for name, spec in new.hosts.items()}
+    kept.worker_hosts = [kept.hosts[h.name] for h in new.worker_hosts]
+    return kept
+
+
 # -- applying ------------------------------------------------------------------------------------
 
 
@@ -260,7 +283,14 @@ async def reload_inventory(
         # Read again under the lock: another operation may have changed the cluster meanwhile.
         diff = diff_inventories(cluster.inventory, new, diff.source)
         result.update(diff.as_dict(entries_per_host(cluster)))
-        result.update(await _apply(cluster, new, diff, int(batch)))
+        try:
+            applied = await _apply(cluster, new, diff, int(batch))
+        except operations.OperationError as exc:
+            # Not adopted: the next reload finds what is left of the difference.
+            raise operations.OperationError(f"{exc}; the reload stopped there: run it again once fixed") from exc
+        result.update(applied)
+        # Adopted only now, with refused hosts as they run.
+        cluster.inventory = in_effect(cluster.inventory, new, applied["refused"])
         result["applied"] = True
     return result
 
@@ -277,8 +307,9 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
         pool.states.setdefault(host.name, HostState(host.name))
     for name in diff.changed:
         pool.hosts[name] = new_hosts[name]
-    cluster.worker_hosts = {**new_hosts, **{n: old_hosts[n] for n in diff.removed}}
-    cluster.inventory = new
+    # A removed host a reload that stopped part way closed already is not known any more.
+    removed = [n for n in diff.removed if n in old_hosts]
+    cluster.worker_hosts = {**new_hosts, **{n: old_hosts[n] for n in removed}}
     out: dict[str, Any] = {"moved": {}, "dropped": [], "refused": {}}
 
     def keep(done: Mapping[str, Any]) -> None:
@@ -286,7 +317,7 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
         out["dropped"].extend(done.get("dropped", []))
 
     # 2. Removed hosts: drained, then closed.
-    for name in diff.removed:
+    for name in removed:
         keep(await operations.drain_unlocked(cluster, name, f"removed from the inventory {diff.source}"))
         await _forget_host(cluster, name)
     # 3. Changed hosts: entries replaced through a new agent (and connection).
