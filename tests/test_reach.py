@@ -89,7 +89,8 @@ async def _forward_cluster(lab: Lab, path: Path, **options: Any) -> AsyncIterato
 
 
 def _http_status(url: str) -> int:
-    with urllib.request.urlopen(url, timeout=10) as response:  # the forward on the head's loopback
+    # Generous: the first render of the bokeh status page is slow on a loaded machine.
+    with urllib.request.urlopen(url, timeout=60) as response:  # the forward on the head's loopback
         return int(response.status)
 
 

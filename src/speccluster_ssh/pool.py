@@ -163,24 +163,23 @@ class AgentPool:
     async def _start_agent(self, name: str) -> HostAgent:
         import distributed
 
-        connection = self.connection(name)
         probe = self.probes.get(name)
         if probe is not None and probe.done():
             probe = None  # probed already
-        port = await self._probe_port() if probe is not None and self.agent_probes else None
 
-        def probed(result: dict[str, str]) -> None:
+        def probed(result: dict[str, str] | None) -> None:
             if probe is not None and not probe.done():
                 probe.set_result(result)
 
-        agent = HostAgent(
-            connection, self.cluster_id, silence=self.silence, base_dir=self.base_dir, probe_port=port, on_probe=probed
-        )
         try:
+            port = await self._probe_port() if probe is not None and self.agent_probes else None
+            agent = HostAgent(
+                self.connection(name), self.cluster_id, silence=self.silence, base_dir=self.base_dir,
+                probe_port=port, on_probe=probed,
+            )
             facts = await agent.start(timeout=self.agent_timeout)
         finally:
-            if probe is not None and not probe.done():
-                probe.set_result(None)  # no answer: the host is left out of the probe
+            probed(None)  # no answer (whatever failed first): the host is left out of the probe
         remote_version = str(facts.get("distributed", "?"))
         # Refused while another agent of the cluster runs on the host (a restart's new agent):
         # its directory, TLS files and live logs are that agent's and stay.

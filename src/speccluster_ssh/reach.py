@@ -48,6 +48,8 @@ CONFIG_KEY = "scheduler-reach"
 
 # Seconds one TCP connect of a probe may take.
 CONNECT_TIMEOUT = 5.0
+# Seconds beyond the agent start timeout that a start probe is waited for.
+PROBE_SLACK = 10.0
 # Seconds a probe listener lives at most, whatever happens to the head.
 LISTEN_LIFETIME = 120
 
@@ -407,8 +409,11 @@ async def probe_reach(
     rest = [n for n in names if n not in agents]
     result = await probe_by_channels(pool, rest, scheduler_host=scheduler_host, peers=peers, head_port=head_port)
     if agents:
-        # Each resolves at its agent's probe line, or with None when its start failed first.
-        found = await asyncio.gather(*(pool.probes[n] for n in agents))
+        # Each resolves at its agent's probe line, or with None when its start failed first;
+        # the deadline covers an agent start that never ran (cancelled before it began).
+        waiting = [pool.probes[n] for n in agents]
+        done, _ = await asyncio.wait(waiting, timeout=pool.agent_timeout + PROBE_SLACK)
+        found = [f.result() if f in done and not f.cancelled() else None for f in waiting]
         for name, probe in zip(agents, found):
             if probe is None:
                 continue  # did not answer: left out, as below
