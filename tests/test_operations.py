@@ -295,6 +295,11 @@ def test_restart_refuses_a_host_whose_distributed_changed(lab: Any, tmp_path: Pa
             await until(lambda: set(cluster.worker_spec) == set(cluster.workers), DEADLINE, "the failed entry to close")
             assert {k: addresses().get(k) for k in staying} == {k: before[k] for k in staying}
             assert all(cluster.workers[k]._agent is agent for k in staying)
+            # Once they are gone, so is their agent (the cluster's close must end the rest).
+            await cluster.scale_down(staying[1:])
+            assert agent.alive
+            await cluster.scale_down(staying[:1])
+            await until(lambda: not agent.alive, DEADLINE, "the old agent to stop")
 
     cluster: SSHSpecCluster
     run(main())

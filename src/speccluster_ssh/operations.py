@@ -145,7 +145,8 @@ def check_running(cluster: SSHSpecCluster) -> None:
         raise UserError(f"cluster {cluster.name} is {cluster.status.name}; operations need a running cluster")
 
 
-def _new_key(cluster: SSHSpecCluster, taken: Collection[str]) -> str:
+def new_key(cluster: SSHSpecCluster, taken: Collection[str]) -> str:
+    """A spec key no entry, process or name of ``taken`` has."""
     name, cluster._i = entries.next_entry_name({*map(str, cluster.worker_spec), *map(str, cluster.workers), *taken}, cluster._i)
     return name
 
@@ -252,7 +253,7 @@ async def _replace_batch(
         if host is None:
             later.append(key)
             continue
-        new = _new_key(cluster, new_keys)
+        new = new_key(cluster, new_keys)
         new_keys.append(new)
         used[host.name] = used.get(host.name, 0) + 1
         spec[new] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
@@ -393,7 +394,7 @@ class AgentRenewal:
 
 def processes_on(cluster: SSHSpecCluster, agent: HostAgent) -> list[RemoteProcess]:
     """The cluster's processes, running or starting, whose members run under ``agent``."""
-    candidates = {id(p): p for p in (*cluster.workers.values(), *cluster._created, cluster.scheduler)}
+    candidates = {id(p): p for p in (*cluster.workers.values(), *cluster.processes(), cluster.scheduler)}
     return [
         p for p in candidates.values()
         if isinstance(p, RemoteProcess) and p._agent is agent and p.status not in (Status.closed, Status.failed)
@@ -480,7 +481,7 @@ async def drain_unlocked(cluster: SSHSpecCluster, host: str, reason: str) -> dic
         if target is None:
             result.dropped.append(key)
         else:
-            new = _new_key(cluster, (key,))
+            new = new_key(cluster, (key,))
             cluster.worker_spec[new] = entries.worker_entry(cluster.entry_settings, target, cluster.new_spec)
             result.moved[key] = (new, target.name)
     running = [k for k in keys if k not in idle]

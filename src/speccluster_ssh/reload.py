@@ -341,10 +341,12 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
         keys = [str(k) for k, s in cluster.worker_spec.items() if operations.host_of(s) in targets]
         running = operations.running_keys(cluster, keys)
         for key in keys:
-            if key not in running and key not in cluster.workers:
-                # Not started yet: built again from the new variables where it waits.
-                host = cluster.worker_hosts[operations.host_of(cluster.worker_spec[key])]
-                cluster.worker_spec[key] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
+            if key not in running:
+                # Not running: built again from the new variables, under a new key, so that a
+                # process already starting (or failed) with the old ones is closed by the reconcile.
+                host = cluster.worker_hosts[operations.host_of(cluster.worker_spec.pop(key))]
+                new_key = operations.new_key(cluster, (key,))
+                cluster.worker_spec[new_key] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
         try:
             done = await operations.replace_entries(
                 cluster, running, batch=batch, avoid=set(renewal.refused), why="replaced: its host changed"
