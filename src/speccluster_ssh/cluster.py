@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import secrets
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from distributed.deploy.spec import SpecCluster
 
 from . import config as sc_config
 from . import entries, reach, reconcile, startup
+from .day2 import Day2Operations
 from .entries import EntrySettings
 from .errors import CapacityError, UserError
 from .healer import Healer
@@ -48,7 +50,7 @@ from .placement import Target
 from .pool import AgentPool
 from .process import RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
 from .reporting import Reports
-from .scaling import Capacity, SSHAdaptive, UnknownMemoryError, resolve_min_workers, to_bytes
+from .scaling import Capacity, SSHAdaptive, UnknownMemoryError, to_bytes
 from .security import make_security
 from .tasks import TaskSet
 
@@ -66,7 +68,7 @@ logger = logging.getLogger(__name__)
 CLOSE_GRACE = 0.2
 
 
-class SSHSpecCluster(SpecCluster):
+class SSHSpecCluster(Day2Operations, SpecCluster):
     """A Dask cluster on the hosts of an Ansible inventory, started over SSH.
 
     Parameters
@@ -185,19 +187,9 @@ class SSHSpecCluster(SpecCluster):
             scheduler = startup.scheduler_entry(self, self._scheduler_options, sec)
         else:
             self.reach = reach.ReachChoice("direct", None, "the scheduler's spec was given to the cluster", "direct")
-        self._i = 0
-        initial = {
-            str(key): entries.complete_entry(self.entry_settings, spec, self.worker_hosts)
-            for key, spec in (workers or {}).items()
-        }
-        # The initial spec is placed before SpecCluster starts, so that a
-        # synchronous constructor returns with every worker running.
-        self.worker_spec = initial
-        self.new_spec = dict(worker) if worker else None
-        if not initial:
-            startup.fill_initial_spec(self, n_workers)
-        requested = sum(len(entries.member_names(k, s)) for k, s in self.worker_spec.items())
-        self.min_workers = resolve_min_workers(self.min_workers_asked, requested)
+        self._i = 0  # the counter of entry names
+        # Placed before SpecCluster starts, so that a synchronous constructor returns with every worker running.
+        initial = startup.initial_spec(self, workers or {}, worker, n_workers)
         super().__init__(
             workers=initial, scheduler=dict(scheduler), worker=dict(worker) if worker else {"cls": RemoteNanny, "options": {}},
             asynchronous=asynchronous, loop=loop, security=sec, silence_logs=silence_logs, name=name,
@@ -369,55 +361,6 @@ class SSHSpecCluster(SpecCluster):
             self._adaptive_options = {}
         return adaptive is not None
 
-    # -- operating a running cluster (speccluster_ssh.operations, speccluster_ssh.reload) --------
-    def rolling_restart(self, batch: int = 1) -> Any:
-        """Replace every running entry by a new one, ``batch`` entries at a time.
-
-        Each host gets a new agent first (so a newly installed wheel is
-        used); a host whose ``distributed`` is no longer the head's release
-        is refused and its entries left as they are. An entry is retired
-        (its data moves to other workers) before its replacement starts, or
-        its replacement starts first where a free slot allows: at most
-        ``batch`` entries' workers are missing at any moment. Returns what
-        was done (``moved``, ``dropped``, ``refused``); awaitable when the
-        cluster is asynchronous.
-        """
-        from . import operations
-
-        return self.sync(operations.rolling_restart, self, batch)
-
-    def drain(self, host: str, reason: str = "") -> Any:
-        """Move ``host``'s entries elsewhere gracefully and place nothing there until :meth:`undrain`.
-
-        Entries that find no free slot are retired, and the cluster is
-        short of its target until the host (or another slot) comes back.
-        ``status`` shows the host as drained, with ``reason``.
-        """
-        from . import operations
-
-        return self.sync(operations.drain, self, host, reason)
-
-    def undrain(self, host: str) -> Any:
-        """Make a drained ``host`` usable again; a fixed-size cluster short of its target refills."""
-        from . import operations
-
-        return self.sync(operations.undrain, self, host)
-
-    def reload_inventory(
-        self, path: str | os.PathLike[str] | None = None, dry_run: bool = False, batch: int = 1
-    ) -> Any:
-        """Read the inventory again (``path``, default where it was read) and apply the difference.
-
-        New hosts become usable, removed ones are drained then closed, and
-        the entries of hosts whose ``speccluster_*`` or connection variables
-        changed are replaced ``batch`` at a time. An invalid inventory
-        changes nothing (:class:`UserError`). Returns the difference (see
-        :func:`speccluster_ssh.reload.describe`); ``dry_run`` only returns it.
-        """
-        from . import reload
-
-        return self.sync(reload.reload_inventory, self, path, dry_run=dry_run, batch=batch)
-
     def readiness(self) -> tuple[dict[str, int], dict[str, int]]:
         """Dask workers wanted and workers running, per host name.
 
@@ -435,6 +378,15 @@ class SSHSpecCluster(SpecCluster):
         """Dask workers the inventory can hold when every usable slot is used."""
         return entries.capacity_workers(self.worker_hosts.values(), self._unavailable_hosts())
 
+    @property
+    def spec_lock(self) -> asyncio.Lock:
+        """The lock over ``worker_spec`` and ``workers`` that every reconcile holds."""
+        return self._lock
+
+    def processes(self) -> list[Any]:
+        """Every process interface the cluster made and has not forgotten, running or starting."""
+        return list(self._created)
+
     # -- reconciling -----------------------------------------------------
     async def _start(self) -> None:
         await startup.start(self, super()._start)
@@ -446,8 +398,11 @@ class SSHSpecCluster(SpecCluster):
             if to_close:
                 await reconcile.close_removed(self, to_close)
             created = reconcile.create_missing(self)
+            self._created.update(worker for _, worker in created)
             if created:
                 await reconcile.start_created(self, created)
+                for _, worker in created:
+                    worker._cluster = weakref.ref(self)
         # Heal only once the first reconcile succeeded: a constructor that
         # fails must raise its own error, not race the healer for it.
         if self.heal and self.status == Status.running:
@@ -464,12 +419,7 @@ class SSHSpecCluster(SpecCluster):
     def _reconcile_in_background(self, why: str) -> None:
         """Start a reconcile as a task of the cluster (called in the event loop)."""
         if self.status not in (Status.closing, Status.closed):
-            self._tasks.start(self._reconcile_then_wake_healer(), name=why)
-
-    async def _reconcile_then_wake_healer(self) -> None:
-        await self._correct_state_in_background()
-        # Entries the reconcile could not start (their host is down) are the healer's to move.
-        self.healer.wake("the spec changed")
+            self._tasks.start(reconcile.in_background(self), name=why)
 
     async def _correct_state_in_background(self) -> None:
         """Reconcile after ``scale``; a failure is logged here and handled by the healer."""
@@ -493,11 +443,14 @@ class SSHSpecCluster(SpecCluster):
         # waiting for entry starts in it.
         whole = self.status in (Status.running, Status.failed)
         if whole:
-            self._stop_hosts()
+            reconcile.stop_hosts(self, CLOSE_GRACE)
         await self.healer.stop()
         try:
             if whole:
-                await self._drop_entries()
+                if self._adaptive is not None:
+                    self._adaptive.stop()
+                async with self._lock:
+                    await reconcile.drop_entries(self)
             await super()._close()
         finally:
             try:
@@ -505,35 +458,6 @@ class SSHSpecCluster(SpecCluster):
             finally:
                 # Tasks started while closing (drops of lost workers, say).
                 await self._tasks.close()
-
-    def _stop_hosts(self) -> None:
-        """The whole cluster closes: its worker hosts' processes stop first, before anything awaits.
-
-        No worker's data is kept, so none is retired. Every entry is marked
-        closing (its processes' exits are no failures, so nothing is healed),
-        no agent starts any more, and each agent but the scheduler host's
-        gets one shutdown message now (a short grace, then SIGKILL) instead
-        of a stop per process. Hosts sharing the head's CPUs (a lab) give
-        them back to the rest of the close at once.
-        """
-        self.pool.shutdown_grace = CLOSE_GRACE
-        self.pool.closed = True
-        for worker in self.workers.values():
-            if isinstance(worker, RemoteProcess):
-                worker.mark_closing()
-        keep = getattr(self.scheduler, "host", None) if isinstance(self.scheduler, RemoteProcess) else None
-        self.pool.stop_agents(set(self.pool.agents) - {keep})
-
-    async def _drop_entries(self) -> None:
-        """Mark every entry closed and forget it, without stopping its processes (see :meth:`_stop_hosts`)."""
-        if self._adaptive is not None:
-            self._adaptive.stop()
-        async with self._lock:
-            self.worker_spec.clear()
-            dropped = [(k, w) for k, w in self.workers.items() if isinstance(w, RemoteProcess)]
-            await asyncio.gather(*(w.close(stop=False) for _, w in dropped))
-            for key, _ in dropped:
-                self.reports.keep_logs(self.workers.pop(key, None))
 
     # -- inspection ------------------------------------------------------
     @property

@@ -199,7 +199,7 @@ class Healer:
 
         if dead():
             # Under the lock: a reconcile must not see these half-removed.
-            async with cluster._lock:
+            async with cluster.spec_lock:
                 for key in dead():
                     worker = cluster.workers[key]
                     await worker.close()
@@ -254,7 +254,7 @@ class Healer:
         # replacement reuses its member names and must not start while the
         # old processes are still stopping.
         cluster = self.cluster
-        async with cluster._lock:
+        async with cluster.spec_lock:
             if cluster.workers.get(key) is not proc:
                 return
             logger.info("worker %s of entry %s is gone; the entry will be started again", member, key)

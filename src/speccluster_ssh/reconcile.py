@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +73,6 @@ def create_missing(cluster: SSHSpecCluster) -> list[tuple[Any, Any]]:
         worker = spec["cls"](address, **opts)
         if isinstance(worker, RemoteProcess):
             cluster.healer.watch(worker)
-        cluster._created.add(worker)
         created.append((key, worker))
     return created
 
@@ -89,7 +87,6 @@ async def start_created(cluster: SSHSpecCluster, created: list[tuple[Any, Any]])
     await asyncio.wait(tasks)
     for (key, worker), task in zip(created, tasks):
         cluster.workers[key] = worker
-        worker._cluster = weakref.ref(cluster)
         host = getattr(worker, "host", None)
         if not task.cancelled() and task.exception() is not None:
             cluster._last_start_error[key] = str(task.exception())
@@ -122,6 +119,45 @@ def follow_scheduler_event(cluster: SSHSpecCluster, op: str, msg: Any) -> None:
         if process is not None:
             delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
             asyncio.get_running_loop().call_later(delay, cluster.healer.worker_left, key, process, member)
+
+
+async def in_background(cluster: SSHSpecCluster) -> None:
+    """Reconcile after ``scale``, then wake the healer for the entries it could not start."""
+    await cluster._correct_state_in_background()
+    # Entries the reconcile could not start (their host is down) are the healer's to move.
+    cluster.healer.wake("the spec changed")
+
+
+def stop_hosts(cluster: SSHSpecCluster, grace: float) -> None:
+    """The whole cluster closes: its worker hosts' processes stop first, before anything awaits.
+
+    No worker's data is kept, so none is retired. Every entry is marked
+    closing (its processes' exits are no failures, so nothing is healed), no
+    agent starts any more, and each agent but the scheduler host's gets one
+    shutdown message now (``grace`` seconds, then SIGKILL) instead of a stop
+    per process. Hosts sharing the head's CPUs (a lab) give them back to the
+    rest of the close at once.
+    """
+    cluster.pool.shutdown_grace = grace
+    cluster.pool.closed = True
+    for worker in cluster.workers.values():
+        if isinstance(worker, RemoteProcess):
+            worker.mark_closing()
+    scheduler = cluster.scheduler
+    keep = scheduler.host if isinstance(scheduler, RemoteProcess) else None
+    cluster.pool.stop_agents(set(cluster.pool.agents) - {keep})
+
+
+async def drop_entries(cluster: SSHSpecCluster) -> None:
+    """Mark every entry closed and forget it, without stopping its processes (see :func:`stop_hosts`).
+
+    Called with the cluster's spec lock held.
+    """
+    cluster.worker_spec.clear()
+    dropped = [(k, w) for k, w in cluster.workers.items() if isinstance(w, RemoteProcess)]
+    await asyncio.gather(*(w.close(stop=False) for _, w in dropped))
+    for key, _ in dropped:
+        cluster.reports.keep_logs(cluster.workers.pop(key, None))
 
 
 def member_names_of(process: Any, key: Any) -> list[str]:

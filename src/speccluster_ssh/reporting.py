@@ -107,7 +107,7 @@ class Reports:
             host = spec.get("options", {}).get("host")
             group = spec.get("group")
             wanted[host] = wanted.get(host, 0) + (len(group) if group else 1)
-        processes = {id(p): p for p in [*cluster._created, *cluster.workers.values()]}
+        processes = {id(p): p for p in [*cluster.processes(), *cluster.workers.values()]}
         for proc in processes.values():
             if (
                 isinstance(proc, RemoteProcess)

@@ -30,6 +30,7 @@ from .forwards import ForwardedScheduler
 from .health import Health, HostState
 from .inventory import HostSpec, Inventory, load_inventory
 from .placement import Target
+from .scaling import resolve_min_workers
 
 if TYPE_CHECKING:
     from .cluster import SSHSpecCluster
@@ -92,6 +93,28 @@ def scheduler_entry(cluster: SSHSpecCluster, options: dict[str, Any], sec: Any) 
     if sched_host is not None:
         return entries.remote_scheduler_entry(cluster.entry_settings, sched_host, dashboard_port, options)
     return entries.local_scheduler_entry(Scheduler, sec, sc_config.get("scheduler-port"), dashboard_port, options)
+
+
+def initial_spec(
+    cluster: SSHSpecCluster, workers: Mapping[Any, Any], worker: Mapping[str, Any] | None, n_workers: int | None
+) -> dict[str, Any]:
+    """The spec entries the cluster starts with, set as its ``worker_spec``; also ``new_spec`` and ``min_workers``.
+
+    ``workers`` are entries written by the user, completed from the
+    inventory; without them ``n_workers`` entries are placed. Returns the
+    user's entries, which SpecCluster takes as its initial ``workers``.
+    """
+    initial = {
+        str(key): entries.complete_entry(cluster.entry_settings, spec, cluster.worker_hosts)
+        for key, spec in workers.items()
+    }
+    cluster.worker_spec = initial
+    cluster.new_spec = dict(worker) if worker else None
+    if not initial:
+        fill_initial_spec(cluster, n_workers)
+    requested = sum(len(entries.member_names(k, s)) for k, s in cluster.worker_spec.items())
+    cluster.min_workers = resolve_min_workers(cluster.min_workers_asked, requested)
+    return initial
 
 
 def fill_initial_spec(cluster: SSHSpecCluster, n_workers: int | None) -> None:
