@@ -173,3 +173,24 @@ def _cmdline_mentions(proc: psutil.Process, text: str) -> bool:
         return any(text in part for part in proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
+
+
+def test_shutdown_keeps_the_tls_files_for_a_newer_agent_when_asked(tmp_path: Path) -> None:
+    """A restart's old agent stops with keep_tls: the host's TLS files stay for the new agent sharing the directory."""
+
+    async def main() -> None:
+        cluster_id = f"local-{time.monotonic_ns()}"
+        agents = [HostAgent(HostConnection(local_host(), ConnectSettings()), cluster_id, base_dir=str(tmp_path / "base"))
+                  for _ in range(2)]
+        for agent in agents:
+            await agent.start()
+        directory = Path(agents[0].facts["dir"])
+        assert Path(agents[1].facts["dir"]) == directory
+        await agents[1].write_file("tls/ca.pem", b"ca")
+        await agents[0].close(remove_files=False, keep_tls=True)
+        assert (directory / "tls" / "ca.pem").read_bytes() == b"ca"
+        # Without it the keys go, even when the logs stay.
+        await agents[1].close(remove_files=False)
+        assert not (directory / "tls").exists() and (directory / "logs").is_dir()
+
+    asyncio.run(main())

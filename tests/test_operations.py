@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,30 @@ def test_drain_and_restart_refuse_user_mistakes(lab: Any, tmp_path: Path) -> Non
     run(main())
 
 
+@contextlib.contextmanager
+def files_watched(directory: Path, files: Any) -> Iterator[set[str]]:
+    """Look for ``files`` under ``directory`` every millisecond or so while the body runs; yields those ever missing.
+
+    A thread, so the look goes on while the event loop is busy.
+    """
+    missing: set[str] = set()
+    stop = threading.Event()
+
+    def look() -> None:
+        deadline = time.monotonic() + 300
+        while not stop.wait(0.001) and time.monotonic() < deadline:
+            missing.update(f for f in files if not (directory / f).is_file())
+
+    assert all((directory / f).is_file() for f in files), list(directory.rglob("*"))
+    thread = threading.Thread(target=look, daemon=True)
+    thread.start()
+    try:
+        yield missing
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 def test_restart_refuses_a_host_whose_distributed_changed(lab: Any, tmp_path: Path) -> None:
     """After the start, h2's python claims another distributed release: h2 is refused, left as it was; h1 restarts.
 
@@ -263,7 +288,9 @@ def test_restart_refuses_a_host_whose_distributed_changed(lab: Any, tmp_path: Pa
             # As if provision.yml had installed another release on h2 since the start.
             (wrappers[old][0] / "sitecustomize.py").write_text(
                 "import distributed\ndistributed.__version__ = '2020.1.0'\n")
-            result = await cluster.rolling_restart()
+            with files_watched(agent_dir(cluster.cluster_id) / new, cluster.pool.files) as missing:
+                result = await cluster.rolling_restart()
+            assert not missing, f"TLS files missing on {new} during the restart: {missing}"
             assert list(result["refused"]) == [old] and "2020.1.0" in result["refused"][old], result
             assert result["new_agents"] == [new], result
             after = addresses()
