@@ -373,10 +373,10 @@ class AgentRenewal:
             if users and not pool.closed:
                 logger.info("host %s: the old agent is kept while %d of its entries run", name, len(users))
                 # The pool's close awaits it (and it ends within a second of that close).
-                pool._stopping.append(pool.tasks.start(
+                pool.stop_later(
                     _close_when_unused(self.cluster, old, users, conns.pop(name, None)),
-                    name=f"stop the old agent on {name} once unused",
-                ))
+                    f"stop the old agent on {name} once unused",
+                )
             else:
                 unused[name] = old
         # keep_tls: the new agent of the host uses the same TLS files.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import dask.config
@@ -301,9 +301,11 @@ class AgentPool:
         for name in names:
             agent = self.agents.pop(name, None)  # gone from the pool: its loss is no host failure
             if agent is not None:
-                self._stopping.append(
-                    self.tasks.start(agent.close(grace=self.shutdown_grace), name=f"stop the agent on {name}")
-                )
+                self.stop_later(agent.close(grace=self.shutdown_grace), f"stop the agent on {name}")
+
+    def stop_later(self, stopping: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``stopping`` (the end of an agent the pool no longer holds) as a task that :meth:`close` awaits."""
+        self._stopping.append(self.tasks.start(stopping, name=name))
 
     async def close(self) -> None:
         """Stop every agent (and so every process) and close the connections."""
