@@ -364,7 +364,7 @@ def test_check_reports_ready_hosts_and_catches_a_mismatch(lab: Any, provisioned:
 def test_teardown_kills_marked_strays_and_removes_everything(
     lab: Any, provisioned: Provisioned, tmp_path: Path
 ) -> None:
-    from speccluster_ssh.agent import agent_argv, agent_source
+    from speccluster_ssh.agent import agent_argv, agent_payload
 
     assert provisioned.first.returncode == 0, explain(provisioned.first)
     cache = tmp_path / "cache"
@@ -381,9 +381,8 @@ def test_teardown_kills_marked_strays_and_removes_everything(
         agent = h1.spawn(agent_argv(spec, cluster), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs.append(agent)
         config = {"cluster": cluster, "host_label": "h1", "silence": 300, "base_dir": str(cache), "listen_address": None}
-        source = agent_source()
         assert agent.stdin is not None
-        agent.stdin.write(json.dumps(config).encode() + b"\n" + str(len(source)).encode() + b"\n" + source)
+        agent.stdin.write(agent_payload(config))
         agent.stdin.flush()
         hello = read_line(agent, 60)
         assert b'"hello"' in hello, (hello, agent.poll())

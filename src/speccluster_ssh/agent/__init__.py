@@ -173,8 +173,15 @@ class HostAgent:
         channel.write(agent_payload(config))
         hello = _parse(await self._first_line(channel, timeout))
         if hello.get("event") == "probe":
-            await self._probed(hello)
+            found = await self._probed(hello)
+            # A failure may only be the agent dying at its import (no distributed there): such
+            # a host did not answer, so a failed probe counts only once the hello came.
+            held = found if found["to_head"] or found["from_head"] else None
+            if held is None and self._on_probe is not None:
+                self._on_probe(found)
             hello = _parse(await self._first_line(channel, timeout))
+            if held is not None and self._on_probe is not None and hello.get("event") == "hello":
+                self._on_probe(held)
         if hello.get("event") != "hello":
             await channel.close()
             reason, fix = _start_failure(self.host, channel.stderr_tail())
@@ -202,8 +209,8 @@ class HostAgent:
             await channel.close()
             raise HostError(self.host.name, f"the agent did not start within {timeout:g} s", channel.stderr_tail()) from None
 
-    async def _probed(self, message: dict[str, Any]) -> None:
-        """The agent's reach probe: connect back to the port it opened, then report both directions."""
+    async def _probed(self, message: dict[str, Any]) -> dict[str, str]:
+        """The agent's reach probe: connect back to the port it opened; both directions, ``""`` where it worked."""
         port, address = message.get("port"), str(message.get("address") or self.host.address)
         target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         from_head = ""
@@ -216,8 +223,7 @@ class HostAgent:
             except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
                 what = "no answer" if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else (exc.strerror or str(exc))
                 from_head = f"{target}: {what}"
-        if self._on_probe is not None:
-            self._on_probe({"to_head": str(message.get("to_head") or ""), "from_head": from_head})
+        return {"to_head": str(message.get("to_head") or ""), "from_head": from_head}
 
     def on(self, event: str, handler: EventHandler) -> Callable[[], None]:
         """Call ``handler(message)`` for each ``event``; returns an unsubscribe function."""
