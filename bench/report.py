@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,8 @@ def _get(record: dict[str, Any], key: str) -> Any:
     return value
 
 
-def summarize(records: list[dict[str, Any]], case: str, tool: str, key: str) -> Summary:
-    """Median of ``key`` (dotted path) over the runs of ``case`` by ``tool``.
-
-    A run whose value is text (``"not supported"``, ``"left 3 processes"``)
-    or that failed before measuring counts as a note, not as a number.
-    """
+def _summary(records: list[dict[str, Any]], case: str, tool: str, measure: Callable[[dict[str, Any]], float | str]) -> Summary:
+    """Over the runs of ``case`` by ``tool``: a number from ``measure`` counts as a value, a text as a note."""
     values: list[float] = []
     notes: list[str] = []
     runs = 0
@@ -65,14 +62,30 @@ def summarize(records: list[dict[str, Any]], case: str, tool: str, key: str) -> 
         if rec["case"] != case or rec["tool"] != tool:
             continue
         runs += 1
+        got = measure(rec)
+        if isinstance(got, str):
+            notes.append(got)
+        else:
+            values.append(got)
+    return Summary(values, notes, runs)
+
+
+def summarize(records: list[dict[str, Any]], case: str, tool: str, key: str) -> Summary:
+    """Median of ``key`` (dotted path) over the runs of ``case`` by ``tool``.
+
+    A run whose value is text (``"not supported"``, ``"left 3 processes"``)
+    or that failed before measuring counts as a note, not as a number.
+    """
+
+    def measure(rec: dict[str, Any]) -> float | str:
         value = _get(rec, key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            values.append(float(value))
-        elif isinstance(value, str):
-            notes.append(value)
-        else:
-            notes.append("failed: " + "; ".join(rec.get("errors") or ["no value"])[:120])
-    return Summary(values, notes, runs)
+            return float(value)
+        if isinstance(value, str):
+            return value
+        return "failed: " + "; ".join(rec.get("errors") or ["no value"])[:120]
+
+    return _summary(records, case, tool, measure)
 
 
 def fmt_seconds(value: float) -> str:
@@ -238,19 +251,14 @@ def build_rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
 def above_floor(records: list[dict[str, Any]], case: str, tool: str = "ours") -> Summary:
     """``tool``'s start-up minus the floor's, run by run (the same run's floor), for ``case``."""
     floors = {r["run"]: r.get("startup") for r in records if r["case"] == case and r["tool"] == "floor"}
-    values: list[float] = []
-    notes: list[str] = []
-    runs = 0
-    for rec in records:
-        if rec["case"] != case or rec["tool"] != tool:
-            continue
-        runs += 1
+
+    def measure(rec: dict[str, Any]) -> float | str:
         mine, floor = rec.get("startup"), floors.get(rec["run"])
         if isinstance(mine, (int, float)) and isinstance(floor, (int, float)):
-            values.append(float(mine) - float(floor))
-        else:
-            notes.append("no floor in this run" if isinstance(mine, (int, float)) else "no start-up")
-    return Summary(values, notes, runs)
+            return float(mine) - float(floor)
+        return "no floor in this run" if isinstance(mine, (int, float)) else "no start-up"
+
+    return _summary(records, case, tool, measure)
 
 
 def _case_label(cases: dict[str, Any], name: str) -> str:
