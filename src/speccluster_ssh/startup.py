@@ -102,7 +102,8 @@ def initial_spec(
 
     ``workers`` are entries written by the user, completed from the
     inventory; without them ``n_workers`` entries are placed. Returns the
-    user's entries, which SpecCluster takes as its initial ``workers``.
+    spec (the same dict as ``worker_spec`` now), which SpecCluster takes as
+    its initial ``workers``.
     """
     initial = {
         str(key): entries.complete_entry(cluster.entry_settings, spec, cluster.worker_hosts)
