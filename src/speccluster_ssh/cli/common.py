@@ -232,3 +232,6 @@ def _setup_logging(level: int) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         package.addHandler(handler)
     package.setLevel(level)
+    # The head's scheduler logs a closed worker comm at INFO with a traceback; a
+    # cluster's close stops its workers first, so that line is routine there.
+    logging.getLogger("distributed.batched").setLevel(logging.WARNING)
