@@ -1,15 +1,18 @@
 """What the host agent learns about and sets up on its host. A shipped source (see ``remote.py``).
 
 Facts for the agent's hello (cpus, memory, the address facing the head,
-GPUs) and the private directories it keeps logs and files in. Runs in the
+GPUs), the reach probe it runs before its import (scheduler_reach auto), and
+the private directories it keeps logs and files in. Runs in the
 agent's namespace after ``logs.py``; imports only the standard library (and
 ``distributed`` for its version).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import stat
 from typing import Any
 
@@ -106,3 +109,34 @@ def _total_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return 0
+
+
+def _reach_probe(config: dict[str, Any]) -> socket.socket | None:
+    """Before the slow import: can this host open a connection to the head, and a port for the head to try.
+
+    Writes ``{"event": "probe", "to_head": "" or why not, "port": .., "address": ..}``
+    and returns the listening socket (the kernel completes the head's
+    connection in its backlog; the agent closes it at the head's first request).
+    """
+    probe = config.get("probe")
+    if not probe:
+        return None
+    target = str(probe["head"])
+    timeout = float(probe.get("timeout", 5.0))
+    message: dict[str, Any] = {"event": "probe", "to_head": "", "port": None, "address": _listen_address(config)}
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout).close()
+    except OSError as exc:
+        why = exc.strerror or (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        message["to_head"] = f"cannot reach the head at {target}: {why}"
+    listener = None
+    try:
+        listener = socket.socket()
+        listener.bind(("0.0.0.0", 0))
+        listener.listen(64)
+        message["port"] = listener.getsockname()[1]
+    except OSError as exc:
+        message["listen_error"] = str(exc)
+    os.write(1, (json.dumps(message) + "\n").encode())
+    return listener

@@ -69,7 +69,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # shipped, these are globals already: the other sources run first in the same namespace
     from .child import _run_child, _set_parent_death_signal
     from .host import (
-        _cpu_count, _detect_gpus, _distributed_version, _listen_address, _private_dir, _probe_writable, _total_memory,
+        _cpu_count, _detect_gpus, _distributed_version, _listen_address, _private_dir, _probe_writable, _reach_probe,
+        _total_memory,
     )
     from .logs import TAIL_BYTES, LogFile, LogPipe, _tail_of, widen_pipe
 
@@ -546,37 +547,6 @@ def _drain(fd: int) -> bytes:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
-
-
-def _reach_probe(config: dict[str, Any]) -> socket.socket | None:
-    """Before the slow import: can this host open a connection to the head, and a port for the head to try.
-
-    Writes ``{"event": "probe", "to_head": "" or why not, "port": .., "address": ..}``
-    and returns the listening socket (the kernel completes the head's
-    connection in its backlog; the agent closes it at the head's first request).
-    """
-    probe = config.get("probe")
-    if not probe:
-        return None
-    target = str(probe["head"])
-    timeout = float(probe.get("timeout", 5.0))
-    message: dict[str, Any] = {"event": "probe", "to_head": "", "port": None, "address": _listen_address(config)}
-    host, _, port = target.rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout).close()
-    except OSError as exc:
-        why = exc.strerror or (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__)
-        message["to_head"] = f"cannot reach the head at {target}: {why}"
-    listener = None
-    try:
-        listener = socket.socket()
-        listener.bind(("0.0.0.0", 0))
-        listener.listen(64)
-        message["port"] = listener.getsockname()[1]
-    except OSError as exc:
-        message["listen_error"] = str(exc)
-    os.write(1, (json.dumps(message) + "\n").encode())
-    return listener
 
 
 def main(config: dict[str, Any]) -> None:
