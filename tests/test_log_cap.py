@@ -11,10 +11,12 @@ writes 200 MB to stderr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -140,24 +142,34 @@ os._exit(7)
 """
 
 
+@contextlib.asynccontextmanager
+async def local_worker(tmp_path: Path, cap: str) -> AsyncIterator[tuple[Scheduler, HostAgent, dict[str, Any]]]:
+    """A scheduler here and a local agent whose worker ``w`` has registered, its log capped at ``cap``."""
+    scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address=":0")
+    await scheduler
+    host = local_host(speccluster_log_max_bytes=cap)
+    agent = HostAgent(HostConnection(host, ConnectSettings()), f"local-{time.monotonic_ns()}", base_dir=str(tmp_path / "b"))
+    await agent.start()
+    try:
+        ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        agent.on("ready", lambda m: ready.done() or ready.set_result(m))
+        reply = await agent.request(
+            "start", name="w", role="worker", scheduler=scheduler.address, options={"nthreads": 1, "name": "w"}
+        )
+        await asyncio.wait_for(ready, 60)
+        yield scheduler, agent, reply
+    finally:
+        await agent.close()
+        await scheduler.close()
+
+
 def test_exit_tail_holds_the_last_output_of_a_chatty_process(tmp_path: Path) -> None:
     """A worker writes ~900 KB at once and exits: its ``exited`` tail ends with its last line, the log stays capped."""
 
     async def main() -> None:
-        scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address=":0")
-        await scheduler
-        host = local_host(speccluster_log_max_bytes="256KiB")
-        agent = HostAgent(HostConnection(host, ConnectSettings()), f"local-{time.monotonic_ns()}", base_dir=str(tmp_path / "b"))
-        await agent.start()
-        try:
-            ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        async with local_worker(tmp_path, "256KiB") as (scheduler, agent, reply):
             exited: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            agent.on("ready", lambda m: ready.done() or ready.set_result(m))
             agent.on("exited", lambda m: exited.done() or exited.set_result(m))
-            reply = await agent.request(
-                "start", name="w", role="worker", scheduler=scheduler.address, options={"nthreads": 1, "name": "w"}
-            )
-            await asyncio.wait_for(ready, 60)
             async with Client(scheduler.address, asynchronous=True) as client:
                 future = client.submit(exec, CHATTY_EXIT, pure=False)  # the worker dies running it
                 message = await asyncio.wait_for(exited, 60)
@@ -168,9 +180,6 @@ def test_exit_tail_holds_the_last_output_of_a_chatty_process(tmp_path: Path) -> 
             assert size <= 256 * KIB, size
             tail = (await agent.request("tail", name="w", bytes=4096))["data"]
             assert tail.rstrip().endswith("LAST WORDS")
-        finally:
-            await agent.close()
-            await scheduler.close()
 
     asyncio.run(main())
 
@@ -231,18 +240,7 @@ def test_follow_through_the_agent_prints_every_line_once_across_cuts(tmp_path: P
         sys.stderr.flush()
 
     async def main() -> None:
-        scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address=":0")
-        await scheduler
-        host = local_host(speccluster_log_max_bytes="64KiB")
-        agent = HostAgent(HostConnection(host, ConnectSettings()), f"local-{time.monotonic_ns()}", base_dir=str(tmp_path / "b"))
-        await agent.start()
-        try:
-            ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            agent.on("ready", lambda m: ready.done() or ready.set_result(m))
-            reply = await agent.request(
-                "start", name="w", role="worker", scheduler=scheduler.address, options={"nthreads": 1, "name": "w"}
-            )
-            await asyncio.wait_for(ready, 60)
+        async with local_worker(tmp_path, "64KiB") as (scheduler, agent, reply):
             printed, seen, sizes = "", "", []
             async with Client(scheduler.address, asynchronous=True) as client:
                 for step in range(60):  # about 3.8 KiB a step: a cut every ~8 steps
@@ -258,8 +256,5 @@ def test_follow_through_the_agent_prints_every_line_once_across_cuts(tmp_path: P
             # From the first line the first tail showed, every line once and in order.
             assert ours == expected[len(expected) - len(ours):], ours[:3]
             assert len(ours) == len(expected)  # the first window held the whole log then
-        finally:
-            await agent.close()
-            await scheduler.close()
 
     asyncio.run(main())
