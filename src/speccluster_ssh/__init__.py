@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from .quiet import silence_known_warnings
+
+# Before anything of ours imports asyncssh (see quiet.py).
+silence_known_warnings()
+
 __version__ = "0.1.0"
 
 __all__ = ["SSHSpecCluster", "load_inventory", "Inventory", "HostSpec", "__version__"]
