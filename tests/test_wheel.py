@@ -2,7 +2,8 @@
 
 Run in every stage, and in .ci/run's wheel stage from a venv holding only the
 built wheel: an editable install would hide package data that a wheel lost
-(the dask config defaults, the agent source shipped to hosts).  With
+(the dask config defaults, the agent source shipped to hosts, the local
+inventory and the playbooks).  With
 ``SPECCLUSTER_SSH_EXPECT_INSTALLED=1`` the package must also come from the
 interpreter's site-packages, not from a source tree.
 """
@@ -28,6 +29,13 @@ def test_package_data_is_installed() -> None:
     defaults = yaml.safe_load(package.joinpath("speccluster-ssh.yaml").read_text())
     assert "speccluster-ssh" in defaults
     assert package.joinpath("py.typed").is_file()
+    # The Quick start's inventory and the provisioning playbooks (issue 21: a wheel had neither).
+    from speccluster_ssh.resources import local_inventory, playbooks_dir
+
+    assert "ansible_connection: local" in local_inventory().read_text()
+    for name in ("provision.yml", "check.yml", "teardown.yml", "README.md"):
+        assert (playbooks_dir() / name).is_file(), name
+    assert yaml.safe_load((playbooks_dir() / "provision.yml").read_text())
     # The agent is sent to hosts as sources: they must be there and compile.
     sources = agent_sources()
     for name, source in sources:
@@ -45,14 +53,20 @@ def test_installed_from_site_packages_when_asked() -> None:
 
 
 def test_local_cluster_computes_and_tears_down() -> None:
-    """The README's first example through the Python API: the local inventory, no sshd."""
+    """The README's first example through the Python API: the packaged local inventory, no sshd."""
     from distributed import Client
 
     from speccluster_ssh import SSHSpecCluster
+    from speccluster_ssh.resources import local_inventory
 
-    with SSHSpecCluster.from_inventory(str(REPO / "inventories" / "local.yml"), n_workers=1) as cluster:
+    inventory = local_inventory()
+    if os.environ.get("SPECCLUSTER_SSH_EXPECT_INSTALLED") == "1":
+        # From the wheel: the packaged copy is a plain file inside site-packages.
+        site = Path(sysconfig.get_paths()["purelib"]).resolve()
+        assert inventory.is_relative_to(site) and not inventory.is_symlink(), inventory
+    with SSHSpecCluster.from_inventory(inventory, n_workers=2) as cluster:
         with Client(cluster) as client:
-            client.wait_for_workers(2, timeout=60)  # the local entry is a group of two workers
+            client.wait_for_workers(2, timeout=60)  # two of the four one-worker slots
             assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
             pids = set(client.run(os.getpid).values())
     for pid in pids:
