@@ -66,6 +66,13 @@ def capacity(inventory: Inventory) -> int:
     return capacity_workers(inventory.worker_hosts)
 
 
+def agent_python(host: HostSpec) -> str:
+    """The python the host's agent runs: the one in the command line of :func:`build_plan`."""
+    from .agent import agent_argv
+
+    return agent_argv(host, "<cluster-id>")[2]
+
+
 def ssh_target(host: HostSpec) -> str:
     """How the head reaches ``host``, as a user would type it."""
     if host.is_local:

@@ -181,8 +181,11 @@ class Capacity:
             cluster.worker_spec.update(entry)
             for key, spec in entry.items():
                 shapes[key] = self.shape(spec)
+        # Only what was asked for: scale(3) asked for no cores or memory.
+        asked = [f"{v} {unit}" for v, unit in ((target.workers, "workers"), (target.cores, "cores"),
+                                               (target.memory, "bytes")) if v]
         self._say_shortfall(
-            f"asked for {target.workers} workers, {target.cores} cores, {target.memory} bytes; "
+            f"asked for {', '.join(asked) or '0 workers'}; "
             f"the inventory's usable capacity is {sum(s.workers for s in shapes.values())} workers"
         )
 

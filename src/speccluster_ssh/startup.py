@@ -186,6 +186,11 @@ async def place_scheduler(cluster: SSHSpecCluster, hosts: set[str]) -> None:
         probe = await reach.probe_reach(cluster.pool, names, scheduler_host=sched)
     choice = reach.choose_reach(cluster.reach_setting, list(cluster.worker_hosts), sched, probe)
     if choice.mode == "forward" and choice.scheduler_host is None:
+        states = cluster.pool.states
+        why = {n: f"{states[n].state}: {states[n].reason}; fix: {states[n].fix}"
+               for n in cluster.worker_hosts if n in states and states[n].fix}
+        if why:
+            raise StartError(f"no worker host can run the scheduler: {', '.join(why)} answered but cannot run it", why)
         raise StartError("no worker host answered, so there is no host to run the scheduler on", {})
     cluster.reach = choice
     logger.info(
@@ -248,7 +253,7 @@ def start_error(cluster: SSHSpecCluster, registered: int, elapsed: float) -> Sta
         else:
             why.setdefault(host, cluster._last_start_error.get(key) or "did not start in time")
     if no_host_answers(states, cluster.worker_hosts):
-        summary = f"no worker host answered (at least {cluster.min_workers} workers needed)"
+        summary = no_usable_host_summary(states, cluster.worker_hosts, cluster.min_workers)
         for name, state in states.items():
             if name in cluster.worker_hosts and state.reason:
                 why.setdefault(name, f"{state.state}: {state.reason}")
@@ -258,6 +263,27 @@ def start_error(cluster: SSHSpecCluster, registered: int, elapsed: float) -> Sta
             f"at least {cluster.min_workers} needed"
         )
     return StartError(summary, why)
+
+
+def no_usable_host_summary(
+    states: Mapping[str, HostState], worker_hosts: Mapping[str, HostSpec], needed: int
+) -> str:
+    """The first line of a start where every worker host is down or put aside.
+
+    A host with a fix (no distributed, another distributed release, an
+    unwritable directory, a changed host key) answered: saying that no host
+    answered would send the user looking at the network instead.
+    """
+    answered = [n for n in worker_hosts if states[n].fix]
+    if not answered:
+        return f"no worker host answered (at least {needed} workers needed)"
+    silent = len(worker_hosts) - len(answered)
+    shown = ", ".join(answered[:5]) + (f" and {len(answered) - 5} more" if len(answered) > 5 else "")
+    return (
+        f"no worker host can run workers (at least {needed} needed): {shown} answered but cannot run them"
+        + (f", {silent} did not answer" if silent else "")
+        + "; the fix for each host follows"
+    )
 
 
 def host_error_of(exc: BaseException) -> HostError | None:

@@ -69,6 +69,46 @@ class SpecClusterCLI(click.Group):
             sys.exit(code)
         return code
 
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        # Click's own hint lists every loosely similar command ('lgo' got 'logs', 'stauts'
+        # got 'restart' too); suggest one command only when it is really close.
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            visible = [c for c in self.list_commands(ctx) if not getattr(self.get_command(ctx, c), "hidden", False)]
+            best = closest_command(name, visible)
+            hint = f" Did you mean {best!r}?" if best else ""
+            raise click.UsageError(f"No such command {name!r}.{hint}", ctx)
+        return super().resolve_command(ctx, args)
+
+
+# How alike (difflib's ratio) an unknown command and a command must be to suggest it.
+SUGGEST_RATIO = 0.75
+
+
+def closest_command(name: str, commands: Sequence[str]) -> str | None:
+    """The one command ``name`` is a likely typo of, or ``None``.
+
+    Parameters
+    ----------
+    name
+        What the user typed.
+    commands
+        The command names to choose from.
+
+    Returns
+    -------
+    str or None
+        The command with the highest :class:`difflib.SequenceMatcher` ratio,
+        if it reaches :data:`SUGGEST_RATIO`.
+    """
+    import difflib
+
+    scored = [(difflib.SequenceMatcher(None, name.lower(), c).ratio(), c) for c in commands]
+    ratio, best = max(scored, default=(0.0, ""))
+    return best if ratio >= SUGGEST_RATIO else None
+
 
 def _usage_error(exc: click.exceptions.UsageError) -> int:
     ctx = exc.ctx

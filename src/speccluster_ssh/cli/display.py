@@ -188,10 +188,17 @@ def _render_status(report: Mapping[str, Any]) -> None:
         [(w.get("name"), w.get("host"), w.get("address"), w.get("status"), w.get("threads"),
           _bytes(w.get("memory_limit")), *((",".join(w.get("gpus") or []) or "-",) if gpus else ()))
          for w in workers],
-        title=f"{len(workers)} workers",
+        title=_workers_title(workers),
     ))
     if report.get("capacity_note"):
         click.echo(f"note: {report['capacity_note']}")
+
+
+def _workers_title(workers: Sequence[Mapping[str, Any]]) -> str:
+    """``3 workers running, 1 pending``: entries not yet registered are not counted as workers."""
+    running = sum(1 for w in workers if w.get("status") == "running")
+    pending = len(workers) - running
+    return f"{running} workers running" + (f", {pending} pending" if pending else "")
 
 
 def _new_text(old: str, new: str) -> str:

@@ -48,8 +48,12 @@ def inventory(
         _echo_json(inv.to_ansible_list())
         return
     from ..inventory import hosts_table_rows
+    from ..planning import agent_python
 
     rows = hosts_table_rows(inv)
+    for row in rows:
+        # The interpreter the agent runs (a local host's default python3 is the head's own), as plan shows it.
+        row["python"] = agent_python(inv.hosts[row["name"]])
     if as_json:
         _echo_json(rows)
         return
