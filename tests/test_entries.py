@@ -79,7 +79,7 @@ def test_group_entry_with_tls() -> None:
             "options": {
                 "nthreads": None,
                 "memory_limit": "auto",
-                "dashboard_address": ":0",
+                "dashboard_address": "127.0.0.1:0",
                 "resources": {"GPU": 1},
                 "local_directory": "/scratch",
                 "interface": "ib0",
@@ -101,7 +101,7 @@ def test_single_worker_entry_without_tls_with_cluster_options() -> None:
             "host": "n2",
             "cluster": "lab-0123abcd",
             # inventory options, then the host's worker_options, then the cluster's
-            "options": {"nthreads": 3, "memory_limit": 2 * 2**30, "dashboard_address": ":0", "lifetime": "1h"},
+            "options": {"nthreads": 3, "memory_limit": 2 * 2**30, "dashboard_address": "127.0.0.1:0", "lifetime": "1h"},
             "env": {},
             "start_timeout": 42.0,
         },
@@ -136,7 +136,7 @@ def test_complete_a_user_written_entry() -> None:
         "cls": RemoteWorker,
         "options": {
             "host": "n2",
-            "options": {"nthreads": 3, "security": REMOTE_SECURITY, "dashboard_address": ":0"},
+            "options": {"nthreads": 3, "security": REMOTE_SECURITY, "dashboard_address": "127.0.0.1:0"},
             "cluster": "lab-0123abcd",
             "start_timeout": 42.0,
             "env": {},
@@ -149,7 +149,7 @@ def test_complete_a_user_written_entry() -> None:
     )
     assert kept["options"] == {
         "host": "n1", "env": {"X": "1"}, "start_timeout": 5, "cluster": "lab-0123abcd",
-        "options": {"dashboard_address": ":0"},
+        "options": {"dashboard_address": "127.0.0.1:0"},
     }
     with pytest.raises(UserError, match="RemoteNanny or RemoteWorker"):
         entries.complete_entry(settings(), {"cls": dict, "options": {"host": "n1"}}, hosts)
@@ -200,7 +200,7 @@ def test_remote_scheduler_entry() -> None:
             "cluster": "lab-0123abcd",
             "options": {
                 "port": 0,
-                "dashboard_address": ":8790",
+                "dashboard_address": "127.0.0.1:8790",
                 "interface": "eth1",
                 "security": REMOTE_SECURITY,
                 "protocol": "tls",
@@ -212,7 +212,7 @@ def test_remote_scheduler_entry() -> None:
     }
     plain = Inventory.from_hosts([{"name": "s", "groups": ["scheduler"]}, {"name": "w", "groups": ["workers"]}])
     assert entries.remote_scheduler_entry(settings(tls=False), plain.hosts["s"], 8787)["options"]["options"] == {
-        "port": 0, "dashboard_address": ":8787",
+        "port": 0, "dashboard_address": "127.0.0.1:8787",
     }
 
 
@@ -220,5 +220,5 @@ def test_local_scheduler_entry() -> None:
     sec = Security()
     assert entries.local_scheduler_entry(Scheduler, sec, 0, 8787, {"port": 9000}) == {
         "cls": Scheduler,
-        "options": {"host": "0.0.0.0", "port": 9000, "dashboard_address": ":8787", "security": sec, "protocol": "tcp"},
+        "options": {"host": "0.0.0.0", "port": 9000, "dashboard_address": "127.0.0.1:8787", "security": sec, "protocol": "tcp"},
     }

@@ -40,7 +40,7 @@ from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
 
 from . import config as sc_config
-from . import entries, reach, reconcile, startup
+from . import dashboards, entries, reach, reconcile, startup
 from .day2 import Day2Operations
 from .entries import EntrySettings
 from .errors import CapacityError, UserError
@@ -106,6 +106,12 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
     security
         A ``distributed.Security``, ``True`` for fresh TLS certificates
         (the default), or ``False`` for plain TCP.
+    dashboard_address
+        ``HOST`` or ``HOST:PORT`` the scheduler's dashboard listens on, on
+        the scheduler's host; default config ``dashboard-address``, the
+        host's loopback (the dashboard has no authentication). ``"0.0.0.0"``
+        exposes it; a loopback dashboard on another host is forwarded to the
+        head's loopback, which ``dashboard_link`` then names.
     name, asynchronous, loop, silence_logs, shutdown_on_close
         As for :class:`distributed.deploy.SpecCluster`.
 
@@ -146,6 +152,7 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         workers: Mapping[str, Any] | None = None,
         scheduler_sync_interval: float = 1,
         scheduler_reach: str | None = None,
+        dashboard_address: str | None = None,
     ) -> None:
         inventory = startup.resolve_inventory(hosts, inventory)
         self.inventory: Inventory = inventory
@@ -175,6 +182,9 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         self.entry_settings = EntrySettings.for_tls_files(
             self.cluster_id, self.start_timeout, files, worker_options=self.worker_options,
             classes=PROCESS_CLASSES, process_base=RemoteProcess,
+            dashboard_address=dashboards.checked_address(
+                dashboard_address if dashboard_address is not None else sc_config.get("dashboard-address")
+            ),
         )
         self.remote_security = self.entry_settings.remote_security
 
@@ -469,7 +479,14 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         if isinstance(self.scheduler, RemoteScheduler):
             port = self.scheduler.dashboard_port
             host = self.scheduler.address.split("://")[-1].rsplit(":", 1)[0] if self.scheduler.address else "localhost"
+            if dashboards.on_loopback(self.scheduler.options.get("dashboard_address")):
+                host = dashboards.LOOPBACK  # the scheduler's host is the head (others are forwarded)
             return f"http://{host}:{port}/status" if port else ""
+        bound = getattr(getattr(self.scheduler, "http_server", None), "address", None)
+        if isinstance(bound, str) and dashboards.is_loopback(bound) and super().dashboard_link:
+            from distributed.utils import format_dashboard_link
+
+            return str(format_dashboard_link(dashboards.LOOPBACK, self.scheduler.http_server.port))
         return super().dashboard_link
 
     def status_report(self) -> dict[str, Any]:
@@ -477,6 +494,9 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         report = self.reports.status_report()
         # How the head reaches the scheduler: {"mode", "why", "scheduler_host", "setting"}.
         report["scheduler_reach"] = self.reach.as_dict() if self.reach is not None else None
+        report["dashboard"] = dashboards.where(
+            self.scheduler, self.dashboard_link, remote=isinstance(self.scheduler, RemoteScheduler)
+        )
         return report
 
     async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool | Sequence[str] = True) -> Any:

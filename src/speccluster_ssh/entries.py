@@ -34,6 +34,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dashboards import LOOPBACK, dashboard_bind
 from .errors import UserError
 from .inventory import HostSpec
 from .placement import choose_host, group_suffixes, worker_options
@@ -64,6 +65,10 @@ class EntrySettings:
     process_base
         The base class every worker entry's class must derive from; ``None``
         accepts any class.
+    dashboard_address
+        Where the scheduler's dashboard listens on its host: ``HOST`` or
+        ``HOST:PORT`` (see :func:`~speccluster_ssh.dashboards.dashboard_bind`);
+        ``None`` for the host's loopback.
     """
 
     cluster_id: str
@@ -72,6 +77,7 @@ class EntrySettings:
     worker_options: Mapping[str, Any] = field(default_factory=dict)
     classes: Mapping[str, Any] = field(default_factory=lambda: dict(CLASS_NAMES))
     process_base: type | None = None
+    dashboard_address: str | None = None
 
     @classmethod
     def for_tls_files(cls, cluster_id: str, start_timeout: float, tls_files: Mapping[str, bytes],
@@ -189,7 +195,7 @@ def complete_entry(settings: EntrySettings, spec: Mapping[str, Any], worker_host
     security = settings.security_options()
     if security is not None:
         inner.setdefault("security", security)
-    inner.setdefault("dashboard_address", ":0")
+    inner.setdefault("dashboard_address", f"{LOOPBACK}:0")
     options["options"] = inner
     entry["options"] = options
     return entry
@@ -303,7 +309,10 @@ def remote_scheduler_entry(
         cluster passes another for a scheduler reached through SSH forwards).
     """
     dashboard_port = host.dashboard_port if host.dashboard_port is not None else default_dashboard_port
-    remote_options: dict[str, Any] = {"port": host.scheduler_port, "dashboard_address": f":{dashboard_port}"}
+    remote_options: dict[str, Any] = {
+        "port": host.scheduler_port,
+        "dashboard_address": dashboard_bind(settings.dashboard_address, dashboard_port),
+    }
     if host.interface:
         remote_options["interface"] = host.interface
     security = settings.security_options()
@@ -327,7 +336,8 @@ def remote_scheduler_entry(
 
 
 def local_scheduler_entry(
-    scheduler_cls: Any, security: Any, port: int, dashboard_port: int | str, options: Mapping[str, Any] | None = None
+    scheduler_cls: Any, security: Any, port: int, dashboard_port: int | str, options: Mapping[str, Any] | None = None,
+    dashboard_address: str | None = None,
 ) -> dict[str, Any]:
     """The spec of a scheduler in the head process itself (no scheduler host in the inventory).
 
@@ -345,7 +355,10 @@ def local_scheduler_entry(
     local_options: dict[str, Any] = {
         "host": "0.0.0.0",
         "port": int(port),
-        "dashboard_address": f":{dashboard_port}",
+    dashboard_address
+        Where the dashboard listens (see :func:`~speccluster_ssh.dashboards.dashboard_bind`);
+        default the head's loopback.
+        "dashboard_address": dashboard_bind(dashboard_address, dashboard_port),
         "security": security,
         "protocol": "tls" if security.require_encryption else "tcp",
     }

@@ -3,6 +3,9 @@
 The head's own connections to such a scheduler (the cluster's, clients',
 the CLI's) and to its dashboard go through forwards over the SSH connection
 already open to the scheduler's host; TLS bytes pass through unchanged.
+A scheduler the head reaches directly gets a forward for its dashboard
+only, when that listens on its host's loopback (the default, see
+:mod:`speccluster_ssh.dashboards`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from . import dashboards
 from .pool import AgentPool
 from .process import RemoteScheduler
 
@@ -86,6 +90,9 @@ class ForwardedScheduler(RemoteScheduler):
     connects to, and :attr:`head_dashboard_link` the dashboard's.
     """
 
+    #: Whether the head's connections to the scheduler go through a forward (else only the dashboard's).
+    forward_scheduler = True
+
     def __init__(self, *, host: str, cluster: str, **kwargs: Any) -> None:
         super().__init__(host=host, cluster=cluster, **kwargs)
         self.forwards: SchedulerForwards | None = None
@@ -97,13 +104,18 @@ class ForwardedScheduler(RemoteScheduler):
         connection = pool.connection(self.host)
         if connection.host.is_local or not self.address:
             return  # the head is the host: its address works as it is
+        loopback = dashboards.on_loopback(self.options.get("dashboard_address"))
+        if not self.forward_scheduler and not loopback:
+            return  # the head reaches the scheduler and its dashboard directly
         self.forwards = SchedulerForwards(connection)
         try:
-            self.external_address = await self.forwards.forward(self.address)
+            if self.forward_scheduler:
+                self.external_address = await self.forwards.forward(self.address)
             port = self.dashboard_port
             if port:
                 _, host, _ = split_address(self.address)
-                local = await self.forwards.forward_port(host, port)
+                # A loopback dashboard is reached as the host's sshd sees it: on its own loopback.
+                local = await self.forwards.forward_port(dashboards.LOOPBACK if loopback else host, port)
                 self.head_dashboard_link = f"http://127.0.0.1:{local}/status"
         except BaseException:
             await self.close()
@@ -115,3 +127,9 @@ class ForwardedScheduler(RemoteScheduler):
         finally:
             if self.forwards is not None:
                 await self.forwards.close()
+
+
+class DashboardForwardedScheduler(ForwardedScheduler):
+    """A scheduler on a lab host that the head reaches directly; only its dashboard, on loopback, is forwarded."""
+
+    forward_scheduler = False

@@ -59,6 +59,7 @@ class UpOptions:
     worker_group: str = "workers"
     min_workers: str | None = None
     scheduler_reach: str | None = None
+    dashboard_address: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -205,6 +206,8 @@ class Head:
                 kwargs["security"] = options.tls
             if options.scheduler_reach is not None:
                 kwargs["scheduler_reach"] = options.scheduler_reach
+            if options.dashboard_address is not None:
+                kwargs["dashboard_address"] = options.dashboard_address
             self.cluster = SSHSpecCluster(**kwargs)
             self.state.cluster_id = self.cluster.cluster_id
             self.state.tls = bool(self.cluster.security.require_encryption)

@@ -171,7 +171,8 @@ def worker_options(host: HostSpec) -> dict[str, Any]:
     options: dict[str, Any] = {
         "nthreads": host.nthreads,
         "memory_limit": host.memory_limit,
-        "dashboard_address": ":0",
+        # Loopback: a worker's dashboard has no authentication either (see dashboards.py).
+        "dashboard_address": "127.0.0.1:0",
     }
     if host.resources:
         options["resources"] = dict(host.resources)

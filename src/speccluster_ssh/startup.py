@@ -26,7 +26,7 @@ from . import config as sc_config
 from . import entries, reach, timeline
 from .connection import ConnectSettings
 from .errors import HostError, StartError, UserError
-from .forwards import ForwardedScheduler
+from .forwards import DashboardForwardedScheduler, ForwardedScheduler
 from .health import Health, HostState
 from .inventory import HostSpec, Inventory, load_inventory
 from .placement import Target
@@ -91,8 +91,13 @@ def scheduler_entry(cluster: SSHSpecCluster, options: dict[str, Any], sec: Any) 
             cluster.entry_settings, sched_host, dashboard_port, options, cls=ForwardedScheduler
         )
     if sched_host is not None:
-        return entries.remote_scheduler_entry(cluster.entry_settings, sched_host, dashboard_port, options)
-    return entries.local_scheduler_entry(Scheduler, sec, sc_config.get("scheduler-port"), dashboard_port, options)
+        return entries.remote_scheduler_entry(
+            cluster.entry_settings, sched_host, dashboard_port, options, cls=DashboardForwardedScheduler
+        )
+    return entries.local_scheduler_entry(
+        Scheduler, sec, sc_config.get("scheduler-port"), dashboard_port, options,
+        dashboard_address=cluster.entry_settings.dashboard_address,
+    )
 
 
 def initial_spec(

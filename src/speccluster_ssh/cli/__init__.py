@@ -17,13 +17,13 @@ control socket (:mod:`speccluster_ssh.control`), ``check``
 - :mod:`.common`: the command group, shared options, finding a cluster;
 - :mod:`.display`: tables, progress, status;
 - :mod:`.inventory_commands`, :mod:`.lifecycle`, :mod:`.running`,
-  :mod:`.operations` and :mod:`.files`: the commands, each registering
-  itself on the group.
+  :mod:`.operations`, :mod:`.files` and :mod:`.tools` (``run``,
+  ``dashboard``): the commands, each registering itself on the group.
 """
 
 from __future__ import annotations
 
-from . import files, inventory_commands, lifecycle, running  # noqa: F401  (each registers its commands)
+from . import files, inventory_commands, lifecycle, running, tools  # noqa: F401  (each registers its commands)
 from .common import main
 from .display import _new_text
 from .operations import register as _register_operations

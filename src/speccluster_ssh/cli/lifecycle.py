@@ -93,12 +93,16 @@ def _clear_stale(directory: Path) -> None:
               help="How the head reaches the scheduler (default: speccluster_scheduler_reach, else config "
                    "scheduler-reach).")
 @_group_options
+@click.option("--dashboard-address", "dashboard_address", default=None, metavar="HOST[:PORT]",
+              help="Where the scheduler's dashboard listens on its host (default: config dashboard-address, "
+                   "127.0.0.1). It has no authentication: 0.0.0.0 exposes it to every network of the host.")
 @_json_option
 def up(
     inventory: str, name: str | None, workers: int | None, adapt_range: str | None, detach: bool,
     timeout: float | None, placement: str | None, known_hosts: str | None, no_tls: bool, min_workers: str | None,
     scheduler_reach: str | None, scheduler_group: str, worker_group: str, as_json: bool,
 ) -> None:
+    dashboard_address: str | None = None,
     """Start a Dask cluster on the hosts of INVENTORY.
 
     In the foreground the cluster runs until Ctrl-C (or SIGTERM), then it is
@@ -117,6 +121,7 @@ def up(
     """
     from .. import config
 
+    from ..dashboards import checked_address
     adapt = _parse_adapt(adapt_range)
     inv = _load_inventory(inventory, scheduler_group, worker_group)
     cluster_name = st.check_name(name or st.default_name(inventory))
@@ -161,6 +166,7 @@ def up(
         min_workers=min_workers,
         scheduler_reach=scheduler_reach,
     )
+        dashboard_address=checked_address(dashboard_address),
     directory = st.make_cluster_dir(cluster_name)
     lock = st.HeadLock(directory)
     if not lock.acquire():
