@@ -112,6 +112,49 @@ all:
         load_inventory(path)
 
 
+def test_a_host_that_is_its_own_jump_is_reached_directly(tmp_path: Path) -> None:
+    """``-o ProxyJump=gw`` under ``[all:vars]`` also reaches gw: gw itself directly, as OpenSSH and Ansible do."""
+    path = tmp_path / "inv.ini"
+    path.write_text(
+        "[gateways]\ngw ansible_host=192.0.2.10\n\n[workers]\nh1 ansible_host=10.1.0.1\nh2 ansible_host=10.1.0.2\n\n"
+        "[all:vars]\nansible_ssh_common_args='-o ProxyJump=gw'\n"
+    )
+    inv = load_inventory(path)
+    assert inv.hosts["gw"].jumps is None  # no jump of its own; ssh_config may still name one
+    for name in ("h1", "h2"):
+        hops = inv.hosts[name].jumps
+        assert hops is not None and [(h.address, h.inventory_host) for h in hops] == [("192.0.2.10", "gw")], hops
+
+
+def test_own_hop_later_in_a_chain_keeps_the_hops_before_it(tmp_path: Path) -> None:
+    """``-J bastion,gw`` for everyone: bastion is reached directly, gw through bastion, the rest through both."""
+    path = _write(
+        tmp_path,
+        """
+all:
+  vars: {ansible_ssh_common_args: "-J bastion,gw"}
+  hosts:
+    bastion: {ansible_host: 192.0.2.1}
+    gw: {ansible_host: 10.0.0.1}
+    h1: {ansible_host: 10.1.0.1}
+""",
+    )
+    inv = load_inventory(path)
+    assert inv.hosts["bastion"].jumps is None
+    assert [h.inventory_host for h in inv.hosts["gw"].jumps or ()] == ["bastion"]
+    assert [h.address for h in inv.hosts["h1"].jumps or ()] == ["192.0.2.1", "10.0.0.1"]
+
+
+def test_a_loop_between_two_hosts_under_a_shared_jump_is_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "inv.ini"
+    path.write_text(
+        "[all]\ngw\na ansible_ssh_common_args='-J b'\nb ansible_ssh_common_args='-J a'\n\n"
+        "[all:vars]\nansible_ssh_common_args='-o ProxyJump=gw'\n"
+    )
+    with pytest.raises(InventoryError, match=r"jump hosts form a loop: (a -> b -> a|b -> a -> b)"):
+        load_inventory(path)
+
+
 def test_a_bad_jump_names_the_variable(tmp_path: Path) -> None:
     path = _write(tmp_path, 'all:\n  hosts:\n    a: {ansible_ssh_common_args: "-J gw:port"}\n')
     with pytest.raises(InventoryError, match="ansible_ssh_common_args on host a: jump host 'gw:port'"):

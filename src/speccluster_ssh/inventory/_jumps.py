@@ -135,6 +135,11 @@ def resolve_jump_chain(
     jumps come before it; later hops are reached through the hop before
     them, so their own jumps do not count (as in OpenSSH).
 
+    A host that is one of its own jumps (``-J gw`` under ``all:vars``, where
+    ``gw`` is an inventory host) is reached by the hops before that one, and
+    directly when there are none: OpenSSH does not pass the command line's
+    jump on to the jump's own ssh, so it is no loop.
+
     Raises
     ------
     ValueError
@@ -143,13 +148,20 @@ def resolve_jump_chain(
     host = hosts[name]
     if host.jumps is None:
         return None
+    hops = host.jumps
+    own = [position for position, hop in enumerate(hops) if _inventory_target(hop, hosts) == name]
+    if own:
+        hops = hops[: own[0]]
+        if not hops:
+            return None  # reached directly, or as its ssh_config says
     path = [*seen, name]
     chain: list[JumpHop] = []
-    for position, hop in enumerate(host.jumps):
-        target = hosts.get(hop.address)
-        if target is None or hop.inventory_host or hop.user is not None or hop.port is not None or target.is_local:
+    for position, hop in enumerate(hops):
+        target_name = _inventory_target(hop, hosts)
+        if target_name is None:
             chain.append(hop)
             continue
+        target = hosts[target_name]
         if target.name in path:
             raise ValueError(f"jump hosts form a loop: {' -> '.join([*path, target.name])}")
         if position == 0:
@@ -167,3 +179,11 @@ def resolve_jump_chain(
     if len(chain) > MAX_CHAIN:
         raise ValueError(f"host {name} has {len(chain)} jump hosts, more than {MAX_CHAIN}")
     return tuple(chain)
+
+
+def _inventory_target(hop: JumpHop, hosts: Mapping[str, HostSpec]) -> str | None:
+    """The inventory host a hop stands for, to be filled in from it; ``None`` for a hop taken as written."""
+    target = hosts.get(hop.address)
+    if target is None or hop.inventory_host or hop.user is not None or hop.port is not None or target.is_local:
+        return None
+    return target.name
