@@ -137,6 +137,11 @@ class HostAgent:
         self._channel: Channel | None = None
         self._next_id = 0
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending_stops: dict[int, str] = {}  # request id -> process name, for the stops in flight
+        # The reply to the shutdown close() sent (or why it failed); None until close() sends it.
+        self._shutdown: asyncio.Future[dict[str, Any]] | None = None
+        self._shutdown_id: int | None = None
+        self._closing: asyncio.Future[None] | None = None  # set by the first close(); later calls wait for it
         self._handlers: dict[str, list[EventHandler]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
@@ -240,7 +245,30 @@ class HostAgent:
         self._on_lost.append(callback)
 
     async def request(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
-        """Send one request and wait for its reply; raise :class:`HostError` on failure."""
+        """Send one request and wait for its reply; raise :class:`HostError` on failure.
+
+        Once :meth:`close` has sent the agent its shutdown, nothing more is
+        sent: the agent no longer reads requests. A ``stop`` then gets the
+        shutdown's outcome, since the shutdown stops every process; any other
+        request fails at once.
+        """
+        shutdown = self._shutdown
+        if shutdown is not None and op != "shutdown":
+            if op != "stop":
+                raise HostError(self.host.name, f"agent is shutting down; {op!r} was not sent")
+            try:
+                outcome = await asyncio.wait_for(asyncio.shield(shutdown), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise HostError(self.host.name, f"agent did not finish its shutdown within {timeout:g} s") from None
+            reply = _stopped_by(outcome, str(fields.get("name")))
+        else:
+            reply = await self._send(op, timeout, fields)
+        if not reply.get("ok"):
+            raise HostError(self.host.name, f"{op} failed: {reply.get('error')}")
+        return reply
+
+    async def _send(self, op: str, timeout: float, fields: dict[str, Any]) -> dict[str, Any]:
+        """Write one request to the agent and return its reply (``ok`` false when it failed)."""
         if not self.alive or self._channel is None:
             raise HostError(self.host.name, f"agent is not running ({self.lost_reason or 'not started'})")
         self._next_id += 1
@@ -250,16 +278,18 @@ class HostAgent:
         message = {"op": op, "id": request_id, **fields}
         try:
             self._channel.write(json.dumps(message).encode() + b"\n")
-            reply = await asyncio.wait_for(asyncio.shield(future), timeout)
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise HostError(self.host.name, f"agent did not answer {op!r} within {timeout:g} s") from None
         except (OSError, ConnectionError) as exc:
+        if op == "stop":
+            self._pending_stops[request_id] = str(fields.get("name"))
+        elif op == "shutdown":
+            self._shutdown_id = request_id
             raise HostError(self.host.name, f"lost the agent while sending {op!r}: {exc}") from exc
         finally:
             self._pending.pop(request_id, None)
-        if not reply.get("ok"):
-            raise HostError(self.host.name, f"{op} failed: {reply.get('error')}")
-        return reply
+            self._pending_stops.pop(request_id, None)
 
     async def write_file(self, relative_path: str, data: bytes, mode: int = 0o600) -> str:
         """Write ``data`` into the cluster directory on the host; return its path there."""
@@ -291,6 +321,9 @@ class HostAgent:
                     except Exception:  # one broken handler must not stop the others
                         logger.exception("handler for %s on %s failed", message.get("event"), self.host.name)
         except asyncio.CancelledError:
+                    if request_id == self._shutdown_id:
+                        # Settled here, before the end of the channel that follows can fail the stops.
+                        self._shutdown_done(message)
             reason = "closed"
             raise
         except Exception as exc:
@@ -321,9 +354,21 @@ class HostAgent:
         self._lost.set()
         for future in self._pending.values():
             if not future.done():
+    def _shutdown_done(self, reply: dict[str, Any]) -> None:
+        """The shutdown's outcome is known: it answers the stops still waiting (see :meth:`request`)."""
+        if self._shutdown is not None and not self._shutdown.done():
+            self._shutdown.set_result(reply)
+        for request_id, name in list(self._pending_stops.items()):
+            future = self._pending.get(request_id)
+            if future is not None and not future.done():
+                future.set_result(_stopped_by(reply, name))
+
                 future.set_result({"ok": False, "error": f"agent lost: {reason}"})
         for callback in self._on_lost:
             try:
+        shutdown = self._shutdown
+        if shutdown is not None and shutdown.done() and shutdown.result().get("ok"):
+            reason = "closed"  # the agent ended because we asked it to
                 callback(reason)
             except Exception:
                 logger.exception("lost-agent callback on %s failed", self.host.name)
@@ -336,16 +381,41 @@ class HostAgent:
         ``grace``: seconds between the processes' SIGTERM and SIGKILL (the agent's default when ``None``).
         ``keep_tls``: leave the host's TLS files (another agent of the cluster on the host uses them);
         ``remove_files`` false keeps the logs.
+
+        Only a real failure is logged (a warning): the agent was lost before
+        it could be told, it did not confirm its shutdown, or processes were
+        still running after it. A second call waits for the first.
         """
         if self.alive:
             try:
-                extra = {} if grace is None else {"grace": grace}
-                await self.request("shutdown", remove=remove_files, keep_tls=keep_tls, timeout=timeout, **extra)
+                reply = await self.request("shutdown", remove=remove_files, keep_tls=keep_tls, timeout=timeout, **extra)
             except HostError as exc:
                 # Closing the channel below stops the agent anyway (it exits when stdin closes).
-                logger.info("host %s: the agent did not confirm its shutdown: %s", self.host.name, exc)
+                reply = {"ok": False, "error": f"the agent's shutdown failed: {exc.reason}"}
+                logger.warning("host %s: the agent did not confirm its shutdown: %s", self.host.name, exc.reason)
+            else:
+                if reply.get("left"):
+                    left = ", ".join(map(str, reply["left"]))
+                    logger.warning("host %s: still running after the agent's shutdown: %s", self.host.name, left)
+            self._shutdown_done(reply)
+        elif self._channel is not None and self.lost_reason not in (None, "closed"):
+            # Lost while the cluster closed, so no one else reported it.
+            logger.warning("host %s: the agent was lost before it could stop its processes: %s",
+                           self.host.name, self.lost_reason)  # fmt: skip
         self._mark_lost("closed")
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+            return
+        self._closing = asyncio.get_running_loop().create_future()
+        try:
+            await self._shut_down(remove_files=remove_files, timeout=timeout, grace=grace, keep_tls=keep_tls)
+        finally:
+            self._closing.set_result(None)
+
+    async def _shut_down(self, *, remove_files: bool, timeout: float, grace: float | None, keep_tls: bool) -> None:
         current = asyncio.current_task()
+            self._shutdown = asyncio.get_running_loop().create_future()
+            extra = {} if grace is None else {"grace": grace}
         if current is not None and current in (self._pinger, self._reader):
             # Called from one of our own loops: it cannot wait for itself.
             for task in (self._pinger, self._reader):
@@ -363,6 +433,15 @@ def _parse(line: bytes) -> dict[str, Any]:
     except ValueError:
         return {"event": "garbage", "data": line[:200].decode("utf-8", "replace")}
     return message if isinstance(message, dict) else {"event": "garbage"}
+
+
+def _stopped_by(shutdown: dict[str, Any], name: str) -> dict[str, Any]:
+    """The reply to a stop of process ``name`` that the agent's shutdown (reply ``shutdown``) answers."""
+    if not shutdown.get("ok"):
+        return {"ok": False, "error": shutdown.get("error") or "the agent's shutdown failed"}
+    if name in (shutdown.get("left") or ()):
+        return {"ok": False, "error": f"{name} was still running after the agent's shutdown"}
+    return {"ok": True, "code": None, "by": "shutdown"}
 
 
 def _start_failure(host: HostSpec, stderr: str) -> tuple[str, str]:
