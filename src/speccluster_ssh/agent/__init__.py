@@ -275,6 +275,10 @@ class HostAgent:
         request_id = self._next_id
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        if op == "stop":
+            self._pending_stops[request_id] = str(fields.get("name"))
+        elif op == "shutdown":
+            self._shutdown_id = request_id
         message = {"op": op, "id": request_id, **fields}
         try:
             self._channel.write(json.dumps(message).encode() + b"\n")
@@ -282,10 +286,6 @@ class HostAgent:
         except (asyncio.TimeoutError, TimeoutError):
             raise HostError(self.host.name, f"agent did not answer {op!r} within {timeout:g} s") from None
         except (OSError, ConnectionError) as exc:
-        if op == "stop":
-            self._pending_stops[request_id] = str(fields.get("name"))
-        elif op == "shutdown":
-            self._shutdown_id = request_id
             raise HostError(self.host.name, f"lost the agent while sending {op!r}: {exc}") from exc
         finally:
             self._pending.pop(request_id, None)
@@ -314,6 +314,9 @@ class HostAgent:
                     future = self._pending.get(request_id)
                     if future is not None and not future.done():
                         future.set_result(message)
+                    if request_id == self._shutdown_id:
+                        # Settled here, before the end of the channel that follows can fail the stops.
+                        self._shutdown_done(message)
                     continue
                 for handler in list(self._handlers.get(str(message.get("event")), ())):
                     try:
@@ -321,9 +324,6 @@ class HostAgent:
                     except Exception:  # one broken handler must not stop the others
                         logger.exception("handler for %s on %s failed", message.get("event"), self.host.name)
         except asyncio.CancelledError:
-                    if request_id == self._shutdown_id:
-                        # Settled here, before the end of the channel that follows can fail the stops.
-                        self._shutdown_done(message)
             reason = "closed"
             raise
         except Exception as exc:
@@ -347,13 +347,6 @@ class HostAgent:
                 self._mark_lost(f"cannot write to the agent: {type(exc).__name__}: {exc}")
                 return
 
-    def _mark_lost(self, reason: str) -> None:
-        if self._lost.is_set():
-            return
-        self.lost_reason = reason
-        self._lost.set()
-        for future in self._pending.values():
-            if not future.done():
     def _shutdown_done(self, reply: dict[str, Any]) -> None:
         """The shutdown's outcome is known: it answers the stops still waiting (see :meth:`request`)."""
         if self._shutdown is not None and not self._shutdown.done():
@@ -363,12 +356,19 @@ class HostAgent:
             if future is not None and not future.done():
                 future.set_result(_stopped_by(reply, name))
 
-                future.set_result({"ok": False, "error": f"agent lost: {reason}"})
-        for callback in self._on_lost:
-            try:
+    def _mark_lost(self, reason: str) -> None:
+        if self._lost.is_set():
+            return
         shutdown = self._shutdown
         if shutdown is not None and shutdown.done() and shutdown.result().get("ok"):
             reason = "closed"  # the agent ended because we asked it to
+        self.lost_reason = reason
+        self._lost.set()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result({"ok": False, "error": f"agent lost: {reason}"})
+        for callback in self._on_lost:
+            try:
                 callback(reason)
             except Exception:
                 logger.exception("lost-agent callback on %s failed", self.host.name)
@@ -386,7 +386,19 @@ class HostAgent:
         it could be told, it did not confirm its shutdown, or processes were
         still running after it. A second call waits for the first.
         """
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+            return
+        self._closing = asyncio.get_running_loop().create_future()
+        try:
+            await self._shut_down(remove_files=remove_files, timeout=timeout, grace=grace, keep_tls=keep_tls)
+        finally:
+            self._closing.set_result(None)
+
+    async def _shut_down(self, *, remove_files: bool, timeout: float, grace: float | None, keep_tls: bool) -> None:
         if self.alive:
+            self._shutdown = asyncio.get_running_loop().create_future()
+            extra = {} if grace is None else {"grace": grace}
             try:
                 reply = await self.request("shutdown", remove=remove_files, keep_tls=keep_tls, timeout=timeout, **extra)
             except HostError as exc:
@@ -403,19 +415,7 @@ class HostAgent:
             logger.warning("host %s: the agent was lost before it could stop its processes: %s",
                            self.host.name, self.lost_reason)  # fmt: skip
         self._mark_lost("closed")
-        if self._closing is not None:
-            await asyncio.shield(self._closing)
-            return
-        self._closing = asyncio.get_running_loop().create_future()
-        try:
-            await self._shut_down(remove_files=remove_files, timeout=timeout, grace=grace, keep_tls=keep_tls)
-        finally:
-            self._closing.set_result(None)
-
-    async def _shut_down(self, *, remove_files: bool, timeout: float, grace: float | None, keep_tls: bool) -> None:
         current = asyncio.current_task()
-            self._shutdown = asyncio.get_running_loop().create_future()
-            extra = {} if grace is None else {"grace": grace}
         if current is not None and current in (self._pinger, self._reader):
             # Called from one of our own loops: it cannot wait for itself.
             for task in (self._pinger, self._reader):
@@ -427,14 +427,6 @@ class HostAgent:
             await self._channel.close()
 
 
-def _parse(line: bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(line)
-    except ValueError:
-        return {"event": "garbage", "data": line[:200].decode("utf-8", "replace")}
-    return message if isinstance(message, dict) else {"event": "garbage"}
-
-
 def _stopped_by(shutdown: dict[str, Any], name: str) -> dict[str, Any]:
     """The reply to a stop of process ``name`` that the agent's shutdown (reply ``shutdown``) answers."""
     if not shutdown.get("ok"):
@@ -442,6 +434,14 @@ def _stopped_by(shutdown: dict[str, Any], name: str) -> dict[str, Any]:
     if name in (shutdown.get("left") or ()):
         return {"ok": False, "error": f"{name} was still running after the agent's shutdown"}
     return {"ok": True, "code": None, "by": "shutdown"}
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return {"event": "garbage", "data": line[:200].decode("utf-8", "replace")}
+    return message if isinstance(message, dict) else {"event": "garbage"}
 
 
 def _start_failure(host: HostSpec, stderr: str) -> tuple[str, str]:
