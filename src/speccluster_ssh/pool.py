@@ -317,8 +317,9 @@ class AgentPool:
         unclaimed = [(n, r) for n, r in zip(starting, results) if n in self._unclaimed]
         log_failures([r for _, r in unclaimed], [n for n, _ in unclaimed], logger, "starting agents")
         agents = {id(a): a for a in self.agents.values()}
-        for result in results:
-            if isinstance(result, HostAgent):
+        for name, result in zip(starting, results):
+            # Not one lost earlier: its loss was reported then (see _lost), and it has nothing left to stop.
+            if isinstance(result, HostAgent) and (result.alive or name in self._unclaimed):
                 agents.setdefault(id(result), result)
         closing = list(agents.values())
         results = await asyncio.gather(
