@@ -189,8 +189,9 @@ def test_shutdown_keeps_the_tls_files_for_a_newer_agent_when_asked(tmp_path: Pat
         await agents[1].write_file("tls/ca.pem", b"ca")
         await agents[0].close(remove_files=False, keep_tls=True)
         assert (directory / "tls" / "ca.pem").read_bytes() == b"ca"
-        # Without it the keys go, even when the logs stay.
+        # Without it the keys go, even when the logs stay (for their retention; an agent that ran nothing keeps none).
+        (directory / "logs" / "w.log").write_text("a worker's log\n")
         await agents[1].close(remove_files=False)
-        assert not (directory / "tls").exists() and (directory / "logs").is_dir()
+        assert not (directory / "tls").exists() and (directory / "logs" / "w.log").is_file()
 
     asyncio.run(main())

@@ -500,7 +500,9 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         return report
 
     async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool | Sequence[str] = True) -> Any:
-        logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=False)
+        logs = await super()._get_logs(cluster=cluster, scheduler=False, workers=False)
+        if scheduler:
+            logs["Scheduler"] = await self.reports.scheduler_log()
         if not workers:
             return logs
         return await self.reports.worker_logs(logs, workers)

@@ -415,8 +415,8 @@ async def _close_when_unused(
     finally:
         for w in waits:
             w.cancel()
-    # At the pool's close it goes as every agent goes: files and all.
-    await agent.close(remove_files=pool.closed, keep_tls=not pool.closed, grace=pool.shutdown_grace)
+    # At the pool's close it goes as every agent goes: keys removed, logs kept for their retention.
+    await agent.close(keep_tls=not pool.closed, grace=pool.shutdown_grace)
     if connection is not None:
         await connection.close()
 

@@ -132,6 +132,11 @@ class Reports:
                 logs[member] = Log(text)
         return logs
 
+    async def scheduler_log(self) -> Log:
+        """The scheduler's recent log records, oldest first like every other log (dask gives them newest first)."""
+        records = await self.cluster.scheduler_comm.get_logs()
+        return Log("\n".join(line for _level, line in reversed(records)))
+
     def name_of(self, worker: str) -> str:
         """The worker name for a name or an address the scheduler knows."""
         info = (self.cluster.scheduler_info or {}).get("workers", {}).get(worker)

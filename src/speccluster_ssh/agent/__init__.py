@@ -169,6 +169,7 @@ class HostAgent:
             "base_dir": self.base_dir,
             "listen_address": "127.0.0.1" if self.host.is_local else None,
             "log_max_bytes": self.host.log_max_bytes,
+            "log_retention": self.host.log_retention,
             "detect_gpus": self.host.gpus == "auto",
         }
         head = self.connection.local_address
@@ -193,7 +194,7 @@ class HostAgent:
             raise HostError(self.host.name, reason, channel.stderr_tail(), fix=fix)
         if hello.get("error"):
             await channel.close()
-            base = self.base_dir or "~/.cache/speccluster-ssh"
+            base = self.base_dir or "$XDG_CACHE_HOME/speccluster-ssh (else ~/.cache/speccluster-ssh)"
             user = self.host.user or "the login user"
             raise HostError(
                 self.host.name,
@@ -374,13 +375,14 @@ class HostAgent:
                 logger.exception("lost-agent callback on %s failed", self.host.name)
 
     async def close(
-        self, *, remove_files: bool = True, timeout: float = 15.0, grace: float | None = None, keep_tls: bool = False
+        self, *, remove_files: bool = False, timeout: float = 15.0, grace: float | None = None, keep_tls: bool = False
     ) -> None:
         """Stop every process of this cluster on the host, then the agent itself.
 
         ``grace``: seconds between the processes' SIGTERM and SIGKILL (the agent's default when ``None``).
         ``keep_tls``: leave the host's TLS files (another agent of the cluster on the host uses them);
-        ``remove_files`` false keeps the logs.
+        ``remove_files`` true removes the logs at once instead of keeping them for the host's
+        ``speccluster_log_retention``.
 
         Only a real failure is logged (a warning): the agent was lost before
         it could be told, it did not confirm its shutdown, or processes were

@@ -10,8 +10,10 @@ then this file (the agent's loop); it uses their names as globals.
 
 The head first sends one JSON line of agent config: ``cluster``,
 ``host_label``, ``silence``, ``base_dir``, ``listen_address``,
-``log_max_bytes`` (cap of each log file) and ``detect_gpus`` (run
-``nvidia-smi -L`` for the hello).
+``log_max_bytes`` (cap of each log file), ``log_retention`` (seconds the
+logs stay after the cluster ended, see ``logs.py``) and ``detect_gpus`` (run
+``nvidia-smi -L`` for the hello). A config with ``read_logs`` only prints
+the kept logs of ``cluster`` on this host (one ``kept_logs`` line) and exits.
 
 Protocol (JSON, one object per line):
 
@@ -25,8 +27,8 @@ head -> agent
     ``{"op": "write_file", "id": 10, "path": "tls/ca.pem", "data_b64": "..", "mode": 384}``,
     ``{"op": "ping"}``, ``{"op": "shutdown", "id": 11, "remove": true, "grace": 0.5, "keep_tls": false}``
     (``keep_tls``: leave the host's TLS files, which a newer agent of the
-    same cluster on the host uses; otherwise they are removed even when
-    ``remove`` is false).
+    same cluster on the host uses; otherwise they are removed. The logs stay
+    for their retention unless ``remove`` is true).
 agent -> head
     ``{"event": "probe", "to_head": .., "port": .., "address": ..}`` first when the
     config asks for a reach probe (scheduler_reach auto),
@@ -72,7 +74,10 @@ if TYPE_CHECKING:  # shipped, these are globals already: the other sources run f
         _cpu_count, _detect_gpus, _distributed_version, _listen_address, _private_dir, _probe_writable, _reach_probe,
         _total_memory,
     )
-    from .logs import TAIL_BYTES, LogFile, LogPipe, _tail_of, widen_pipe
+    from .logs import (
+        DEFAULT_RETENTION, TAIL_BYTES, LogFile, LogPipe, _base_dir, _hold_lock, _kept_logs, _leave, _sweep, _tail_of,
+        widen_pipe,
+    )
 
 MAX_OUTBUF = 16 * 1024 * 1024
 MARKER_ENV = "SPECCLUSTER_SSH_CLUSTER"
@@ -101,13 +106,17 @@ class Agent:
         self.silence = float(config.get("silence", 15.0))
         self.cluster = str(config["cluster"])
         self.log_max_bytes = int(config.get("log_max_bytes") or 64 * 2**20)
-        base = os.path.expanduser(config.get("base_dir") or "~/.cache/speccluster-ssh")
+        base = _base_dir(config)
         self.setup_error = ""
+        self.retention = float(config.get("log_retention", DEFAULT_RETENTION))
+        self.lock_fd = -1
         try:
             self.root_dir = _private_dir(os.path.join(base, self.cluster))
             self.dir = _private_dir(os.path.join(self.root_dir, config["host_label"]))
             self.log_dir = _private_dir(os.path.join(self.dir, "logs"))
             _probe_writable(self.log_dir)
+            self.lock_fd = _hold_lock(self.dir, self.retention)  # held until exit: this cluster is alive
+            _sweep(base, self.cluster)  # ended clusters' keys, expired logs
         except OSError as exc:
             # Said in the hello, so the head gives one clear error instead of retrying a crash.
             where = getattr(exc, "filename", None) or base
@@ -495,16 +504,11 @@ class Agent:
                     self._flush()
         for pipe in list(self.log_pipes):
             self._pump(pipe, max_chunks=64)
-        # Keys never outlive the cluster, even when the logs stay for a post-mortem; a
-        # restart's old agent leaves them to the new agent of the host (keep_tls).
-        if not self.keep_tls:
-            shutil.rmtree(os.path.join(self.dir, "tls"), ignore_errors=True)
-        if self.remove_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            try:
-                os.rmdir(self.root_dir)  # only when no other host of the cluster uses it
-            except OSError:
-                pass
+        # Keys never outlive the cluster, the logs stay for a post-mortem (logs.py); a
+        # restart's old agent leaves the keys to the new agent of the host (keep_tls).
+        if self.dir:
+            _leave(self.dir, self.root_dir, self.lock_fd, keep_tls=self.keep_tls, remove=self.remove_dir,
+                   retention=self.retention)
         if self.shutdown_reply is not None:
             self.send({"id": self.shutdown_reply, "ok": True, "left": sorted(c.name for c in self.by_pid.values())})
         self._finish_output()
@@ -550,7 +554,10 @@ def _safe(name: str) -> str:
 
 
 def main(config: dict[str, Any]) -> None:
-    """Import dask once, then serve requests until the head goes away."""
+    """Import dask once, then serve requests until the head goes away (or, asked ``read_logs``, print the kept logs)."""
+    if config.get("read_logs"):
+        os.write(1, (json.dumps({"event": "kept_logs", **_kept_logs(config)}) + "\n").encode())
+        return
     # Under scheduler_reach auto the head decides where the scheduler runs
     # from this, while the import below runs.
     listener = _reach_probe(config)

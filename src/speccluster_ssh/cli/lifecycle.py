@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 
 import click
 
-from .. import control
+from .. import control, postmortem
 from .. import state as st
 from ..errors import SpecClusterError, UserError
 from ..head import CLOSE_TIMEOUT, Head, UpOptions
@@ -312,7 +313,8 @@ def down(name: str | None, timeout: float, as_json: bool) -> None:
 
     A stale cluster (its head process is gone) only has its state removed;
     its remote agents stop their processes by themselves once the head's
-    SSH connections are gone.
+    SSH connections are gone. Either way the hosts keep the cluster's logs
+    for their speccluster_log_retention, and 'logs --name NAME' prints them.
 
     \b
     Example:
@@ -320,7 +322,9 @@ def down(name: str | None, timeout: float, as_json: bool) -> None:
     """
     known = _resolve(name, allow_stale=True)
     cluster_name, directory, pid = known.state.name, known.directory, known.state.pid
+    postmortem.purge_records()
     if not known.alive:
+        postmortem.keep_record(known)  # where its logs are, for 'logs --name' (see postmortem.py)
         st.remove_cluster_dir(directory)
         message = (f"cluster {cluster_name} was stale (head process {pid} is gone); removed its state in {directory}; "
                    "its remote processes stop by themselves once the head's connections are gone")
@@ -345,17 +349,21 @@ def down(name: str | None, timeout: float, as_json: bool) -> None:
         raise SpecClusterError(
             f"the head process of cluster {cluster_name} (pid {pid}) did not exit; stop it with 'kill {pid}'"
         )
+    record = postmortem.keep_record(known)  # after the head's exit: its head.log is complete
     st.remove_cluster_dir(directory)
     if as_json:
         _echo_json({"name": cluster_name, "stale": False, "closed": True})
     else:
         click.echo(f"cluster {cluster_name} closed")
+        if record is not None:
+            click.echo(f"its logs stay on its hosts for {_days(record.retention)}: '{PROG} logs --name {cluster_name}'",
+                       err=True)
 
 
 @main.command("list")
 @_json_option
 def list_clusters(as_json: bool) -> None:
-    """List the clusters known on this machine, running or stale.
+    """List the clusters known on this machine: running, stale, or ended (their logs are kept).
 
     \b
     Example:
@@ -363,6 +371,7 @@ def list_clusters(as_json: bool) -> None:
       speccluster-ssh list --json
     """
     known = st.known_clusters()
+    postmortem.purge_records()
     rows = [
         {
             "name": k.state.name,
@@ -376,6 +385,7 @@ def list_clusters(as_json: bool) -> None:
         }
         for k in known
     ]
+    rows += _ended_rows({r["name"] for r in rows})
     if as_json:
         _echo_json(rows)
         return
@@ -386,6 +396,27 @@ def list_clusters(as_json: bool) -> None:
     _console().print(_table(columns, [[r[c] for c in columns] for r in rows]))
     if any(r["status"] == "stale" for r in rows):
         click.echo(f"stale clusters: their head process is gone; '{PROG} down --name NAME' removes them", err=True)
+    if any(r["status"] == "ended" for r in rows):
+        click.echo(f"ended clusters: down, their hosts keep the logs; '{PROG} logs --name NAME' prints them", err=True)
+
+
+def _ended_rows(taken: set[str]) -> list[dict[str, Any]]:
+    """``list`` rows of the ended clusters whose logs are kept (the last of each name not in use again)."""
+    latest = {r.name: r for r in postmortem.ended_clusters() if r.name not in taken}
+    return [
+        {
+            "name": r.name, "status": "ended", "pid": 0, "scheduler_address": "", "dashboard_link": "",
+            "started": r.started, "inventory": r.inventory, "directory": str(r.directory),
+            "ended": datetime.datetime.fromtimestamp(r.ended).astimezone().isoformat(timespec="seconds"),
+            "logs_kept_until": datetime.datetime.fromtimestamp(r.ended + r.retention).astimezone().isoformat(
+                timespec="seconds"),
+        }
+        for r in sorted(latest.values(), key=lambda r: r.name)
+    ]
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds / 3600:g} hours"
 
 
 @main.command("client-config")

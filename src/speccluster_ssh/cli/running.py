@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Mapping
 
 import click
 
-from .. import control
+from .. import control, postmortem
 from .. import state as st
+from ..errors import SpecClusterError
 from ..messages import PROG
 from .common import _ask, _check_bytes, _json_option, _name_option, _resolve, main
 from .display import _echo_json, _new_text, _render_status
@@ -121,13 +123,20 @@ def logs(target: str | None, follow: bool, interval: float, name: str | None, as
     """Print the logs of a cluster's workers (also of dead ones) and scheduler.
 
     TARGET picks one worker by name, every worker of one host, 'scheduler',
-    or 'head' (the log of a detached head process on this machine).
+    or 'head' (the log of a detached head process on this machine). With
+    --name, a cluster that is down or whose head died still shows the logs
+    its hosts keep (speccluster_log_retention, 7 days by default).
 
     \b
     Example:
       speccluster-ssh logs
       speccluster-ssh logs node03 --follow
+      speccluster-ssh logs --name lab      # also after 'down'
     """
+    kept = _kept_source(name)
+    if kept is not None:
+        _print_kept_logs(kept, target, follow, as_json)
+        return
     known = _resolve(name)
     if target == "head":
         text = (known.directory / st.LOG_FILE).read_text(errors="replace") if (known.directory / st.LOG_FILE).exists() else ""
@@ -169,3 +178,53 @@ def logs(target: str | None, follow: bool, interval: float, name: str | None, as
             click.echo(f"cluster {known.state.name} is gone", err=True)
             return
         raise
+
+
+def _kept_source(name: str | None) -> postmortem.EndedCluster | None:
+    """What ``logs --name N`` reads instead of asking a head: a stale cluster's state, or the record of ``down``."""
+    if name is None:
+        return None
+    postmortem.purge_records()
+    directory = st.cluster_dir(name)
+    state = st.read_state(directory) if directory.is_dir() else None
+    if state is not None:
+        if st.head_alive(directory) or not state.cluster_id:
+            return None  # a live head answers; without an id there is nothing to look for on the hosts
+        stale = postmortem.EndedCluster(state.name, state.cluster_id, state.inventory, dict(state.hosts), state.started)
+        stale.directory = directory
+        return stale
+    return postmortem.latest_record(name)
+
+
+def _print_kept_logs(record: postmortem.EndedCluster, target: str | None, follow: bool, as_json: bool) -> None:
+    """``logs`` of a cluster without a head: the kept head log, or the hosts' kept logs over SSH."""
+    how = f"ended {_when(record.ended)}" if record.ended else "stale: its head process is gone"
+    click.echo(f"cluster {record.name} is {how}; showing the logs kept on its hosts", err=True)
+    if follow:
+        click.echo("(--follow: a cluster without a head writes no new lines)", err=True)
+    if target == "head":
+        text = record.head_log.read_text(errors="replace") if record.head_log.is_file() else ""
+        if as_json:
+            _echo_json({"head": text})
+        else:
+            click.echo(text, nl=False)
+        return
+    hosts = list(record.hosts)
+    wanted = [target] if target in record.hosts else hosts
+    per_host, problems = postmortem.fetch_kept_logs(record.inventory, record.cluster_id, wanted)
+    for host, why in sorted(problems.items()):
+        click.echo(f"host {host}: {why}", err=True)
+    if not per_host and problems:
+        raise SpecClusterError(f"no host of cluster {record.name} gave its kept logs (see above)")
+    found = postmortem.pick_logs(per_host, target, hosts)
+    if as_json:
+        _echo_json(found)
+        return
+    for source, text in found.items():
+        if text.strip():
+            click.echo(f"==> {source} <==")
+            click.echo(text.rstrip("\n"))
+
+
+def _when(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")

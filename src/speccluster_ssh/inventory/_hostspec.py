@@ -53,7 +53,7 @@ class HostSpec:
         Every group the host belongs to, ancestors included, sorted, without ``all``.
     nworkers, nthreads, memory_limit, worker_class, slots, resources, env, prologue,
     local_directory, interface, scheduler_port, dashboard_port, known_hosts,
-    connect_timeout, venv, worker_options, dask_config, log_max_bytes
+    connect_timeout, venv, worker_options, dask_config, log_max_bytes, log_retention
         Validated ``speccluster_*`` variables, see :data:`SPECCLUSTER_VARS`.
     gpus
         ``speccluster_gpus``: ``"auto"`` or the device ids (a count ``n``
@@ -96,6 +96,8 @@ class HostSpec:
     dask_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     gpus: str | tuple[str, ...] = ()
     log_max_bytes: int = 64 * 2**20
+    # Seconds a host keeps an ended cluster's logs; a change needs no restart of the host's workers.
+    log_retention: float = field(default=7 * 86400.0, compare=False, hash=False)
     vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     jumps: tuple[JumpHop, ...] | None = None
 
@@ -395,6 +397,7 @@ def resolve_host(
         dask_config=dict(spec["speccluster_dask_config"]),
         gpus=devices,
         log_max_bytes=int(spec["speccluster_log_max_bytes"]),
+        log_retention=float(spec["speccluster_log_retention"]),
         vars=_plain_containers(variables),
         jumps=jumps,
     )

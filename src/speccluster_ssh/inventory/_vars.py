@@ -308,6 +308,20 @@ def log_max_bytes(value: Any) -> int:
     return size
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def log_retention(value: Any) -> float:
+    """Validate a duration of 0 or more: seconds, or a number with s, m, h, d or w; returned in seconds."""
+    number = _as_number(value)
+    if number is None and isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value.lower())
+        number = float(match.group(1)) * _DURATION_UNITS[match.group(2)] if match else None
+    if number is None or number < 0 or not math.isfinite(number):
+        raise BadValue("a duration of 0 or more", "write e.g. 7d, 12h, 30m or a number of seconds")
+    return number
+
+
 #: Every variable speccluster-ssh reads from an inventory: name -> (validator, default, doc).
 SPECCLUSTER_VARS: dict[str, VarSpec] = {
     "speccluster_nworkers": VarSpec(
@@ -382,6 +396,11 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         log_max_bytes, 64 * 2**20,
         "Cap of each process's log file on the host (64 MiB by default), newest part kept: a size such as "
         "'64MiB' (at least 64 KiB).",
+    ),
+    "speccluster_log_retention": VarSpec(
+        log_retention, 7 * 86400.0,
+        "Seconds (7 days by default) the host keeps an ended cluster's logs, for 'logs --name' after 'down' "
+        "or a crash: a number, or e.g. '7d', '12h', '30m'; 0 removes them when the next cluster starts there.",
     ),
 }
 

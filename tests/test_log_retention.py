@@ -1,0 +1,292 @@
+"""Logs live as long as someone may need them (issue 21, point 9).
+
+Where the agents keep logs (``$XDG_CACHE_HOME`` honoured), how long an ended
+cluster's logs stay (``speccluster_log_retention``), which agent may remove
+what (a lock each live agent holds, never age alone), the head's record of an
+ended cluster, and ``logs --name N`` after ``down`` and after a head crash.
+
+The unit tests run the agent's own functions (``agent/logs.py`` is a plain
+module too) on private directories, and real agents over a local connection;
+the lab tests drive the installed command against the SSH lab.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import psutil
+import pytest
+
+from speccluster_ssh import postmortem
+from speccluster_ssh import state as st
+from speccluster_ssh.agent import HostAgent
+from speccluster_ssh.agent import logs as agent_logs
+from speccluster_ssh.agent.logs import ENDED_NAME, LOCK_NAME, _hold_lock, _leave, _sweep, sweep_action
+from speccluster_ssh.connection import ConnectSettings, HostConnection
+from speccluster_ssh.errors import UserError
+from speccluster_ssh.inventory import Inventory
+from speccluster_ssh.inventory._vars import BadValue, log_retention
+
+DAY = 86400.0
+
+
+def local_host(**variables: Any) -> Any:
+    spec = {"name": "here", "ansible_connection": "local", "speccluster_python": sys.executable, **variables}
+    return Inventory.from_hosts([spec]).hosts["here"]
+
+
+def poll(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- the pure decision ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lock_free", "ended_at", "retention", "expected"),
+    [
+        (False, None, DAY, "live"),  # a live agent: never touched, whatever its age
+        (False, 0.0, 0.0, "live"),  # even with an old end marker and no retention
+        (True, None, DAY, "mark"),  # its agent died without a word: keys go, the end is now
+        (True, 1000.0 - DAY + 1, DAY, "keep"),  # ended less than its retention ago
+        (True, 1000.0 - DAY, DAY, "remove"),  # retention passed
+        (True, 1000.0, 0.0, "remove"),  # retention 0: gone at the next start
+    ],
+)
+def test_sweep_action(lock_free: bool, ended_at: float | None, retention: float, expected: str) -> None:
+    assert sweep_action(now=1000.0, lock_free=lock_free, ended_at=ended_at, retention=retention) == expected
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("7d", 7 * DAY), (0, 0.0), ("12h", 43200.0), ("30m", 1800.0),
+                                              ("90", 90.0), (" 1.5 w ", 1.5 * 7 * DAY)])
+def test_log_retention_values(raw: Any, seconds: float) -> None:
+    assert log_retention(raw) == seconds
+
+
+@pytest.mark.parametrize("raw", ["-1", "7 days", "d", True, [1]])
+def test_log_retention_refuses(raw: Any) -> None:
+    with pytest.raises(BadValue, match="a duration of 0 or more"):
+        log_retention(raw)
+
+
+def test_inventory_default_and_value() -> None:
+    assert local_host().log_retention == 7 * DAY
+    assert local_host(speccluster_log_retention="2h").log_retention == 7200.0
+
+
+# -- the sweep on a private base directory -------------------------------------------------------
+
+
+def agent_dir(base: Path, cluster: str, label: str = "h1") -> Path:
+    directory = base / cluster / label
+    (directory / "logs").mkdir(parents=True)
+    (directory / "tls").mkdir()
+    (directory / "logs" / "w.log").write_text(f"log of {cluster}\n")
+    (directory / "tls" / "node.key").write_text("secret")
+    return directory
+
+
+def test_sweep_touches_no_live_cluster_and_cleans_the_dead(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    live = agent_dir(base, "live")
+    live_fd = _hold_lock(str(live), DAY)  # a live agent of another cluster (same user)
+    crashed = agent_dir(base, "crashed")
+    os.close(_hold_lock(str(crashed), 2 * DAY))  # its agent was SIGKILLed: the lock is free
+    recent = agent_dir(base, "recent")
+    (recent / ENDED_NAME).write_text(json.dumps({"ended": 1000.0 - 1, "retention": DAY}))
+    expired = agent_dir(base, "expired")
+    (expired / ENDED_NAME).write_text(json.dumps({"ended": 1000.0 - DAY, "retention": DAY}))
+    own = agent_dir(base, "own")
+    try:
+        _sweep(str(base), "own", now=1000.0)
+        assert (live / "tls" / "node.key").read_text() == "secret"
+        assert (live / "logs" / "w.log").exists() and not (live / ENDED_NAME).exists()
+        assert not (crashed / "tls").exists() and (crashed / "logs" / "w.log").exists()
+        marker = json.loads((crashed / ENDED_NAME).read_text())
+        assert marker["ended"] == 1000.0 and marker["retention"] == 2 * DAY  # the retention its agent asked for
+        assert not (recent / "tls").exists() and (recent / "logs" / "w.log").exists()
+        assert not (base / "expired").exists()  # the directory and its emptied cluster directory
+        assert (own / "tls" / "node.key").exists()  # our own cluster is never swept
+        # The crashed one expires from when it was found dead, not from its files' age.
+        _sweep(str(base), "own", now=1000.0 + 2 * DAY - 1)
+        assert (crashed / "logs" / "w.log").exists()
+        _sweep(str(base), "own", now=1000.0 + 2 * DAY)
+        assert not crashed.exists()
+        assert (live / "tls" / "node.key").exists()  # still alive: still untouched
+    finally:
+        os.close(live_fd)
+
+
+def test_sweep_of_an_old_agents_directory_asks_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory without a lock file (an agent of an older version) is dead only when no process carries its marker."""
+    base = tmp_path / "base"
+    old_live = agent_dir(base, "old-live")
+    old_dead = agent_dir(base, "old-dead")
+    monkeypatch.setattr(agent_logs, "_live_markers", lambda: {"old-live"})
+    _sweep(str(base), "own", now=1000.0)
+    assert (old_live / "tls" / "node.key").exists() and not (old_live / LOCK_NAME).exists()
+    assert not (old_dead / "tls").exists() and (old_dead / "logs" / "w.log").exists()
+    assert json.loads((old_dead / ENDED_NAME).read_text())["retention"] == agent_logs.DEFAULT_RETENTION
+
+
+def test_leave_keeps_logs_removes_keys_and_marks_the_end(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    directory = agent_dir(base, "c")
+    first, second = _hold_lock(str(directory), DAY), _hold_lock(str(directory), DAY)  # a restart: two agents
+    _leave(str(directory), str(base / "c"), first, keep_tls=True, remove=False, retention=DAY)
+    assert (directory / "tls" / "node.key").exists() and not (directory / ENDED_NAME).exists()  # not the last
+    before = time.time()
+    _leave(str(directory), str(base / "c"), second, keep_tls=False, remove=False, retention=DAY)
+    assert not (directory / "tls").exists() and (directory / "logs" / "w.log").exists()
+    assert json.loads((directory / ENDED_NAME).read_text())["ended"] >= before
+    empty = base / "check" / "h1"
+    (empty / "logs").mkdir(parents=True)  # an agent that started nothing ('check'): nothing to keep
+    _leave(str(empty), str(base / "check"), _hold_lock(str(empty), DAY), keep_tls=False, remove=False, retention=DAY)
+    assert not (base / "check").exists()
+
+
+# -- real agents, local connection ---------------------------------------------------------------
+
+
+async def start_agent(cluster: str, base: Path | None, **variables: Any) -> HostAgent:
+    agent = HostAgent(HostConnection(local_host(**variables), ConnectSettings()), cluster,
+                      base_dir=str(base) if base else None)
+    await agent.start()
+    return agent
+
+
+def test_two_live_clusters_and_a_killed_agent(tmp_path: Path) -> None:
+    """Starting an agent never touches a live cluster's files; a SIGKILLed agent's key goes at the next start."""
+    base = tmp_path / "base"
+
+    async def main() -> None:
+        a = await start_agent("cluster-a", base)
+        b = await start_agent("cluster-b", base)
+        key_a = Path(await a.write_file("tls/node.key", b"a"))
+        key_b = Path(await b.write_file("tls/node.key", b"b"))
+        for key in (key_a, key_b):
+            (key.parent.parent / "logs" / "w.log").write_text("b's worker\n")  # as if a worker had run
+        c = await start_agent("cluster-c", base)  # sweeps: a and b are alive
+        assert key_a.read_bytes() == b"a" and key_b.read_bytes() == b"b"
+        os.kill(int(b.facts["pid"]), signal.SIGKILL)
+        poll(lambda: not psutil.pid_exists(int(b.facts["pid"])) or
+             psutil.Process(int(b.facts["pid"])).status() == psutil.STATUS_ZOMBIE, 10, "the agent to die")
+        assert key_b.exists()  # nobody swept yet
+        d = await start_agent("cluster-d", base)
+        assert not key_b.exists() and (key_b.parent.parent / "logs" / "w.log").read_text() == "b's worker\n"
+        assert key_a.read_bytes() == b"a"  # a is still alive
+        await a.close()
+        assert not key_a.exists() and (key_a.parent.parent / ENDED_NAME).exists()
+        for agent in (b, c, d):
+            await agent.close()
+
+    asyncio.run(main())
+
+
+def test_agent_logs_honour_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))  # the local agent inherits the head's environment
+
+    async def main() -> None:
+        agent = await start_agent(f"xdg-{time.monotonic_ns()}", None)
+        try:
+            assert Path(agent.facts["dir"]) == cache / "speccluster-ssh" / agent.cluster_id / "here"
+        finally:
+            await agent.close()
+        explicit = await start_agent(f"xdg-{time.monotonic_ns()}", tmp_path / "explicit")
+        try:
+            assert Path(explicit.facts["dir"]).parent.parent == tmp_path / "explicit"  # base_dir still wins
+        finally:
+            await explicit.close()
+
+    asyncio.run(main())
+
+
+def test_read_logs_mode_reads_without_touching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The post-mortem reader (the agent program in its read_logs mode) prints the kept logs and changes nothing."""
+    cache = tmp_path / "xdg"
+    directory = agent_dir(cache / "speccluster-ssh", "gone", "here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    found = asyncio.run(postmortem._read_host(local_host(), ConnectSettings(), "gone", 1024, 60.0))
+    assert found == {"w": "log of gone\n"}
+    assert (directory / "tls" / "node.key").exists() and not (directory / LOCK_NAME).exists()
+
+
+# -- the head's record ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    home = tmp_path / "xdg-state"
+    home.mkdir()
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    monkeypatch.delenv("DASK_SPECCLUSTER_SSH__STATE_DIR", raising=False)
+    import speccluster_ssh.config  # noqa: F401
+
+    with dask.config.set({"speccluster-ssh.state-dir": None}):
+        yield home / "speccluster-ssh"
+
+
+def test_record_is_kept_then_purged(tmp_path: Path, state_home: Path) -> None:
+    inventory = tmp_path / "inv.yml"
+    inventory.write_text("all:\n  hosts:\n    h1:\n      speccluster_log_retention: 2h\n    h2: {}\n")
+    directory = st.make_cluster_dir("lab")
+    (directory / st.LOG_FILE).write_text("head says hi\n")
+    (directory / st.CLIENT_KEY).write_text("secret")
+    state = st.ClusterState(name="lab", cluster_id="lab-1234", inventory=str(inventory), hosts={"h1": "a", "h2": "b"})
+    st.write_state(directory, state)
+    record = postmortem.keep_record(st.KnownCluster(state, directory, alive=False))
+    assert record is not None and record.retention == 7 * DAY  # the longest of its hosts (h2: the default)
+    assert sorted(p.name for p in record.directory.iterdir()) == sorted([st.LOG_FILE, postmortem.RECORD_FILE])
+    assert "secret" not in (record.directory / postmortem.RECORD_FILE).read_text()
+    assert oct(record.directory.stat().st_mode & 0o777) == oct(0o700)
+    assert postmortem.latest_record("lab") == record
+    assert record.head_log.read_text() == "head says hi\n"
+    assert [k.state.name for k in st.known_clusters()] == ["lab"]  # the record is not taken for a cluster
+    assert postmortem.purge_records(now=record.ended + record.retention - 1) == []
+    assert postmortem.purge_records(now=record.ended + record.retention) == [record]
+    assert postmortem.latest_record("lab") is None and not (postmortem.ended_root() / "lab").exists()
+
+
+def test_pick_logs() -> None:
+    logs = {"h1": {"w-0": "a", "scheduler": "s"}, "h2": {"w-1": "b", "w-0": "c"}}
+    assert postmortem.pick_logs(logs, None, ["h1", "h2"]) == {
+        "w-0 on h1": "a", "scheduler": "s", "w-1": "b", "w-0 on h2": "c"}
+    assert postmortem.pick_logs(logs, "h2", ["h1", "h2"]) == {"w-1": "b", "w-0": "c"}
+    assert postmortem.pick_logs(logs, "w-1", ["h1", "h2"]) == {"w-1": "b"}
+    assert postmortem.pick_logs(logs, "Scheduler", ["h1", "h2"]) == {"scheduler": "s"}
+    with pytest.raises(UserError, match="no kept log named 'nope'"):
+        postmortem.pick_logs(logs, "nope", ["h1", "h2"])
+
+
+# -- the scheduler's log section ----------------------------------------------------------------------
+
+
+def test_scheduler_log_is_oldest_first() -> None:
+    from speccluster_ssh.reporting import Reports
+
+    class Comm:
+        async def get_logs(self) -> list[tuple[str, str]]:
+            return [("INFO", "third"), ("INFO", "second\nwith a second line"), ("INFO", "first")]  # dask: newest first
+
+    class Cluster:
+        scheduler_comm = Comm()
+
+    text = asyncio.run(Reports(Cluster()).scheduler_log())  # type: ignore[arg-type]
+    assert str(text) == "first\nsecond\nwith a second line\nthird"
