@@ -434,14 +434,16 @@ def test_detached_lifecycle(lab: Lab, cli: Cli, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("where", ["head", "lab-host"])
 def test_dashboard_works_out_of_the_box(lab: Lab, cli: Cli, tmp_path: Path, where: str) -> None:
-    """The dashboard_link of status answers with the dashboard page.
+    """The dashboard_link of status answers with the dashboard page, exposed with --dashboard-address.
 
     ``head``: the scheduler runs in the head process (TLS, default settings);
     ``lab-host``: it runs on h4, the inventory's ``scheduler`` group (no TLS).
+    By default the dashboard listens on loopback only (test_run_dashboard.py).
     """
     tls = where == "head"
     inventory = write_inventory(lab, tmp_path / "dash.yml", ["h2"], scheduler=None if tls else "h4")
-    state = cli.up_detached(inventory, "dash", *([] if tls else ["--no-tls"]))
+    exposed = ("--dashboard-address", "0.0.0.0")
+    state = cli.up_detached(inventory, "dash", *exposed, *([] if tls else ["--no-tls"]))
     assert state["tls"] is tls
     report = settle(cli, lab, "dash", state["cluster_id"], 1)
     scheme = "tls" if tls else "tcp"

@@ -80,7 +80,6 @@ def run(name: str | None, command: Sequence[str]) -> None:
     known = _running(name)
     env = dict(os.environ)
     env.update(client_environment(known.state.client_config))
-    env["SPECCLUSTER_SSH_CLUSTER"] = known.state.name
     _exit(run_child(list(command), env))
 
 
