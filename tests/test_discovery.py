@@ -60,8 +60,10 @@ def test_dask_ctl_lists_and_attaches_to_a_detached_cluster(tmp_path: Path, monke
                 time.sleep(0.1)
             assert len(cluster.scheduler_info["workers"]) == 2
         finally:
-            cluster.close()
+            cluster.close()  # detaches only: the cluster is the head process's (issue 21)
         pid = json.loads(state_file.read_text())["pid"] if state_file.exists() else None
+        assert pid and _alive(pid)
+        SSHSpecCluster.from_name("ctl1").shutdown()
         deadline = time.monotonic() + 30
         while pid and time.monotonic() < deadline and _alive(pid):
             time.sleep(0.1)
