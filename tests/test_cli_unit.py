@@ -500,9 +500,10 @@ def test_up_detached_status_scale_down(tmp_path: Path, state_home: Path, reaper:
     assert report["workers"][0]["host"] == "local1"
     assert {"name", "host", "address", "status"} <= set(report["workers"][0])
 
-    # Idempotent: a second up reports the running cluster and starts nothing.
-    again = cli("up", str(inv), "--detach", "--name", "t1", "--no-tls")
+    # Idempotent: a second up with the same options reports the running cluster and starts nothing.
+    again = cli("up", str(inv), "--detach", "--name", "t1", "--no-tls", "--workers", "1")
     assert again.exit_code == 0 and "already running" in again.stdout, again.output
+    assert "nothing changed" in again.stdout, again.output
     assert json.loads((directory / st.STATE_FILE).read_text())["pid"] == head.pid
 
     listed = json.loads(cli("list", "--json").stdout)

@@ -211,42 +211,15 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
     def from_name(  # type: ignore[override]
         cls, name: str, asynchronous: bool = False, loop: Any = None, shutdown_on_close: bool = False
     ) -> Any:
-        """Attach to the detached cluster ``name`` running on this head node.
+        """Attach to the detached cluster ``name``: a :class:`~speccluster_ssh.detached.DetachedCluster`.
 
-        Attaching does not own: the handle's ``close()`` (and leaving a
-        ``with`` block, and garbage collection) only detaches, and the
-        cluster keeps running. ``shutdown()`` tears it down through its head
-        process, as ``speccluster-ssh down`` does. dask-ctl uses this.
-
-        Parameters
-        ----------
-        name
-            The cluster's name, as ``speccluster-ssh list`` shows it.
-        asynchronous
-            True inside an event loop: ``await`` the handle (or use ``async with``).
-        loop
-            The event loop to use, as for :class:`distributed.deploy.Cluster`.
-        shutdown_on_close
-            True makes ``close()`` tear the cluster down (like dask-kubernetes'
-            ``KubeCluster``, whose default is also False when it attaches).
-
-        Returns
-        -------
-        DetachedCluster
-            A :class:`~speccluster_ssh.detached.DetachedCluster`: a ``Cluster``
-            that reads the scheduler directly and asks the cluster's head
-            process to scale, adapt, give its logs and shut down.
-
-        Raises
-        ------
-        ControlError
-            When no such cluster runs on this head node.
+        Attaching does not own: its ``close()`` only detaches, unless
+        ``shutdown_on_close``; ``shutdown()`` tears the cluster down. See
+        :meth:`DetachedCluster.from_name <speccluster_ssh.detached.DetachedCluster.from_name>`.
         """
         from .detached import DetachedCluster
 
-        return DetachedCluster.from_name(
-            name, asynchronous=asynchronous, loop=loop, shutdown_on_close=shutdown_on_close
-        )
+        return DetachedCluster.from_name(name, asynchronous, loop, shutdown_on_close=shutdown_on_close)
 
     @classmethod
     def from_inventory(cls, path: str | os.PathLike[str], **options: Any) -> SSHSpecCluster:

@@ -98,7 +98,9 @@ class Head:
         self.phase = "starting"
         self.error = ""
         self.error_exit = 1
-        self.state = st.ClusterState(name=options.name, pid=os.getpid(), inventory=options.inventory)
+        self.state = st.ClusterState(
+            name=options.name, pid=os.getpid(), inventory=options.inventory, up_options=json.loads(options.to_json())
+        )
         self.t0 = time.monotonic()
         self.ready_at: dict[str, float] = {}
         self.stop_event: asyncio.Event | None = None
@@ -188,6 +190,9 @@ class Head:
             self.inventory = load_inventory(
                 options.inventory, scheduler_group=options.scheduler_group, worker_group=options.worker_group
             )
+            from .planning import inventory_fingerprint
+
+            self.state.inventory_fingerprint = inventory_fingerprint(self.inventory)
             hosts = {h.name: h.address for h in self.inventory.worker_hosts}
             if self.inventory.scheduler_host is not None:
                 hosts[self.inventory.scheduler_host.name] = self.inventory.scheduler_host.address
@@ -434,6 +439,10 @@ class Head:
                 raise UserError("the number of workers must be 0 or more")
             cluster.scale(n, memory=memory, cores=int(cores) if cores is not None else None)
             wanted, _ = self._wanted_and_ready()
+            # What 'up' again compares with; every_slot: 'up' without --workers asked for it.
+            every = request.get("every_slot") and cores is None and memory is None
+            self._record_size(workers=None if every else (n if cores is None and memory is None
+                                                          else sum(wanted.values())))
             return {
                 "planned_workers": sum(wanted.values()),
                 "capacity_note": cluster.capacity_note,
@@ -446,9 +455,12 @@ class Head:
                 if request.get(k) is not None
             }
             cluster.adapt(**kwargs)
+            info = self._adaptive_info() or {}
+            self._record_size(adapt=(info.get("minimum"), info.get("maximum")))
             return {"adaptive": self._adaptive_info()}
         if op == "adapt-off":
             was_on = cluster.stop_adapt()
+            self._record_size(workers=sum(self._wanted_and_ready()[0].values()), adapt=None)
             return {"adaptive": None, "was_on": was_on}
         if op == "logs":
             return await self._logs(request.get("target"))
@@ -467,11 +479,25 @@ class Head:
         result = await cluster.reload_inventory(
             request.get("inventory") or None, dry_run=bool(request.get("dry_run")), batch=int(request.get("batch") or 1)
         )
-        if result.get("applied") and result.get("source"):
+        # Not a dry run: applied, or nothing differed (the file's content is what runs either way).
+        if not request.get("dry_run") and result.get("source"):
             # status and a later reload show (and read) the inventory now in use.
             self.options.inventory = self.state.inventory = str(result["source"])
+            self.state.up_options = json.loads(self.options.to_json())
+            # Refused hosts keep their old settings: the file is then not what is in effect.
+            self.state.inventory_fingerprint = "" if result.get("refused") else _fingerprint_of(self.options)
             st.write_state(self.directory, self.state)
         return result
+
+    def _record_size(self, **size: Any) -> None:
+        """Record the size asked for by scale or adapt in ``state.json``, for 'up' again to compare."""
+        for key, value in size.items():
+            setattr(self.options, key, value)
+        self.state.up_options = json.loads(self.options.to_json())
+        try:
+            st.write_state(self.directory, self.state)
+        except OSError as exc:
+            logger.warning("cannot record the new size in %s: %s", self.directory, exc)
 
     async def _logs(self, target: str | None) -> dict[str, str]:
         cluster = self.cluster
@@ -496,6 +522,20 @@ class Head:
             f"workers: {', '.join(sorted(k for k in logs if k not in ('Cluster', 'Scheduler'))) or 'none'}; "
             f"hosts: {', '.join(sorted(h for h in known_hosts if h)) or 'none'}"
         )
+
+
+def _fingerprint_of(options: UpOptions) -> str:
+    """The fingerprint of the inventory file of ``options``; ``""`` when it cannot be read now."""
+    from .inventory import load_inventory
+    from .planning import inventory_fingerprint
+
+    try:
+        inv = load_inventory(options.inventory, scheduler_group=options.scheduler_group,
+                             worker_group=options.worker_group)
+    except Exception as exc:  # only a digest: 'up' again then reloads, which reports the error
+        logger.info("cannot read %s for its fingerprint: %s", options.inventory, exc)
+        return ""
+    return inventory_fingerprint(inv)
 
 
 async def _awaitable(value: Any) -> Any:

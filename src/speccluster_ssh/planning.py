@@ -8,6 +8,7 @@ the cluster cannot disagree.
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .entries import EntrySettings, capacity_workers, member_names, next_entry, planned_gpus
@@ -59,6 +60,106 @@ def place_entries(inventory: Inventory, workers: int | None, policy: str) -> lis
     """The spec entries a new cluster would start, as ``(entry name, host)``; see :func:`plan_entries`."""
     hosts = {h.name: h for h in inventory.worker_hosts}
     return [(key, hosts[spec["options"]["host"]]) for key, spec in plan_entries(inventory, workers, policy).items()]
+
+
+@dataclass
+class UpCheck:
+    """What :func:`check_up` worked out from ``up``'s (or ``plan``'s) command line.
+
+    Attributes
+    ----------
+    wanted
+        Workers to start with: ``--workers``, else the ``--adapt`` minimum,
+        else ``None`` (every slot).
+    entries
+        Spec entries placed for ``wanted``; ``None`` for every slot.
+    placement
+        ``spread`` or ``pack``, from the option or the config.
+    warnings
+        Lines to print as warnings (a request beyond the capacity).
+    """
+
+    wanted: int | None
+    entries: int | None
+    placement: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_up(
+    inv: Inventory,
+    source: str,
+    *,
+    workers: int | None,
+    adapt: tuple[int, int] | None,
+    placement: str | None,
+    min_workers: str | None,
+    scheduler_reach: str | None,
+    worker_group: str,
+) -> UpCheck:
+    """Every check ``up`` makes before it starts anything; ``plan`` makes the same ones.
+
+    One function for both, so that ``plan`` fails wherever ``up`` would,
+    with the same line.
+
+    Parameters
+    ----------
+    inv
+        The inventory, already read.
+    source
+        The inventory as the user named it (for messages).
+    workers, adapt, placement, min_workers, scheduler_reach
+        The options of ``up``.
+    worker_group
+        The group of worker hosts (for messages).
+
+    Raises
+    ------
+    UserError
+        For the first mistake found, in one line.
+    """
+    from . import config
+    from .errors import UserError
+    from .reach import reach_setting
+    from .scaling import resolve_min_workers
+
+    if not inv.worker_hosts:
+        raise UserError(
+            f"{source}: no worker hosts (group {worker_group!r} is empty or every host has "
+            "speccluster_slots: 0); add hosts to run workers on"
+        )
+    policy = placement or config.get("placement")
+    if policy not in ("spread", "pack"):
+        raise UserError(f"config speccluster-ssh.placement is {policy!r}; set it to spread or pack")
+    wanted = workers if workers is not None else (adapt[0] if adapt is not None else None)
+    result = UpCheck(wanted=wanted, entries=None, placement=policy)
+    if wanted is not None:
+        placed = place_entries(inv, wanted, policy)
+        result.entries = len(placed)
+        if sum(h.nworkers for _, h in placed) < wanted:
+            result.warnings.append(
+                f"asked for {wanted} workers; the inventory holds {capacity(inv)}, starting that many"
+            )
+    if min_workers is not None:
+        try:
+            resolve_min_workers(min_workers, wanted if wanted is not None else capacity(inv))
+        except UserError as exc:
+            raise UserError(f"--min-workers: {exc}") from None
+    # The cluster reads this setting when it is built: a mistake in it would fail the start.
+    reach_setting(inv, scheduler_reach)
+    return result
+
+
+def inventory_fingerprint(inv: Inventory) -> str:
+    """A digest of the parsed inventory (hosts, groups, variables), to tell whether it changed.
+
+    Parsed content, not the file's bytes: a comment or a reordering that
+    changes nothing gives the same digest.
+    """
+    import hashlib
+    import json
+
+    text = json.dumps(inv.to_ansible_list(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def capacity(inventory: Inventory) -> int:

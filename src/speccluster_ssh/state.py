@@ -180,6 +180,14 @@ class ClusterState:
     scheduler_reach
         Where the scheduler runs and how the head reaches it
         (:meth:`speccluster_ssh.reach.ReachChoice.as_dict`), once it runs.
+    up_options
+        The options of ``up`` (:class:`speccluster_ssh.head.UpOptions` as a
+        dict), with ``workers`` and ``adapt`` kept current by ``scale`` and
+        ``adapt``; ``None`` in files of versions that did not record them.
+        ``up`` again compares its own options with these.
+    inventory_fingerprint
+        :func:`speccluster_ssh.planning.inventory_fingerprint` of the
+        inventory in effect; ``""`` when unknown.
     """
 
     name: str
@@ -197,6 +205,8 @@ class ClusterState:
     error_exit: int = 1
     summary: dict[str, Any] = field(default_factory=dict)
     scheduler_reach: dict[str, Any] | None = None
+    up_options: dict[str, Any] | None = None
+    inventory_fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy."""

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -23,6 +24,7 @@ from .display import _error_line
 if TYPE_CHECKING:
 
     from ..inventory import Inventory
+    from ..planning import UpCheck
 
 logger = logging.getLogger("speccluster_ssh.cli")
 
@@ -192,6 +194,7 @@ def _load_inventory(path: str, scheduler_group: str = "scheduler", worker_group:
 
 
 def _parse_adapt(value: str | None) -> tuple[int, int] | None:
+    # UserError, not click's BadParameter: its line would name the command, and up and plan must agree.
     if value is None:
         return None
     low, sep, high = value.partition(":")
@@ -201,10 +204,53 @@ def _parse_adapt(value: str | None) -> tuple[int, int] | None:
         minimum = int(low) if low.strip() else 0
         maximum = int(high)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not MIN:MAX, e.g. 2:8", param_hint="'--adapt'") from None
+        raise UserError(f"invalid value for '--adapt': {value!r} is not MIN:MAX, e.g. 2:8") from None
     if minimum < 0 or maximum < minimum:
-        raise click.BadParameter(f"{value!r}: need 0 <= MIN <= MAX", param_hint="'--adapt'")
+        raise UserError(f"invalid value for '--adapt': {value!r}: need 0 <= MIN <= MAX")
     return minimum, maximum
+
+
+def _inventory_or_local(inventory: str | None) -> str:
+    """The inventory argument, or the packaged local inventory when none is given."""
+    if inventory is not None:
+        return inventory
+    from ..resources import local_inventory
+
+    return str(local_inventory())
+
+
+@dataclass
+class UpRequest:
+    """``up``'s command line, read and checked (see :func:`_prepare_up`)."""
+
+    inventory: Inventory
+    source: str
+    name: str
+    adapt: tuple[int, int] | None
+    check: UpCheck
+
+
+def _prepare_up(
+    source: str, *, name: str | None, workers: int | None, adapt_range: str | None, placement: str | None,
+    min_workers: str | None, scheduler_reach: str | None, scheduler_group: str, worker_group: str,
+) -> UpRequest:
+    """Every check of ``up`` before it starts anything, shared with ``plan``.
+
+    Both commands call this first, so that ``plan`` fails where ``up`` would
+    fail, with the same stderr (warnings included) and exit status.
+    """
+    from ..planning import check_up
+
+    adapt = _parse_adapt(adapt_range)
+    inv = _load_inventory(source, scheduler_group, worker_group)
+    cluster_name = st.check_name(name or st.default_name(source))
+    check = check_up(
+        inv, source, workers=workers, adapt=adapt, placement=placement, min_workers=min_workers,
+        scheduler_reach=scheduler_reach, worker_group=worker_group,
+    )
+    for warning in check.warnings:
+        click.echo(f"{PROG}: warning: {warning}", err=True)
+    return UpRequest(inv, source, cluster_name, adapt, check)
 
 
 def _check_bytes(value: str | None, option: str) -> str | None:

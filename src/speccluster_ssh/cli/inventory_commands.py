@@ -12,14 +12,14 @@ from typing import Any
 
 import click
 
-from .. import state as st
 from .common import (
     _exit,
     _group_options,
     _hosts_seen_by_running_cluster,
+    _inventory_or_local,
     _json_option,
     _load_inventory,
-    _parse_adapt,
+    _prepare_up,
     main,
 )
 from .display import _bytes, _console, _echo_json, _reach_line, _table
@@ -70,7 +70,7 @@ def inventory(
 
 
 @main.command()
-@click.argument("inventory", metavar="INVENTORY")
+@click.argument("inventory", metavar="[INVENTORY]", required=False)
 @click.option("--name", "-n", default=None, metavar="NAME", help="Cluster name (default: the inventory's file name).")
 @click.option("--workers", "-w", type=click.IntRange(min=0), default=None, help="Dask workers (default: every slot).")
 @click.option("--adapt", "adapt_range", default=None, metavar="MIN:MAX", help="Start MIN workers (adaptive range).")
@@ -78,18 +78,26 @@ def inventory(
 @click.option("--no-tls", is_flag=True, help="Plain TCP instead of TLS.")
 @click.option("--scheduler-reach", "scheduler_reach", type=click.Choice(["auto", "direct", "forward"]), default=None,
               help="How the head reaches the scheduler, as for 'up'.")
+@click.option("--min-workers", "min_workers", default=None, metavar="M", help="Checked as 'up' checks it.")
+# Taken so that an 'up' command line works with 'plan' in its place; they only concern the start.
+@click.option("--detach", "-d", is_flag=True, hidden=True)
+@click.option("--timeout", type=click.FloatRange(min=1), default=None, hidden=True)
+@click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None, hidden=True)
 @_group_options
 @_json_option
 def plan(
-    inventory: str, name: str | None, workers: int | None, adapt_range: str | None, placement: str | None,
-    no_tls: bool, scheduler_reach: str | None, scheduler_group: str, worker_group: str, as_json: bool,
+    inventory: str | None, name: str | None, workers: int | None, adapt_range: str | None, placement: str | None,
+    no_tls: bool, scheduler_reach: str | None, min_workers: str | None, detach: bool, timeout: float | None,
+    known_hosts: str | None, scheduler_group: str, worker_group: str, as_json: bool,
 ) -> None:
     """Show what 'up' would start on each host, touching no host.
 
     Per host: the spec entries, the exact remote command of the host agent
     (shell-quoted), the prologue and the environment of the dask processes.
     When a cluster of that name runs, a table first lists the hosts it
-    cannot use now (down or put aside) and why.
+    cannot use now (down or put aside) and why. 'plan' makes every check
+    'up' makes before it starts, so it fails where 'up' would, with the
+    same line and exit status. Without INVENTORY: the packaged local one.
 
     \b
     Example:
@@ -99,14 +107,16 @@ def plan(
     from .. import config
     from ..planning import build_plan
 
-    adapt = _parse_adapt(adapt_range)
-    inv = _load_inventory(inventory, scheduler_group, worker_group)
-    cluster_name = st.check_name(name or st.default_name(inventory))
-    if workers is None and adapt is not None:
-        workers = adapt[0]
+    inventory = _inventory_or_local(inventory)
+    request = _prepare_up(
+        inventory, name=name, workers=workers, adapt_range=adapt_range, placement=placement,
+        min_workers=min_workers, scheduler_reach=scheduler_reach, scheduler_group=scheduler_group,
+        worker_group=worker_group,
+    )
+    inv, cluster_name, workers = request.inventory, request.name, request.check.wanted
     tls = False if no_tls else bool(config.get("tls"))
     result = build_plan(
-        inv, name=cluster_name, workers=workers, placement=placement or config.get("placement"), tls=tls,
+        inv, name=cluster_name, workers=workers, placement=request.check.placement, tls=tls,
         scheduler_reach=scheduler_reach,
     )
     seen = _hosts_seen_by_running_cluster(cluster_name)
@@ -157,7 +167,7 @@ def plan(
 
 
 @main.command()
-@click.argument("inventory", metavar="INVENTORY")
+@click.argument("inventory", metavar="[INVENTORY]", required=False)
 @click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None,
               help="Host key policy (default: each host's speccluster_known_hosts).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
@@ -165,9 +175,9 @@ def plan(
 @_group_options
 @_json_option
 def check(
-    inventory: str, known_hosts: str | None, timeout: float, scheduler_group: str, worker_group: str, as_json: bool
+    inventory: str | None, known_hosts: str | None, timeout: float, scheduler_group: str, worker_group: str, as_json: bool
 ) -> None:
-    """Preflight every host of INVENTORY: SSH, host key, python, distributed, disk.
+    """Preflight every host of INVENTORY (default: this machine): SSH, host key, python, distributed, disk.
 
     Starts the host agent once per host (nothing else) and stops it again.
     Exit status 1 when any host fails.
@@ -179,7 +189,7 @@ def check(
     """
     import distributed
 
-    inv = _load_inventory(inventory, scheduler_group, worker_group)
+    inv = _load_inventory(_inventory_or_local(inventory), scheduler_group, worker_group)
     from ..preflight import check_lab
 
     rows, choice = check_lab(inv, known_hosts, timeout)

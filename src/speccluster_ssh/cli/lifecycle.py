@@ -21,7 +21,7 @@ import click
 
 from .. import control, postmortem
 from .. import state as st
-from ..errors import SpecClusterError, UserError
+from ..errors import SpecClusterError
 from ..head import CLOSE_TIMEOUT, Head, UpOptions
 from ..messages import PROG
 from .common import (
@@ -29,9 +29,9 @@ from .common import (
     _exit,
     _group_options,
     _json_option,
-    _load_inventory,
+    _inventory_or_local,
     _name_option,
-    _parse_adapt,
+    _prepare_up,
     _resolve,
     _setup_logging,
     main,
@@ -39,20 +39,6 @@ from .common import (
 from .display import ProgressView, _console, _echo_json, _error_line, _print_connect_info, _table, _tail
 
 logger = logging.getLogger("speccluster_ssh.cli")
-
-
-def _report_existing(directory: Path, as_json: bool) -> None:
-    found = st.read_state(directory)
-    if found is None:
-        raise SpecClusterError(f"cluster {directory.name} is being set up by another command; try again shortly")
-    if as_json:
-        _echo_json({**found.to_dict(), "already_running": True})
-        return
-    if found.phase != "running":
-        click.echo(f"cluster {found.name} is already {found.phase} (head pid {found.pid}); nothing changed")
-        return
-    click.echo(f"cluster {found.name} is already running; nothing changed")
-    _print_connect_info(found, directory, detached=True)
 
 
 def _clear_stale(directory: Path) -> None:
@@ -73,7 +59,7 @@ def _clear_stale(directory: Path) -> None:
 
 
 @main.command()
-@click.argument("inventory", metavar="INVENTORY")
+@click.argument("inventory", metavar="[INVENTORY]", required=False)
 @click.option("--name", "-n", default=None, metavar="NAME", help="Cluster name (default: the inventory's file name).")
 @click.option("--workers", "-w", type=click.IntRange(min=0), default=None,
               help="Dask workers to start (default: every worker host's slots).")
@@ -93,85 +79,71 @@ def _clear_stale(directory: Path) -> None:
 @click.option("--scheduler-reach", "scheduler_reach", type=click.Choice(["auto", "direct", "forward"]), default=None,
               help="How the head reaches the scheduler (default: speccluster_scheduler_reach, else config "
                    "scheduler-reach).")
-@_group_options
 @click.option("--dashboard-address", "dashboard_address", default=None, metavar="HOST[:PORT]",
               help="Where the scheduler's dashboard listens on its host (default: config dashboard-address, "
                    "127.0.0.1). It has no authentication: 0.0.0.0 exposes it to every network of the host.")
+@_group_options
 @_json_option
 def up(
-    inventory: str, name: str | None, workers: int | None, adapt_range: str | None, detach: bool,
+    inventory: str | None, name: str | None, workers: int | None, adapt_range: str | None, detach: bool,
     timeout: float | None, placement: str | None, known_hosts: str | None, no_tls: bool, min_workers: str | None,
     scheduler_reach: str | None, scheduler_group: str, worker_group: str, as_json: bool,
-) -> None:
     dashboard_address: str | None = None,
-    """Start a Dask cluster on the hosts of INVENTORY.
+) -> None:
+    """Start a Dask cluster on the hosts of INVENTORY (default: this machine alone).
 
     In the foreground the cluster runs until Ctrl-C (or SIGTERM), then it is
     closed cleanly. With --detach the command returns once the cluster is up
     and a head process keeps it; use status, scale, adapt, logs and down.
-    Running 'up' again for a running name reports it and changes nothing.
     Hosts that do not answer do not stop the start: the last line says
     which are down and why, and they join when they answer. The exit
     status is 0 when --min-workers workers came up, 1 otherwise.
 
+    'up' again for a running name: the same inventory and options change
+    nothing; a changed inventory is reloaded and another --workers/--adapt
+    is applied, each printed; other options (--no-tls, --placement, ...)
+    are refused (exit 2) until 'down'. --detach, --timeout and
+    --min-workers only govern a start. 'plan' makes every check 'up' makes.
+
     \b
     Example:
+      speccluster-ssh up --detach                # the packaged local inventory
       speccluster-ssh up lab.yml --detach --name lab --workers 8
       speccluster-ssh up lab.yml --detach --min-workers 75%
-      speccluster-ssh up inventories/local.yml
     """
     from .. import config
-
     from ..dashboards import checked_address
-    adapt = _parse_adapt(adapt_range)
-    inv = _load_inventory(inventory, scheduler_group, worker_group)
-    cluster_name = st.check_name(name or st.default_name(inventory))
-    if not inv.worker_hosts:
-        raise UserError(
-            f"{inventory}: no worker hosts (group {worker_group!r} is empty or every host has "
-            "speccluster_slots: 0); add hosts to run workers on"
-        )
-    policy = placement or config.get("placement")
-    if policy not in ("spread", "pack"):
-        raise UserError(f"config speccluster-ssh.placement is {policy!r}; set it to spread or pack")
-    wanted = workers if workers is not None else (adapt[0] if adapt is not None else None)
-    entries = None
-    if wanted is not None:
-        from ..planning import capacity, place_entries
 
-        placed = place_entries(inv, wanted, policy)
-        entries = len(placed)
-        if sum(h.nworkers for _, h in placed) < wanted:
-            click.echo(f"{PROG}: warning: asked for {wanted} workers; the inventory holds {capacity(inv)}, "
-                       "starting that many", err=True)
-    if min_workers is not None:
-        from ..planning import capacity
-        from ..scaling import resolve_min_workers
-
-        try:
-            resolve_min_workers(min_workers, wanted if wanted is not None else capacity(inv))
-        except UserError as exc:
-            raise UserError(f"--min-workers: {exc}") from None
+    inventory = _inventory_or_local(inventory)
+    # The checks 'plan' makes too (one function, so that the two cannot drift).
+    request = _prepare_up(
+        inventory, name=name, workers=workers, adapt_range=adapt_range, placement=placement,
+        min_workers=min_workers, scheduler_reach=scheduler_reach, scheduler_group=scheduler_group,
+        worker_group=worker_group,
+    )
+    cluster_name, adapt = request.name, request.adapt
     options = UpOptions(
         name=cluster_name,
         inventory=str(Path(inventory).expanduser().absolute()) if os.path.exists(inventory) else inventory,
-        entries=entries,
+        entries=request.check.entries,
         workers=workers,
         adapt=adapt,
         timeout=float(timeout or config.get("start-timeout")),
-        placement=policy,
+        placement=request.check.placement,
         known_hosts=known_hosts,
         tls=False if no_tls else None,
         scheduler_group=scheduler_group,
         worker_group=worker_group,
         min_workers=min_workers,
         scheduler_reach=scheduler_reach,
-    )
         dashboard_address=checked_address(dashboard_address),
+    )
     directory = st.make_cluster_dir(cluster_name)
     lock = st.HeadLock(directory)
     if not lock.acquire():
-        _report_existing(directory, as_json)
+        from .again import up_again
+
+        up_again(directory, options, request, as_json)
         return
     try:
         _clear_stale(directory)
