@@ -10,11 +10,15 @@ host, unless ``--dashboard-address`` exposes it.
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import urllib.parse
 from pathlib import Path
@@ -81,8 +85,6 @@ def test_dashboards_default_to_loopback() -> None:
 
 
 def load_inventory_text(text: str, tmp: Path | None = None) -> Any:
-    import tempfile
-
     directory = Path(tmp or tempfile.mkdtemp())
     path = directory / "inv.yml"
     path.write_text(textwrap.dedent(text))
@@ -106,8 +108,6 @@ def test_client_environment_makes_a_plain_client_connect_with_tls(tmp_path: Path
         " g('distributed.comm.tls.ca-file'), g('distributed.comm.tls.client.cert'),"
         " g('distributed.comm.tls.client.key')]))"
     )
-    import os
-
     result = subprocess.run(
         [sys.executable, "-c", probe], env={**os.environ, "DASK_CONFIG": str(own), **env},
         capture_output=True, text=True, timeout=120, check=True,
@@ -148,7 +148,9 @@ def test_ssh_lines_to_the_head_and_through_jump_hosts(tmp_path: Path) -> None:
     where = {"link": "http://127.0.0.1:41234/status", "host": "s1", "bind": "127.0.0.1", "port": 8790}
     lines = dashboard_lines(where["link"], where, "me@head.example.org", 9999, s1)
     assert lines["ssh"] == ["ssh", "-N", "-L", "9999:127.0.0.1:41234", "me@head.example.org"]
-    assert lines["ssh_direct"][:6] == ["ssh", "-N", "-L", "9999:127.0.0.1:8790", "-J", "admin@192.0.2.10:2222,ops@10.1.0.1"]
+    assert lines["ssh_direct"][:6] == [
+        "ssh", "-N", "-L", "9999:127.0.0.1:8790", "-J", "admin@192.0.2.10:2222,ops@10.1.0.1",
+    ]
     assert lines["local_url"] == "http://localhost:9999/status" and lines["listens_on"] == "loopback"
     # Exposed on every interface of the head: still a line, to the address the link names.
     where = {"link": "http://10.250.0.1:8787/status", "host": None, "bind": "", "port": 8787}
@@ -158,8 +160,6 @@ def test_ssh_lines_to_the_head_and_through_jump_hosts(tmp_path: Path) -> None:
 
 
 def test_run_and_dashboard_need_a_running_cluster(tmp_path: Path) -> None:
-    import os
-
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
     env.pop("DASK_SPECCLUSTER_SSH__STATE_DIR", None)
     for args in (["run", "--", "true"], ["dashboard"], ["run", "--name", "nope", "--", "true"]):
@@ -171,8 +171,6 @@ def test_run_and_dashboard_need_a_running_cluster(tmp_path: Path) -> None:
 
 
 def test_up_refuses_a_bad_dashboard_address(tmp_path: Path) -> None:
-    import os
-
     inventory = tmp_path / "inv.yml"
     inventory.write_text("all:\n  hosts:\n    localhost: {ansible_connection: local}\n")
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
@@ -233,7 +231,19 @@ def test_run_and_the_head_dashboard(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     # Not found: one line, 127; and the argv is not a shell line.
     result = cli.run("run", "--name", "rd", "--", "no-such-command-here", "x; touch /tmp/never")
     assert result.returncode == 127 and "Traceback" not in result.stderr, result
-    assert result.stderr.strip().splitlines() == ["speccluster-ssh: error: run: command not found: no-such-command-here"]
+    assert result.stderr.strip().splitlines() == [
+        "speccluster-ssh: error: run: command not found: no-such-command-here"
+    ]
+
+    # An interrupt of run (here not from a terminal) reaches the command, whose status run returns.
+    waiter = (
+        "import sys, time\nprint('ready', flush=True)\n"
+        "try:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n    sys.exit(42)\n"
+    )
+    proc = cli.popen("run", "--name", "rd", "--", sys.executable, "-c", waiter)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 42, proc.communicate()
 
     # The dashboard: on the head's loopback, answering there, not on its lab address.
     link = state["dashboard_link"]
@@ -257,8 +267,6 @@ def test_run_and_the_head_dashboard(lab: Lab, cli: Cli, tmp_path: Path) -> None:
 
 
 def _user() -> str:
-    import getpass
-
     return getpass.getuser()
 
 

@@ -39,7 +39,8 @@ def _running(name: str | None) -> st.KnownCluster:
 
 
 def _flat(prefix: str, value: Any) -> Iterator[tuple[str, str]]:
-    """Dask config as ``DASK_*`` variables: ``distributed.comm.tls.ca-file`` -> ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``."""
+    """Dask config as ``DASK_*`` variables: ``tls.ca-file`` under ``distributed.comm`` is
+    ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``."""
     if isinstance(value, Mapping):
         for key, inner in value.items():
             yield from _flat(f"{prefix}__{str(key).upper().replace('-', '_')}", inner)
