@@ -414,7 +414,7 @@ class HostAgent:
             self._shutdown_done(reply)
         elif self._channel is not None and self.lost_reason not in (None, "closed"):
             # Lost while the cluster closed, so no one else reported it.
-            logger.warning("host %s: the agent was lost before it could stop its processes: %s",
+            logger.warning("host %s: the agent was lost before the close could shut it down: %s",
                            self.host.name, self.lost_reason)  # fmt: skip
         self._mark_lost("closed")
         current = asyncio.current_task()
