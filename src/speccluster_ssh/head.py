@@ -440,9 +440,9 @@ class Head:
             cluster.scale(n, memory=memory, cores=int(cores) if cores is not None else None)
             wanted, _ = self._wanted_and_ready()
             # What 'up' again compares with; every_slot: 'up' without --workers asked for it.
-            every = request.get("every_slot") and cores is None and memory is None
-            self._record_size(workers=None if every else (n if cores is None and memory is None
-                                                          else sum(wanted.values())))
+            by_count = cores is None and memory is None
+            every = by_count and bool(request.get("every_slot"))
+            _record_size(self, workers=None if every else (n if by_count else sum(wanted.values())))
             return {
                 "planned_workers": sum(wanted.values()),
                 "capacity_note": cluster.capacity_note,
@@ -456,14 +456,14 @@ class Head:
             }
             cluster.adapt(**kwargs)
             info = self._adaptive_info() or {}
-            self._record_size(adapt=(info.get("minimum"), info.get("maximum")))
+            _record_size(self, adapt=(info.get("minimum"), info.get("maximum")))
             return {"adaptive": self._adaptive_info()}
         if op == "adapt-off":
             was_on = cluster.stop_adapt()
-            self._record_size(workers=sum(self._wanted_and_ready()[0].values()), adapt=None)
+            _record_size(self, workers=sum(self._wanted_and_ready()[0].values()), adapt=None)
             return {"adaptive": None, "was_on": was_on}
         if op == "logs":
-            return await self._logs(request.get("target"))
+            return await _cluster_logs(self.cluster, self.options.name, request.get("target"))
         if op in ("restart", "drain", "undrain", "reload"):
             return await self._operate(cluster, op, request)
         raise UserError(f"unknown control operation {op!r}")
@@ -489,39 +489,41 @@ class Head:
             st.write_state(self.directory, self.state)
         return result
 
-    def _record_size(self, **size: Any) -> None:
-        """Record the size asked for by scale or adapt in ``state.json``, for 'up' again to compare."""
-        for key, value in size.items():
-            setattr(self.options, key, value)
-        self.state.up_options = json.loads(self.options.to_json())
-        try:
-            st.write_state(self.directory, self.state)
-        except OSError as exc:
-            logger.warning("cannot record the new size in %s: %s", self.directory, exc)
 
-    async def _logs(self, target: str | None) -> dict[str, str]:
-        cluster = self.cluster
-        if cluster is None:
-            return {}
-        logs = {str(k): str(v) for k, v in (await _awaitable(cluster.get_logs())).items()}
-        if not target:
-            return logs
-        if target in logs:
-            return {target: logs[target]}
-        if target.lower() == "scheduler":
-            return {k: v for k, v in logs.items() if k == "Scheduler"}
-        workers = cluster.status_report()["workers"]
-        members = [w["name"] for w in workers if w.get("host") == target]
-        # Workers that died or were retired keep their logs; find them by their host too.
-        members += [m for m, h in cluster.gone_member_hosts.items() if h == target and m not in members]
-        known_hosts = set(cluster.worker_hosts) | {w.get("host") for w in workers}
-        if target in known_hosts:
-            return {m: logs.get(m, "") for m in members}
-        raise UserError(
-            f"cluster {self.options.name} has no worker or host named {target!r}; "
-            f"workers: {', '.join(sorted(k for k in logs if k not in ('Cluster', 'Scheduler'))) or 'none'}; "
-            f"hosts: {', '.join(sorted(h for h in known_hosts if h)) or 'none'}"
-        )
+def _record_size(head: Head, **size: Any) -> None:
+    """Record the size asked for by scale or adapt in ``state.json``, for 'up' again to compare."""
+    for key, value in size.items():
+        setattr(head.options, key, value)
+    head.state.up_options = json.loads(head.options.to_json())
+    try:
+        st.write_state(head.directory, head.state)
+    except OSError as exc:
+        logger.warning("cannot record the new size in %s: %s", head.directory, exc)
+
+
+async def _cluster_logs(cluster: SSHSpecCluster | None, name: str, target: str | None) -> dict[str, str]:
+    """The logs of cluster ``name`` for ``logs [TARGET]``: all, one worker, a host's workers, or the scheduler."""
+    if cluster is None:
+        return {}
+    logs = {str(k): str(v) for k, v in (await _awaitable(cluster.get_logs())).items()}
+    if not target:
+        return logs
+    if target in logs:
+        return {target: logs[target]}
+    if target.lower() == "scheduler":
+        return {k: v for k, v in logs.items() if k == "Scheduler"}
+    workers = cluster.status_report()["workers"]
+    members = [w["name"] for w in workers if w.get("host") == target]
+    # Workers that died or were retired keep their logs; find them by their host too.
+    members += [m for m, h in cluster.gone_member_hosts.items() if h == target and m not in members]
+    known_hosts = set(cluster.worker_hosts) | {w.get("host") for w in workers}
+    if target in known_hosts:
+        return {m: logs.get(m, "") for m in members}
+    raise UserError(
+        f"cluster {name} has no worker or host named {target!r}; "
+        f"workers: {', '.join(sorted(k for k in logs if k not in ('Cluster', 'Scheduler'))) or 'none'}; "
+        f"hosts: {', '.join(sorted(h for h in known_hosts if h)) or 'none'}"
+    )
 
 
 def _fingerprint_of(options: UpOptions) -> str:
