@@ -292,6 +292,14 @@ def agent_dir(cluster_id: str) -> Path:
     return Path.home() / ".cache" / "speccluster-ssh" / cluster_id
 
 
+def assert_keys_gone_logs_kept(cluster_id: str) -> None:
+    """After a cluster's end: no TLS file is left on its hosts, its logs are (for speccluster_log_retention)."""
+    root = agent_dir(cluster_id)
+    poll(lambda: not list(root.glob("*/tls/*")), 20, "the hosts' TLS files to go", lambda: list(root.glob("*/tls/*")))
+    assert list(root.glob("*/logs/*.log")) and all((d / "ended.json").is_file() for d in root.iterdir()), \
+        list(root.rglob("*"))
+
+
 # -- status ------------------------------------------------------------------------------------------
 
 
@@ -428,8 +436,8 @@ def test_detached_lifecycle(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     assert _head_gone(head_pid)
     assert not (cli.state_root / "life").exists()
     assert_lab_clean(lab)
-    assert not agent_dir(cluster_id).exists()
-    assert cli.json("list") == []
+    assert_keys_gone_logs_kept(cluster_id)
+    assert [(c["name"], c["status"]) for c in cli.json("list")] == [("life", "ended")]  # its logs are kept
 
 
 @pytest.mark.parametrize("where", ["head", "lab-host"])
@@ -513,7 +521,7 @@ def test_foreground_up_stops_on_signal(
     assert "cluster fg closed" in err and "Traceback" not in err
     assert not (cli.state_root / "fg").exists()
     assert_lab_clean(lab)
-    assert not agent_dir(cluster_id).exists()
+    assert_keys_gone_logs_kept(cluster_id)
 
 
 def test_check_names_bad_python_and_dead_host(lab: Lab, cli: Cli, tmp_path: Path) -> None:
@@ -631,15 +639,15 @@ def test_two_clusters_side_by_side(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     assert _head_gone(a["pid"])
     poll(lambda: not all_pids(lab, a["cluster_id"]), 20, "cluster a's processes to end",
          lambda: all_pids(lab, a["cluster_id"]))
-    assert not agent_dir(a["cluster_id"]).exists()
+    assert_keys_gone_logs_kept(a["cluster_id"])
     b_untouched()
-    assert {c["name"] for c in cli.json("list")} == {"b"}
+    assert {c["name"]: c["status"] for c in cli.json("list")} == {"a": "ended", "b": "running"}
 
     # b closes cleanly after a is gone.
     cli.ok("down", "--name", "b")
     assert _head_gone(b["pid"])
     assert_lab_clean(lab)
-    assert cli.json("list") == []
+    assert {c["name"]: c["status"] for c in cli.json("list")} == {"a": "ended", "b": "ended"}
 
 
 def test_logs_of_a_host_include_its_retired_workers(lab: Lab, cli: Cli, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from speccluster_ssh.connection import ConnectSettings, HostConnection
 from speccluster_ssh.errors import UserError
 from speccluster_ssh.inventory import Inventory
 from speccluster_ssh.inventory._vars import BadValue, log_retention
+from test_cli_lab import cli  # noqa: F401 (a fixture of the lab test)
 
 DAY = 86400.0
 
@@ -290,3 +291,67 @@ def test_scheduler_log_is_oldest_first() -> None:
 
     text = asyncio.run(Reports(Cluster()).scheduler_log())  # type: ignore[arg-type]
     assert str(text) == "first\nsecond\nwith a second line\nthird"
+
+
+# -- on the SSH lab ---------------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(400)
+def test_logs_after_down_and_after_a_crash_on_the_lab(lab: Any, cli: Any, tmp_path: Path) -> None:
+    """Two live clusters of one user on the same hosts; one dies hard (head and an agent SIGKILLed).
+
+    The next agent start (``check``) removes the dead one's TLS key and leaves
+    the live one alone; ``logs --name`` prints the dead one's worker logs
+    (stale) and, after ``down``, the other's; once the dead one's retention
+    (60 s) has passed, an agent start removes its logs. (Other lab tests on
+    this machine start agents too, so any of them may be the one that sweeps.)
+    """
+    from test_cli_lab import agent_dir, all_pids, cluster_tree, poll as lab_poll, settle, write_inventory
+
+    inventory = write_inventory(lab, tmp_path / "keep.yml", ["h1", "h2"])
+    short = write_inventory(lab, tmp_path / "short.yml", ["h1", "h2"], speccluster_log_retention="60s")
+    live = cli.up_detached(inventory, "live")
+    dead = cli.up_detached(short, "dead")
+    settle(cli, lab, "live", live["cluster_id"], 2)
+    report = settle(cli, lab, "dead", dead["cluster_id"], 2)
+    dead_workers = sorted(w["name"] for w in report["workers"])
+    live_dir, dead_dir = agent_dir(live["cluster_id"]), agent_dir(dead["cluster_id"])
+    live_keys = sorted(live_dir.glob("*/tls/*"))
+    assert live_keys and sorted(dead_dir.glob("*/tls/*"))
+
+    # An agent SIGKILLed (no clean-up), then its head: nothing of dead's removes its key on h1 ...
+    (agent,) = cluster_tree(lab, dead["cluster_id"])["h1"].agents
+    os.kill(agent, signal.SIGKILL)
+    os.kill(dead["pid"], signal.SIGKILL)
+    lab_poll(lambda: not all_pids(lab, dead["cluster_id"]), 30, "the dead cluster's processes to end",
+             lambda: all_pids(lab, dead["cluster_id"]))
+    # ... but the next agent start there does: the key goes at once, the logs stay, the live cluster is untouched.
+    cli.run("check", str(inventory), timeout=120)
+    assert not list(dead_dir.glob("*/tls/*")) and (dead_dir / "h1" / ENDED_NAME).is_file()
+    assert sorted(live_dir.glob("*/tls/*")) == live_keys and not list(live_dir.glob(f"*/{ENDED_NAME}"))
+    assert len(cli.json("status", "--name", "live")["workers"]) == 2
+
+    # logs --name of the crashed (stale) cluster reads what its hosts keep.
+    assert {c["name"]: c["status"] for c in cli.json("list")} == {"live": "running", "dead": "stale"}
+    stale = cli.ok("logs", "--name", "dead")
+    for name in dead_workers:
+        assert f"==> {name} <==" in stale.stdout
+    assert "distributed.worker" in stale.stdout and "stale" in stale.stderr
+    assert set(cli.json("logs", "h2", "--name", "dead")) <= set(dead_workers)
+
+    # Once its retention has passed since it was found dead, an agent start removes its logs.
+    lab_poll(lambda: cli.run("check", str(inventory), timeout=120) and not dead_dir.exists(), 180,
+             "the dead cluster's logs to expire", lambda: list(dead_dir.rglob("*")))
+    assert sorted(live_dir.glob("*/tls/*")) == live_keys
+
+    # down keeps a record: list shows the cluster as ended and logs --name still prints its workers' logs.
+    live_workers = sorted(w["name"] for w in cli.json("status", "--name", "live")["workers"])
+    down = cli.ok("down", "--name", "live")
+    assert "logs --name live" in down.stderr
+    assert {c["name"]: c["status"] for c in cli.json("list")}["live"] == "ended"
+    kept = cli.json("logs", "--name", "live")
+    assert sorted(kept) == live_workers and all("distributed.worker" in kept[w] for w in live_workers)
+    assert cli.ok("logs", "head", "--name", "live").stdout.strip()  # the head's log survived down too
+    assert not list(live_dir.glob("*/tls/*")) and list(live_dir.glob("*/logs/*.log"))
+    assert "no kept log named 'nobody'" in cli.run("logs", "nobody", "--name", "live").stderr

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import control
+from . import control, postmortem
 from . import state as st
 from .errors import HostError, SpecClusterError, UserError
 from .messages import PROG, host_error_text, is_inventory_error, one_line
@@ -165,6 +165,8 @@ class Head:
                 with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                     loop.remove_signal_handler(sig)
             if self.phase != "failed" or not self.detached:
+                # Its hosts keep the logs: the record (and head.log) lets 'logs --name' find them.
+                postmortem.keep_record(st.KnownCluster(self.state, self.directory, alive=False))
                 st.remove_cluster_dir(self.directory)
             self.lock.release()
 

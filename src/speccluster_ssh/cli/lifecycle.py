@@ -44,6 +44,8 @@ logger = logging.getLogger("speccluster_ssh.cli")
 def _clear_stale(directory: Path) -> None:
     """Empty a cluster directory of a dead head (we hold the lock, so keep the lock file)."""
     previous = st.read_state(directory)
+    if previous is not None:
+        postmortem.keep_record(st.KnownCluster(previous, directory, alive=False))  # 'logs --name' of the crashed one
     leftovers = [p for p in directory.iterdir() if p.name != st.LOCK_FILE]
     if previous is not None and leftovers:
         click.echo(
@@ -321,12 +323,18 @@ def down(name: str | None, timeout: float, as_json: bool) -> None:
         raise SpecClusterError(
             f"the head process of cluster {cluster_name} (pid {pid}) did not exit; stop it with 'kill {pid}'"
         )
-    record = postmortem.keep_record(known)  # after the head's exit: its head.log is complete
+    # The head kept the record as it ended (head.py); one of an older head is kept here.
+    record = postmortem.latest_record(cluster_name)
+    if record is None or record.cluster_id != known.state.cluster_id:
+        record = postmortem.keep_record(known)
     st.remove_cluster_dir(directory)
     if as_json:
         _echo_json({"name": cluster_name, "stale": False, "closed": True})
     else:
         click.echo(f"cluster {cluster_name} closed")
+        if record is not None:
+            click.echo(f"its logs stay on its hosts for {_days(record.retention)}: '{PROG} logs --name {cluster_name}'",
+                       err=True)
         if record is not None:
             click.echo(f"its logs stay on its hosts for {_days(record.retention)}: '{PROG} logs --name {cluster_name}'",
                        err=True)
@@ -368,6 +376,27 @@ def list_clusters(as_json: bool) -> None:
     _console().print(_table(columns, [[r[c] for c in columns] for r in rows]))
     if any(r["status"] == "stale" for r in rows):
         click.echo(f"stale clusters: their head process is gone; '{PROG} down --name NAME' removes them", err=True)
+    if any(r["status"] == "ended" for r in rows):
+        click.echo(f"ended clusters: down, their hosts keep the logs; '{PROG} logs --name NAME' prints them", err=True)
+
+
+def _ended_rows(taken: set[str]) -> list[dict[str, Any]]:
+    """``list`` rows of the ended clusters whose logs are kept (the last of each name not in use again)."""
+    latest = {r.name: r for r in postmortem.ended_clusters() if r.name not in taken}
+    return [
+        {
+            "name": r.name, "status": "ended", "pid": 0, "scheduler_address": "", "dashboard_link": "",
+            "started": r.started, "inventory": r.inventory, "directory": str(r.directory),
+            "ended": datetime.datetime.fromtimestamp(r.ended).astimezone().isoformat(timespec="seconds"),
+            "logs_kept_until": datetime.datetime.fromtimestamp(r.ended + r.retention).astimezone().isoformat(
+                timespec="seconds"),
+        }
+        for r in sorted(latest.values(), key=lambda r: r.name)
+    ]
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds / 3600:g} hours"
     if any(r["status"] == "ended" for r in rows):
         click.echo(f"ended clusters: down, their hosts keep the logs; '{PROG} logs --name NAME' prints them", err=True)
 
