@@ -335,9 +335,6 @@ def down(name: str | None, timeout: float, as_json: bool) -> None:
         if record is not None:
             click.echo(f"its logs stay on its hosts for {_days(record.retention)}: '{PROG} logs --name {cluster_name}'",
                        err=True)
-        if record is not None:
-            click.echo(f"its logs stay on its hosts for {_days(record.retention)}: '{PROG} logs --name {cluster_name}'",
-                       err=True)
 
 
 @main.command("list")
@@ -376,27 +373,6 @@ def list_clusters(as_json: bool) -> None:
     _console().print(_table(columns, [[r[c] for c in columns] for r in rows]))
     if any(r["status"] == "stale" for r in rows):
         click.echo(f"stale clusters: their head process is gone; '{PROG} down --name NAME' removes them", err=True)
-    if any(r["status"] == "ended" for r in rows):
-        click.echo(f"ended clusters: down, their hosts keep the logs; '{PROG} logs --name NAME' prints them", err=True)
-
-
-def _ended_rows(taken: set[str]) -> list[dict[str, Any]]:
-    """``list`` rows of the ended clusters whose logs are kept (the last of each name not in use again)."""
-    latest = {r.name: r for r in postmortem.ended_clusters() if r.name not in taken}
-    return [
-        {
-            "name": r.name, "status": "ended", "pid": 0, "scheduler_address": "", "dashboard_link": "",
-            "started": r.started, "inventory": r.inventory, "directory": str(r.directory),
-            "ended": datetime.datetime.fromtimestamp(r.ended).astimezone().isoformat(timespec="seconds"),
-            "logs_kept_until": datetime.datetime.fromtimestamp(r.ended + r.retention).astimezone().isoformat(
-                timespec="seconds"),
-        }
-        for r in sorted(latest.values(), key=lambda r: r.name)
-    ]
-
-
-def _days(seconds: float) -> str:
-    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds / 3600:g} hours"
     if any(r["status"] == "ended" for r in rows):
         click.echo(f"ended clusters: down, their hosts keep the logs; '{PROG} logs --name NAME' prints them", err=True)
 
