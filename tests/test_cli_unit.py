@@ -271,6 +271,39 @@ def test_user_mistakes_give_one_line_and_exit_2(
     assert not any(p.is_dir() for p in state_home.glob("*")) if state_home.exists() else True
 
 
+@pytest.mark.parametrize(
+    ("typed", "suggested"),
+    [("lgo", None), ("frobnicate", None), ("stauts", "status"), ("lsit", "list"), ("log", "logs"), ("x", None)],
+)
+def test_an_unknown_command_suggests_only_a_close_one(typed: str, suggested: str | None) -> None:
+    line = assert_one_error_line(cli(typed))
+    assert f"No such command {typed!r}." in line
+    if suggested is None:
+        assert "Did you mean" not in line, line
+    else:
+        assert f"Did you mean {suggested!r}?" in line and "one of" not in line, line
+
+
+def test_inventory_shows_the_python_that_plan_runs(tmp_path: Path) -> None:
+    path = tmp_path / "inv.yml"
+    path.write_text(json.dumps({"all": {"hosts": {"local1": {"ansible_connection": "local"},
+                                                  "far": {"ansible_host": "192.0.2.9"}}}}))
+    rows = {r["name"]: r for r in json.loads(cli("inventory", str(path), "--json").stdout)}
+    plan = {h["host"]: h for h in json.loads(cli("plan", str(path), "--json").stdout)["hosts"]}
+    # A local host left at python3 runs the head's own interpreter; a remote one runs python3.
+    assert rows["local1"]["python"] == plan["local1"]["command"][2] == sys.executable
+    assert rows["far"]["python"] == plan["far"]["command"][2] == "python3"
+
+
+def test_status_title_counts_running_workers_and_pending_apart() -> None:
+    from speccluster_ssh.cli.display import _workers_title
+
+    workers = [{"status": "running"}, {"status": "running"}, {"status": "pending"}, {"status": "created"}]
+    assert _workers_title(workers) == "2 workers running, 2 pending"
+    assert _workers_title(workers[:2]) == "2 workers running"
+    assert _workers_title([]) == "0 workers running"
+
+
 # -- plan ------------------------------------------------------------------------------------------
 
 
@@ -463,6 +496,20 @@ def test_failed_up_cleans_up_and_exits_1(tmp_path: Path, state_home: Path) -> No
     assert "local1: down: " in result.stderr and "this python is broken" in result.stderr
     assert "Traceback" not in result.output
     assert not (state_home / "broken").exists()
+
+
+def test_a_host_without_distributed_answered(tmp_path: Path, state_home: Path) -> None:
+    """The host answered, its python lacks distributed: not 'no worker host answered' (issue 21, point 14)."""
+    fake = tmp_path / "nodask"
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'distributed'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    inv = local_inventory(tmp_path, speccluster_python=str(fake))
+    result = cli("up", str(inv), "--detach", "--name", "nodask", "--no-tls", "--timeout", "20")
+    assert result.exit_code == 1, result.output
+    first = next(line for line in result.stderr.splitlines() if line.startswith("speccluster-ssh: error: "))
+    assert "no worker host answered" not in result.stderr, result.stderr
+    assert "no worker host can run workers (at least 1 needed): local1 answered but cannot run them" in first
+    assert "has no 'distributed'" in result.stderr and "fix: install distributed on local1" in result.stderr
 
 
 def test_up_detached_status_scale_down(tmp_path: Path, state_home: Path, reaper: Reaper) -> None:
