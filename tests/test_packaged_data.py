@@ -103,11 +103,6 @@ async def _until(predicate: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-def _slow(x: int) -> int:
-    time.sleep(1.0)
-    return x
-
-
 def test_packaged_local_inventory_scales_and_adapts() -> None:
     """scale(1), scale(4) and adapt(minimum=1, maximum=4) reach the numbers asked."""
 
@@ -131,7 +126,11 @@ def test_packaged_local_inventory_scales_and_adapts() -> None:
                 cluster.adapt(minimum=1, maximum=4, interval="200ms", wait_count=2)
                 # 40 one-second tasks of unknown duration: the scheduler's target is past 4,
                 # capped at the maximum.
-                futures = client.map(_slow, range(40), pure=False)
+                def slow(x: int) -> int:  # defined here: pickled by value, the workers can't import tests/
+                    time.sleep(1.0)
+                    return x
+
+                futures = client.map(slow, range(40), pure=False)
                 await _until(lambda: running() == 4, 180, "adapt to grow to its maximum of 4")
                 assert len(cluster.worker_spec) == 4  # never past the maximum
                 assert sum(await client.gather(futures)) == sum(range(40))

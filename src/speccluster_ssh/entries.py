@@ -124,6 +124,7 @@ def worker_entry(settings: EntrySettings, host: HostSpec, new_spec: Mapping[str,
     if security is not None:
         options["security"] = security
     options.update(settings.worker_options)
+    # A class given by import path runs under the worker interface; the host picks how to start it.
     cls = settings.classes["nanny"] if host.worker_class == "nanny" else settings.classes["worker"]
     override = new_spec.get("cls") if new_spec else None
     if (
@@ -147,6 +148,9 @@ def worker_entry(settings: EntrySettings, host: HostSpec, new_spec: Mapping[str,
     }
     if host.dask_config:
         spec["options"]["dask_config"] = dict(host.dask_config)
+    if host.worker_class_path:
+        # Imported by the host's agent when it starts; started there as dask's SpecCluster would (child.py).
+        spec["options"]["worker_class"] = host.worker_class_path
     suffixes = group_suffixes(host)
     if suffixes:
         spec["group"] = suffixes

@@ -187,7 +187,8 @@ def _entry_plan(key: str, spec: dict[str, Any], tls: bool, host: HostSpec, slot:
     if options.get("nthreads") is None:
         options["nthreads"] = "auto (host cpus / nworkers)"
     workers = member_names(key, spec)
-    plan = {"entry": key, "class": spec["cls"], "workers": workers, "options": options, "tls": tls}
+    cls = spec["options"].get("worker_class") or spec["cls"]  # an import path from speccluster_worker_class
+    plan = {"entry": key, "class": cls, "workers": workers, "options": options, "tls": tls}
     # Worker name -> its GPU devices; "auto" when the host finds them at start.
     plan["gpus"] = planned_gpus(host, slot, workers)
     return plan

@@ -77,6 +77,9 @@ class RemoteProcess(ProcessInterface):
         Suffixes for a group entry: one process per suffix.
     start_timeout
         Seconds to wait for every process of the entry to report ready.
+    worker_class
+        Import path of the dask server class to run instead of the role's
+        (``speccluster_worker_class``); the host's agent imports it.
     """
 
     role: ClassVar[str] = "worker"
@@ -94,6 +97,7 @@ class RemoteProcess(ProcessInterface):
         start_timeout: float = 60.0,
         stop_grace: float = 3.0,
         dask_config: Mapping[str, Any] | None = None,
+        worker_class: str | None = None,
         **extra: Any,
     ) -> None:
         super().__init__()
@@ -105,6 +109,7 @@ class RemoteProcess(ProcessInterface):
         self.options.update(extra)
         self.env = dict(env or {})
         self.dask_config = dict(dask_config or {})
+        self.worker_class = worker_class
         self.gpus: dict[str, list[str]] = {}  # member -> its GPU devices, on a host with speccluster_gpus
         self.group = list(group) if group else None
         self.start_timeout = start_timeout
@@ -278,6 +283,7 @@ class RemoteProcess(ProcessInterface):
                     env=self._member_env(member),
                     config=pool.dask_config,
                     host_config=self.dask_config,
+                    worker_class=self.worker_class,
                 )
                 started[member] = int(reply["pid"])
                 timeline.stamp("forked", self.host, member)

@@ -172,6 +172,9 @@ class HostAgent:
             "log_retention": self.host.log_retention,
             "detect_gpus": self.host.gpus == "auto",
         }
+        if self.host.worker_class_path:
+            # Imported by the agent before its hello: a class the host lacks is one line here.
+            config.update(worker_class=self.host.worker_class_path, pythonpath=self.host.env.get("PYTHONPATH"))
         head = self.connection.local_address
         if self.probe_port is not None and head:
             config["probe"] = {"head": f"[{head}]:{self.probe_port}" if ":" in head else f"{head}:{self.probe_port}",
@@ -202,6 +205,10 @@ class HostAgent:
                 fix=f"make {base} on {self.host.name} a directory that {user} can write (it holds the logs), "
                 "or free the disk there",
             )
+        if hello.get("worker_class_error"):
+            await channel.close()
+            self._mark_lost("closed")  # the agent has exited: nothing to shut down
+            raise _worker_class_error(self.host, hello)
         self.facts = hello
         self._last_heard = time.monotonic()
         self._reader = self._tasks.start(self._read_loop(), name=f"read from the agent on {self.host.name}")
@@ -444,6 +451,16 @@ def _parse(line: bytes) -> dict[str, Any]:
     except ValueError:
         return {"event": "garbage", "data": line[:200].decode("utf-8", "replace")}
     return message if isinstance(message, dict) else {"event": "garbage"}
+
+
+def _worker_class_error(host: HostSpec, hello: dict[str, Any]) -> HostError:
+    """The error of a host whose agent could not import ``speccluster_worker_class``."""
+    python = hello.get("python") or host.python
+    return HostError(
+        host.name,
+        f"speccluster_worker_class {host.worker_class_path!r} cannot be imported there: {hello['worker_class_error']}",
+        fix=f"install it in the host's python ({python}) or fix the inventory",
+    )
 
 
 def _start_failure(host: HostSpec, stderr: str) -> tuple[str, str]:

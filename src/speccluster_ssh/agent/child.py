@@ -1,7 +1,18 @@
 """The body of a forked child of the host agent: one dask server. A shipped source (see ``remote.py``).
 
 Runs in the agent's namespace after ``logs.py`` and ``host.py``; imports
-only the standard library and ``dask``/``distributed``.
+only the standard library and ``dask``/``distributed``, and the class that
+``speccluster_worker_class`` names by import path.
+
+A class given by path is started as dask's ``SpecCluster`` (``dask spec``)
+starts one: ``cls(scheduler, **options)``, awaited, then ``finished()``
+awaited. The agent imports it when it starts (:func:`worker_class_facts`,
+so that an import failure is one line at the head and forked children start
+warm). What it is decides the rest: a ``Nanny`` subclass runs as a nanny, a
+``Worker`` subclass as a bare worker, and any other server (such as
+``dask_cuda.CUDAWorker``, which starts one nanny per visible GPU) gets its
+``resources`` in dask-worker's text form (``GPU=1,FPGA=1``) and must start
+exactly one nanny, so that the cluster knows its worker by name.
 """
 
 from __future__ import annotations
@@ -26,6 +37,90 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def _add_pythonpath(value: str | None) -> None:
+    """Put the entries of a ``PYTHONPATH`` on ``sys.path``, as a python started with it would have them.
+
+    The agent and its forked children never read the ``PYTHONPATH`` of
+    ``speccluster_env`` at startup (it is not in their environment then).
+    """
+    entries = [entry for entry in (value or "").split(os.pathsep) if entry and entry not in sys.path]
+    sys.path[1:1] = entries  # after the entry of the current directory, before site-packages
+
+
+def _import_worker_class(path: str) -> type:
+    """The class at ``path`` (``package.module.Class``), imported as ``distributed.utils.import_term`` does."""
+    import importlib
+
+    module_name, _, attr = path.rpartition(".")
+    found = getattr(importlib.import_module(module_name), attr)
+    if not isinstance(found, type):
+        raise TypeError(f"{path} is a {type(found).__name__}, not a class")
+    return found
+
+
+def _class_kind(cls: type) -> str:
+    """``"nanny"``, ``"worker"`` or ``"server"`` (neither: a class such as ``dask_cuda.CUDAWorker``)."""
+    from distributed import Nanny, Worker
+
+    if issubclass(cls, Nanny):
+        return "nanny"
+    if issubclass(cls, Worker):
+        return "worker"
+    return "server"
+
+
+def worker_class_facts(config: dict[str, Any]) -> dict[str, str]:
+    """Import the class of ``config["worker_class"]``; for the hello, its kind or why it cannot be used.
+
+    Returns ``{"worker_class_kind": ...}`` or ``{"worker_class_error": ...}``,
+    or nothing when the host runs plain nannies or workers.
+    """
+    path = config.get("worker_class")
+    if not path:
+        return {}
+    _add_pythonpath(config.get("pythonpath"))
+    try:
+        return {"worker_class_kind": _class_kind(_import_worker_class(str(path)))}
+    except (Exception, SystemExit) as exc:  # a module may fail in any way, or exit, as it is imported
+        return {"worker_class_error": " ".join(f"{type(exc).__name__}: {exc}".split())[:500]}
+
+
+def _start_worker_class(path: str, scheduler: str, options: dict[str, Any]) -> Any:
+    """An instance of the class at ``path``, made as dask's SpecCluster makes one: ``cls(scheduler, **options)``."""
+    cls = _import_worker_class(path)
+    kind = _class_kind(cls)
+    if kind == "server" and isinstance(options.get("resources"), dict):
+        # dask-worker's text form, which such servers (dask_cuda.CUDAWorker) parse.
+        options["resources"] = ",".join(f"{name}={amount:g}" for name, amount in options["resources"].items())
+    server = cls(scheduler, **options)
+    nannies = getattr(server, "nannies", None)
+    if kind == "server" and isinstance(nannies, list) and len(nannies) > 1:
+        devices = os.environ.get("CUDA_VISIBLE_DEVICES", "every GPU")
+        raise ValueError(
+            f"{path} made {len(nannies)} dask workers for worker {options.get('name')} (one per visible GPU: "
+            f"{devices}); give each worker one GPU, with speccluster_gpus equal to the host's number of workers"
+        )
+    return server
+
+
+def _addresses(server: Any) -> tuple[str | None, str | None]:
+    """The server's own address and that of the dask worker it runs (the same for a bare worker)."""
+    from distributed import Nanny, Worker
+
+    if isinstance(server, Nanny):
+        return server.address, server.worker_address
+    if isinstance(server, Worker):
+        return server.address, server.address
+    nannies = getattr(server, "nannies", None)
+    if isinstance(nannies, list) and nannies and isinstance(nannies[0], Nanny):
+        return nannies[0].address, nannies[0].worker_address
+    try:
+        address = server.address
+    except (AttributeError, ValueError):
+        address = None
+    return address, address
+
+
 def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
     """Body of a forked child: run one dask server until it finishes."""
     import asyncio
@@ -33,6 +128,7 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
     import dask
 
     os.environ.update(request.get("env") or {})
+    _add_pythonpath((request.get("env") or {}).get("PYTHONPATH"))
     # Lowest to highest: dask's defaults and this host's config files, the
     # head's config, DASK_* variables of this process (as with dask's
     # SSHCluster, where they beat the inherited config), the host's
@@ -50,6 +146,7 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
     from distributed.security import Security
 
     role = request["role"]
+    worker_class = request.get("worker_class") if role != "scheduler" else None
     options = dict(request.get("options") or {})
     tls = options.pop("security", None)
     if tls:
@@ -65,6 +162,8 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
     async def serve() -> None:
         if role == "scheduler":
             server = Scheduler(**options)
+        elif worker_class:
+            server = _start_worker_class(str(worker_class), request["scheduler"], options)
         elif role == "nanny":
             server = Nanny(request["scheduler"], **options)
         else:
@@ -83,17 +182,11 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
         # restart would close the nanny instead of only its worker.
         os.register_at_fork(after_in_child=_default_signals_in_child)
         await server
-        ready: dict[str, Any] = {
-            "event": "ready",
-            "name": request["name"],
-            "address": server.address,
-            "pid": os.getpid(),
-        }
-        if role == "nanny":
-            ready["worker_address"] = server.worker_address
-        elif role == "worker":
-            ready["worker_address"] = server.address
+        ready: dict[str, Any] = {"event": "ready", "name": request["name"], "pid": os.getpid()}
+        if role != "scheduler":
+            ready["address"], ready["worker_address"] = _addresses(server)
         else:
+            ready["address"] = server.address
             http_server = getattr(server, "http_server", None)
             ready["dashboard_port"] = getattr(http_server, "port", None)
         report(ready)

@@ -14,6 +14,10 @@ The head first sends one JSON line of agent config: ``cluster``,
 logs stay after the cluster ended, see ``logs.py``) and ``detect_gpus`` (run
 ``nvidia-smi -L`` for the hello). A config with ``read_logs`` only prints
 the kept logs of ``cluster`` on this host (one ``kept_logs`` line) and exits.
+With ``worker_class`` (an import path) and ``pythonpath`` (the host's
+``PYTHONPATH`` in ``speccluster_env``) the agent imports that class before
+its hello, which says ``worker_class_kind``, or ``worker_class_error``
+(then the agent exits at once, having created nothing on the host).
 
 Protocol (JSON, one object per line):
 
@@ -69,7 +73,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # shipped, these are globals already: the other sources run first in the same namespace
-    from .child import _run_child, _set_parent_death_signal
+    from .child import _run_child, _set_parent_death_signal, worker_class_facts
     from .host import (
         _cpu_count, _detect_gpus, _distributed_version, _listen_address, _private_dir, _probe_writable, _reach_probe,
         _total_memory,
@@ -135,6 +139,7 @@ class Agent:
         self.remove_dir = False
         self.keep_tls = False
         self.probe_listener: socket.socket | None = None  # see _reach_probe
+        self.class_facts: dict[str, str] = {}  # see worker_class_facts, for the hello
         os.environ[MARKER_ENV] = self.cluster
 
     # -- output ---------------------------------------------------------
@@ -454,6 +459,7 @@ class Agent:
                 "listen_address": _listen_address(self.config),
                 "free_disk": shutil.disk_usage(self.dir).free,
                 **gpus,
+                **self.class_facts,
             }
         )
         term_seen = False
@@ -572,7 +578,14 @@ def main(config: dict[str, Any]) -> None:
     # Every worker sends these when it registers; cached here, each forked
     # child has them instead of scanning the installed packages again.
     distributed.versions.get_versions()
+    # speccluster_worker_class, imported before any fork; a host without it only says why, and touches nothing.
+    class_facts = worker_class_facts(config)
+    if "worker_class_error" in class_facts:
+        hello = {"event": "hello", "pid": os.getpid(), "python": sys.executable, **class_facts}
+        os.write(1, (json.dumps(hello) + "\n").encode())
+        return
     agent = Agent(config)
     agent.probe_listener = listener
+    agent.class_facts = class_facts
     agent.run()
     os._exit(0)

@@ -106,6 +106,11 @@ class HostSpec:
         """Whether commands for this host run locally instead of over SSH."""
         return self.connection == "local"
 
+    @property
+    def worker_class_path(self) -> str | None:
+        """The import path ``speccluster_worker_class`` names (e.g. ``dask_cuda.CUDAWorker``); ``None`` for nanny or worker."""
+        return None if self.worker_class in ("nanny", "worker") else self.worker_class
+
 
 def _contains(value: Any, kind: type) -> bool:
     if isinstance(value, kind):

@@ -6,6 +6,7 @@ generated from it with :func:`speccluster_vars_markdown`.
 
 from __future__ import annotations
 
+import keyword
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -129,6 +130,26 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
     check.__doc__ = f"Validate one of {listed}."
     return check
+
+
+def worker_class(value: Any) -> str:
+    """Validate ``"nanny"``, ``"worker"`` or the import path of a class, such as ``dask_cuda.CUDAWorker``.
+
+    Only the spelling is checked here (dotted Python identifiers, at least a
+    module and a name); the class is imported on each host when its agent
+    starts.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("nanny", "worker"):
+            return text.lower()
+        parts = text.split(".")
+        if len(parts) >= 2 and all(part.isidentifier() and not keyword.iskeyword(part) for part in parts):
+            return text
+    raise BadValue(
+        "'nanny', 'worker' or the import path of a class (module.Class)",
+        "write nanny, worker, or a path such as dask_cuda.CUDAWorker or mypkg.MyWorker",
+    )
 
 
 def resources(value: Any) -> dict[str, float]:
@@ -334,7 +355,9 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         memory_limit, "auto", "Memory limit per worker: 'auto' or a size such as '4 GiB', '500MB' or bytes."
     ),
     "speccluster_worker_class": VarSpec(
-        _choice("nanny", "worker"), "nanny", "Run workers under a Nanny ('nanny') or bare ('worker')."
+        worker_class, "nanny",
+        "Run workers under a Nanny ('nanny'), bare ('worker'), or as the class at an import path such as "
+        "dask_cuda.CUDAWorker or mypkg.MyWorker (imported on the host when its agent starts).",
     ),
     "speccluster_slots": VarSpec(
         non_negative_int, 1, "How many spec entries the host accepts; 0 means no workers on this host."
