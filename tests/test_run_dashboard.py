@@ -30,12 +30,13 @@ from sshlab import Lab
 from test_cli_lab import Cli, cli, fetch, settle, write_inventory  # noqa: F401  (cli is a fixture)
 
 from speccluster_ssh import state as st
-from speccluster_ssh.cli.tools import client_environment, dashboard_lines
+from speccluster_ssh.cli.tools import client_environment, dashboard_lines, this_machine
 from speccluster_ssh.dashboards import (
     checked_address,
     dashboard_bind,
     host_tunnel_argv,
     on_loopback,
+    reach_host,
     split_dashboard_address,
 )
 from speccluster_ssh.entries import local_scheduler_entry
@@ -71,6 +72,10 @@ def test_dashboard_addresses_are_checked() -> None:
             checked_address(bad)
     assert on_loopback("127.0.0.1:0") and on_loopback("localhost:1") and on_loopback("[::1]:2")
     assert not on_loopback(":0") and not on_loopback("0.0.0.0:8787") and not on_loopback(None)
+    # Where a server given each address is reached on its own host (the forward's and the link's host).
+    assert [reach_host(a, "10.0.0.3") for a in ("127.0.0.1:0", "localhost", "10.0.0.9:1", ":0", "0.0.0.0", None)] == [
+        "127.0.0.1", "127.0.0.1", "10.0.0.9", "10.0.0.3", "10.0.0.3", "10.0.0.3",
+    ]
 
 
 def test_dashboards_default_to_loopback() -> None:
@@ -255,7 +260,7 @@ def test_run_and_the_head_dashboard(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     shown = cli.ok("dashboard", "--name", "rd", "--ssh-host", "me@head.example.org").stdout
     assert f"dashboard: {link}" in shown
     assert f"ssh -N -L 8787:127.0.0.1:{parts.port} me@head.example.org" in shown, shown
-    assert cli.json("dashboard", "--name", "rd")["ssh"][-1] == f"{_user()}@{socket.getfqdn()}"
+    assert cli.json("dashboard", "--name", "rd")["ssh"][-1] == f"{_user()}@{this_machine()}"
     cli.ok("down", "--name", "rd")
 
     # Exposed on request: then the head's lab address answers too.

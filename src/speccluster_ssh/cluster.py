@@ -481,14 +481,16 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         if isinstance(self.scheduler, RemoteScheduler):
             port = self.scheduler.dashboard_port
             host = self.scheduler.address.split("://")[-1].rsplit(":", 1)[0] if self.scheduler.address else "localhost"
-            if dashboards.on_loopback(self.scheduler.options.get("dashboard_address")):
-                host = dashboards.LOOPBACK  # the scheduler's host is the head (others are forwarded)
+            # Loopback only when the scheduler's host is the head: other hosts' are forwarded.
+            host = dashboards.reach_host(self.scheduler.options.get("dashboard_address"), host)
             return f"http://{host}:{port}/status" if port else ""
+        # The head's scheduler: the address its dashboard listens on, unless that is every interface.
         bound = getattr(getattr(self.scheduler, "http_server", None), "address", None)
-        if isinstance(bound, str) and dashboards.is_loopback(bound) and super().dashboard_link:
+        host = dashboards.reach_host(bound, "")
+        if host and super().dashboard_link:
             from distributed.utils import format_dashboard_link
 
-            return str(format_dashboard_link(dashboards.LOOPBACK, self.scheduler.http_server.port))
+            return str(format_dashboard_link(host, self.scheduler.http_server.port))
         return super().dashboard_link
 
     def status_report(self) -> dict[str, Any]:

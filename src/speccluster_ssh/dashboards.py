@@ -89,6 +89,23 @@ def on_loopback(dashboard_address: Any) -> bool:
     return is_loopback(host)
 
 
+def reach_host(dashboard_address: Any, fallback: str) -> str:
+    """The address that reaches, on its own host, a server given ``dashboard_address``.
+
+    Loopback for a loopback address, the address itself for another one,
+    ``fallback`` (the server's address) for every interface or an unknown value.
+    """
+    if not isinstance(dashboard_address, str):
+        return fallback
+    try:
+        host, _ = split_dashboard_address(dashboard_address)
+    except UserError:
+        return fallback
+    if is_loopback(host):
+        return host if ":" in host else LOOPBACK
+    return host if _any_as_empty(host) else fallback
+
+
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 

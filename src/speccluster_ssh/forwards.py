@@ -114,8 +114,9 @@ class ForwardedScheduler(RemoteScheduler):
             port = self.dashboard_port
             if port:
                 _, host, _ = split_address(self.address)
-                # A loopback dashboard is reached as the host's sshd sees it: on its own loopback.
-                local = await self.forwards.forward_port(dashboards.LOOPBACK if loopback else host, port)
+                # As the host's sshd reaches it: a loopback dashboard on its own loopback.
+                target = dashboards.reach_host(self.options.get("dashboard_address"), host)
+                local = await self.forwards.forward_port(target, port)
                 self.head_dashboard_link = f"http://127.0.0.1:{local}/status"
         except BaseException:
             await self.close()

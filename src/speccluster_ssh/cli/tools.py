@@ -150,7 +150,7 @@ def dashboard(name: str | None, ssh_host: str | None, local_port: int, as_json: 
         raise control.ControlError(
             f"cluster {known.state.name} has no dashboard; install bokeh on its scheduler's host"
         )
-    head = ssh_host or f"{getpass.getuser()}@{socket.getfqdn()}"
+    head = ssh_host or f"{getpass.getuser()}@{this_machine()}"
     lines = dashboard_lines(link, where, head, local_port, _scheduler_host(known, where.get("host")))
     if as_json:
         _echo_json(lines)
@@ -165,6 +165,14 @@ def dashboard(name: str | None, ssh_host: str | None, local_port: int, as_json: 
         click.echo(f"  or, through the inventory's jump hosts, straight to {where.get('host')}:")
         click.echo(f"  {_shell_text(lines['ssh_direct'])}")
     click.echo(f"  then open {lines['local_url']}")
+
+
+def this_machine() -> str:
+    """This machine's name as another machine may know it: its fully qualified name, else its host name."""
+    name = socket.getfqdn()
+    if not name or name.split(".")[0] == "localhost":
+        name = socket.gethostname()
+    return name
 
 
 def _shell_text(argv: Sequence[str]) -> str:
