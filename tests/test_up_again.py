@@ -189,3 +189,37 @@ def test_up_again_applies_size_and_inventory(tmp_path: Path, state_home: Path, r
     assert json.loads((directory / st.STATE_FILE).read_text())["pid"] == pid  # never a second head
 
     assert cli("down", "--name", "t1").exit_code == 0
+
+
+def test_the_capacity_warning_is_printed_once_in_the_foreground(
+    tmp_path: Path, state_home: Path, reaper: Reaper
+) -> None:
+    """The cluster's own note of the shortfall (a log line and a print) repeated up's warning."""
+    import signal
+    import subprocess
+
+    from test_cli_unit import subprocess_env
+
+    inv = write_inventory(tmp_path / "inv.yml", 2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "speccluster_ssh.cli", "up", str(inv), "--name", "fg", "--no-tls", "--workers", "3",
+         "--timeout", "60"],
+        env=subprocess_env(state_home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    directory = state_home / "fg"
+    reaper.add(proc.pid, directory)
+    try:
+        def running() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"up exited early with {proc.returncode}")
+            found = st.read_state(directory) if directory.exists() else None
+            return found is not None and found.phase == "running"
+
+        poll(running, 60, "the foreground cluster to run")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err.count("asked for 3 workers") == 1, err
+    assert "scaled to capacity" not in out + err
