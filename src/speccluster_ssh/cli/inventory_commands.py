@@ -175,7 +175,8 @@ def plan(
 @_group_options
 @_json_option
 def check(
-    inventory: str | None, known_hosts: str | None, timeout: float, scheduler_group: str, worker_group: str, as_json: bool
+    inventory: str | None, known_hosts: str | None, timeout: float, scheduler_group: str, worker_group: str,
+    as_json: bool,
 ) -> None:
     """Preflight every host of INVENTORY (default: this machine): SSH, host key, python, distributed, disk.
 
