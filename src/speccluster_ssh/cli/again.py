@@ -141,11 +141,12 @@ def up_again(directory: Path, options: UpOptions, request: UpRequest, as_json: b
     if found.phase != "running":
         click.echo(f"cluster {name} is already {found.phase} (head pid {found.pid}); nothing changed")
         return
-    if not said:
-        click.echo(f"cluster {name} is already running with these options; nothing changed")
-    # Without the summary of the start, which scale, adapt or reload may have made stale; status has it now.
+    if said:
+        click.echo(f"cluster {name} is running (head pid {current.pid}); '{PROG} status --name {name}' shows it now")
+        return
+    click.echo(f"cluster {name} is already running with these options; nothing changed")
+    # Without the summary of the start, which a scale, adapt or reload since may have made stale.
     _print_connect_info(dataclasses.replace(current, summary={}), directory, detached=True)
-    click.echo(f"  status:    {PROG} status --name {name}")
 
 
 def _reload(directory: Path, name: str, inventory: str) -> list[str]:
