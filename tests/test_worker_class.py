@@ -88,6 +88,17 @@ def test_entry_and_plan_carry_the_class_path() -> None:
     assert [e["class"] for h in plan["hosts"] for e in h["entries"]] == ["dask_cuda.CUDAWorker"]
 
 
+def test_a_scheduler_host_without_workers_does_not_need_the_class(tmp_path: Path) -> None:
+    path = tmp_path / "inv.ini"
+    path.write_text("[scheduler]\ns1\n[workers]\ng1\ng2\n[all:vars]\nspeccluster_worker_class=dask_cuda.CUDAWorker\n")
+    inv = load_inventory(path)
+    assert inv.scheduler_host is not None and inv.scheduler_host.worker_class_path is None
+    assert [h.worker_class_path for h in inv.worker_hosts] == ["dask_cuda.CUDAWorker"] * 2
+    both = tmp_path / "both.ini"
+    both.write_text("[scheduler]\ns1\n[workers]\ns1\n[all:vars]\nspeccluster_worker_class=dask_cuda.CUDAWorker\n")
+    assert load_inventory(both).scheduler_host.worker_class_path == "dask_cuda.CUDAWorker"  # it runs workers too
+
+
 # -- the agent imports the class when it starts ------------------------------------------------------
 
 

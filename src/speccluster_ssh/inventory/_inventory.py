@@ -213,6 +213,10 @@ class Inventory:
             spec for name, spec in self.hosts.items() if name in members and spec.slots > 0
         ]
         self._worker_names = frozenset(spec.name for spec in self.worker_hosts)
+        scheduler = self.scheduler_host
+        if scheduler is not None and scheduler.name not in self._worker_names and scheduler.worker_class_path:
+            # It runs no worker, so its agent does not import the class (often installed on worker hosts only).
+            self.scheduler_host = dataclasses.replace(scheduler, worker_class="nanny")
 
     # -- variables ---------------------------------------------------------------
 
