@@ -4,6 +4,11 @@ Registered under the ``dask_cluster_discovery`` entry point group. It lives
 apart from :mod:`speccluster_ssh.state` because it names the cluster class:
 state.py stays free of the cluster code, which itself imports state.py
 (through :mod:`speccluster_ssh.detached`).
+
+dask-ctl builds each cluster's handle with ``SSHSpecCluster.from_name``,
+which attaches without owning: its ``delete`` calls the handle's ``close()``,
+which only detaches. ``speccluster-ssh down`` (or the handle's
+``shutdown()``) ends a cluster.
 """
 
 from __future__ import annotations
