@@ -265,6 +265,38 @@ def test_record_is_kept_then_purged(tmp_path: Path, state_home: Path) -> None:
     assert postmortem.latest_record("lab") is None and not (postmortem.ended_root() / "lab").exists()
 
 
+def test_logs_command_of_an_ended_cluster(tmp_path: Path, state_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``logs --name N`` after ``down`` reads the kept logs on the hosts (here a local host) and the kept head log."""
+    from click.testing import CliRunner
+
+    from speccluster_ssh.cli import main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    agent_dir(cache / "speccluster-ssh", "lab-1", "here")
+    inventory = tmp_path / "inv.yml"
+    inventory.write_text(f"all:\n  hosts:\n    here:\n      ansible_connection: local\n"
+                         f"      speccluster_python: {sys.executable}\n")
+    directory = st.make_cluster_dir("lab")
+    (directory / st.LOG_FILE).write_text("the head's last words\n")
+    state = st.ClusterState(name="lab", cluster_id="lab-1", inventory=str(inventory), hosts={"here": "localhost"})
+    assert postmortem.keep_record(st.KnownCluster(state, directory, alive=False)) is not None
+    st.remove_cluster_dir(directory)
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+    shown = run("logs", "--name", "lab")
+    assert shown.exit_code == 0, shown.output
+    assert "==> w <==\nlog of lab-1" in shown.stdout and "ended" in shown.stderr
+    assert json.loads(run("logs", "here", "--name", "lab", "--json").stdout) == {"w": "log of lab-1\n"}
+    assert run("logs", "head", "--name", "lab").stdout == "the head's last words\n"
+    listed = json.loads(run("list", "--json").stdout)
+    assert [(c["name"], c["status"]) for c in listed] == [("lab", "ended")]
+    unknown = run("logs", "nobody", "--name", "lab")
+    assert unknown.exit_code == 2 and "no kept log named 'nobody'" in unknown.stderr
+
+
 def test_pick_logs() -> None:
     logs = {"h1": {"w-0": "a", "scheduler": "s"}, "h2": {"w-1": "b", "w-0": "c"}}
     assert postmortem.pick_logs(logs, None, ["h1", "h2"]) == {

@@ -48,6 +48,8 @@ class EndedCluster:
         When ``down`` ended it (seconds since the epoch).
     retention
         Seconds the record (and the hosts' logs) are kept after ``ended``.
+    known_hosts
+        The host key policy ``up --known-hosts`` gave, if any (reaching the hosts again uses it too).
     directory
         Where the record is (not saved in it).
     """
@@ -59,6 +61,7 @@ class EndedCluster:
     started: str = ""
     ended: float = 0.0
     retention: float = DEFAULT_RETENTION
+    known_hosts: str | None = None
     directory: Path = field(default=Path(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +69,13 @@ class EndedCluster:
         data = asdict(self)
         data.pop("directory")
         return data
+
+    @classmethod
+    def of(cls, state: st.ClusterState, ended: float = 0.0, retention: float = DEFAULT_RETENTION) -> EndedCluster:
+        """What a cluster's state says about reaching its hosts (``ended`` 0: not ended, its head died)."""
+        options = getattr(state, "up_options", None) or {}
+        return cls(state.name, state.cluster_id, state.inventory, dict(state.hosts), state.started, ended, retention,
+                   options.get("known_hosts") if isinstance(options, dict) else None)
 
     @property
     def head_log(self) -> Path:
@@ -102,9 +112,7 @@ def keep_record(known: st.KnownCluster, retention: float | None = None) -> Ended
         return None
     if retention is None:
         retention = host_retention(state.inventory, list(state.hosts))
-    record = EndedCluster(
-        state.name, state.cluster_id, state.inventory, dict(state.hosts), state.started, time.time(), retention
-    )
+    record = EndedCluster.of(state, time.time(), retention)
     directory = ended_root() / state.name / state.cluster_id
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -180,7 +188,8 @@ def purge_records(now: float | None = None) -> list[EndedCluster]:
 
 
 def fetch_kept_logs(
-    inventory: str, cluster_id: str, hosts: Sequence[str], *, nbytes: int = 16384, timeout: float = 60.0
+    inventory: str, cluster_id: str, hosts: Sequence[str], *, nbytes: int = 16384, timeout: float = 60.0,
+    known_hosts: str | None = None,
 ) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """Read the kept logs of cluster ``cluster_id`` on ``hosts`` over SSH.
 
@@ -196,6 +205,8 @@ def fetch_kept_logs(
         Bytes of each log's tail.
     timeout
         Seconds one host may take.
+    known_hosts
+        The host key policy ``up --known-hosts`` used, if any.
 
     Returns
     -------
@@ -213,7 +224,7 @@ def fetch_kept_logs(
     async def main() -> None:
         from . import startup
 
-        settings = startup.connect_settings(None, None, (), None)
+        settings = startup.connect_settings(None, known_hosts, (), None)
         names = list(specs)
         results = await asyncio.gather(
             *(_read_host(specs[n], settings, cluster_id, nbytes, timeout) for n in names), return_exceptions=True

@@ -301,7 +301,8 @@ def down(name: str | None, timeout: float, as_json: bool) -> None:
         postmortem.keep_record(known)  # where its logs are, for 'logs --name' (see postmortem.py)
         st.remove_cluster_dir(directory)
         message = (f"cluster {cluster_name} was stale (head process {pid} is gone); removed its state in {directory}; "
-                   "its remote processes stop by themselves once the head's connections are gone")
+                   "its remote processes stop by themselves once the head's connections are gone; "
+                   f"'{PROG} logs --name {cluster_name}' prints the logs its hosts keep")
         if as_json:
             _echo_json({"name": cluster_name, "stale": True, "closed": True})
         else:

@@ -190,7 +190,7 @@ def _kept_source(name: str | None) -> postmortem.EndedCluster | None:
     if state is not None:
         if st.head_alive(directory) or not state.cluster_id:
             return None  # a live head answers; without an id there is nothing to look for on the hosts
-        stale = postmortem.EndedCluster(state.name, state.cluster_id, state.inventory, dict(state.hosts), state.started)
+        stale = postmortem.EndedCluster.of(state)
         stale.directory = directory
         return stale
     return postmortem.latest_record(name)
@@ -211,7 +211,8 @@ def _print_kept_logs(record: postmortem.EndedCluster, target: str | None, follow
         return
     hosts = list(record.hosts)
     wanted = [target] if target in record.hosts else hosts
-    per_host, problems = postmortem.fetch_kept_logs(record.inventory, record.cluster_id, wanted)
+    per_host, problems = postmortem.fetch_kept_logs(record.inventory, record.cluster_id, wanted,
+                                                    known_hosts=record.known_hosts)
     for host, why in sorted(problems.items()):
         click.echo(f"host {host}: {why}", err=True)
     if not per_host and problems:
