@@ -1,11 +1,12 @@
-"""Bounded log files of the host agent: the first of the agent's shipped sources.
+"""Bounded log files of the host agent, and how long they live: the first of the agent's shipped sources.
 
-The agent ships as two sources run in one namespace, this one first (see
+The agent ships as a few sources run in one namespace, this one first (see
 ``agent_sources`` in ``agent/__init__.py``): so this file, like
 ``remote.py``, may import only the standard library and never imports
 anything of ``speccluster_ssh``. It is a file of its own because the log
 pump is a unit with its own rules, and ``remote.py`` would otherwise pass
-the size limit of a module.
+the size limit of a module. The head imports it too, for
+:func:`sweep_action` and :data:`DEFAULT_RETENTION`.
 
 A child's stdout and stderr are one pipe; the agent reads it without
 blocking, in chunks of at most :data:`LOG_CHUNK` bytes, and appends to the
@@ -15,6 +16,12 @@ line start), then the chunk is appended; a file is never larger than its
 cap. The cut file replaces the old one by rename, so a reader sees the old
 file or the new one, never half of one; the newest part, which every tail
 reads, is the same text before and after the cut.
+
+Logs live in ``<base>/<cluster>/<host label>/logs/`` (``<base>``: the
+``base_dir`` the head gives, else ``$XDG_CACHE_HOME/speccluster-ssh``, else
+``~/.cache/speccluster-ssh``) and outlive their agent: its end removes the
+TLS keys only, and any later agent start removes them once the cluster's
+retention has passed (see the section below).
 """
 
 from __future__ import annotations
