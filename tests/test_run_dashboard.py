@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -277,25 +278,76 @@ def _user() -> str:
 
 @pytest.mark.lab
 @pytest.mark.timeout(400)
-def test_dashboard_of_a_scheduler_on_a_lab_host(lab: Lab, cli: Cli, tmp_path: Path) -> None:
-    """Scheduler on h4 (direct): its dashboard is on h4's loopback, forwarded to the head's, and dashboard says so."""
-    inventory = write_inventory(lab, tmp_path / "remote.yml", ["h2"], scheduler="h4")
-    state = cli.up_detached(inventory, "rs", "--no-tls")
-    report = settle(cli, lab, "rs", state["cluster_id"], 1)
-    assert report["scheduler_reach"]["mode"] == "direct", report["scheduler_reach"]
-    link = state["dashboard_link"]
-    assert urllib.parse.urlsplit(link).hostname == "127.0.0.1", link  # the head's forward
-    status, body = fetch(link, lab)
-    assert status == 200 and "Dask" in body
-    where = report["dashboard"]
-    assert (where["host"], where["bind"]) == ("h4", "127.0.0.1") and where["port"], where
-    assert not _connects(lab.host("h4").ip, where["port"])  # not on h4's lab address
+def test_dashboard_of_a_scheduler_behind_a_jump_host(lab: Lab, cli: Cli, tmp_path: Path) -> None:
+    """Scheduler on h4, whose SSH is reached only through h1: its dashboard is on h4's loopback.
 
-    shown = cli.json("dashboard", "--name", "rs", "--ssh-host", "head")
-    assert shown["ssh"] == ["ssh", "-N", "-L", f"8787:127.0.0.1:{urllib.parse.urlsplit(link).port}", "head"]
-    direct = shown["ssh_direct"]
-    assert direct[:4] == ["ssh", "-N", "-L", f"8787:127.0.0.1:{where['port']}"], direct
-    assert direct[-1].endswith(f"@{lab.host('h4').ip}") or direct[-1] == lab.host("h4").ip, direct
-    human = cli.ok("dashboard", "--name", "rs", "--ssh-host", "head").stdout
-    assert shlex.join(direct) in human and "straight to h4" in human, human
-    cli.ok("down", "--name", "rs")
+    The head forwards it to its own loopback; ``dashboard`` prints a line to
+    the head and one straight to h4 through the jump host, and that second
+    line, run by the real ``ssh`` here (the lab's keys from its ssh_config),
+    brings the dashboard to a local port.
+    """
+    h1, h4 = lab.host("h1"), lab.host("h4")
+    # h1 is an inventory host (group jumps), so the hop takes its address, user and key.
+    inventory = Path(lab.write_inventory(
+        tmp_path / "remote.yml", groups={"workers": ["h2"], "scheduler": ["h4"], "jumps": ["h1"]},
+        host_vars={"h4": {"ansible_ssh_common_args": f"{_strict_args(lab)} -o ProxyJump=h1"}},
+        group_vars={"all": {"speccluster_nthreads": 1}},
+    ))
+    lab.make_private([h4], [h1])
+    try:
+        assert not _connects(h4.ip, 22), "the head still reaches h4's sshd directly"
+        state = cli.up_detached(inventory, "rs", "--no-tls")
+        report = settle(cli, lab, "rs", state["cluster_id"], 1)
+        assert report["scheduler_reach"]["mode"] == "direct", report["scheduler_reach"]
+        link = state["dashboard_link"]
+        assert urllib.parse.urlsplit(link).hostname == "127.0.0.1", link  # the head's forward
+        status, body = fetch(link, lab)
+        assert status == 200 and "Dask" in body
+        where = report["dashboard"]
+        assert (where["host"], where["bind"]) == ("h4", "127.0.0.1") and where["port"], where
+        assert not _connects(h4.ip, where["port"])  # not on h4's lab address
+
+        local_port = _free_port()
+        shown = cli.json("dashboard", "--name", "rs", "--ssh-host", "head", "--local-port", str(local_port))
+        head_port = urllib.parse.urlsplit(link).port
+        assert shown["ssh"] == ["ssh", "-N", "-L", f"{local_port}:127.0.0.1:{head_port}", "head"]
+        direct = shown["ssh_direct"]
+        assert direct == [
+            "ssh", "-N", "-L", f"{local_port}:127.0.0.1:{where['port']}", "-J", f"root@{h1.ip}", f"root@{h4.ip}",
+        ], direct
+        human = cli.ok("dashboard", "--name", "rs", "--ssh-host", "head").stdout
+        assert "straight to h4" in human and f"-J root@{h1.ip} root@{h4.ip}" in human, human
+
+        # The line works: ssh (keys and known_hosts from the lab's ssh_config) through h1 to h4's loopback.
+        tunnel = subprocess.Popen(
+            [direct[0], "-F", str(lab.ssh_config), "-o", "ExitOnForwardFailure=yes", *direct[1:]],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            url = f"http://127.0.0.1:{local_port}/status"
+            deadline = time.monotonic() + 60
+            while not _connects("127.0.0.1", local_port):
+                assert tunnel.poll() is None, tunnel.communicate()
+                assert time.monotonic() < deadline, "the ssh tunnel did not listen"
+                time.sleep(0.2)
+            status, body = fetch(url, lab)
+            assert status == 200 and "Dask" in body
+        finally:
+            tunnel.terminate()
+            tunnel.wait(timeout=30)
+        cli.ok("down", "--name", "rs")
+    finally:
+        h4.clear_firewall()
+
+
+def _strict_args(lab: Lab) -> str:
+    return (
+        f"-o UserKnownHostsFile={lab.known_hosts} -o GlobalKnownHostsFile=/dev/null "
+        "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
