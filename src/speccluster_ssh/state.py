@@ -21,6 +21,10 @@ Every cluster started by ``speccluster-ssh up`` has a directory
 ``head.log``
     Output of a detached head process.
 
+The state dir also holds ``.ended/``, the records of ended clusters that
+``logs --name`` reads (:mod:`speccluster_ssh.postmortem`); its name is no
+cluster name, so :func:`known_clusters` never takes it for one.
+
 This module imports neither ``distributed`` nor the cluster code, so that
 commands such as ``status`` or ``list`` start quickly. dask-ctl's discovery
 of these clusters is in :mod:`speccluster_ssh.discovery`.
