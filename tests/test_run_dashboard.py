@@ -90,6 +90,12 @@ def test_dashboards_default_to_loopback() -> None:
     assert worker_options(host)["dashboard_address"] == "127.0.0.1:0"
 
 
+def test_the_shipped_config_binds_the_dashboard_to_loopback() -> None:
+    from speccluster_ssh import config
+
+    assert config.get("dashboard-address") == "127.0.0.1"
+
+
 def load_inventory_text(text: str, tmp: Path | None = None) -> Any:
     directory = Path(tmp or tempfile.mkdtemp())
     path = directory / "inv.yml"
