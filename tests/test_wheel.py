@@ -10,7 +10,10 @@ interpreter's site-packages, not from a source tree.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import sysconfig
 import time
 from importlib import resources
@@ -71,6 +74,44 @@ def test_local_cluster_computes_and_tears_down() -> None:
             pids = set(client.run(os.getpid).values())
     for pid in pids:
         _wait_gone(pid)
+
+
+def test_up_without_inventory_outside_the_tree(tmp_path: Path) -> None:
+    """The Quick start from an install: ``up --detach`` with no inventory, run outside
+    the source tree, starts the packaged local inventory's four workers; a Client
+    computes on it; ``down`` ends it. In .ci/run's wheel stage this is the wheel's
+    own console script."""
+    script = Path(sys.executable).parent / "speccluster-ssh"
+    cli = [str(script)] if script.exists() else [sys.executable, "-m", "speccluster_ssh.cli"]
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+    env.pop("PYTHONPATH", None)
+    name = "qsw"
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    up = run("up", "--detach", "--name", name)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        listed = json.loads(run("list", "--json").stdout)
+        (entry,) = [c for c in listed if c["name"] == name]
+        from speccluster_ssh.resources import local_inventory
+
+        assert Path(entry["inventory"]) == local_inventory(), entry
+        client_config = tmp_path / "state" / "speccluster-ssh" / name / "client.yaml"
+        computed = subprocess.run(
+            [sys.executable, "-c",
+             "from distributed import Client\n"
+             "with Client(timeout=30) as c:\n"
+             "    c.wait_for_workers(4, timeout=120)\n"
+             "    print(c.submit(sum, [1, 2, 3]).result(timeout=60), len(c.scheduler_info()['workers']))"],
+            cwd=tmp_path, env=dict(env, DASK_CONFIG=str(client_config)), capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert computed.returncode == 0 and computed.stdout.split() == ["6", "4"], computed.stdout + computed.stderr
+    finally:
+        down = run("down", "--name", name)
+    assert down.returncode == 0, down.stdout + down.stderr
 
 
 def _wait_gone(pid: int, timeout: float = 15.0) -> None:
