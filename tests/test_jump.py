@@ -334,6 +334,30 @@ def test_check_says_how_the_head_reaches_each_host(lab: Lab, tmp_path: Path) -> 
     assert rows[direct.name]["ok"] and rows[direct.name]["reaches_head"]
 
 
+def test_a_jump_named_for_every_host_reaches_the_jump_host_directly(lab: Lab, tmp_path: Path) -> None:
+    """``-o ProxyJump=h1`` under all.vars, h1 a worker host too: h1 directly, the private hosts through it."""
+    from speccluster_ssh.inventory import load_inventory
+    from speccluster_ssh.preflight import check_hosts
+
+    _need(lab, 3)
+    bastion, private = lab.hosts[0], lab.hosts[1:3]
+    common = (
+        f"-o UserKnownHostsFile={lab.known_hosts} -o GlobalKnownHostsFile=/dev/null "
+        f"-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o ProxyJump={bastion.name}"
+    )
+    workers = [bastion, *private]
+    path = Path(lab.write_inventory(
+        tmp_path / "inv.yml", groups={"workers": [h.name for h in workers]},
+        host_vars={h.name: dict(SMALL) for h in workers}, group_vars={"all": {"ansible_ssh_common_args": common}},
+    ))
+    with _bastion_topology(lab, [bastion], private):
+        rows = {r["host"]: r for r in check_hosts(load_inventory(path), None, 60)}
+    assert all(row["ok"] for row in rows.values()), rows
+    assert (rows[bastion.name]["via"], rows[bastion.name]["reach"]) == (None, "direct")
+    for host in private:
+        assert rows[host.name]["via"] == bastion.name, rows[host.name]
+
+
 def test_one_jump_connection_shared_counted_and_made_again(lab: Lab, tmp_path: Path) -> None:
     """Hosts share the bastion connection; it closes with the last; a dropped one is made again."""
     from speccluster_ssh.connection import ConnectSettings, HostConnection

@@ -120,7 +120,7 @@ def test_a_host_that_is_its_own_jump_is_reached_directly(tmp_path: Path) -> None
         "[all:vars]\nansible_ssh_common_args='-o ProxyJump=gw'\n"
     )
     inv = load_inventory(path)
-    assert inv.hosts["gw"].jumps is None  # no jump of its own; ssh_config may still name one
+    assert inv.hosts["gw"].jumps == ()  # reached directly: not through the jump its ssh args name
     for name in ("h1", "h2"):
         hops = inv.hosts[name].jumps
         assert hops is not None and [(h.address, h.inventory_host) for h in hops] == [("192.0.2.10", "gw")], hops
@@ -140,7 +140,7 @@ all:
 """,
     )
     inv = load_inventory(path)
-    assert inv.hosts["bastion"].jumps is None
+    assert inv.hosts["bastion"].jumps == ()
     assert [h.inventory_host for h in inv.hosts["gw"].jumps or ()] == ["bastion"]
     assert [h.address for h in inv.hosts["h1"].jumps or ()] == ["192.0.2.1", "10.0.0.1"]
 

@@ -137,8 +137,8 @@ def resolve_jump_chain(
 
     A host that is one of its own jumps (``-J gw`` under ``all:vars``, where
     ``gw`` is an inventory host) is reached by the hops before that one, and
-    directly when there are none: OpenSSH does not pass the command line's
-    jump on to the jump's own ssh, so it is no loop.
+    directly (``()``) when there are none: OpenSSH does not pass the command
+    line's jump on to the jump's own ssh, so it is no loop.
 
     Raises
     ------
@@ -153,7 +153,7 @@ def resolve_jump_chain(
     if own:
         hops = hops[: own[0]]
         if not hops:
-            return None  # reached directly, or as its ssh_config says
+            return ()  # reached directly, as ProxyJump=none would (its ssh args' jump is itself)
     path = [*seen, name]
     chain: list[JumpHop] = []
     for position, hop in enumerate(hops):
