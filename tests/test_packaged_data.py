@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import yaml
 from distributed import Client
 
 from speccluster_ssh import SSHSpecCluster, resources
+from speccluster_ssh.errors import SpecClusterError
 from speccluster_ssh.inventory import load_inventory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,6 +59,18 @@ def test_package_data_globs_cover_every_packaged_file() -> None:
     for entry in [DATA / "local.yml", *sorted((DATA / "playbooks").iterdir())]:
         relative = entry.relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(relative, glob) for glob in globs), f"{relative} is not package data"
+
+
+def test_zip_import_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Imported from a zip, the data are no files other programs can open: say so."""
+    archive = tmp_path / "speccluster_ssh.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("speccluster_ssh/data/local.yml", "all: {}\n")
+        zf.writestr("speccluster_ssh/data/playbooks/check.yml", "[]\n")
+    monkeypatch.setattr(resources.resources, "files", lambda _package: zipfile.Path(archive, "speccluster_ssh/"))
+    for func in (resources.local_inventory, resources.playbooks_dir):
+        with pytest.raises(SpecClusterError, match="imported from an archive.*install it with pip"):
+            func()
 
 
 def test_local_inventory_has_four_single_worker_slots() -> None:
