@@ -355,13 +355,13 @@ def local_scheduler_entry(
         Config ``scheduler-port`` and ``dashboard-port``.
     options
         ``scheduler_options`` given to the cluster; they win.
+    dashboard_address
+        Where the dashboard listens (see :func:`~speccluster_ssh.dashboards.dashboard_bind`);
+        default the head's loopback.
     """
     local_options: dict[str, Any] = {
         "host": "0.0.0.0",
         "port": int(port),
-    dashboard_address
-        Where the dashboard listens (see :func:`~speccluster_ssh.dashboards.dashboard_bind`);
-        default the head's loopback.
         "dashboard_address": dashboard_bind(dashboard_address, dashboard_port),
         "security": security,
         "protocol": "tls" if security.require_encryption else "tcp",
