@@ -21,6 +21,9 @@ from distributed import Nanny, Worker
 
 MARK = "STANDIN_WORKER_CLASS"
 
+# Some modules talk as they are imported; the agent's replies to the head must not carry it.
+print("standin_workers imported")
+
 
 class MarkedNanny(Nanny):
     """A nanny whose worker process has ``STANDIN_WORKER_CLASS=MarkedNanny`` in its environment."""

@@ -78,9 +78,13 @@ def worker_class_facts(config: dict[str, Any]) -> dict[str, str]:
     path = config.get("worker_class")
     if not path:
         return {}
+    import contextlib
+
     _add_pythonpath(config.get("pythonpath"))
     try:
-        return {"worker_class_kind": _class_kind(_import_worker_class(str(path)))}
+        # What a module prints as it is imported must not land in the agent's replies to the head.
+        with contextlib.redirect_stdout(sys.stderr):
+            return {"worker_class_kind": _class_kind(_import_worker_class(str(path)))}
     except (Exception, SystemExit) as exc:  # a module may fail in any way, or exit, as it is imported
         return {"worker_class_error": " ".join(f"{type(exc).__name__}: {exc}".split())[:500]}
 
