@@ -126,9 +126,11 @@ class Capacity:
         self.adapt_asked: tuple[Any, ...] | None = None
 
     def _say_shortfall(self, note: str) -> None:
-        # Once per shortfall, not on every adapt tick that repeats it.
+        # Once per shortfall, not on every adapt tick that repeats it. The
+        # cluster's log prints it to the user already (Cluster._log), so the
+        # logger gets it at INFO: a WARNING showed the same line twice.
         if not self.note:
-            logger.warning("scaled to capacity: %s", note)
+            logger.info("scaled to capacity: %s", note)
             self.cluster._log(f"scaled to capacity: {note}")
         self.note = note
 

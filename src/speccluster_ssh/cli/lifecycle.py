@@ -371,7 +371,8 @@ def list_clusters(as_json: bool) -> None:
         click.echo(f"no clusters in {st.state_root()}")
         return
     columns = ("name", "status", "pid", "scheduler_address", "dashboard_link", "started", "inventory")
-    _console().print(_table(columns, [[r[c] for c in columns] for r in rows]))
+    # An ended cluster has no head process: its pid column stays empty, not 0.
+    _console().print(_table(columns, [[(r[c] or "") if c == "pid" else r[c] for c in columns] for r in rows]))
     if any(r["status"] == "stale" for r in rows):
         click.echo(f"stale clusters: their head process is gone; '{PROG} down --name NAME' removes them", err=True)
     if any(r["status"] == "ended" for r in rows):
