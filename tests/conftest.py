@@ -111,3 +111,24 @@ def lab_reset(request: pytest.FixtureRequest) -> Iterator[None]:
         if os.environ.get("SCLAB_STRICT_RESET") == "1":
             pytest.fail(message)
         warnings.warn(message, stacklevel=1)
+
+
+# ---------------------------------------------------------------------------
+# A private state directory (the CLI's clusters live there)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private ``XDG_STATE_HOME``; yields the speccluster-ssh state root inside it."""
+    import dask
+
+    # Loaded first: otherwise leaving dask.config.set would drop the whole section.
+    import speccluster_ssh.config  # noqa: F401
+
+    home = tmp_path / "xdg"
+    home.mkdir()
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    monkeypatch.delenv("DASK_SPECCLUSTER_SSH__STATE_DIR", raising=False)
+    with dask.config.set({"speccluster-ssh.state-dir": None}):
+        yield home / "speccluster-ssh"

@@ -39,18 +39,6 @@ MARKER = "SPECCLUSTER_SSH_CLUSTER"
 # -- helpers --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private XDG_STATE_HOME; returns the speccluster-ssh state root inside it."""
-    home = tmp_path / "xdg"
-    home.mkdir()
-    monkeypatch.setenv("XDG_STATE_HOME", str(home))
-    monkeypatch.delenv("DASK_SPECCLUSTER_SSH__STATE_DIR", raising=False)
-    # Loaded first: otherwise leaving dask.config.set would drop the whole section.
-    import speccluster_ssh.config  # noqa: F401
-
-    with dask.config.set({"speccluster-ssh.state-dir": None}):
-        yield home / "speccluster-ssh"
 
 
 def cli(*args: str) -> Result:

@@ -18,11 +18,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
 import psutil
 import pytest
 
@@ -232,16 +230,6 @@ def test_read_logs_mode_reads_without_touching(tmp_path: Path, monkeypatch: pyte
 # -- the head's record ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    home = tmp_path / "xdg-state"
-    home.mkdir()
-    monkeypatch.setenv("XDG_STATE_HOME", str(home))
-    monkeypatch.delenv("DASK_SPECCLUSTER_SSH__STATE_DIR", raising=False)
-    import speccluster_ssh.config  # noqa: F401
-
-    with dask.config.set({"speccluster-ssh.state-dir": None}):
-        yield home / "speccluster-ssh"
 
 
 def test_record_is_kept_then_purged(tmp_path: Path, state_home: Path) -> None:

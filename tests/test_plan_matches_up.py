@@ -9,7 +9,6 @@ no state behind.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import dask
@@ -19,16 +18,6 @@ from click.testing import CliRunner, Result
 from speccluster_ssh.cli import main
 
 
-@pytest.fixture
-def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    home = tmp_path / "xdg"
-    home.mkdir()
-    monkeypatch.setenv("XDG_STATE_HOME", str(home))
-    monkeypatch.delenv("DASK_SPECCLUSTER_SSH__STATE_DIR", raising=False)
-    import speccluster_ssh.config  # noqa: F401
-
-    with dask.config.set({"speccluster-ssh.state-dir": None}):
-        yield home / "speccluster-ssh"
 
 
 def cli(*args: str) -> Result:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
 import pytest
 from click.testing import CliRunner, Result
 
@@ -28,16 +27,6 @@ from speccluster_ssh.planning import inventory_fingerprint
 from test_cli_unit import Reaper, assert_one_error_line, poll, run_cli
 
 
-@pytest.fixture
-def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    home = tmp_path / "xdg"
-    home.mkdir()
-    monkeypatch.setenv("XDG_STATE_HOME", str(home))
-    monkeypatch.delenv("DASK_SPECCLUSTER_SSH__STATE_DIR", raising=False)
-    import speccluster_ssh.config  # noqa: F401
-
-    with dask.config.set({"speccluster-ssh.state-dir": None}):
-        yield home / "speccluster-ssh"
 
 
 @pytest.fixture
