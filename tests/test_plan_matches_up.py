@@ -50,6 +50,7 @@ CASES = [
     ("good", ["--workers", "9", "--min-workers", "x"], {}, "--min-workers"),  # the capacity warning first
     ("good", [], {"speccluster-ssh.placement": "everywhere"}, "placement"),
     ("good", [], {"speccluster-ssh.scheduler-reach": "sideways"}, "scheduler-reach"),
+    ("good", ["--dashboard-address", "every where"], {}, "dashboard address"),
 ]
 
 

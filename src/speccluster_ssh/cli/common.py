@@ -228,11 +228,13 @@ class UpRequest:
     name: str
     adapt: tuple[int, int] | None
     check: UpCheck
+    dashboard_address: str | None = None
 
 
 def _prepare_up(
     source: str, *, name: str | None, workers: int | None, adapt_range: str | None, placement: str | None,
     min_workers: str | None, scheduler_reach: str | None, scheduler_group: str, worker_group: str,
+    dashboard_address: str | None = None,
 ) -> UpRequest:
     """Every check of ``up`` before it starts anything, shared with ``plan``.
 
@@ -248,9 +250,12 @@ def _prepare_up(
         inv, source, workers=workers, adapt=adapt, placement=placement, min_workers=min_workers,
         scheduler_reach=scheduler_reach, worker_group=worker_group,
     )
+    from ..dashboards import checked_address
+
+    address = checked_address(dashboard_address)
     for warning in check.warnings:
         click.echo(f"{PROG}: warning: {warning}", err=True)
-    return UpRequest(inv, source, cluster_name, adapt, check)
+    return UpRequest(inv, source, cluster_name, adapt, check, address)
 
 
 def _check_bytes(value: str | None, option: str) -> str | None:

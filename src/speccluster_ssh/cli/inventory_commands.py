@@ -83,12 +83,15 @@ def inventory(
 @click.option("--detach", "-d", is_flag=True, hidden=True)
 @click.option("--timeout", type=click.FloatRange(min=1), default=None, hidden=True)
 @click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None, hidden=True)
+@click.option("--dashboard-address", "dashboard_address", default=None, metavar="HOST[:PORT]",
+              help="Checked as 'up' checks it.")
 @_group_options
 @_json_option
 def plan(
     inventory: str | None, name: str | None, workers: int | None, adapt_range: str | None, placement: str | None,
     no_tls: bool, scheduler_reach: str | None, min_workers: str | None, detach: bool, timeout: float | None,
     known_hosts: str | None, scheduler_group: str, worker_group: str, as_json: bool,
+    dashboard_address: str | None = None,
 ) -> None:
     """Show what 'up' would start on each host, touching no host.
 
@@ -111,7 +114,7 @@ def plan(
     request = _prepare_up(
         inventory, name=name, workers=workers, adapt_range=adapt_range, placement=placement,
         min_workers=min_workers, scheduler_reach=scheduler_reach, scheduler_group=scheduler_group,
-        worker_group=worker_group,
+        worker_group=worker_group, dashboard_address=dashboard_address,
     )
     inv, cluster_name, workers = request.inventory, request.name, request.check.wanted
     tls = False if no_tls else bool(config.get("tls"))

@@ -114,14 +114,13 @@ def up(
       speccluster-ssh up lab.yml --detach --min-workers 75%
     """
     from .. import config
-    from ..dashboards import checked_address
 
     inventory = _inventory_or_local(inventory)
     # The checks 'plan' makes too (one function, so that the two cannot drift).
     request = _prepare_up(
         inventory, name=name, workers=workers, adapt_range=adapt_range, placement=placement,
         min_workers=min_workers, scheduler_reach=scheduler_reach, scheduler_group=scheduler_group,
-        worker_group=worker_group,
+        worker_group=worker_group, dashboard_address=dashboard_address,
     )
     cluster_name, adapt = request.name, request.adapt
     options = UpOptions(
@@ -138,7 +137,7 @@ def up(
         worker_group=worker_group,
         min_workers=min_workers,
         scheduler_reach=scheduler_reach,
-        dashboard_address=checked_address(dashboard_address),
+        dashboard_address=request.dashboard_address,
     )
     directory = st.make_cluster_dir(cluster_name)
     lock = st.HeadLock(directory)
