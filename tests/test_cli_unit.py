@@ -289,6 +289,7 @@ def test_status_title_counts_running_workers_and_pending_apart() -> None:
     workers = [{"status": "running"}, {"status": "running"}, {"status": "pending"}, {"status": "created"}]
     assert _workers_title(workers) == "2 workers running, 2 pending"
     assert _workers_title(workers[:2]) == "2 workers running"
+    assert _workers_title(workers[:1]) == "1 worker running"
     assert _workers_title([]) == "0 workers running"
 
 

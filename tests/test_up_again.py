@@ -150,7 +150,7 @@ def test_up_again_applies_size_and_inventory(tmp_path: Path, state_home: Path, r
 
     smaller = cli("up", *args, "--workers", "1")
     assert smaller.exit_code == 0, smaller.output
-    assert "cluster t1: --workers 3 -> --workers 1; scaling to 1 workers" in smaller.stdout
+    assert "cluster t1: --workers 3 -> --workers 1; scaling to 1 worker" in smaller.stdout
     poll(running_workers(1), 60, "one running worker")
     # scale is recorded: up --workers 1 again after 'scale 2' scales back.
     assert cli("scale", "2", "--name", "t1").exit_code == 0

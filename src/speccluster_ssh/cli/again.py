@@ -34,7 +34,7 @@ from ..errors import SpecClusterError, UserError
 from ..head import UpOptions
 from ..messages import PROG
 from .common import UpRequest
-from .display import _echo_json, _print_connect_info
+from .display import _echo_json, _print_connect_info, workers_text
 
 # Options that only govern a start (and the entries it placed): not compared.
 START_ONLY = ("entries", "timeout", "min_workers")
@@ -177,7 +177,7 @@ def _resize(
         control.request(directory, "adapt-off", timeout=60.0)
     n = every_slot if value is None else int(value)
     result = control.request(directory, "scale", timeout=60.0, n=n, every_slot=value is None)
-    lines = [f"{change}; scaling to {result.get('planned_workers')} workers"]
+    lines = [f"{change}; scaling to {workers_text(result.get('planned_workers'))}"]
     if result.get("capacity_note"):
         lines.append(f"note: {result['capacity_note']}")
     return lines

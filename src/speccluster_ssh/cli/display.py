@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
 
+def workers_text(count: Any) -> str:
+    """``1 worker``, ``3 workers``."""
+    return f"{count} worker" if count == 1 else f"{count} workers"
+
+
 def _console(stderr: bool = False) -> Console:
     from rich.console import Console
 
@@ -198,7 +203,7 @@ def _workers_title(workers: Sequence[Mapping[str, Any]]) -> str:
     """``3 workers running, 1 pending``: entries not yet registered are not counted as workers."""
     running = sum(1 for w in workers if w.get("status") == "running")
     pending = len(workers) - running
-    return f"{running} workers running" + (f", {pending} pending" if pending else "")
+    return f"{workers_text(running)} running" + (f", {pending} pending" if pending else "")
 
 
 def _new_text(old: str, new: str) -> str:

@@ -15,7 +15,7 @@ from .. import state as st
 from ..errors import SpecClusterError
 from ..messages import PROG
 from .common import _ask, _check_bytes, _json_option, _name_option, _resolve, main
-from .display import _echo_json, _new_text, _render_status
+from .display import _echo_json, _new_text, _render_status, workers_text
 
 
 @main.command()
@@ -62,7 +62,7 @@ def scale(n: int | None, cores: int | None, memory: str | None, name: str | None
     if as_json:
         _echo_json(result)
         return
-    click.echo(f"cluster {known.state.name}: scaling to {result['planned_workers']} workers")
+    click.echo(f"cluster {known.state.name}: scaling to {workers_text(result['planned_workers'])}")
     if result.get("capacity_note"):
         click.echo(f"note: {result['capacity_note']}")
     if result.get("adaptive"):
