@@ -121,3 +121,23 @@ def test_links_between_the_markdown_files_resolve() -> None:
             elif anchor and anchor not in anchors(target.read_text()):
                 broken.append(f"{source.relative_to(REPO)}: {link} (no such heading)")
     assert not broken, broken
+
+
+# A transcript block: the marker names a scenario of scripts/transcripts.py and its steps.
+_TRANSCRIPT = re.compile(r"^<!-- transcript: (?P<scenario>[\w-]+) (?P<steps>[\w,-]+) -->\n```\w*\n(?P<body>.*?)^```\n", re.M | re.S)
+
+
+def test_every_transcript_is_real_output_of_its_scenario() -> None:
+    """Each README transcript was filled by scripts/transcripts.py from its scenario's recorded run."""
+    text = README.read_text()
+    blocks = list(_TRANSCRIPT.finditer(text))
+    assert len(blocks) >= 10, [b["scenario"] for b in blocks]
+    assert text.count("<!-- transcript:") == len(blocks), "a transcript marker is not followed by a fenced block"
+    for block in blocks:
+        recorded = REPO / "docs" / "transcripts" / f"{block['scenario']}.txt"
+        assert recorded.is_file(), f"{recorded} is missing: run scripts/transcripts.py {block['scenario']}"
+        body = block["body"]
+        assert body.strip(), f"the {block['scenario']} {block['steps']} transcript is empty"
+        # The README shows a part of the recorded run, not text of its own.
+        for line in body.splitlines():
+            assert line in recorded.read_text(), (block["scenario"], line)
