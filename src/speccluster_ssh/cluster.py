@@ -7,7 +7,7 @@ lives in a module of its own and is reached through one attribute:
 
 - spec entries are built by :mod:`speccluster_ssh.entries` (``entry_settings``);
 - the remote processes are :mod:`speccluster_ssh.process` interfaces, their
-  hosts' agents an :class:`~speccluster_ssh.process.AgentPool` (``pool``);
+  hosts' agents an :class:`~speccluster_ssh.pool.AgentPool` (``pool``);
 - healing (relaunching dead entries, moving entries off lost hosts, retrying
   hosts) is :class:`~speccluster_ssh.healer.Healer` (``healer``);
 - the arithmetic of ``scale`` and ``adapt`` is

@@ -58,7 +58,7 @@ class Day2Operations:
         New hosts become usable, removed ones are drained then closed, and
         the entries of hosts whose ``speccluster_*`` or connection variables
         changed are replaced ``batch`` at a time. An invalid inventory
-        changes nothing (:class:`UserError`). Returns the difference (see
+        changes nothing (:class:`~speccluster_ssh.errors.UserError`). Returns the difference (see
         :func:`speccluster_ssh.reload.describe`); ``dry_run`` only returns it.
         """
         return self.sync(reload.reload_inventory, self, path, dry_run=dry_run, batch=batch)

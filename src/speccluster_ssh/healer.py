@@ -6,7 +6,7 @@ through it. Unlike ``Adaptive`` it does not tick. It sleeps until one of:
 
 - a process of an entry exits, fails to start, or loses its host
   (:meth:`~speccluster_ssh.process.RemoteProcess.on_failed`);
-- a host's agent is lost (:meth:`~speccluster_ssh.process.AgentPool.on_host_lost`);
+- a host's agent is lost (:meth:`~speccluster_ssh.pool.AgentPool.on_host_lost`);
 - the spec changed (the cluster calls :meth:`Healer.wake`), or a worker the
   scheduler lost did not come back within ``lost-worker-timeout``
   (:meth:`Healer.worker_left`);

@@ -1,7 +1,7 @@
 """SpecCluster process interfaces for dask servers run by host agents.
 
 A spec entry names its host and cluster; the interface finds the cluster's
-:class:`AgentPool`, asks that host's agent to start one process (or one per
+:class:`~speccluster_ssh.pool.AgentPool`, asks that host's agent to start one process (or one per
 group suffix) and waits for each to report its real address. The agent tells
 us the moment a process exits, so ``status`` and ``finished()`` follow the
 remote process without waiting for a heartbeat timeout.
@@ -68,7 +68,7 @@ class RemoteProcess(ProcessInterface):
     host
         Inventory name of the host to run on.
     cluster
-        Id of the cluster whose :class:`AgentPool` owns the host's agent.
+        Id of the cluster whose :class:`~speccluster_ssh.pool.AgentPool` owns the host's agent.
     options
         Keyword options for the dask server class (JSON-able values).
     env
