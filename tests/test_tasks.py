@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import weakref
 
 import pytest
 
@@ -90,17 +91,36 @@ def test_close_with_timeout_reports_a_task_that_does_not_end(caplog: pytest.LogC
 
 
 def test_the_set_keeps_a_reference() -> None:
+    """A task that only the set holds survives a garbage collection and runs to its end.
+
+    The task waits on a future that nothing else holds: then the event loop
+    keeps no strong reference to it (asyncio's task registry is weak), and
+    only the set stands between the task and the collector. A task sleeping
+    in ``asyncio.sleep`` would prove nothing, the loop's timer holds it.
+    """
+    waiting: list[weakref.ref[asyncio.Future[None]]] = []
+    finished: list[str] = []
+
+    async def wait_for_nobody() -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting.append(weakref.ref(future))
+        await future
+        finished.append("done")
+
     async def main() -> None:
         tasks = TaskSet("owner")
-        done = asyncio.Event()
-
-        async def later() -> None:
-            await asyncio.sleep(0.01)
-            done.set()
-
-        tasks.start(later(), name="later")  # nobody else holds the task
+        task = weakref.ref(tasks.start(wait_for_nobody(), name="waits on a future nobody holds"))
+        await asyncio.sleep(0)  # the task runs up to its await
+        assert waiting, "the task did not start"
         gc.collect()
-        await asyncio.wait_for(done.wait(), 5)
+        alive = task()
+        assert alive is not None, "the task was collected: the set keeps no reference to it"
+        future = waiting[0]()
+        assert future is not None
+        future.set_result(None)
+        await asyncio.wait_for(alive, 5)
+        assert finished == ["done"]
+        assert len(tasks) == 0  # and it leaves the set when it ends
         await tasks.close()
 
     asyncio.run(main())
