@@ -120,7 +120,7 @@ def test_adapt_bounds_follow_the_hosts_a_reload_adds() -> None:
     from speccluster_ssh.scaling import Capacity
 
     two, three = hosts("h1", "h2"), hosts("h1", "h2", "h3")
-    cluster = SimpleNamespace(worker_hosts={h.name: h for h in two.worker_hosts}, _log=lambda message: None)
+    cluster = SimpleNamespace(worker_hosts={h.name: h for h in two.worker_hosts}, log_event=lambda message: None)
     capacity = Capacity(cluster)  # type: ignore[arg-type]
     adaptive = SimpleNamespace()
     adaptive.minimum, adaptive.maximum = capacity.adapt_bounds(1, math.inf)

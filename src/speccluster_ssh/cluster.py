@@ -390,6 +390,10 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         """Dask workers the inventory can hold when every usable slot is used."""
         return entries.capacity_workers(self.worker_hosts.values(), self._unavailable_hosts())
 
+    def log_event(self, message: str) -> None:
+        """Record ``message`` in the cluster's log (``get_logs()``); it is printed too unless ``quiet``."""
+        self._log(message)  # distributed's Cluster._log, kept behind this one public name
+
     @property
     def spec_lock(self) -> asyncio.Lock:
         """The lock over ``worker_spec`` and ``workers`` that every reconcile holds."""

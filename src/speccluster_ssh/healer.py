@@ -123,7 +123,7 @@ class Healer:
 
     def _host_lost(self, host: str, reason: str) -> None:
         logger.warning("host %s lost: %s", host, reason)
-        self.cluster._log(f"host {host} lost: {reason}")
+        self.cluster.log_event(f"host {host} lost: {reason}")
         self.wake(f"host {host} lost")
 
     # -- running ----------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class Healer:
             self._retry_tasks.pop(name, None)
             # Up: start its entries. Still down: sleep until its next retry time.
             self.wake(f"retry of host {name} ended")
-        self.cluster._log(f"host {name} answers again")
+        self.cluster.log_event(f"host {name} answers again")
 
     def worker_left(self, key: Any, proc: Any, member: str) -> None:
         """The scheduler lost ``member`` of entry ``key`` a while ago: drop the entry's process if it did not come back.
@@ -316,13 +316,13 @@ class Healer:
             restored = self.pool.states.get(name)
             if restored is not None and restored.state == Health.ASIDE:
                 restored.restore()
-                self.cluster._log(f"host {name} taken back: entry {key} fails by itself")
+                self.cluster.log_event(f"host {name} taken back: entry {key} fails by itself")
         if verdict.entry_retry_in:
-            self.cluster._log(f"{verdict.message}; entry {key} retried in {verdict.entry_retry_in:g} s")
+            self.cluster.log_event(f"{verdict.message}; entry {key} retried in {verdict.entry_retry_in:g} s")
         if verdict.put_host_aside:
             state.put_aside(verdict.message)
             logger.warning("host %s put aside: %s", host, state.reason)
-            self.cluster._log(f"host {host} put aside: {state.reason}")
+            self.cluster.log_event(f"host {host} put aside: {state.reason}")
 
     def _hosts_wanted(self) -> set[str]:
         cluster = self.cluster
@@ -347,4 +347,4 @@ class Healer:
         # Same key, same place in the spec: only the host changes.
         cluster.worker_spec[key] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
         logger.info("entry %s moved from %s to %s", key, old_host, host.name)
-        cluster._log(f"entry {key} moved from {old_host} to {host.name}")
+        cluster.log_event(f"entry {key} moved from {old_host} to {host.name}")

@@ -271,7 +271,7 @@ async def _replace_batch(
             continue
         spec.pop(old, None)
         done.moved[old] = (new, host_of(spec[new]))
-        cluster._log(f"entry {old} {why}: entry {new} on {host_of(spec[new])} replaced it")
+        cluster.log_event(f"entry {old} {why}: entry {new} on {host_of(spec[new])} replaced it")
     back: list[str] = []
     if cluster.status != Status.running:
         return {}  # closing: the retired entries stay retired, and the caller stops quietly
@@ -279,7 +279,7 @@ async def _replace_batch(
         host = _free_host(cluster, entries.slots_used(spec), avoid, prefer=old_hosts[key])
         if host is None:
             done.dropped.append(key)
-            cluster._log(f"entry {key} {why}: retired; no usable slot is free for it")
+            cluster.log_event(f"entry {key} {why}: retired; no usable slot is free for it")
             continue
         spec[key] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
         back.append(key)
@@ -288,7 +288,7 @@ async def _replace_batch(
     for key in back:
         if key not in failed_back and key in spec:
             done.moved[key] = (key, host_of(spec[key]))
-            cluster._log(f"entry {key} {why}: started again on {host_of(spec[key])}")
+            cluster.log_event(f"entry {key} {why}: started again on {host_of(spec[key])}")
     # Entries that failed to come back stay in the spec: the healer keeps trying them.
     cluster.healer.wake("entries replaced")
     return {**failed, **failed_back}
@@ -331,7 +331,7 @@ class AgentRenewal:
                     reason += f"; fix: {result.fix}"
                 self.refused[name] = reason
                 logger.warning("host %s: no new agent, its entries are left as they are: %s", name, reason)
-                self.cluster._log(f"host {name} refused: {reason}")
+                self.cluster.log_event(f"host {name} refused: {reason}")
 
     async def _renew_one(self, name: str, new_connection: bool) -> None:
         pool = self.cluster.pool
@@ -440,7 +440,7 @@ async def rolling_restart(cluster: SSHSpecCluster, batch: int = 1) -> dict[str, 
         await renewal.renew(h for h in list(cluster.pool.agents) if h != scheduler_host)
         keys = [k for k in keys if host_of(cluster.worker_spec[k]) not in renewal.refused]
         started = time.monotonic()
-        cluster._log(f"rolling restart of {len(keys)} entries, {batch} at a time")
+        cluster.log_event(f"rolling restart of {len(keys)} entries, {batch} at a time")
         try:
             done = await replace_entries(cluster, keys, batch=int(batch), avoid=set(renewal.refused), why="restarted")
         finally:
@@ -468,7 +468,7 @@ async def drain_unlocked(cluster: SSHSpecCluster, host: str, reason: str) -> dic
     cluster.capacity.remember_target()
     state = cluster.pool.states[host]
     state.drain(reason)
-    cluster._log(f"host {host} drained: {state.drained}")
+    cluster.log_event(f"host {host} drained: {state.drained}")
     keys = [str(k) for k, s in cluster.worker_spec.items() if host_of(s) == host]
     # Entries not running yet have nothing to retire: they are just placed elsewhere, under a new
     # key. One that is starting (not yet in ``workers``), or in ``workers`` but not running, has a
@@ -506,7 +506,7 @@ async def undrain(cluster: SSHSpecCluster, host: str) -> dict[str, Any]:
         # A fixed-size cluster short of its target (entries that found no slot) grows back.
         cluster.capacity.refill()
         added = [str(k) for k in cluster.worker_spec if k not in before]
-        cluster._log(f"host {host} undrained" + (f"; {len(added)} entries added" if added else ""))
+        cluster.log_event(f"host {host} undrained" + (f"; {len(added)} entries added" if added else ""))
         await reconcile(cluster)
         cluster.healer.wake(f"host {host} undrained")
         return {"host": host, "was_drained": was, "added": added}

@@ -300,7 +300,7 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
     old_hosts = dict(cluster.worker_hosts)
     new_hosts = {h.name: h for h in new.worker_hosts}
     cluster.capacity.remember_target()
-    cluster._log(f"reloading the inventory from {diff.source}")
+    cluster.log_event(f"reloading the inventory from {diff.source}")
     # 1. New and changed hosts; removed ones stay known (drained) until they are closed.
     for host in diff.added:
         pool.hosts[host.name] = host
@@ -363,7 +363,7 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
         cluster.capacity.refresh_adapt(adaptive)
     await operations.reconcile(cluster)
     cluster.healer.wake("inventory reloaded")
-    cluster._log(f"inventory reloaded from {diff.source}")
+    cluster.log_event(f"inventory reloaded from {diff.source}")
     return out
 
 
@@ -385,4 +385,4 @@ async def _forget_host(cluster: SSHSpecCluster, name: str) -> None:
     pool.hosts.pop(name, None)
     pool.states.pop(name, None)
     cluster.worker_hosts.pop(name, None)
-    cluster._log(f"host {name} removed: its agent and connection are closed")
+    cluster.log_event(f"host {name} removed: its agent and connection are closed")

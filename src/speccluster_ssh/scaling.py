@@ -127,11 +127,11 @@ class Capacity:
 
     def _say_shortfall(self, note: str) -> None:
         # Once per shortfall, not on every adapt tick that repeats it. The
-        # cluster's log prints it to the user already (Cluster._log), so the
+        # cluster's log prints it to the user already (log_event), so the
         # logger gets it at INFO: a WARNING showed the same line twice.
         if not self.note:
             logger.info("scaled to capacity: %s", note)
-            self.cluster._log(f"scaled to capacity: {note}")
+            self.cluster.log_event(f"scaled to capacity: {note}")
         self.note = note
 
     def shape(self, spec: Mapping[str, Any]) -> EntryShape:
