@@ -14,7 +14,7 @@ import psutil
 import pytest
 from distributed import Scheduler
 
-from speccluster_ssh.agent import HostAgent
+from speccluster_ssh.agent import MARKER_ENV, HostAgent
 from speccluster_ssh.agent.host import _private_dir
 from speccluster_ssh.connection import ConnectSettings, HostConnection
 from speccluster_ssh.errors import HostError
@@ -152,8 +152,10 @@ def test_wrong_distributed_version_is_refused_with_both_versions(tmp_path: Path)
     wrapper.chmod(0o755)
     host = local_host(speccluster_python=str(wrapper))
 
+    cluster_id = f"v-{time.monotonic_ns()}"
+
     async def main() -> None:
-        pool = AgentPool(f"v-{time.monotonic_ns()}", {"here": host}, ConnectSettings())
+        pool = AgentPool(cluster_id, {"here": host}, ConnectSettings())
         try:
             with pytest.raises(HostError) as info:
                 await pool.agent("here")
@@ -162,17 +164,28 @@ def test_wrong_distributed_version_is_refused_with_both_versions(tmp_path: Path)
         message = str(info.value)
         assert "2020.1.0" in message and distributed.__version__ in message and "here" in message
         assert pool.states["here"].state == "down"
+        # The refused agent ends. The wrapper execs python, so it is found by
+        # the cluster marker in its environment, not by the wrapper's path.
+        deadline = time.monotonic() + 15
+        while _marked_pids(cluster_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert _marked_pids(cluster_id) == [], f"an agent of {cluster_id} is still running"
 
     asyncio.run(main())
-    leftovers = [p.pid for p in psutil.process_iter() if _cmdline_mentions(p, str(wrapper))]
-    assert leftovers == []
 
 
-def _cmdline_mentions(proc: psutil.Process, text: str) -> bool:
-    try:
-        return any(text in part for part in proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
+def _marked_pids(cluster_id: str) -> list[int]:
+    """PIDs of this user's processes whose environment carries ``SPECCLUSTER_SSH_CLUSTER=<cluster_id>``."""
+    marker = f"{MARKER_ENV}={cluster_id}".encode()
+    found = []
+    for pid in psutil.pids():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        if marker in environ:
+            found.append(pid)
+    return found
 
 
 def test_shutdown_keeps_the_tls_files_for_a_newer_agent_when_asked(tmp_path: Path) -> None:
