@@ -2,7 +2,8 @@
 
 An idle cluster makes no healing passes; a killed worker process wakes the
 healer, which relaunches its entry; nothing ends with an unretrieved task
-exception.
+exception. An entry whose process died on a lost host, but which was already
+moved to a usable one, is said to start again there, not to move (no cluster).
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from distributed import Client
 
-from speccluster_ssh import SSHSpecCluster
+from speccluster_ssh import SSHSpecCluster, entries
+from speccluster_ssh.entries import EntrySettings
 from speccluster_ssh.errors import CapacityError, HostError
+from speccluster_ssh.health import HostState
+from speccluster_ssh.healer import Healer
+from speccluster_ssh.inventory import Inventory
+from speccluster_ssh.tasks import TaskSet
 
 
 def local_inventory(tmp_path: Path, slots: int = 2) -> Path:
@@ -77,3 +84,41 @@ def test_idle_healer_sleeps_and_a_killed_worker_wakes_it(tmp_path: Path) -> None
 
     asyncio.run(main())
     assert not [c.get("message") for c in unhandled]
+
+
+def test_an_entry_already_on_a_usable_host_starts_again_there_not_moved_to_itself() -> None:
+    """The random-fault run's "entry 1 moved from sclab-h3 to sclab-h3", replayed without a cluster.
+
+    Entry 1 was starting on h2 when h2 was lost; the healer moved its spec
+    to h3 before that start ended. The failed process (still on h2) then
+    lands in ``workers``, and the next pass re-places the entry again: its
+    spec's host h3 is usable, so it stays there and the log says so.
+    """
+    inventory = Inventory.from_hosts(
+        [{"name": name, "groups": ["workers"]} for name in ("h1", "h2", "h3")], speccluster_nthreads=1
+    )
+    hosts = {h.name: h for h in inventory.worker_hosts}
+    settings = EntrySettings("c-test", 10.0)
+    logged: list[str] = []
+    cluster = SimpleNamespace(
+        worker_hosts=hosts,
+        worker_spec={"0": entries.worker_entry(settings, hosts["h1"]), "1": entries.worker_entry(settings, hosts["h3"])},
+        entry_settings=settings,
+        new_spec=None,
+        placement_policy="spread",
+        log_event=logged.append,
+    )
+    states = {name: HostState(name) for name in hosts}
+    for state in states.values():
+        state.mark_up()
+    states["h2"].mark_down("connection lost")
+    pool = SimpleNamespace(states=states, on_host_lost=lambda callback: None)
+
+    async def main() -> None:
+        healer = Healer(cluster, pool, TaskSet("test"))  # type: ignore[arg-type]
+        healer._replace("1")  # what heal_once does for a dead process whose host (h2) is unusable
+
+    asyncio.run(main())
+    assert logged == ["entry 1 started again on h3"]
+    assert cluster.worker_spec["1"]["options"]["host"] == "h3"
+    assert cluster.worker_spec["0"]["options"]["host"] == "h1"

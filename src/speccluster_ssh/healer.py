@@ -330,18 +330,25 @@ class Healer:
         return wanted | set(cluster.worker_hosts)
 
     def _replace(self, key: Any) -> None:
-        """Move entry ``key`` to another host with a free slot, or leave it where it is.
+        """Move entry ``key`` off an unusable host to one with a free slot, or leave it where it is.
 
         An entry that finds no free slot stays wanted on its own host and
-        starts again when that host answers.
+        starts again when that host answers. An entry whose spec already
+        names a usable host (it was moved there while its old process was
+        still starting on the lost one) stays and starts again there.
         """
         cluster = self.cluster
         spec = cluster.worker_spec[key]
         old_host = spec["options"].get("host")
+        unavailable = self.unavailable_hosts()
+        if old_host in cluster.worker_hosts and old_host not in unavailable:
+            logger.info("entry %s started again on %s", key, old_host)
+            cluster.log_event(f"entry {key} started again on {old_host}")
+            return
         used = entries.slots_used(cluster.worker_spec)
         if old_host in used:
             used[old_host] -= 1
-        host = entries.choose_entry_host(cluster.worker_hosts, used, self.unavailable_hosts(), cluster.placement_policy)
+        host = entries.choose_entry_host(cluster.worker_hosts, used, unavailable, cluster.placement_policy)
         if host is None:
             return
         # Same key, same place in the spec: only the host changes.
