@@ -969,6 +969,12 @@ def test_heal_lost_host(lab: Any, tmp_path: Path) -> None:
                 # Retried with backoff: a few attempts, not one per healing pass.
                 await until(lambda: len(state.failures) >= 3, 20, "h2 to be retried")
                 assert len(state.failures) <= 5, state.as_dict()
+                # The first failure is the loss; the backoff starts at 1 s and
+                # doubles, so retry k starts no sooner than 2**k - 1 s after it.
+                # Without backoff each retry's end wakes the healer for the next:
+                # failures milliseconds apart (and ten kept of many).
+                times = [t for t, _ in state.failures]
+                assert all(t - times[0] >= 2**k - 1 - 0.1 for k, t in enumerate(times)), state.as_dict()
             finally:
                 h2.restart_sshd()
             await until(lambda: cluster.pool.states["h2"].state == "up", DEADLINE, "h2 to answer again")
