@@ -105,7 +105,11 @@ async def _compute(cluster: Any, n_workers: int, private: Sequence[LabHost]) -> 
 
 
 def test_private_hosts_through_proxyjump_in_ssh_config(lab: Lab, tmp_path: Path) -> None:
-    """Four private hosts behind a MaxStartups 2:100:2 bastion, ProxyJump from an ssh_config."""
+    """The lab's other hosts, private behind a MaxStartups 2:100:2 bastion, ProxyJump from an ssh_config.
+
+    Three private hosts on CI's lab of four (up to four with SCLAB_HOSTS=5),
+    two slots each: six workers.
+    """
     _need(lab, 4)
     bastion, private = lab.hosts[0], lab.hosts[1:5]
     config = lab.write_ssh_config(tmp_path / "ssh_config", {h.name: bastion.name for h in private})
@@ -133,7 +137,10 @@ def test_private_hosts_through_proxyjump_in_ssh_config(lab: Lab, tmp_path: Path)
 
 
 def test_chain_of_two_jumps_from_ssh_args(lab: Lab, tmp_path: Path) -> None:
-    """``-J`` and ``-o ProxyJump`` in ansible_ssh_common_args, two bastions in a chain, no ssh_config."""
+    """``-J`` and ``-o ProxyJump`` in ansible_ssh_common_args, two bastions in a chain, no ssh_config.
+
+    Two private hosts behind the chain on CI's lab of four (up to four on a larger lab).
+    """
     _need(lab, 4)
     outer, inner, private = lab.hosts[0], lab.hosts[1], lab.hosts[2:6]
     # One host names the chain, the others name the inner bastion, which itself jumps via the outer one.
@@ -157,7 +164,10 @@ def test_chain_of_two_jumps_from_ssh_args(lab: Lab, tmp_path: Path) -> None:
 
 
 def test_bastion_cut_and_healed(lab: Lab, tmp_path: Path) -> None:
-    """Cut off longer than the silence: the hosts behind are lost and come back, no name twice."""
+    """Cut off longer than the silence: the hosts behind are lost and come back, no name twice.
+
+    Three private hosts on CI's lab of four (up to four on a larger lab), one worker each.
+    """
     _need(lab, 3)
     bastion, private = lab.hosts[0], lab.hosts[1:5]
     config = lab.write_ssh_config(tmp_path / "ssh_config", {h.name: bastion.name for h in private})
@@ -244,6 +254,10 @@ def assert_nothing_left_after_head_kill(lab: Lab, seconds: float = 15.0) -> None
 
 
 def test_head_sigkill_leaves_nothing_behind_the_bastion(lab: Lab, tmp_path: Path) -> None:
+    """A head killed by SIGKILL leaves no process behind the bastion.
+
+    Four workers on three private hosts on CI's lab of four (up to four hosts on a larger lab).
+    """
     _need(lab, 3)
     bastion, private = lab.hosts[0], lab.hosts[1:5]
     config = lab.write_ssh_config(tmp_path / "ssh_config", {h.name: bastion.name for h in private})
