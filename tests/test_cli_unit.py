@@ -457,6 +457,16 @@ def test_control_socket_roundtrip_and_errors(tmp_path: Path) -> None:
         control.request(directory, "echo")
 
 
+def test_control_operations_are_named_once_and_keep_their_wire_strings() -> None:
+    """Senders and the head use ``control.Op``; what goes on the wire is the plain string of before."""
+    assert [op.value for op in control.Op] == [
+        "progress", "status", "scale", "adapt", "adapt-off", "logs", "restart", "drain", "undrain", "reload", "down",
+    ]
+    assert json.loads(json.dumps({"op": control.Op.ADAPT_OFF})) == {"op": "adapt-off"}
+    assert f"{control.Op.STATUS}" == str(control.Op.STATUS) == "status"
+    assert control.Op("reload") is control.Op.RELOAD
+
+
 def test_new_text_of_sliding_log_tails() -> None:
     assert _new_text("", "a\nb\n") == "a\nb\n"
     assert _new_text("a\nb\n", "a\nb\nc\n") == "c\n"

@@ -4,9 +4,11 @@ Each cluster directory (see :mod:`speccluster_ssh.state`) holds
 ``control.sock``, a Unix socket (0600) served by the head process. Requests
 and replies are JSON objects, one per line: ``{"op": "status"}`` is answered
 by ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "...",
-"exit": 1}``. Operations (answered by :class:`speccluster_ssh.head.Head`):
-``progress``, ``status``, ``scale``, ``adapt``, ``adapt-off``, ``logs``,
-``restart``, ``drain``, ``undrain``, ``reload``, ``down``.
+"exit": 1}``. The operations a head answers (see
+:class:`speccluster_ssh.head.Head`) are the members of :class:`Op`, named
+once here: senders and the head use ``Op.STATUS`` and the like, so a
+misspelt operation fails where it is written, not as an "unknown control
+operation" at run time.
 
 Like :mod:`speccluster_ssh.state`, this module imports neither
 ``distributed`` nor the cluster code.
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import enum
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,6 +35,25 @@ logger = logging.getLogger(__name__)
 # sun_path holds 108 bytes including the terminating NUL.
 _SOCKET_PATH_MAX = 107
 _MAX_LINE = 64 * 1024 * 1024
+
+
+class Op(str, enum.Enum):
+    """The operations of the control protocol; each value is the ``op`` string on the wire."""
+
+    PROGRESS = "progress"
+    STATUS = "status"
+    SCALE = "scale"
+    ADAPT = "adapt"
+    ADAPT_OFF = "adapt-off"
+    LOGS = "logs"
+    RESTART = "restart"
+    DRAIN = "drain"
+    UNDRAIN = "undrain"
+    RELOAD = "reload"
+    DOWN = "down"
+
+    def __str__(self) -> str:
+        return str(self.value)  # the wire string in messages and f-strings, on every Python
 
 
 class ControlError(SpecClusterError):
@@ -166,7 +188,7 @@ class ControlServer:
             os.unlink(self.path)
 
 
-def request(directory: Path, op: str, *, timeout: float = 30.0, **fields: Any) -> Any:
+def request(directory: Path, op: Op | str, *, timeout: float = 30.0, **fields: Any) -> Any:
     """Send one request to a cluster's head process and return its result.
 
     Parameters
@@ -174,7 +196,8 @@ def request(directory: Path, op: str, *, timeout: float = 30.0, **fields: Any) -
     directory
         The cluster directory.
     op
-        The operation, e.g. ``"status"``.
+        The operation, e.g. ``Op.STATUS`` (a plain string is sent as it is:
+        this transport serves any handler).
     timeout
         Seconds to wait for the reply.
     **fields
@@ -185,6 +208,7 @@ def request(directory: Path, op: str, *, timeout: float = 30.0, **fields: Any) -
     ControlError
         When the head cannot be reached or answers with an error.
     """
+    op = str(op)  # the wire string, also in the messages below
     path = directory / SOCKET_FILE
     payload = json.dumps({"op": op, **fields}).encode() + b"\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

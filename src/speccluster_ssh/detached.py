@@ -20,7 +20,7 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.cluster import Cluster
 
-from .control import ControlError, request
+from .control import ControlError, Op, request
 from .state import CA_FILE, CLIENT_CERT, CLIENT_KEY, check_name, cluster_dir, head_alive, read_state
 
 logger = logging.getLogger(__name__)
@@ -141,12 +141,12 @@ class DetachedCluster(Cluster):
         """Ask the head process to scale (see ``SSHSpecCluster.scale``); awaitable when asynchronous."""
         from distributed.utils import NoOpAwaitable
 
-        request(self.directory, "scale", n=n, cores=cores, memory=memory)
+        request(self.directory, Op.SCALE, n=n, cores=cores, memory=memory)
         return NoOpAwaitable() if self.asynchronous else None
 
     def adapt(self, minimum: int = 0, maximum: int | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """Ask the head process to adapt between ``minimum`` and ``maximum`` workers."""
-        return request(self.directory, "adapt", minimum=minimum, maximum=maximum, **kwargs)
+        return request(self.directory, Op.ADAPT, minimum=minimum, maximum=maximum, **kwargs)
 
     def close(self, timeout: float | None = None) -> Any:  # type: ignore[override]
         """Detach from the cluster, which keeps running; with ``shutdown_on_close``, tear it down first.
@@ -202,7 +202,7 @@ class DetachedCluster(Cluster):
         if not head_alive(self.directory):
             logger.info("cluster %s: its head process has already ended", self.name)
             return
-        down = functools.partial(request, self.directory, "down", timeout=timeout or SHUTDOWN_TIMEOUT)
+        down = functools.partial(request, self.directory, Op.DOWN, timeout=timeout or SHUTDOWN_TIMEOUT)
         await asyncio.get_running_loop().run_in_executor(None, down)
 
     async def _get_logs(
@@ -211,7 +211,7 @@ class DetachedCluster(Cluster):
         """The head process's logs, keyed as ``SSHSpecCluster.get_logs``: by worker name."""
         from distributed.utils import Log, Logs
 
-        fetch = functools.partial(request, self.directory, "logs", timeout=SHUTDOWN_TIMEOUT)
+        fetch = functools.partial(request, self.directory, Op.LOGS, timeout=SHUTDOWN_TIMEOUT)
         found: dict[str, str] = await asyncio.get_running_loop().run_in_executor(None, fetch)
         logs = Logs()
         if cluster and "Cluster" in found:

@@ -394,10 +394,13 @@ class Head:
     # -- control requests ---------------------------------------------------------
     async def handle(self, request: Mapping[str, Any]) -> Any:
         """Answer one control request (see :mod:`speccluster_ssh.control`)."""
-        op = request["op"]
-        if op == "progress":
+        try:
+            op = control.Op(request["op"])
+        except ValueError:
+            raise UserError(f"unknown control operation {request['op']!r}") from None
+        if op is control.Op.PROGRESS:
             return self.progress()
-        if op == "down":
+        if op is control.Op.DOWN:
             self.request_stop("down requested")
             if self.closed is None:
                 return {"closed": True}
@@ -407,7 +410,7 @@ class Head:
             return {"closed": True}
         cluster = self.cluster
         if self.phase != "running" or cluster is None:
-            if op == "status":
+            if op is control.Op.STATUS:
                 # The same keys as a running cluster's report, so scripts need no special case.
                 progress = self.progress()
                 return {
@@ -421,7 +424,7 @@ class Head:
                     "progress": progress,
                 }
             raise SpecClusterError(f"cluster {self.options.name} is {self.phase}; try again once it runs")
-        if op == "status":
+        if op is control.Op.STATUS:
             report = cluster.status_report()
             report.update({
                 "phase": self.phase,
@@ -433,7 +436,7 @@ class Head:
                 "adaptive": self._adaptive_info(),
             })
             return report
-        if op == "scale":
+        if op is control.Op.SCALE:
             n = int(request.get("n") or 0)
             cores = request.get("cores")
             memory = request.get("memory")
@@ -450,7 +453,7 @@ class Head:
                 "capacity_note": cluster.capacity_note,
                 "adaptive": self._adaptive_info(),
             }
-        if op == "adapt":
+        if op is control.Op.ADAPT:
             kwargs = {
                 k: request[k]
                 for k in ("minimum", "maximum", "minimum_memory", "maximum_memory")
@@ -460,23 +463,23 @@ class Head:
             info = self._adaptive_info() or {}
             _record_size(self, adapt=(info.get("minimum"), info.get("maximum")))
             return {"adaptive": self._adaptive_info()}
-        if op == "adapt-off":
+        if op is control.Op.ADAPT_OFF:
             was_on = cluster.stop_adapt()
             _record_size(self, workers=sum(self._wanted_and_ready()[0].values()), adapt=None)
             return {"adaptive": None, "was_on": was_on}
-        if op == "logs":
+        if op is control.Op.LOGS:
             return await _cluster_logs(self.cluster, self.options.name, request.get("target"))
-        if op in ("restart", "drain", "undrain", "reload"):
+        if op in (control.Op.RESTART, control.Op.DRAIN, control.Op.UNDRAIN, control.Op.RELOAD):
             return await self._operate(cluster, op, request)
-        raise UserError(f"unknown control operation {op!r}")
+        raise UserError(f"unknown control operation {str(op)!r}")  # a member of Op not handled above
 
-    async def _operate(self, cluster: SSHSpecCluster, op: str, request: Mapping[str, Any]) -> Any:
+    async def _operate(self, cluster: SSHSpecCluster, op: control.Op, request: Mapping[str, Any]) -> Any:
         """The operations of a running cluster (see :mod:`speccluster_ssh.operations`, :mod:`speccluster_ssh.reload`)."""
-        if op == "restart":
+        if op is control.Op.RESTART:
             return await cluster.rolling_restart(batch=int(request.get("batch") or 1))
-        if op == "drain":
+        if op is control.Op.DRAIN:
             return await cluster.drain(str(request.get("host")), reason=str(request.get("reason") or ""))
-        if op == "undrain":
+        if op is control.Op.UNDRAIN:
             return await cluster.undrain(str(request.get("host")))
         result = await cluster.reload_inventory(
             request.get("inventory") or None, dry_run=bool(request.get("dry_run")), batch=int(request.get("batch") or 1)

@@ -154,7 +154,7 @@ def _reload(directory: Path, name: str, inventory: str) -> list[str]:
     from ..reload import describe
     from .operations import _moved_lines
 
-    result = control.request(directory, "reload", timeout=RELOAD_TIMEOUT, inventory=inventory, dry_run=False,
+    result = control.request(directory, control.Op.RELOAD, timeout=RELOAD_TIMEOUT, inventory=inventory, dry_run=False,
                              batch=1)
     lines = [f"cluster {name}: the inventory changed; reloaded from {result.get('source')} "
              f"(as '{PROG} reload --name {name}' does)"]
@@ -170,13 +170,13 @@ def _resize(
     change = f"cluster {name}: {size_text(running)} -> {size_text(wanted)}"
     kind, value = wanted
     if kind == "adapt":
-        result = control.request(directory, "adapt", timeout=60.0, minimum=value[0], maximum=value[1])
+        result = control.request(directory, control.Op.ADAPT, timeout=60.0, minimum=value[0], maximum=value[1])
         info = result.get("adaptive") or {}
         return [f"{change}; adaptive scaling between {info.get('minimum')} and {info.get('maximum')} workers"]
     if running[0] == "adapt":
-        control.request(directory, "adapt-off", timeout=60.0)
+        control.request(directory, control.Op.ADAPT_OFF, timeout=60.0)
     n = every_slot if value is None else int(value)
-    result = control.request(directory, "scale", timeout=60.0, n=n, every_slot=value is None)
+    result = control.request(directory, control.Op.SCALE, timeout=60.0, n=n, every_slot=value is None)
     lines = [f"{change}; scaling to {workers_text(result.get('planned_workers'))}"]
     if result.get("capacity_note"):
         lines.append(f"note: {result['capacity_note']}")

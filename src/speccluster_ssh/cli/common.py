@@ -297,7 +297,7 @@ def _hosts_seen_by_running_cluster(name: str) -> dict[str, dict[str, Any]]:
     if found is None or found.phase != "running" or not st.head_alive(directory):
         return {}
     try:
-        report = control.request(directory, "status", timeout=10)
+        report = control.request(directory, control.Op.STATUS, timeout=10)
     except control.ControlError as exc:
         logger.info("cluster %s runs but did not answer for plan: %s", name, exc)
         return {}
@@ -307,7 +307,7 @@ def _hosts_seen_by_running_cluster(name: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def _ask(known: st.KnownCluster, op: str, *, timeout: float = 60.0, **fields: Any) -> Any:
+def _ask(known: st.KnownCluster, op: control.Op, *, timeout: float = 60.0, **fields: Any) -> Any:
     if not known.alive:
         raise control.ControlError(
             f"cluster {known.state.name} is stale: its head process (pid {known.state.pid}) is gone; "

@@ -212,7 +212,7 @@ def _up_detached(options: UpOptions, directory: Path, lock: st.HeadLock, as_json
             if code is not None:
                 break
             try:
-                progress = control.request(directory, "progress", timeout=10)
+                progress = control.request(directory, control.Op.PROGRESS, timeout=10)
             except control.ControlError as exc:
                 # Expected until the head serves its socket; proc.poll() above notices a dead head.
                 logger.debug("no progress yet: %s", exc)
@@ -309,7 +309,7 @@ def down(name: str | None, timeout: float, as_json: bool) -> None:
         return
     click.echo(f"closing cluster {cluster_name} ...", err=True)
     try:
-        control.request(directory, "down", timeout=timeout)
+        control.request(directory, control.Op.DOWN, timeout=timeout)
     except control.ControlError as exc:
         if st.head_alive(directory):
             raise

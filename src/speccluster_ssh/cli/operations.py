@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from ..control import Op
 from ..messages import PROG
 from .common import _ask, _json_option, _load_inventory, _name_option, _resolve
 from .display import _echo_json
@@ -78,7 +79,7 @@ def restart(batch: int, timeout: float, name: str | None, as_json: bool) -> None
     known = _resolve(name)
     click.echo(f"cluster {known.state.name}: rolling restart, {batch} entr{'y' if batch == 1 else 'ies'} at a time ...",
                err=True)
-    result = _ask(known, "restart", timeout=timeout, batch=batch)
+    result = _ask(known, Op.RESTART, timeout=timeout, batch=batch)
     if as_json:
         _echo_json(result)
         return
@@ -107,7 +108,7 @@ def drain(host: str, reason: str, name: str | None, as_json: bool) -> None:
       speccluster-ssh undrain node03 --name lab
     """
     known = _resolve(name)
-    result = _ask(known, "drain", timeout=OPERATION_TIMEOUT, host=host, reason=reason)
+    result = _ask(known, Op.DRAIN, timeout=OPERATION_TIMEOUT, host=host, reason=reason)
     if as_json:
         _echo_json(result)
         return
@@ -132,7 +133,7 @@ def undrain(host: str, name: str | None, as_json: bool) -> None:
       speccluster-ssh undrain node03 --name lab
     """
     known = _resolve(name)
-    result = _ask(known, "undrain", host=host)
+    result = _ask(known, Op.UNDRAIN, host=host)
     if as_json:
         _echo_json(result)
         return
@@ -174,7 +175,7 @@ def reload(inventory: str | None, dry_run: bool, batch: int, timeout: float, nam
         # Read here first: a mistake gives the line 'up' gives, and nothing is asked of the head.
         _load_inventory(inventory)
         path = str(Path(inventory).expanduser().absolute()) if os.path.exists(inventory) else inventory
-    result = _ask(known, "reload", timeout=timeout, inventory=path, dry_run=dry_run, batch=batch)
+    result = _ask(known, Op.RELOAD, timeout=timeout, inventory=path, dry_run=dry_run, batch=batch)
     if as_json:
         _echo_json(result)
         return

@@ -12,6 +12,7 @@ import click
 
 from .. import control, postmortem
 from .. import state as st
+from ..control import Op
 from ..errors import SpecClusterError
 from ..messages import PROG
 from .common import _ask, _check_bytes, _json_option, _name_option, _resolve, main
@@ -30,7 +31,7 @@ def status(name: str | None, as_json: bool) -> None:
       speccluster-ssh status --json | jq '.workers[].address'
     """
     known = _resolve(name)
-    report = _ask(known, "status")
+    report = _ask(known, Op.STATUS)
     if as_json:
         _echo_json(report)
     else:
@@ -58,7 +59,7 @@ def scale(n: int | None, cores: int | None, memory: str | None, name: str | None
         raise click.UsageError("give a number of workers N, --cores or --memory")
     _check_bytes(memory, "--memory")
     known = _resolve(name)
-    result = _ask(known, "scale", n=n or 0, cores=cores, memory=memory)
+    result = _ask(known, Op.SCALE, n=n or 0, cores=cores, memory=memory)
     if as_json:
         _echo_json(result)
         return
@@ -99,10 +100,10 @@ def adapt(
     _check_bytes(maximum_memory, "--maximum-memory")
     known = _resolve(name)
     if off:
-        result = _ask(known, "adapt-off")
+        result = _ask(known, Op.ADAPT_OFF)
         message = "adaptive scaling stopped" if result.get("was_on") else "adaptive scaling was not on"
     else:
-        result = _ask(known, "adapt", minimum=minimum, maximum=maximum,
+        result = _ask(known, Op.ADAPT, minimum=minimum, maximum=maximum,
                       minimum_memory=minimum_memory, maximum_memory=maximum_memory)
         info = result.get("adaptive") or {}
         message = f"adaptive scaling between {info.get('minimum')} and {info.get('maximum')} workers"
@@ -145,7 +146,7 @@ def logs(target: str | None, follow: bool, interval: float, name: str | None, as
         else:
             click.echo(text, nl=False)
         return
-    current = _ask(known, "logs", target=target)
+    current = _ask(known, Op.LOGS, target=target)
     if as_json and not follow:
         _echo_json(current)
         return
@@ -170,7 +171,7 @@ def logs(target: str | None, follow: bool, interval: float, name: str | None, as
     try:
         while True:
             time.sleep(interval)
-            show(_ask(known, "logs", target=target))
+            show(_ask(known, Op.LOGS, target=target))
     except KeyboardInterrupt:
         return
     except control.ControlError:

@@ -21,6 +21,7 @@ import click
 
 from .. import control
 from .. import state as st
+from ..control import Op
 from ..dashboards import LOCAL_PORT, LOOPBACK, host_tunnel_argv, is_loopback, tunnel_argv
 from ..messages import PROG
 from .common import _ask, _exit, _json_option, _name_option, _resolve, main
@@ -143,7 +144,7 @@ def dashboard(name: str | None, ssh_host: str | None, local_port: int, as_json: 
       speccluster-ssh dashboard --ssh-host me@gateway.example.org
     """
     known = _running(name)
-    report = _ask(known, "status")
+    report = _ask(known, Op.STATUS)
     where = dict(report.get("dashboard") or {})
     link = str(where.get("link") or report.get("dashboard_link") or "")
     if not link:
