@@ -1,4 +1,4 @@
-"""The host agent's cleanup rules, run through a local connection (no lab needed)."""
+"""The host agent's cleanup rules, and a whole cluster, run through a local connection (no lab needed)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from typing import Any
 
 import psutil
 import pytest
-from distributed import Scheduler
+from distributed import Client, Scheduler
 
 from speccluster_ssh.agent import MARKER_ENV, HostAgent
 from speccluster_ssh.agent.host import _private_dir
+from speccluster_ssh.cluster import SSHSpecCluster
 from speccluster_ssh.connection import ConnectSettings, HostConnection
 from speccluster_ssh.errors import HostError
 from speccluster_ssh.inventory import Inventory
@@ -208,3 +209,16 @@ def test_shutdown_keeps_the_tls_files_for_a_newer_agent_when_asked(tmp_path: Pat
         assert not (directory / "tls").exists() and (directory / "logs" / "w.log").is_file()
 
     asyncio.run(main())
+
+
+def test_local_connection_needs_no_sshd(tmp_path: Path) -> None:
+    inventory = tmp_path / "local.yml"
+    inventory.write_text(
+        "all:\n  hosts:\n    here:\n      ansible_connection: local\n"
+        f"      speccluster_python: {sys.executable}\n      speccluster_nworkers: 2\n      speccluster_nthreads: 1\n"
+    )
+    with SSHSpecCluster.from_inventory(inventory) as cluster:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            assert client.submit(lambda x: x * 2, 21).result(timeout=30) == 42
+            assert sorted(w["name"] for w in client.scheduler_info()["workers"].values()) == ["0-0", "0-1"]

@@ -255,16 +255,3 @@ def test_start_failures_are_explained_and_clean(lab: Any, tmp_path: Path) -> Non
     finally:
         lab.hosts[2].heal()
     assert wait_for(lambda: not processes_besides_sshd(lab), 15), processes_besides_sshd(lab)
-
-
-def test_local_connection_needs_no_sshd(tmp_path: Path) -> None:
-    inventory = tmp_path / "local.yml"
-    inventory.write_text(
-        "all:\n  hosts:\n    here:\n      ansible_connection: local\n"
-        f"      speccluster_python: {sys.executable}\n      speccluster_nworkers: 2\n      speccluster_nthreads: 1\n"
-    )
-    with SSHSpecCluster.from_inventory(inventory) as cluster:
-        with Client(cluster) as client:
-            client.wait_for_workers(2, timeout=60)
-            assert client.submit(lambda x: x * 2, 21).result(timeout=30) == 42
-            assert sorted(w["name"] for w in client.scheduler_info()["workers"].values()) == ["0-0", "0-1"]
