@@ -19,15 +19,19 @@ control socket (:mod:`speccluster_ssh.control`), ``check``
 - :mod:`.inventory_commands`, :mod:`.lifecycle`, :mod:`.running`,
   :mod:`.operations`, :mod:`.files` and :mod:`.tools` (``run``,
   ``dashboard``): the commands, each registering itself on the group.
+
+Every command registers in one way: ``@main.command()`` on its function,
+run when this package imports its module. The registration then stands
+beside the command's name and options, where a reader looks for it, and a
+new command cannot be defined yet left off a separate list (a
+``register(group)`` function per module was the other way; it only added
+that list). ``--help`` lists the commands by name, whatever the import order.
 """
 
 from __future__ import annotations
 
-from . import files, inventory_commands, lifecycle, running, tools  # noqa: F401  (each registers its commands)
+from . import files, inventory_commands, lifecycle, operations, running, tools  # noqa: F401  (each registers its commands)
 from .common import main
 from .display import _new_text
-from .operations import register as _register_operations
-
-_register_operations(main)
 
 __all__ = ["main", "_new_text"]

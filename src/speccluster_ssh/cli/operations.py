@@ -1,7 +1,7 @@
 """The commands that operate a running cluster: ``restart``, ``drain``, ``undrain`` and ``reload``.
 
-:mod:`speccluster_ssh.cli` adds them to its command group (:func:`register`)
-and they ask the cluster's head process (see
+Each registers itself on the command group when :mod:`speccluster_ssh.cli`
+imports this module, and they ask the cluster's head process (see
 :mod:`speccluster_ssh.head`), like ``scale`` does. The work is done there,
 by :mod:`speccluster_ssh.operations` and :mod:`speccluster_ssh.reload`; this
 module only parses arguments and prints results.
@@ -18,7 +18,7 @@ import click
 
 from ..control import Op
 from ..messages import PROG
-from .common import _ask, _json_option, _load_inventory, _name_option, _resolve
+from .common import _ask, _json_option, _load_inventory, _name_option, _resolve, main
 from .display import _echo_json
 
 # Seconds to wait for the head's answer to a restart or reload (the operation goes on in the head after).
@@ -46,17 +46,11 @@ def _moved_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def register(group: click.Group) -> None:
-    """Add the commands of this module to ``group`` (the ``speccluster-ssh`` command group)."""
-    for command in (restart, drain, undrain, reload):
-        group.add_command(command)
-
-
 def _order(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdigit() else (1 << 30, key)
 
 
-@click.command()
+@main.command()
 @click.option("--batch", "-b", type=click.IntRange(min=1), default=1, show_default=True,
               help="Entries replaced at once; at most this many entries' workers are missing at any moment.")
 @_timeout_option
@@ -91,7 +85,7 @@ def restart(batch: int, timeout: float, name: str | None, as_json: bool) -> None
                f"in {result.get('seconds', 0):g} s{agents}")
 
 
-@click.command()
+@main.command()
 @click.argument("host", metavar="HOST")
 @click.option("--reason", default="", metavar="TEXT", help="Why, shown by 'status' (default: drained by the user).")
 @_name_option
@@ -118,7 +112,7 @@ def drain(host: str, reason: str, name: str | None, as_json: bool) -> None:
     click.echo(f"nothing is placed on {host} until '{PROG} undrain {host} --name {known.state.name}'")
 
 
-@click.command()
+@main.command()
 @click.argument("host", metavar="HOST")
 @_name_option
 @_json_option
@@ -145,7 +139,7 @@ def undrain(host: str, name: str | None, as_json: bool) -> None:
     click.echo(f"cluster {known.state.name}: host {host} undrained{more}")
 
 
-@click.command()
+@main.command()
 @click.argument("inventory", metavar="[INVENTORY]", required=False)
 @click.option("--dry-run", is_flag=True, help="Only print the difference; change nothing.")
 @click.option("--batch", "-b", type=click.IntRange(min=1), default=1, show_default=True,
