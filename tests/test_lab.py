@@ -189,9 +189,7 @@ def test_kill_restart_cut_heal(lab: Lab) -> None:
 
     host.cut()
     assert not host.link_up and not host.is_up
-    t0 = time.monotonic()
     assert not _reachable(lab, host, timeout=2.0)
-    assert time.monotonic() - t0 < 10
 
     host.heal()
     assert host.is_up
@@ -238,30 +236,54 @@ def test_reset_repairs_everything(lab: Lab) -> None:
     assert lab.reset().clean
 
 
-def test_name_lookups_inside_a_host_are_fast(lab: Lab) -> None:
+def test_name_lookups_inside_a_host_never_wait_for_a_resolver(lab: Lab) -> None:
+    """Lab names resolve from /etc/hosts; any other lookup is refused at once, never left to time out.
+
+    The host's only nameserver is 127.0.0.1, where nothing listens: a query
+    there is refused (ICMP port unreachable), so an unknown name fails as
+    soon as it is asked instead of after the resolver's timeout.
+    """
     probe = textwrap.dedent(
         """
-        import json, socket, time
-        times = {}
+        import json, socket
+        found = {}
         for name in ("localhost", "h1", "head", "no-such-host.invalid"):
-            t0 = time.monotonic()
             try:
-                socket.getaddrinfo(name, 22)
+                found[name] = sorted({a[4][0] for a in socket.getaddrinfo(name, 22)})
             except socket.gaierror:
-                pass
-            times[name] = time.monotonic() - t0
-        print(json.dumps({"times": times, "h1": socket.gethostbyname("h1"),
+                found[name] = None
+        with open("/etc/resolv.conf") as fh:
+            nameservers = [line.split()[1] for line in fh if line.startswith("nameserver")]
+        # One DNS-sized query to each nameserver: refused, answered, or no answer.
+        dns = {}
+        for server in nameservers:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(30)
+            try:
+                s.connect((server, 53))
+                s.send(bytes(12))
+                s.recv(512)
+                dns[server] = "answered"
+            except ConnectionRefusedError:
+                dns[server] = "refused"
+            except socket.timeout:
+                dns[server] = "no answer"
+            finally:
+                s.close()
+        print(json.dumps({"found": found, "dns": dns, "h1": socket.gethostbyname("h1"),
                           "me": socket.gethostbyname(socket.gethostname())}))
         """
     )
     host = lab.hosts[-1]
-    res = host.exec([sys.executable, "-I", "-S", "-c", probe], timeout=30)
+    res = host.exec([sys.executable, "-I", "-S", "-c", probe], timeout=120)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["h1"] == lab.hosts[0].ip
     assert data["me"] == host.ip
-    slow = {name: t for name, t in data["times"].items() if t > 0.5}
-    assert not slow, f"slow lookups inside the lab: {slow}"
+    found = data["found"]
+    assert found["localhost"] and found["head"] and found["h1"] == [lab.hosts[0].ip], found
+    assert found["no-such-host.invalid"] is None, found
+    assert data["dns"] == {"127.0.0.1": "refused"}, f"the resolvers inside the lab: {data['dns']}"
 
 
 def test_openssh_client_uses_lab_ssh_config(lab: Lab) -> None:
