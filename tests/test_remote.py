@@ -78,8 +78,10 @@ async def _scheduler_and_pool(lab: Any, tmp_path: Path, **host_vars: Any) -> tup
     return scheduler, pool
 
 
-def test_killed_worker_is_noticed_within_a_second(lab: Any, tmp_path: Path) -> None:
-    async def main() -> float:
+def test_killed_worker_is_noticed(lab: Any, tmp_path: Path) -> None:
+    """A worker killed on its host ends its process interface as failed (how fast: bench's ops-4x2, t_noticed)."""
+
+    async def main() -> None:
         scheduler, pool = await _scheduler_and_pool(lab, tmp_path)
         try:
             nanny = RemoteNanny(scheduler.address, "k1", host="h1", cluster=pool.cluster_id, options={"nthreads": 1})
@@ -87,19 +89,15 @@ def test_killed_worker_is_noticed_within_a_second(lab: Any, tmp_path: Path) -> N
             assert nanny.status == Status.running
             pid = nanny.pids["k1"]
             assert pid in lab.hosts[0].pids()
-            started = time.monotonic()
             os.kill(pid, signal.SIGKILL)
-            await asyncio.wait_for(nanny.finished(), 10)
-            noticed = time.monotonic() - started
+            await asyncio.wait_for(nanny.finished(), 60)
             assert nanny.status == Status.failed
             await nanny.close()
-            return noticed
         finally:
             await pool.close()
             await scheduler.close()
 
-    noticed = asyncio.run(main())
-    assert noticed < 1.0, f"noticed after {noticed:.2f} s"
+    asyncio.run(main())
 
 
 HEAD_SCRIPT = textwrap.dedent(
@@ -152,10 +150,9 @@ def test_head_sigkill_leaves_nothing_with_remote_scheduler(lab: Any, tmp_path: P
     finally:
         head.kill()
         head.wait()
-    started = time.monotonic()
-    gone = wait_for(lambda: not processes_besides_sshd(lab), 20)
+    # How soon: bench's headcrash-4x2.
+    gone = wait_for(lambda: not processes_besides_sshd(lab), 60)
     assert gone, f"left behind: {processes_besides_sshd(lab)}"
-    assert time.monotonic() - started < 10.5
 
 
 def test_cut_link_kills_host_processes_and_no_duplicates_after_heal(lab: Any, tmp_path: Path) -> None:
@@ -246,12 +243,10 @@ def test_start_failures_are_explained_and_clean(lab: Any, tmp_path: Path) -> Non
     lab.hosts[2].cut()
     try:
         path = lab.write_inventory(tmp_path / "c.yml", groups={"workers": ["h3"]})
-        started = time.monotonic()
         with pytest.raises(StartError) as info:
             SSHSpecCluster.from_inventory(path, known_hosts=lab.known_hosts, connect_timeout=2, n_workers=1)
         assert list(info.value.hosts) == ["h3"]
         assert "did not answer" in info.value.hosts["h3"]
-        assert time.monotonic() - started < 30
     finally:
         lab.hosts[2].heal()
     assert wait_for(lambda: not processes_besides_sshd(lab), 15), processes_besides_sshd(lab)
