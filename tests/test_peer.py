@@ -175,6 +175,7 @@ class Watch(SchedulerPlugin):
     def __init__(self) -> None:
         self.added: list[tuple[float, str]] = []
         self.removed: list[tuple[float, str]] = []
+        self.removed_by: dict[str, str] = {}  # name -> the stimulus that removed it (one per retire request)
         self.duplicates: list[str] = []
         self.peak = 0
         self._names: dict[str, str] = {}
@@ -189,7 +190,9 @@ class Watch(SchedulerPlugin):
         self.peak = max(self.peak, len(current))
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        self.removed.append((time.monotonic(), self._names.get(worker, worker)))
+        name = self._names.get(worker, worker)
+        self.removed.append((time.monotonic(), name))
+        self.removed_by[name] = str(kwargs.get("stimulus_id"))
 
 
 @contextlib.asynccontextmanager
@@ -827,11 +830,11 @@ def test_adapt_groups_and_mixed_hosts_without_churn(lab: Any, tmp_path: Path) ->
             assert len(added) == len(set(added)) == 4, added  # nobody started twice
             first_removal = min(t for t, _ in watch.removed)
             assert all(t < first_removal for t, _ in watch.added), "a worker started after one was retired"
-            removed_at = dict((n, t) for t, n in watch.removed)
-            # The two members of the group left together, never one alone.
+            # The two members of the group left together, never one alone:
+            # removed by the same retire request of adapt.
             group = [n for n in added if "-" in n]
             assert len(group) == 2
-            assert abs(removed_at[group[0]] - removed_at[group[1]]) < 2.0
+            assert watch.removed_by[group[0]] == watch.removed_by[group[1]], watch.removed_by
 
     run(main())
 
@@ -918,7 +921,7 @@ def test_graceful_scale_down_keeps_results(lab: Any, tmp_path: Path) -> None:
 
 
 def test_heal_relaunches_killed_workers(lab: Any, tmp_path: Path) -> None:
-    """A worker process (single or group member) that dies is relaunched within seconds."""
+    """A worker process (single or group member) that dies is relaunched (how fast: bench's ops-4x2)."""
     path = inventory(lab, tmp_path, {"h1": {"speccluster_worker_class": "nanny"}, "h2": {"speccluster_nworkers": 2}})
 
     async def main() -> None:
@@ -929,15 +932,13 @@ def test_heal_relaunches_killed_workers(lab: Any, tmp_path: Path) -> None:
             for key, member in (("0", "0"), ("1", "1-1")):
                 victim = cluster.workers[key]
                 pid = victim.pids[member]
-                started = time.monotonic()
                 os.kill(pid, signal.SIGKILL)
                 await until(
                     lambda: cluster.workers.get(key) not in (None, victim)
                     and names(cluster) == {"0", "1-0", "1-1"},
-                    15,
+                    DEADLINE,
                     f"entry {key} to be relaunched",
                 )
-                assert time.monotonic() - started < 15
                 assert pid not in cluster.workers[key].pids.values()
                 assert len(cluster.worker_spec) == 2
 
