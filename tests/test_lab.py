@@ -223,14 +223,17 @@ def test_reset_repairs_everything(lab: Lab) -> None:
     h2.kill_all()
     sleeper = h3.spawn(["sleep", "300"])
     try:
-        _wait_for(lambda: sleeper.pid in h3.pids(), 10, "sleep to enter the host")
+        # Until the wrapper has exec'd sleep, its set-up children (mount, hostname)
+        # are processes of the host too, which reset would kill along with it.
+        _wait_for(lambda: any(p.pid == sleeper.pid and p.argv[:1] == ["sleep"] for p in h3.processes()),
+                  10, "sleep to run in the host")
         report = lab.reset()
     finally:
         sleeper.kill()  # no-op when reset already killed it
         sleeper.wait(timeout=10)
     assert report.healed == ["h1"]
     assert report.restarted == ["h2"]
-    assert [p.pid for p in report.killed["h3"]] == [sleeper.pid]
+    assert [p.pid for p in report.killed["h3"]] == [sleeper.pid], [(p.pid, p.argv) for p in report.killed["h3"]]
     assert all(h.is_up for h in lab.hosts)
     assert all(_reachable(lab, h) for h in (h1, h2, h3))
     assert lab.reset().clean

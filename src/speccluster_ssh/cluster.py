@@ -26,6 +26,7 @@ distributed's SpecCluster internals, so that only this class touches them.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import math
 import os
@@ -390,9 +391,17 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         """Dask workers the inventory can hold when every usable slot is used."""
         return entries.capacity_workers(self.worker_hosts.values(), self._unavailable_hosts())
 
-    def log_event(self, message: str) -> None:
-        """Record ``message`` in the cluster's log (``get_logs()``); it is printed too unless ``quiet``."""
-        self._log(message)  # distributed's Cluster._log, kept behind this one public name
+    def log_event(self, message: str, *, echo: bool = True) -> None:
+        """Record ``message`` in the cluster's log (``get_logs()``).
+
+        With ``echo`` (the default) it is printed too unless ``quiet``, as
+        distributed's ``Cluster._log`` does; without, it is only recorded, for
+        a message the caller already gives the user another way (a warning).
+        """
+        if echo:
+            self._log(message)  # distributed's Cluster._log, kept behind this one public name
+        else:
+            self._cluster_manager_logs.append((datetime.datetime.now(), message))
 
     @property
     def spec_lock(self) -> asyncio.Lock:

@@ -126,12 +126,11 @@ class Capacity:
         self.adapt_asked: tuple[Any, ...] | None = None
 
     def _say_shortfall(self, note: str) -> None:
-        # Once per shortfall, not on every adapt tick that repeats it. The
-        # cluster's log prints it to the user already (log_event), so the
-        # logger gets it at INFO: a WARNING showed the same line twice.
+        # Once per shortfall, not on every adapt tick that repeats it: one
+        # WARNING, and the cluster's log records it without printing it again.
         if not self.note:
-            logger.info("scaled to capacity: %s", note)
-            self.cluster.log_event(f"scaled to capacity: {note}")
+            logger.warning("scaled to capacity: %s", note)
+            self.cluster.log_event(f"scaled to capacity: {note}", echo=False)
         self.note = note
 
     def shape(self, spec: Mapping[str, Any]) -> EntryShape:
