@@ -191,6 +191,51 @@ def test_next_entries_fill_slots_like_the_cluster() -> None:
 # -- scheduler entries ------------------------------------------------------------------------------
 
 
+# -- placing a new or moved entry ------------------------------------------------------------------
+# n1 has 1 slot, n2 has 2; the policy alone picks n1 first (spread and pack).
+
+
+@pytest.mark.parametrize(
+    ("used", "options", "host"),
+    [
+        ({}, {}, "n1"),
+        ({}, {"policy": "pack"}, "n1"),
+        ({"n1": 1}, {}, "n2"),
+        ({"n1": 1, "n2": 2}, {}, None),  # every slot taken
+        ({}, {"unavailable": {"n1"}}, "n2"),
+        ({}, {"unavailable": {"n1", "n2"}}, None),
+        ({}, {"prefer": "n2"}, "n2"),  # a usable preferred host wins over the policy
+        ({"n2": 2}, {"prefer": "n2"}, "n1"),  # ... unless it is full
+        ({}, {"prefer": "n2", "unavailable": {"n2"}}, "n1"),  # ... or unusable
+        ({}, {"prefer": "zz"}, "n1"),  # ... or not a worker host
+        ({"n1": 1, "n2": 2}, {"leaving": "n1"}, "n1"),  # a moved entry's own slot counts as free
+        ({"n1": 1, "n2": 2}, {"leaving": "n2"}, "n2"),
+        ({"n1": 1}, {"leaving": "n2"}, "n2"),  # a host it held no slot on frees nothing
+        ({"n1": 1}, {"stay": "n1", "unavailable": {"n1"}}, "n1"),  # rebuilt on its host whatever its state
+    ],
+)
+def test_place_entry(used: dict[str, int], options: dict[str, Any], host: str | None) -> None:
+    inv = inventory()
+    hosts = {h.name: h for h in inv.worker_hosts}
+    before = dict(used)
+    spec = entries.place_entry(settings(), hosts, used, **options)
+    assert used == before  # the caller's count is not changed
+    if host is None:
+        assert spec is None
+    else:
+        # Host and options are those of the factory: placing adds nothing of its own.
+        assert spec == entries.worker_entry(settings(), inv.hosts[host])
+
+
+def test_place_entry_applies_new_spec() -> None:
+    inv = inventory()
+    hosts = {h.name: h for h in inv.worker_hosts}
+    new_spec = {"cls": RemoteNanny, "options": {"nthreads": 5}}
+    spec = entries.place_entry(settings(), hosts, {"n1": 1}, new_spec=new_spec)
+    assert spec == entries.worker_entry(settings(), inv.hosts["n2"], new_spec)
+    assert spec is not None and spec["options"]["options"]["nthreads"] == 5
+
+
 def test_remote_scheduler_entry() -> None:
     host = inventory().hosts["s"]
     assert entries.remote_scheduler_entry(settings(), host, 8787, {"idle_timeout": "1h"}) == {

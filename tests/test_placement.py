@@ -9,10 +9,14 @@ from speccluster_ssh.placement import (
     Target,
     capacity,
     choose_host,
+    default_nthreads,
+    describe_default_nthreads,
     entries_to_add,
     entries_to_remove,
     workers_for,
 )
+from speccluster_ssh.inventory import Inventory
+from speccluster_ssh.planning import build_plan
 from speccluster_ssh.process import same_release
 
 SLOTS = {"a": 2, "b": 2, "c": 1}
@@ -86,3 +90,38 @@ def test_release_comparison() -> None:
     assert same_release("2026.8.0", "2026.8.1")
     assert not same_release("2026.8.0", "2026.9.0")
     assert not same_release("2025.8.0", "2026.8.0")
+
+
+# -- the nthreads of workers the inventory leaves unset -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cpu_count", "workers", "threads"),
+    [
+        (8, 1, 8),  # one worker takes the host
+        (8, 2, 4),  # a group shares it
+        (7, 3, 2),  # rounded down
+        (3, 4, 1),  # more workers than cpus: one thread each, never 0
+        (1, 1, 1),
+        (None, 2, 1),  # the agent has not said yet
+        (0, 1, 1),
+    ],
+)
+def test_default_nthreads_shares_the_host_cpus(cpu_count: int | None, workers: int, threads: int) -> None:
+    assert default_nthreads(cpu_count, workers) == threads
+
+
+def test_plan_shows_the_default_nthreads_per_entry() -> None:
+    inv = Inventory.from_hosts([
+        {"name": "g", "groups": ["workers"], "speccluster_nworkers": 2},
+        {"name": "one", "groups": ["workers"]},
+        {"name": "set", "groups": ["workers"], "speccluster_nthreads": 3},
+    ])
+    plan = build_plan(inv, name="c", workers=None, placement="spread", tls=False)
+    shown = {h["host"]: [e["options"]["nthreads"] for e in h["entries"]] for h in plan["hosts"]}
+    assert shown == {
+        "g": [describe_default_nthreads(2)],
+        "one": [describe_default_nthreads(1)],
+        "set": [3],  # set in the inventory: shown as is
+    }
+    assert describe_default_nthreads(2) == "auto (host cpus // 2, at least 1)"

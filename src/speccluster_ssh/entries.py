@@ -11,7 +11,8 @@ worker (or per group of workers) in ``worker_spec``::
      "group": ["-0", "-1"]}          # only for more than one worker
 
 The cluster, ``speccluster-ssh plan`` and ``up`` build entries with these
-functions, so what ``plan`` shows is what the cluster starts. Host choice
+functions, so what ``plan`` shows is what the cluster starts. Every new or
+moved entry is placed by :func:`place_entry` (host and options). Host choice
 comes from :func:`speccluster_ssh.placement.choose_host`, worker options from
 :func:`~speccluster_ssh.placement.worker_options`, the TLS paths on hosts from
 :func:`speccluster_ssh.security.remote_security_paths`.
@@ -235,6 +236,55 @@ def choose_entry_host(
     return worker_hosts[name] if name is not None else None
 
 
+def place_entry(
+    settings: EntrySettings,
+    worker_hosts: Mapping[str, HostSpec],
+    used: Mapping[str, int],
+    *,
+    unavailable: Collection[str] = (),
+    policy: str = "spread",
+    new_spec: Mapping[str, Any] | None = None,
+    prefer: str | None = None,
+    leaving: str | None = None,
+    stay: str | None = None,
+) -> dict[str, Any] | None:
+    """The spec of a new or moved entry: its host and options; ``None`` when no usable slot is free.
+
+    Parameters
+    ----------
+    settings
+        The cluster's shared settings.
+    worker_hosts
+        The inventory's worker hosts by name, in inventory order.
+    used
+        Entries placed per host (see :func:`slots_used`).
+    unavailable
+        Hosts that are down, put aside, drained or to be avoided.
+    policy
+        ``"spread"`` or ``"pack"``.
+    new_spec
+        As for :func:`worker_entry`.
+    prefer
+        A host that takes the entry whenever it is usable and has a free
+        slot, whatever the policy would choose (an entry replaced in place).
+    leaving
+        The host a moved entry leaves: its slot there counts as free.
+    stay
+        A host the entry is built on again from today's variables, whatever
+        its slots or health (its host changed in the inventory).
+    """
+    if leaving is not None and leaving in used:
+        used = {**used, leaving: used[leaving] - 1}
+    if stay is not None:
+        host: HostSpec | None = worker_hosts[stay]
+    elif (prefer is not None and prefer in worker_hosts and prefer not in unavailable
+          and used.get(prefer, 0) < worker_hosts[prefer].slots):
+        host = worker_hosts[prefer]
+    else:
+        host = choose_entry_host(worker_hosts, used, unavailable, policy)
+    return worker_entry(settings, host, new_spec) if host is not None else None
+
+
 def next_entry_name(taken: Collection[Any], counter: int) -> tuple[str, int]:
     """The first free name ``str(i)`` for ``i >= counter``, and the counter to use next time."""
     while str(counter) in taken:
@@ -277,11 +327,13 @@ def next_entry(
         The entry (``None`` when every usable slot is taken) and the counter
         for the next call (unchanged when there was no slot).
     """
-    host = choose_entry_host(worker_hosts, slots_used(worker_spec), unavailable, policy)
-    if host is None:
+    spec = place_entry(
+        settings, worker_hosts, slots_used(worker_spec), unavailable=unavailable, policy=policy, new_spec=new_spec
+    )
+    if spec is None:
         return None, counter
     name, counter = next_entry_name(worker_spec, counter)
-    return {name: worker_entry(settings, host, new_spec)}, counter
+    return {name: spec}, counter
 
 
 def capacity_workers(hosts: Iterable[HostSpec], unavailable: Collection[str] = ()) -> int:

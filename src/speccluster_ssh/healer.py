@@ -345,13 +345,14 @@ class Healer:
             logger.info("entry %s started again on %s", key, old_host)
             cluster.log_event(f"entry {key} started again on {old_host}")
             return
-        used = entries.slots_used(cluster.worker_spec)
-        if old_host in used:
-            used[old_host] -= 1
-        host = entries.choose_entry_host(cluster.worker_hosts, used, unavailable, cluster.placement_policy)
-        if host is None:
+        moved = entries.place_entry(
+            cluster.entry_settings, cluster.worker_hosts, entries.slots_used(cluster.worker_spec),
+            unavailable=unavailable, policy=cluster.placement_policy, new_spec=cluster.new_spec, leaving=old_host,
+        )
+        if moved is None:
             return
         # Same key, same place in the spec: only the host changes.
-        cluster.worker_spec[key] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
-        logger.info("entry %s moved from %s to %s", key, old_host, host.name)
-        cluster.log_event(f"entry {key} moved from {old_host} to {host.name}")
+        cluster.worker_spec[key] = moved
+        host = moved["options"]["host"]
+        logger.info("entry %s moved from %s to %s", key, old_host, host)
+        cluster.log_event(f"entry {key} moved from {old_host} to {host}")

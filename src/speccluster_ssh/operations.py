@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from .agent import HostAgent
     from .cluster import SSHSpecCluster
     from .connection import HostConnection
-    from .inventory import HostSpec
 
 logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
 
@@ -151,15 +150,14 @@ def new_key(cluster: SSHSpecCluster, taken: Collection[str]) -> str:
     return name
 
 
-def _free_host(
+def _place(
     cluster: SSHSpecCluster, used: Mapping[str, int], avoid: Collection[str], prefer: str | None = None
-) -> HostSpec | None:
-    """A usable host with a free slot: ``prefer`` when it has one, else the placement policy's choice."""
-    unavailable = cluster.healer.unavailable_hosts() | set(avoid)
-    hosts = cluster.worker_hosts
-    if prefer is not None and prefer in hosts and prefer not in unavailable and used.get(prefer, 0) < hosts[prefer].slots:
-        return hosts[prefer]
-    return entries.choose_entry_host(hosts, used, unavailable, cluster.placement_policy)
+) -> dict[str, Any] | None:
+    """A new entry on a usable host with a free slot: ``prefer`` when it has one, else the policy's choice."""
+    return entries.place_entry(
+        cluster.entry_settings, cluster.worker_hosts, used, unavailable=cluster.healer.unavailable_hosts() | set(avoid),
+        policy=cluster.placement_policy, new_spec=cluster.new_spec, prefer=prefer,
+    )
 
 
 async def reconcile(cluster: SSHSpecCluster) -> None:
@@ -249,14 +247,14 @@ async def _replace_batch(
     later: list[str] = []  # retired first, started again after
     new_keys: list[str] = []
     for key in chunk:
-        host = _free_host(cluster, used, avoid, prefer=host_of(spec[key]))
-        if host is None:
+        placed = _place(cluster, used, avoid, prefer=host_of(spec[key]))
+        if placed is None:
             later.append(key)
             continue
         new = new_key(cluster, new_keys)
         new_keys.append(new)
-        used[host.name] = used.get(host.name, 0) + 1
-        spec[new] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
+        used[host_of(placed)] = used.get(host_of(placed), 0) + 1
+        spec[new] = placed
         first.append((key, new))
     old_hosts = {key: host_of(spec[key]) for key in chunk}
     for key in later:
@@ -276,12 +274,12 @@ async def _replace_batch(
     if cluster.status != Status.running:
         return {}  # closing: the retired entries stay retired, and the caller stops quietly
     for key in later:
-        host = _free_host(cluster, entries.slots_used(spec), avoid, prefer=old_hosts[key])
-        if host is None:
+        placed = _place(cluster, entries.slots_used(spec), avoid, prefer=old_hosts[key])
+        if placed is None:
             done.dropped.append(key)
             cluster.log_event(f"entry {key} {why}: retired; no usable slot is free for it")
             continue
-        spec[key] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
+        spec[key] = placed
         back.append(key)
     await reconcile(cluster)
     failed_back = await _wait_started(cluster, back, cluster.start_timeout)
@@ -477,13 +475,13 @@ async def drain_unlocked(cluster: SSHSpecCluster, host: str, reason: str) -> dic
     result = Replaced()
     for key in idle:
         del cluster.worker_spec[key]
-        target = _free_host(cluster, entries.slots_used(cluster.worker_spec), {host})
-        if target is None:
+        placed = _place(cluster, entries.slots_used(cluster.worker_spec), {host})
+        if placed is None:
             result.dropped.append(key)
         else:
             new = new_key(cluster, (key,))
-            cluster.worker_spec[new] = entries.worker_entry(cluster.entry_settings, target, cluster.new_spec)
-            result.moved[key] = (new, target.name)
+            cluster.worker_spec[new] = placed
+            result.moved[key] = (new, host_of(placed))
     running = [k for k in keys if k not in idle]
     if running:
         done = await replace_entries(cluster, running, batch=len(running), avoid={host}, why=f"moved off {host}")

@@ -166,7 +166,7 @@ def worker_options(host: HostSpec) -> dict[str, Any]:
     """Keyword options of one dask worker (or nanny) on ``host``, from its variables.
 
     ``nthreads`` is ``None`` when the inventory leaves it unset: the process
-    interface then shares the host's cpus among the entry's workers.
+    interface then starts each worker with :func:`default_nthreads`.
     """
     options: dict[str, Any] = {
         "nthreads": host.nthreads,
@@ -182,6 +182,29 @@ def worker_options(host: HostSpec) -> dict[str, Any]:
         options["interface"] = host.interface
     options.update(host.worker_options)
     return options
+
+
+def default_nthreads(cpu_count: int | None, workers: int) -> int:
+    """Threads of each worker of an entry whose ``nthreads`` the inventory leaves unset.
+
+    The host's cpus shared by the entry's workers, at least one each. The
+    process interface starts workers with it, scaling counts cores with it,
+    and ``plan`` shows it as :func:`describe_default_nthreads`.
+
+    Parameters
+    ----------
+    cpu_count
+        The cpus the host's agent may use (its ``cpu_count`` fact); ``None``
+        or 0 while unknown, counted as 1.
+    workers
+        Dask workers the entry starts (its group size).
+    """
+    return max(1, int(cpu_count or 1) // workers)
+
+
+def describe_default_nthreads(workers: int) -> str:
+    """:func:`default_nthreads` for an entry of ``workers`` workers, as ``plan`` shows it before any host is reached."""
+    return f"auto (host cpus // {workers}, at least 1)"
 
 
 def group_suffixes(host: HostSpec) -> list[str] | None:

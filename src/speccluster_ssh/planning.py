@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .entries import EntrySettings, capacity_workers, member_names, next_entry, planned_gpus
+from .placement import describe_default_nthreads
 
 if TYPE_CHECKING:
     from .inventory import HostSpec, Inventory
@@ -184,9 +185,9 @@ def ssh_target(host: HostSpec) -> str:
 
 def _entry_plan(key: str, spec: dict[str, Any], tls: bool, host: HostSpec, slot: int) -> dict[str, Any]:
     options = dict(spec["options"]["options"])
-    if options.get("nthreads") is None:
-        options["nthreads"] = "auto (host cpus / nworkers)"
     workers = member_names(key, spec)
+    if options.get("nthreads") is None:
+        options["nthreads"] = describe_default_nthreads(len(workers))
     cls = spec["options"].get("worker_class") or spec["cls"]  # an import path from speccluster_worker_class
     plan = {"entry": key, "class": cls, "workers": workers, "options": options, "tls": tls}
     # Worker name -> its GPU devices; "auto" when the host finds them at start.

@@ -344,9 +344,13 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
             if key not in running:
                 # Not running: built again from the new variables, under a new key, so that a
                 # process already starting (or failed) with the old ones is closed by the reconcile.
-                host = cluster.worker_hosts[operations.host_of(cluster.worker_spec.pop(key))]
+                host = operations.host_of(cluster.worker_spec.pop(key))
                 new_key = operations.new_key(cluster, (key,))
-                cluster.worker_spec[new_key] = entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)
+                rebuilt = entries.place_entry(
+                    cluster.entry_settings, cluster.worker_hosts, {}, new_spec=cluster.new_spec, stay=host
+                )
+                if rebuilt is not None:  # never None: it stays on its host
+                    cluster.worker_spec[new_key] = rebuilt
         try:
             done = await operations.replace_entries(
                 cluster, running, batch=batch, avoid=set(renewal.refused), why="replaced: its host changed"

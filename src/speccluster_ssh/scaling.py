@@ -21,7 +21,7 @@ from distributed.deploy.adaptive import Adaptive
 
 from . import entries
 from .errors import UserError
-from .placement import EntryShape, Target, entries_to_remove
+from .placement import EntryShape, Target, default_nthreads, entries_to_remove
 
 if TYPE_CHECKING:
     from .cluster import SSHSpecCluster
@@ -142,10 +142,8 @@ class Capacity:
         workers = len(group) if group else 1
         agents = self.cluster.pool.agents
         facts = agents[host_name].facts if host_name in agents else {}
-        threads = int(inner.get("nthreads") or 0)
-        if not threads:
-            # As the process interface will decide: the host's cpus shared by the group.
-            threads = max(1, int(facts.get("cpu_count") or 1) // workers)
+        # Unset: as the process interface will decide.
+        threads = int(inner.get("nthreads") or 0) or default_nthreads(facts.get("cpu_count"), workers)
         memory = inner.get("memory_limit")
         if isinstance(memory, str) and memory != "auto":
             try:
@@ -233,9 +231,13 @@ class Capacity:
     def per_worker(self) -> tuple[int, int]:
         """Threads and memory of one worker of the next entry, for adapt's arithmetic."""
         cluster = self.cluster
-        host = entries.choose_entry_host(cluster.worker_hosts, {}, cluster._unavailable_hosts(), cluster.placement_policy)
-        if host is not None:
-            return self._threads_memory(self.shape(entries.worker_entry(cluster.entry_settings, host, cluster.new_spec)))
+        # The next entry as if every slot were free: its shape, not a free slot, is asked for.
+        spec = entries.place_entry(
+            cluster.entry_settings, cluster.worker_hosts, {}, unavailable=cluster._unavailable_hosts(),
+            policy=cluster.placement_policy, new_spec=cluster.new_spec,
+        )
+        if spec is not None:
+            return self._threads_memory(self.shape(spec))
         shapes = [self.shape(s) for s in cluster.worker_spec.values()]
         return self._threads_memory(shapes[0]) if shapes else (1, 0)
 
