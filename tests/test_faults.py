@@ -143,7 +143,7 @@ def test_worker_address_follows_memory_limit_restart(lab: Any, tmp_path: Path) -
                     logs = await cluster.get_logs(cluster=False, scheduler=False)
                     print("\n".join(f"== {k}\n{v}" for k, v in logs.items()))
                     raise
-                future.cancel()
+                await future.cancel()  # an asynchronous client's cancel is a coroutine
             logs = "\n".join(str(v) for v in (await cluster.get_logs(cluster=False, scheduler=False)).values())
             assert "exceeded 95% memory budget" in logs
             # The nanny restarted its worker: it is the same nanny, not a relaunch.
