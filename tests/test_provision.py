@@ -443,6 +443,27 @@ def test_teardown_refuses_a_directory_that_is_not_a_venv(lab: Any, tmp_path: Pat
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("env", "extra", "expected"),
+    [
+        ({"HOME": "/home/u"}, {}, "/home/u/.cache/speccluster-ssh"),
+        ({"HOME": "/home/u", "XDG_CACHE_HOME": "/scratch/c"}, {}, "/scratch/c/speccluster-ssh"),
+        ({"HOME": "/home/u", "XDG_CACHE_HOME": "relative"}, {}, "/home/u/.cache/speccluster-ssh"),
+        ({"HOME": "/h", "XDG_CACHE_HOME": "/x"}, {"speccluster_cache_dir": "~/mine/"}, "/h/mine"),
+    ],
+)
+def test_teardown_finds_the_cache_where_the_agent_keeps_it(env: dict[str, str], extra: dict[str, str], expected: str) -> None:
+    """teardown.yml's default cache directory is the agent's: $XDG_CACHE_HOME when absolute, else ~/.cache."""
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar, trust_as_template
+
+    play = yaml.safe_load((PLAYBOOKS / "teardown.yml").read_text())[0]
+    names = ("_sc_home", "_sc_xdg_cache", "_sc_cache")
+    variables = {"ansible_facts": {"env": env}, **extra, **{n: trust_as_template(play["vars"][n]) for n in names}}
+    rendered = Templar(loader=DataLoader(), variables=variables).template(trust_as_template(play["vars"]["_sc_cache"]))
+    assert rendered == expected
+
+
 @pytest.mark.parametrize("playbook", ["provision.yml", "check.yml", "teardown.yml"])
 def test_playbook_syntax(playbook: str, tmp_path: Path) -> None:
     exe = require_tool("ansible-playbook", "ansible-core (pip install -e '.[test]')")
