@@ -84,7 +84,7 @@ def test_killed_worker_is_noticed(lab: Any, tmp_path: Path) -> None:
     async def main() -> None:
         scheduler, pool = await _scheduler_and_pool(lab, tmp_path)
         try:
-            nanny = RemoteNanny(scheduler.address, "k1", host="h1", cluster=pool.cluster_id, options={"nthreads": 1})
+            nanny = RemoteNanny(scheduler.address, "k1", host="h1", pool=pool, options={"nthreads": 1})
             await nanny
             assert nanny.status == Status.running
             pid = nanny.pids["k1"]

@@ -15,7 +15,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from . import dashboards
-from .pool import AgentPool
 from .process import RemoteScheduler
 
 if TYPE_CHECKING:
@@ -93,15 +92,14 @@ class ForwardedScheduler(RemoteScheduler):
     #: Whether the head's connections to the scheduler go through a forward (else only the dashboard's).
     forward_scheduler = True
 
-    def __init__(self, *, host: str, cluster: str, **kwargs: Any) -> None:
-        super().__init__(host=host, cluster=cluster, **kwargs)
+    def __init__(self, *, host: str, **kwargs: Any) -> None:
+        super().__init__(host=host, **kwargs)
         self.forwards: SchedulerForwards | None = None
         self.head_dashboard_link: str = ""
 
     async def start(self) -> None:
         await super().start()
-        pool = AgentPool.lookup(self.cluster)
-        connection = pool.connection(self.host)
+        connection = self._require_pool().connection(self.host)
         if connection.host.is_local or not self.address:
             return  # the head is the host: its address works as it is
         loopback = dashboards.on_loopback(self.options.get("dashboard_address"))

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import dask.config
 
@@ -52,8 +51,6 @@ class AgentPool:
     silence
         Agent silence timeout in seconds.
     """
-
-    _registry: ClassVar[weakref.WeakValueDictionary[str, AgentPool]] = weakref.WeakValueDictionary()
 
     def __init__(
         self,
@@ -98,14 +95,6 @@ class AgentPool:
         self._probe_server: asyncio.AbstractServer | None = None
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
-        AgentPool._registry[cluster_id] = self
-
-    @classmethod
-    def lookup(cls, cluster_id: str) -> AgentPool:
-        try:
-            return cls._registry[cluster_id]
-        except KeyError:
-            raise RuntimeError(f"no agent pool for cluster {cluster_id!r}") from None
 
     def on_host_lost(self, callback: Callable[[str, str], None]) -> None:
         """Call ``callback(host_name, reason)`` when a host's agent is lost."""

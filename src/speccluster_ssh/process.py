@@ -1,8 +1,9 @@
 """SpecCluster process interfaces for dask servers run by host agents.
 
-A spec entry names its host and cluster; the interface finds the cluster's
-:class:`~speccluster_ssh.pool.AgentPool`, asks that host's agent to start one process (or one per
-group suffix) and waits for each to report its real address. The agent tells
+A spec entry names its host; the interface is handed the cluster's
+:class:`~speccluster_ssh.pool.AgentPool` when it is made (:func:`with_pool`:
+the spec stays plain data), asks that host's agent to start one process (or
+one per group suffix) and waits for each to report its real address. The agent tells
 us the moment a process exits, so ``status`` and ``finished()`` follow the
 remote process without waiting for a heartbeat timeout.
 """
@@ -10,10 +11,10 @@ remote process without waiting for a heartbeat timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 from distributed.core import Status
@@ -23,6 +24,7 @@ from . import timeline
 from .agent import HostAgent
 from .entries import gpu_share
 from .errors import HostError
+from .placement import default_nthreads
 from .tasks import log_failures
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ from .pool import AgentPool, same_release
 
 __all__ = [
     "AgentPool", "RemoteNanny", "RemoteProcess", "RemoteScheduler", "RemoteWorker", "same_release", "start_failure_cause",
+    "with_pool",
 ]
 
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit|Timeout)\b:? ?.*$")
@@ -56,6 +59,75 @@ def start_failure_cause(message: Mapping[str, Any]) -> str:
     return error
 
 
+def with_pool(cls: Any, options: Mapping[str, Any], pool: AgentPool) -> dict[str, Any]:
+    """The keyword options to make a spec entry's ``cls`` with: a :class:`RemoteProcess` class is handed ``pool``.
+
+    Spec entries stay plain data (they name their cluster by its id); the pool
+    is added only where the interface is made, so no registry of pools is needed.
+
+    Parameters
+    ----------
+    cls
+        The entry's class, or its import path (as SpecCluster accepts it).
+    options
+        The entry's options.
+    pool
+        The agent pool of the cluster that makes the interface.
+    """
+    if isinstance(cls, str):
+        from distributed.utils import import_term  # only for specs written with a path
+
+        cls = import_term(cls)
+    made = dict(options)
+    if isinstance(cls, type) and issubclass(cls, RemoteProcess):
+        made["pool"] = pool
+    return made
+
+
+class _MemberStarts:
+    """The start of one entry's members: one future per member, settled by its agent's events.
+
+    An older process of the same name may still be exiting: its events carry
+    another pid than the one this start got, and are not about this start.
+    """
+
+    def __init__(self, process: RemoteProcess) -> None:
+        self.process = process
+        loop = asyncio.get_running_loop()
+        self.ready: dict[str, asyncio.Future[dict[str, Any]]] = {m: loop.create_future() for m in process.member_names}
+        self.pids: dict[str, int] = {}  # member -> pid of the process this start began
+
+    def ours(self, message: dict[str, Any]) -> bool:
+        member = message.get("name")
+        pid = message.get("pid")
+        return member in self.ready and (pid is None or member not in self.pids or self.pids[member] == pid)
+
+    def on_ready(self, message: dict[str, Any]) -> None:
+        member = message.get("name")
+        if self.ours(message) and not self.ready[member].done():
+            timeline.stamp("worker_ready", self.process.host, str(member))
+            self.ready[member].set_result(message)
+
+    def on_failed(self, message: dict[str, Any]) -> None:
+        member = message.get("name")
+        if self.ours(message) and not self.ready[member].done():
+            process = self.process
+            cause = start_failure_cause(message)
+            self.ready[member].set_exception(
+                HostError(process.host, f"{process.role} {member} failed to start: {cause}", message.get("tail", ""))
+            )
+
+    def settle(self) -> None:
+        """Cancel the members still starting and read every outcome of a start that failed."""
+        for future in self.ready.values():
+            # Read every outcome, or asyncio reports the other members'
+            # failures as "Future exception was never retrieved".
+            if future.done() and not future.cancelled():
+                future.exception()
+            else:
+                future.cancel()
+
+
 class RemoteProcess(ProcessInterface):
     """One spec entry: one dask server, or a group of them, on one host.
 
@@ -67,8 +139,13 @@ class RemoteProcess(ProcessInterface):
         The spec key; workers register as ``str(name)`` or ``f"{name}{suffix}"``.
     host
         Inventory name of the host to run on.
+    pool
+        The cluster's :class:`~speccluster_ssh.pool.AgentPool`, which owns the
+        host's agent; the cluster hands it over (:func:`with_pool`). An
+        interface made without one cannot start.
     cluster
-        Id of the cluster whose :class:`~speccluster_ssh.pool.AgentPool` owns the host's agent.
+        Id of the cluster the entry belongs to, as its spec names it; it must
+        be the pool's (default: the pool's).
     options
         Keyword options for the dask server class (JSON-able values).
     env
@@ -80,6 +157,13 @@ class RemoteProcess(ProcessInterface):
     worker_class
         Import path of the dask server class to run instead of the role's
         (``speccluster_worker_class``); the host's agent imports it.
+
+    Raises
+    ------
+    TypeError
+        For an option not named above: options of the dask server itself go in ``options``.
+    ValueError
+        For a ``cluster`` id that is not the pool's.
     """
 
     role: ClassVar[str] = "worker"
@@ -90,7 +174,8 @@ class RemoteProcess(ProcessInterface):
         name: str | int | None = None,
         *,
         host: str,
-        cluster: str,
+        pool: AgentPool | None = None,
+        cluster: str | None = None,
         options: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         group: Sequence[str] | None = None,
@@ -98,15 +183,26 @@ class RemoteProcess(ProcessInterface):
         stop_grace: float = 3.0,
         dask_config: Mapping[str, Any] | None = None,
         worker_class: str | None = None,
-        **extra: Any,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            # Once passed on to the dask server as they were, so a misspelt one went unnoticed.
+            raise TypeError(
+                f"{type(self).__name__} got unknown option(s) {', '.join(map(repr, sorted(unknown)))}; "
+                "options of the dask server go in its options={...}"
+            )
+        if pool is not None and cluster is not None and cluster != pool.cluster_id:
+            raise ValueError(
+                f"{type(self).__name__} {name!r} is an entry of cluster {cluster!r} "
+                f"but was handed the agent pool of cluster {pool.cluster_id!r}"
+            )
         super().__init__()
         self.scheduler = scheduler
         self.name = name
         self.host = host
-        self.cluster = cluster
+        self.pool = pool
+        self.cluster = cluster if cluster is not None else pool.cluster_id if pool is not None else None
         self.options = dict(options or {})
-        self.options.update(extra)
         self.env = dict(env or {})
         self.dask_config = dict(dask_config or {})
         self.worker_class = worker_class
@@ -127,9 +223,8 @@ class RemoteProcess(ProcessInterface):
 
     def _release_gpus(self) -> None:
         # A failed entry gives its GPUs back at once, so that its replacement gets them.
-        if self.gpus:
-            with contextlib.suppress(RuntimeError):  # the cluster's pool is gone: nothing to give back
-                AgentPool.lookup(self.cluster).release_gpus(self.host, self)
+        if self.gpus and self.pool is not None:
+            self.pool.release_gpus(self.host, self)
 
     def _set_failed(self) -> None:
         self._release_gpus()
@@ -211,17 +306,36 @@ class RemoteProcess(ProcessInterface):
         if self.role != "scheduler":
             options["name"] = member
             if options.get("nthreads") is None:
-                # Unset in the inventory: share the host's cpus among the entry's workers.
-                cpus = int(agent.facts.get("cpu_count") or 1)
-                options["nthreads"] = max(1, cpus // len(self.member_names))
+                options["nthreads"] = default_nthreads(agent.facts.get("cpu_count"), len(self.member_names))
         if "host" not in options and "interface" not in options:
             listen = agent.facts.get("listen_address")
             if listen:
                 options["host"] = listen
         return options
 
+    def _start_request(self, member: str, agent: HostAgent, pool: AgentPool, scheduler: str | None) -> dict[str, Any]:
+        """The fields of the agent's ``start`` request for ``member``."""
+        return {
+            "name": member,
+            "role": self.role,
+            "scheduler": scheduler,
+            "options": self._process_options(member, agent),
+            "env": self._member_env(member),
+            "config": pool.dask_config,
+            "host_config": self.dask_config,
+            "worker_class": self.worker_class,
+        }
+
+    def _require_pool(self) -> AgentPool:
+        if self.pool is None:
+            raise RuntimeError(
+                f"{self.role} {self.name} on {self.host} was made without an agent pool and cannot start; "
+                "make it with pool=<the cluster's AgentPool>"
+            )
+        return self.pool
+
     async def start(self) -> None:
-        pool = AgentPool.lookup(self.cluster)
+        pool = self._require_pool()
         try:
             agent = await pool.agent(self.host)
         except BaseException:
@@ -230,76 +344,28 @@ class RemoteProcess(ProcessInterface):
             self._set_failed()
             raise
         self._agent = agent
-        ready: dict[str, asyncio.Future[dict[str, Any]]] = {
-            m: asyncio.get_running_loop().create_future() for m in self.member_names
-        }
-
-        started: dict[str, int] = {}  # member -> pid of the process this interface started
-
-        def ours(message: dict[str, Any]) -> bool:
-            # An older process of the same name may still be exiting: its
-            # events carry another pid and are not about this interface.
-            member = message.get("name")
-            pid = message.get("pid")
-            return member in ready and (pid is None or member not in started or started[member] == pid)
-
-        def on_ready(message: dict[str, Any]) -> None:
-            member = message.get("name")
-            if ours(message) and not ready[member].done():
-                timeline.stamp("worker_ready", self.host, str(member))
-                ready[member].set_result(message)
-
-        def on_failed(message: dict[str, Any]) -> None:
-            member = message.get("name")
-            if ours(message) and not ready[member].done():
-                cause = start_failure_cause(message)
-                ready[member].set_exception(
-                    HostError(self.host, f"{self.role} {member} failed to start: {cause}", message.get("tail", ""))
-                )
-
-        def on_exited(message: dict[str, Any]) -> None:
-            member = message.get("name")
-            if member not in self.member_names or not ours(message):
-                return
-            on_failed(message)
-            self.exit_info[member] = message
-            if not self._closing and self.status == Status.running:
-                logger.warning("%s %s on %s exited with code %s", self.role, member, self.host, message.get("code"))
-                self._set_failed()
-
-        self._unsubscribe = [agent.on("ready", on_ready), agent.on("failed", on_failed), agent.on("exited", on_exited)]
+        starts = _MemberStarts(self)
+        self._unsubscribe = [
+            agent.on("ready", starts.on_ready),
+            agent.on("failed", starts.on_failed),
+            agent.on("exited", partial(self._on_exited, starts)),
+        ]
         agent.on_lost(self._on_agent_lost)
         scheduler = self._scheduler_for_host(pool)
         self._assign_gpus(pool)
         try:
             for member in self.member_names:
                 timeline.stamp("start_request", self.host, member)
-                reply = await agent.request(
-                    "start",
-                    name=member,
-                    role=self.role,
-                    scheduler=scheduler,
-                    options=self._process_options(member, agent),
-                    env=self._member_env(member),
-                    config=pool.dask_config,
-                    host_config=self.dask_config,
-                    worker_class=self.worker_class,
-                )
-                started[member] = int(reply["pid"])
+                reply = await agent.request("start", **self._start_request(member, agent, pool, scheduler))
+                starts.pids[member] = int(reply["pid"])
                 timeline.stamp("forked", self.host, member)
-            done, pending = await asyncio.wait(ready.values(), timeout=self.start_timeout)
+            done, pending = await asyncio.wait(starts.ready.values(), timeout=self.start_timeout)
             if pending:
                 raise HostError(self.host, f"{self.role} {self.name} did not report ready within {self.start_timeout:g} s")
-            for member, future in ready.items():
+            for member, future in starts.ready.items():
                 self.members[member] = future.result()
         except BaseException:
-            for future in ready.values():
-                # Read every outcome, or asyncio reports the other members'
-                # failures as "Future exception was never retrieved".
-                if future.done() and not future.cancelled():
-                    future.exception()
-                else:
-                    future.cancel()
+            starts.settle()
             await self._stop_members()
             self._set_failed()
             raise
@@ -307,6 +373,16 @@ class RemoteProcess(ProcessInterface):
         self.address = first.get("address")
         self.external_address = self.address
         self.status = Status.running
+
+    def _on_exited(self, starts: _MemberStarts, message: dict[str, Any]) -> None:
+        member = message.get("name")
+        if member not in self.member_names or not starts.ours(message):
+            return
+        starts.on_failed(message)
+        self.exit_info[member] = message
+        if not self._closing and self.status == Status.running:
+            logger.warning("%s %s on %s exited with code %s", self.role, member, self.host, message.get("code"))
+            self._set_failed()
 
     def _on_agent_lost(self, reason: str) -> None:
         if not self._closing and self.status == Status.running:
@@ -382,8 +458,8 @@ class RemoteScheduler(RemoteProcess):
 
     role = "scheduler"
 
-    def __init__(self, *, host: str, cluster: str, **kwargs: Any) -> None:
-        super().__init__(None, "scheduler", host=host, cluster=cluster, **kwargs)
+    def __init__(self, *, host: str, **kwargs: Any) -> None:
+        super().__init__(None, "scheduler", host=host, **kwargs)
 
     @property
     def dashboard_port(self) -> int | None:

@@ -31,7 +31,7 @@ from dask.utils import parse_timedelta
 from distributed.core import Status
 
 from . import entries, timeline
-from .process import RemoteProcess
+from .process import RemoteProcess, with_pool
 from .tasks import log_failures
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def create_missing(cluster: SSHSpecCluster) -> list[tuple[Any, Any]]:
         opts.setdefault("name", key)
         if spec.get("group"):
             opts["group"] = spec["group"]
-        worker = spec["cls"](address, **opts)
+        worker = spec["cls"](address, **with_pool(spec["cls"], opts, cluster.pool))
         if isinstance(worker, RemoteProcess):
             cluster.healer.watch(worker)
         created.append((key, worker))

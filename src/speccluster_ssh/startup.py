@@ -30,6 +30,7 @@ from .forwards import DashboardForwardedScheduler, ForwardedScheduler
 from .health import Health, HostState
 from .inventory import HostSpec, Inventory, load_inventory
 from .placement import Target
+from .process import with_pool
 from .scaling import resolve_min_workers
 
 if TYPE_CHECKING:
@@ -161,6 +162,9 @@ async def start(cluster: SSHSpecCluster, start_scheduler: Callable[[], Awaitable
         except BaseException:
             await cluster.pool.close()
             raise
+        # distributed makes the scheduler from its spec: one on a host is handed the agent pool there.
+        spec = cluster.scheduler_spec
+        cluster.scheduler_spec = {**spec, "options": with_pool(spec["cls"], spec.get("options", {}), cluster.pool)}
         await start_scheduler()
         timeline.stamp("scheduler_ready")
     except RuntimeError as exc:

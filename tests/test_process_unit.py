@@ -1,0 +1,101 @@
+"""Process interfaces without a lab: named options only, and a pool handed over when they are made.
+
+A :class:`~speccluster_ssh.process.RemoteProcess` finds its hosts' agents
+through the pool the cluster hands it (:func:`~speccluster_ssh.process.with_pool`),
+not through a registry; an option it does not name is refused, never passed
+on to the dask server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from distributed.core import Status
+from distributed.scheduler import Scheduler
+
+from speccluster_ssh import entries
+from speccluster_ssh.entries import EntrySettings
+from speccluster_ssh.forwards import ForwardedScheduler
+from speccluster_ssh.inventory import Inventory
+from speccluster_ssh.pool import AgentPool
+from speccluster_ssh.process import RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker, with_pool
+
+CLASSES = {"nanny": RemoteNanny, "worker": RemoteWorker, "scheduler": RemoteScheduler}
+
+
+def inventory() -> Inventory:
+    return Inventory.from_hosts([
+        {"name": "s", "groups": ["scheduler"], "speccluster_env": {"A": "1"}},
+        {"name": "n1", "groups": ["workers"], "speccluster_nworkers": 2, "speccluster_dask_config": {"a": 1},
+         "speccluster_worker_class": "nanny"},
+        {"name": "n2", "groups": ["workers"], "speccluster_worker_class": "worker", "speccluster_nthreads": 2},
+    ])
+
+
+def pool(cluster_id: str = "unit-0123") -> AgentPool:
+    return AgentPool(cluster_id, inventory().hosts)
+
+
+@pytest.mark.parametrize("cls", [RemoteNanny, RemoteWorker])
+def test_an_unknown_option_is_refused_by_name(cls: type[RemoteProcess]) -> None:
+    # nthreads belongs in options={...}: it was once passed on to the nanny unseen.
+    with pytest.raises(TypeError, match=rf"{cls.__name__} got unknown option\(s\) 'nthreads', 'typo_option'; "
+                                        r"options of the dask server go in its options="):
+        cls("tcp://10.0.0.1:8786", "k1", host="n1", pool=pool(), typo_option=1, nthreads=2)
+
+
+@pytest.mark.parametrize("cls", [RemoteScheduler, ForwardedScheduler])
+def test_a_scheduler_refuses_an_unknown_option_too(cls: type[RemoteScheduler]) -> None:
+    with pytest.raises(TypeError, match=rf"{cls.__name__} got unknown option\(s\) 'port'"):
+        cls(host="s", pool=pool(), port=8786)
+
+
+def test_a_process_made_without_a_pool_cannot_start() -> None:
+    nanny = RemoteNanny("tcp://10.0.0.1:8786", "k1", host="n1", cluster="unit-0123")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match=r"nanny k1 on n1 was made without an agent pool and cannot start; "
+                                               r"make it with pool="):
+            await nanny.start()
+
+    asyncio.run(main())
+    assert nanny.status == Status.created  # nothing was tried: it is not a failed entry
+
+
+def test_an_entry_of_another_cluster_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"entry of cluster 'other-1'.*agent pool of cluster 'unit-0123'"):
+        RemoteNanny("tcp://10.0.0.1:8786", "k1", host="n1", cluster="other-1", pool=pool())
+
+
+def test_with_pool_hands_the_pool_to_process_interfaces_only() -> None:
+    the_pool = pool()
+    options = {"host": "n1", "cluster": "unit-0123"}
+    assert with_pool(RemoteNanny, options, the_pool) == {**options, "pool": the_pool}
+    assert with_pool("speccluster_ssh.process.RemoteWorker", options, the_pool)["pool"] is the_pool
+    assert with_pool(Scheduler, {"port": 0}, the_pool) == {"port": 0}
+    assert options == {"host": "n1", "cluster": "unit-0123"}  # the spec entry stays plain data
+    nanny = RemoteNanny("tcp://10.0.0.1:8786", "k1", **with_pool(RemoteNanny, options, the_pool))
+    assert nanny.pool is the_pool and nanny.cluster == "unit-0123"
+
+
+def test_every_entry_the_cluster_builds_makes_its_interface() -> None:
+    """Whatever the entry factory writes is a named option of the class it names."""
+    inv = inventory()
+    settings = EntrySettings("unit-0123", 42.0, {}, classes=CLASSES, process_base=RemoteProcess)
+    the_pool = pool()
+    made: list[Any] = []
+    for host in inv.worker_hosts:
+        spec = entries.worker_entry(settings, host)
+        opts = dict(spec["options"], name="k")
+        if spec.get("group"):
+            opts["group"] = spec["group"]
+        made.append(spec["cls"]("tcp://10.0.0.1:8786", **with_pool(spec["cls"], opts, the_pool)))
+    user = entries.complete_entry(settings, {"cls": RemoteWorker, "options": {"host": "n2"}}, {h.name: h for h in inv.worker_hosts})
+    made.append(user["cls"]("tcp://10.0.0.1:8786", name="u", **with_pool(user["cls"], user["options"], the_pool)))
+    sched = entries.remote_scheduler_entry(settings, inv.hosts["s"], 8787)
+    made.append(sched["cls"](**with_pool(sched["cls"], sched["options"], the_pool)))
+    assert [type(p) for p in made] == [RemoteNanny, RemoteWorker, RemoteWorker, RemoteScheduler]
+    assert all(p.pool is the_pool and p.cluster == "unit-0123" for p in made)
+    assert made[0].group == entries.worker_entry(settings, inv.hosts["n1"])["group"]
