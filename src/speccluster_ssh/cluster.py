@@ -392,16 +392,10 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         return entries.capacity_workers(self.worker_hosts.values(), self._unavailable_hosts())
 
     def log_event(self, message: str, *, echo: bool = True) -> None:
-        """Record ``message`` in the cluster's log (``get_logs()``).
-
-        With ``echo`` (the default) it is printed too unless ``quiet``, as
-        distributed's ``Cluster._log`` does; without, it is only recorded, for
-        a message the caller already gives the user another way (a warning).
-        """
+        """Record ``message`` in the cluster's log (``get_logs()``); ``echo`` prints it too unless ``quiet``."""
         if echo:
-            self._log(message)  # distributed's Cluster._log, kept behind this one public name
-        else:
-            self._cluster_manager_logs.append((datetime.datetime.now(), message))
+            return self._log(message)  # distributed's Cluster._log, kept behind this one public name
+        self._cluster_manager_logs.append((datetime.datetime.now(), message))  # said another way already
 
     @property
     def spec_lock(self) -> asyncio.Lock:
