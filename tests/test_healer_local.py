@@ -57,7 +57,8 @@ def test_idle_healer_sleeps_and_a_killed_worker_wakes_it(tmp_path: Path) -> None
                 await client.wait_for_workers(2, timeout=60)
                 assert cluster.scheduler_ready()  # a scheduler in this process counts too
                 healer = cluster.healer
-                await asyncio.sleep(0.5)  # the passes of the start settle
+                # The passes of the start settle: nothing is left to retry (a loaded machine takes longer).
+                await until(lambda: healer.next_deadline() == float("inf"), 30, "the healer to go idle")
                 passes = healer.passes
                 await asyncio.sleep(2.0)
                 assert healer.passes == passes, "the healer polled while nothing happened"
