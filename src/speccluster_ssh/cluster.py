@@ -32,7 +32,7 @@ import math
 import os
 import secrets
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from distributed.core import Status
@@ -41,7 +41,7 @@ from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
 
 from . import config as sc_config
-from . import dashboards, entries, reach, reconcile, startup
+from . import dashboards, entries, operations, reach, reconcile, startup
 from .day2 import Day2Operations
 from .entries import EntrySettings
 from .errors import CapacityError, UserError
@@ -162,22 +162,23 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
             raise UserError(f"placement must be 'spread' or 'pack', got {self.placement_policy!r}")
         self.cluster_id = f"{name or 'speccluster'}-{secrets.token_hex(4)}"
         # Every background task of the cluster; awaited by _close.
-        self._tasks = TaskSet(f"cluster {self.cluster_id}", logger)
+        self.tasks = TaskSet(f"cluster {self.cluster_id}", logger)
         self.heal = heal
         self.min_workers_asked = min_workers
         self.min_workers = 0  # resolved once the initial spec is known
-        self._last_start_error: dict[Any, str] = {}
+        self.start_errors: dict[Any, str] = {}  # entry key -> why its last start failed (reconcile.start_created)
         self.start_timeout = float(start_timeout or sc_config.get("start-timeout"))
         self.silence = float(silence or sc_config.get("silence"))
         self.worker_options = dict(worker_options or {})
         self.capacity = Capacity(self)
         self.reports = Reports(self)
-        self._scheduler_address = scheduler_address
+        self.given_scheduler_address = scheduler_address
         self.worker_hosts, all_hosts = startup.hosts_to_reach(inventory)
         settings = startup.connect_settings(known_hosts, known_hosts_policy, ssh_config, connect_timeout)
         self.pool = AgentPool(self.cluster_id, all_hosts, settings, silence=self.silence, agent_timeout=self.start_timeout)
         # Owns host health decisions and start-failure accounting; runs only with heal=True.
-        self.healer = Healer(self, self.pool, self._tasks)
+        self.healer = Healer(self, self.pool, self.tasks)
+        self.operations = operations.Operations(self)  # restart, drain, undrain and reload, one at a time
         sec, files = make_security(sc_config.get("tls") if security is None else security, self.cluster_id)
         self.pool.files.update(files)  # sent to each host's cluster directory by its agent
         self.entry_settings = EntrySettings.for_tls_files(
@@ -193,9 +194,9 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         self.reach_setting = reach.reach_setting(inventory, scheduler_reach)
         self.pool.agent_probes = self.reach_setting == "auto"  # agents probe as they start (reach.probe_reach)
         self.reach: reach.ReachChoice | None = None
-        self._scheduler_options = dict(scheduler_options or {})
+        self.scheduler_options = dict(scheduler_options or {})
         if scheduler is None:
-            scheduler = startup.scheduler_entry(self, self._scheduler_options, sec)
+            scheduler = startup.scheduler_entry(self, self.scheduler_options, sec)
         else:
             self.reach = reach.ReachChoice("direct", None, "the scheduler's spec was given to the cluster", "direct")
         self._i = 0  # the counter of entry names
@@ -245,7 +246,8 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
     def _member_names(self, key: Any, spec: Mapping[str, Any]) -> list[str]:
         return entries.member_names(key, spec)
 
-    def _unavailable_hosts(self) -> set[str]:
+    def unavailable_hosts(self) -> set[str]:
+        """Worker hosts nothing is placed on now: down, put aside or drained."""
         return self.healer.unavailable_hosts()
 
     @property
@@ -268,18 +270,23 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         """Why the last healing pass failed, if one did."""
         return self.healer.last_error
 
-    def _next_entry(self) -> dict[str, Any] | None:
+    def next_entry(self) -> dict[str, Any] | None:
         """The next entry ``{name: spec}`` on a host with a free slot; ``None`` when there is none."""
         entry, self._i = entries.next_entry(
             self.entry_settings,
             self.worker_hosts,
             self.worker_spec,
             self._i,
-            unavailable=self._unavailable_hosts(),
+            unavailable=self.unavailable_hosts(),
             policy=self.placement_policy,
             new_spec=self.new_spec,
         )
         return entry
+
+    def take_entry_name(self, taken: Collection[str] = ()) -> str:
+        """A new spec key that no entry, process or name of ``taken`` has."""
+        name, self._i = entries.next_entry_name({*map(str, self.worker_spec), *map(str, self.workers), *taken}, self._i)
+        return name
 
     def new_worker_spec(self) -> dict[str, Any]:
         """Name and spec of the next entry, on a host with a free slot.
@@ -289,7 +296,7 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         CapacityError
             When every slot of every usable host is taken.
         """
-        entry = self._next_entry()
+        entry = self.next_entry()
         if entry is None:
             raise CapacityError("no free slot on any usable host of the inventory")
         return entry
@@ -389,7 +396,7 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
 
     def capacity_workers(self) -> int:
         """Dask workers the inventory can hold when every usable slot is used."""
-        return entries.capacity_workers(self.worker_hosts.values(), self._unavailable_hosts())
+        return entries.capacity_workers(self.worker_hosts.values(), self.unavailable_hosts())
 
     def log_event(self, message: str, *, echo: bool = True) -> None:
         """Record ``message`` in the cluster's log (``get_logs()``); ``echo`` prints it too unless ``quiet``."""
@@ -408,7 +415,7 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
 
     # -- reconciling -----------------------------------------------------
     async def _start(self) -> None:
-        await startup.start(self, super()._start)
+        await startup.start(self, super()._start, self._close)
 
     async def _correct_state_internal(self) -> None:
         async with self._lock:
@@ -435,12 +442,16 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
             self._correct_state_waiting = None
         return super()._correct_state()
 
+    def reconcile_now(self) -> Any:
+        """The reconcile (SpecCluster's ``_correct_state``): await it to have ``workers`` match ``worker_spec``."""
+        return self._correct_state()
+
     def _reconcile_in_background(self, why: str) -> None:
         """Start a reconcile as a task of the cluster (called in the event loop)."""
         if self.status not in (Status.closing, Status.closed):
-            self._tasks.start(reconcile.in_background(self), name=why)
+            self.tasks.start(reconcile.in_background(self), name=why)
 
-    async def _correct_state_in_background(self) -> None:
+    async def reconcile_and_log(self) -> None:
         """Reconcile after ``scale``; a failure is logged here and handled by the healer."""
         try:
             # Shielded: the reconcile task is shared with close() and scale();
@@ -476,29 +487,12 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
                 await self.pool.close()
             finally:
                 # Tasks started while closing (drops of lost workers, say).
-                await self._tasks.close()
+                await self.tasks.close()
 
     # -- inspection ------------------------------------------------------
     @property
     def dashboard_link(self) -> str:
-        # A forwarded scheduler's dashboard is reached through its forward on the head.
-        forwarded = getattr(self.scheduler, "head_dashboard_link", "")
-        if forwarded:
-            return str(forwarded)
-        if isinstance(self.scheduler, RemoteScheduler):
-            port = self.scheduler.dashboard_port
-            host = self.scheduler.address.split("://")[-1].rsplit(":", 1)[0] if self.scheduler.address else "localhost"
-            # Loopback only when the scheduler's host is the head: other hosts' are forwarded.
-            host = dashboards.reach_host(self.scheduler.options.get("dashboard_address"), host)
-            return f"http://{host}:{port}/status" if port else ""
-        # The head's scheduler: the address its dashboard listens on, unless that is every interface.
-        bound = getattr(getattr(self.scheduler, "http_server", None), "address", None)
-        host = dashboards.reach_host(bound, "")
-        if host and super().dashboard_link:
-            from distributed.utils import format_dashboard_link
-
-            return str(format_dashboard_link(host, self.scheduler.http_server.port))
-        return super().dashboard_link
+        return dashboards.cluster_link(self.scheduler, super().dashboard_link, remote=isinstance(self.scheduler, RemoteScheduler))
 
     def status_report(self) -> dict[str, Any]:
         """A JSON-able view of hosts, entries and workers, for ``status``."""

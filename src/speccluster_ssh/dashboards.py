@@ -206,3 +206,34 @@ def where(scheduler: Any, link: str, *, remote: bool) -> dict[str, Any]:
 
 def _any_as_empty(bind: str) -> str:
     return "" if bind in ("0.0.0.0", "::", "[::]") else bind
+
+
+def cluster_link(scheduler: Any, default: str, *, remote: bool) -> str:
+    """The cluster's ``dashboard_link``: the address its scheduler's dashboard answers at.
+
+    Parameters
+    ----------
+    scheduler
+        The cluster's scheduler: dask's ``Scheduler`` in the head, or a
+        :class:`~speccluster_ssh.process.RemoteScheduler` (``remote``).
+    default
+        distributed's own link for the cluster, used when nothing better is known.
+    """
+    # A forwarded scheduler's dashboard is reached through its forward on the head.
+    forwarded = getattr(scheduler, "head_dashboard_link", "")
+    if forwarded:
+        return str(forwarded)
+    if remote:
+        port = scheduler.dashboard_port
+        host = scheduler.address.split("://")[-1].rsplit(":", 1)[0] if scheduler.address else "localhost"
+        # Loopback only when the scheduler's host is the head: other hosts' are forwarded.
+        host = reach_host(scheduler.options.get("dashboard_address"), host)
+        return f"http://{host}:{port}/status" if port else ""
+    # The head's scheduler: the address its dashboard listens on, unless that is every interface.
+    http_server = getattr(scheduler, "http_server", None)
+    host = reach_host(getattr(http_server, "address", None), "")
+    if host and default:
+        from distributed.utils import format_dashboard_link
+
+        return str(format_dashboard_link(host, http_server.port))
+    return default

@@ -114,18 +114,19 @@ class DetachedCluster(Cluster):
                 tls_client_key=str(directory / CLIENT_KEY),
                 require_encryption=True,
             )
-        cluster = cls(name, directory, shutdown_on_close=shutdown_on_close, asynchronous=asynchronous, loop=loop)
-        cluster.security = security
-        cluster.scheduler_comm = rpc(state.scheduler_address, connection_args=security.get_connection_args("client"))
+        # The handle this class builds (its own instance, so its own and Cluster's private names are its own).
+        handle = cls(name, directory, shutdown_on_close=shutdown_on_close, asynchronous=asynchronous, loop=loop)
+        handle.security = security
+        handle.scheduler_comm = rpc(state.scheduler_address, connection_args=security.get_connection_args("client"))
         if not asynchronous:
-            cluster._loop_runner.start()
+            handle._loop_runner.start()
             try:
-                cluster.sync(cluster._start)
+                handle.sync(handle._start)
             except BaseException:
-                cluster.shutdown_on_close = False  # detach only: the failure may be ours, not the cluster's
-                cluster.close()
+                handle.shutdown_on_close = False  # detach only: the failure may be ours, not the cluster's
+                handle.close()
                 raise
-        return cluster
+        return handle
 
     def __await__(self) -> Generator[Any, None, DetachedCluster]:
         # Asynchronous handles connect when awaited (and so in ``async with``).

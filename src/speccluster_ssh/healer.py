@@ -217,7 +217,7 @@ class Healer:
             if spec["options"].get("host") in self.unavailable_hosts() and key not in cluster.workers:
                 self._replace(key)
         if cluster.status == Status.running and any(k not in cluster.workers for k in cluster.worker_spec):
-            await cluster._correct_state_in_background()
+            await cluster.reconcile_and_log()
 
     async def _retry_host(self, name: str) -> None:
         try:

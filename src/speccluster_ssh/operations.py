@@ -105,12 +105,8 @@ class Operations:
 
 
 def of(cluster: SSHSpecCluster) -> Operations:
-    """The :class:`Operations` of ``cluster`` (made on first use)."""
-    ops = getattr(cluster, "_operations", None)
-    if ops is None:
-        ops = Operations(cluster)
-        cluster._operations = ops  # type: ignore[attr-defined]
-    return ops
+    """The :class:`Operations` of ``cluster`` (the cluster makes it)."""
+    return cluster.operations
 
 
 # -- looking at the cluster ----------------------------------------------------------------------
@@ -146,8 +142,7 @@ def check_running(cluster: SSHSpecCluster) -> None:
 
 def new_key(cluster: SSHSpecCluster, taken: Collection[str]) -> str:
     """A spec key no entry, process or name of ``taken`` has."""
-    name, cluster._i = entries.next_entry_name({*map(str, cluster.worker_spec), *map(str, cluster.workers), *taken}, cluster._i)
-    return name
+    return cluster.take_entry_name(taken)
 
 
 def _place(
@@ -162,7 +157,7 @@ def _place(
 
 async def reconcile(cluster: SSHSpecCluster) -> None:
     # The shared reconcile task: shielded, so cancelling an operation never cancels it under scale().
-    await asyncio.shield(cluster._correct_state())
+    await asyncio.shield(cluster.reconcile_now())
 
 
 async def _wait_started(cluster: SSHSpecCluster, keys: Sequence[str], timeout: float) -> dict[str, str]:
@@ -177,7 +172,7 @@ async def _wait_started(cluster: SSHSpecCluster, keys: Sequence[str], timeout: f
             if all(m in names for m in wanted):
                 del members[key]
             elif proc is not None and proc.status in (Status.failed, Status.closed):
-                failed[key] = cluster._last_start_error.get(key) or f"entry {key} failed to start"
+                failed[key] = cluster.start_errors.get(key) or f"entry {key} failed to start"
                 del members[key]
         if not members or time.monotonic() > deadline:
             break

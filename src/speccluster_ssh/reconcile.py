@@ -81,7 +81,7 @@ async def start_created(cluster: SSHSpecCluster, created: list[tuple[Any, Any]])
     """Start ``created`` concurrently; record each in ``workers`` and tell the healer how it went."""
     tasks = [
         # Read below; kept in the task set so a cancelled reconcile leaves none running.
-        cluster._tasks.start(_await(worker), name=f"start entry {key}", log_failure=False)
+        cluster.tasks.start(_await(worker), name=f"start entry {key}", log_failure=False)
         for key, worker in created
     ]
     await asyncio.wait(tasks)
@@ -89,10 +89,10 @@ async def start_created(cluster: SSHSpecCluster, created: list[tuple[Any, Any]])
         cluster.workers[key] = worker
         host = getattr(worker, "host", None)
         if not task.cancelled() and task.exception() is not None:
-            cluster._last_start_error[key] = str(task.exception())
+            cluster.start_errors[key] = str(task.exception())
             cluster.healer.entry_start_failed(key, str(task.exception()))
         elif host is not None:
-            cluster._last_start_error.pop(key, None)
+            cluster.start_errors.pop(key, None)
             cluster.healer.entry_started(key, host)
 
 
@@ -123,7 +123,7 @@ def follow_scheduler_event(cluster: SSHSpecCluster, op: str, msg: Any) -> None:
 
 async def in_background(cluster: SSHSpecCluster) -> None:
     """Reconcile after ``scale``, then wake the healer for the entries it could not start."""
-    await cluster._correct_state_in_background()
+    await cluster.reconcile_and_log()
     # Entries the reconcile could not start (their host is down) are the healer's to move.
     cluster.healer.wake("the spec changed")
 

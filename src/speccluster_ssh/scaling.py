@@ -174,7 +174,7 @@ class Capacity:
             if target.met_by(list(shapes.values())):
                 self.note = ""
                 return
-            entry = cluster._next_entry()
+            entry = cluster.next_entry()
             if entry is None:
                 break
             cluster.worker_spec.update(entry)
@@ -233,7 +233,7 @@ class Capacity:
         cluster = self.cluster
         # The next entry as if every slot were free: its shape, not a free slot, is asked for.
         spec = entries.place_entry(
-            cluster.entry_settings, cluster.worker_hosts, {}, unavailable=cluster._unavailable_hosts(),
+            cluster.entry_settings, cluster.worker_hosts, {}, unavailable=cluster.unavailable_hosts(),
             policy=cluster.placement_policy, new_spec=cluster.new_spec,
         )
         if spec is not None:

@@ -83,7 +83,7 @@ def scheduler_entry(cluster: SSHSpecCluster, options: dict[str, Any], sec: Any) 
     provisional: :func:`place_scheduler` decides once the hosts are probed.
     """
     sched_host = cluster.inventory.scheduler_host
-    setting = "direct" if cluster._scheduler_address is not None else cluster.reach_setting
+    setting = "direct" if cluster.given_scheduler_address is not None else cluster.reach_setting
     if setting == "direct" or (setting == "forward" and sched_host is not None):
         cluster.reach = reach.choose_reach(setting, list(cluster.worker_hosts), sched_host and sched_host.name, None)
     dashboard_port = sc_config.get("dashboard-port")
@@ -132,7 +132,7 @@ def fill_initial_spec(cluster: SSHSpecCluster, n_workers: int | None) -> None:
     """
     count = cluster.total_slots if n_workers is None else n_workers
     for placed in range(count):
-        entry = cluster._next_entry()
+        entry = cluster.next_entry()
         if entry is None:
             # Short of what was asked: remembered, so that hosts that come later (an
             # undrain, a reload that adds hosts) fill it up; the missing entries counted
@@ -145,8 +145,13 @@ def fill_initial_spec(cluster: SSHSpecCluster, n_workers: int | None) -> None:
 
 
 # -- the start policy ----------------------------------------------------
-async def start(cluster: SSHSpecCluster, start_scheduler: Callable[[], Awaitable[None]]) -> None:
+async def start(
+    cluster: SSHSpecCluster, start_scheduler: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]
+) -> None:
     """Start the cluster: agents, the scheduler (``start_scheduler``: SpecCluster's), then the workers.
+
+    ``close`` closes the whole cluster (SpecCluster's close) when too few
+    workers came up (see :func:`wait_for_min_workers`).
 
     Connecting to the hosts overlaps the scheduler's (and its dashboard's)
     start. Whatever fails first closes the agents before it is raised.
@@ -173,11 +178,11 @@ async def start(cluster: SSHSpecCluster, start_scheduler: Callable[[], Awaitable
         if host_error is not None:
             raise host_error from None
         raise
-    if isinstance(cluster.scheduler, Scheduler) and cluster._scheduler_address is None:
+    if isinstance(cluster.scheduler, Scheduler) and cluster.given_scheduler_address is None:
         # Each host finds the head's scheduler at the local end of its own SSH connection.
         protocol, _, rest = cluster.scheduler.address.partition("://")
         cluster.pool.head_scheduler = (protocol, int(rest.rsplit(":", 1)[1]))
-    await wait_for_min_workers(cluster)
+    await wait_for_min_workers(cluster, close)
 
 
 async def place_scheduler(cluster: SSHSpecCluster, hosts: set[str]) -> None:
@@ -208,7 +213,7 @@ async def place_scheduler(cluster: SSHSpecCluster, hosts: set[str]) -> None:
     if choice.mode == "forward" and choice.scheduler_host is not None:
         cluster.scheduler_spec = entries.remote_scheduler_entry(
             cluster.entry_settings, cluster.pool.hosts[choice.scheduler_host], sc_config.get("dashboard-port"),
-            cluster._scheduler_options, cls=ForwardedScheduler,
+            cluster.scheduler_options, cls=ForwardedScheduler,
         )
 
 
@@ -216,7 +221,7 @@ def registered_workers(cluster: SSHSpecCluster) -> int:
     return len(cluster.scheduler_info.get("workers", {}))
 
 
-async def wait_for_min_workers(cluster: SSHSpecCluster) -> None:
+async def wait_for_min_workers(cluster: SSHSpecCluster, close: Callable[[], Awaitable[None]]) -> None:
     """The first reconcile, then wait until ``min_workers`` workers registered.
 
     Hosts that do not answer do not fail the start: the healer moves their
@@ -225,7 +230,7 @@ async def wait_for_min_workers(cluster: SSHSpecCluster) -> None:
     worker host was tried and none answered.
     """
     started = time.monotonic()
-    await cluster._correct_state()
+    await cluster.reconcile_now()
     registered = registered_workers(cluster)
     for _ in range(int(cluster.start_timeout / 0.1) + 100):  # bounded; the deadline ends it first
         registered = registered_workers(cluster)
@@ -237,7 +242,7 @@ async def wait_for_min_workers(cluster: SSHSpecCluster) -> None:
         await asyncio.sleep(0.1)
     error = start_error(cluster, registered, time.monotonic() - started)
     logger.warning("start failed: %s", error.summary)
-    await cluster._close()
+    await close()
     raise error
 
 
@@ -260,7 +265,7 @@ def start_error(cluster: SSHSpecCluster, registered: int, elapsed: float) -> Sta
         if state is not None and not state.usable and state.reason:
             why.setdefault(host, f"{state.state}: {state.reason}" + (f"; fix: {state.fix}" if state.fix else ""))
         else:
-            why.setdefault(host, cluster._last_start_error.get(key) or "did not start in time")
+            why.setdefault(host, cluster.start_errors.get(key) or "did not start in time")
     if no_host_answers(states, cluster.worker_hosts):
         summary = no_usable_host_summary(states, cluster.worker_hosts, cluster.min_workers)
         for name, state in states.items():
