@@ -249,9 +249,8 @@ class Head:
             elif options.workers is not None and sum(self._wanted_and_ready()[0].values()) < options.workers:
                 # More than the inventory holds: asked for all the same, so that hosts that
                 # come later (undrain, a reload adding hosts) fill the cluster up to it.
-                # 'up' has warned that the inventory holds fewer: the cluster's own note
-                # of that shortfall (a log line, and a print in the foreground) would repeat it.
-                self.cluster.capacity.note = "asked for more workers than the inventory holds"
+                # 'up' has warned that the inventory holds fewer: the cluster's own warning would repeat it.
+                self.cluster.capacity.shortfall_told()
                 self.cluster.scale(options.workers)
         except Exception as exc:
             self._record_failure(exc)

@@ -125,6 +125,10 @@ class Capacity:
         # The bounds adapt was last asked for, before capping at the capacity of the time.
         self.adapt_asked: tuple[Any, ...] | None = None
 
+    def shortfall_told(self) -> None:
+        """The user was told of the next shortfall already (``up``'s warning): it is recorded, not said again."""
+        self.note = self.note or "asked for more workers than the inventory holds"
+
     def _say_shortfall(self, note: str) -> None:
         # Once per shortfall, not on every adapt tick that repeats it: one
         # WARNING, and the cluster's log records it without printing it again.
