@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -101,6 +102,14 @@ class Reaper:
 
     def add(self, pid: int, state_dir: Path | None = None) -> None:
         self.heads.append((pid, state_dir))
+
+    def up_detached(self, state_root: Path, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """``up ARGS --detach --name NAME``; the head it leaves is reaped at the end."""
+        up = run_cli(state_root, "up", *args, "--detach", "--name", name)
+        directory = state_root / name
+        if (directory / st.STATE_FILE).exists():
+            self.add(json.loads((directory / st.STATE_FILE).read_text())["pid"], directory)
+        return up
 
     def reap(self) -> None:
         for pid, state_dir in self.heads:
@@ -484,10 +493,16 @@ def test_new_text_of_sliding_log_tails() -> None:
 # -- end to end with local hosts ------------------------------------------------------------------
 
 
-def test_failed_up_cleans_up_and_exits_1(tmp_path: Path, state_home: Path) -> None:
-    fake = tmp_path / "fakepython"
-    fake.write_text("#!/bin/sh\necho 'this python is broken' >&2\nexit 1\n")
+def failing_python(tmp_path: Path, name: str, stderr_line: str) -> Path:
+    """A stand-in host python that prints ``stderr_line`` to stderr and fails."""
+    fake = tmp_path / name
+    fake.write_text(f"#!/bin/sh\necho {shlex.quote(stderr_line)} >&2\nexit 1\n")
     fake.chmod(0o755)
+    return fake
+
+
+def test_failed_up_cleans_up_and_exits_1(tmp_path: Path, state_home: Path) -> None:
+    fake = failing_python(tmp_path, "fakepython", "this python is broken")
     inv = local_inventory(tmp_path, speccluster_python=str(fake))
     result = cli("up", str(inv), "--detach", "--name", "broken", "--no-tls", "--timeout", "20")
     assert result.exit_code == 1, result.output
@@ -499,9 +514,7 @@ def test_failed_up_cleans_up_and_exits_1(tmp_path: Path, state_home: Path) -> No
 
 def test_a_host_without_distributed_answered(tmp_path: Path, state_home: Path) -> None:
     """The host answered, its python lacks distributed: not 'no worker host answered' (issue 21, point 14)."""
-    fake = tmp_path / "nodask"
-    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'distributed'\" >&2\nexit 1\n")
-    fake.chmod(0o755)
+    fake = failing_python(tmp_path, "nodask", "ModuleNotFoundError: No module named 'distributed'")
     inv = local_inventory(tmp_path, speccluster_python=str(fake))
     result = cli("up", str(inv), "--detach", "--name", "nodask", "--no-tls", "--timeout", "20")
     assert result.exit_code == 1, result.output
@@ -513,11 +526,8 @@ def test_a_host_without_distributed_answered(tmp_path: Path, state_home: Path) -
 
 def test_up_detached_status_scale_down(tmp_path: Path, state_home: Path, reaper: Reaper) -> None:
     inv = local_inventory(tmp_path, speccluster_slots=2)
-    up = run_cli(state_home, "up", str(inv), "--detach", "--name", "t1", "--no-tls", "--workers", "1",
-                 "--timeout", "60")
+    up = reaper.up_detached(state_home, "t1", str(inv), "--no-tls", "--workers", "1", "--timeout", "60")
     directory = state_home / "t1"
-    if (directory / st.STATE_FILE).exists():
-        reaper.add(json.loads((directory / st.STATE_FILE).read_text())["pid"], directory)
     assert up.returncode == 0, up.stderr
     assert "scheduler: tcp://" in up.stdout
     assert "local1: ready, 1/1 workers" in up.stderr  # progress: a line per host with count and time

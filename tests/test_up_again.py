@@ -24,7 +24,7 @@ from speccluster_ssh.head import UpOptions
 from speccluster_ssh.inventory import load_inventory
 from speccluster_ssh.planning import inventory_fingerprint
 
-from test_cli_unit import Reaper, assert_one_error_line, poll, run_cli
+from test_cli_unit import Reaper, assert_one_error_line, poll
 
 
 
@@ -127,11 +127,8 @@ def test_new_up_options_are_compared_too() -> None:
 def test_up_again_applies_size_and_inventory(tmp_path: Path, state_home: Path, reaper: Reaper) -> None:
     inv = write_inventory(tmp_path / "inv.yml", 2)
     # More than the 2 slots: the warning is printed once, and the cluster does not repeat it.
-    up = run_cli(state_home, "up", str(inv), "--detach", "--name", "t1", "--no-tls", "--workers", "3",
-                 "--timeout", "60")
+    up = reaper.up_detached(state_home, "t1", str(inv), "--no-tls", "--workers", "3", "--timeout", "60")
     directory = state_home / "t1"
-    if (directory / st.STATE_FILE).exists():
-        reaper.add(json.loads((directory / st.STATE_FILE).read_text())["pid"], directory)
     assert up.returncode == 0, up.stderr
     assert up.stderr.count("asked for 3 workers") == 1, up.stderr
     assert "scaled to capacity" not in up.stdout + up.stderr

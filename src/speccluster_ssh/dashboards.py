@@ -78,15 +78,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _bind_host(dashboard_address: Any) -> str | None:
+    """The host part of a ``dashboard_address`` (``HOST[:PORT]``); ``None`` for an unknown value."""
+    if not isinstance(dashboard_address, str):
+        return None
+    try:
+        return split_dashboard_address(dashboard_address)[0]
+    except UserError:
+        return None
+
+
 def on_loopback(dashboard_address: Any) -> bool:
     """Whether a server given ``dashboard_address`` (``HOST[:PORT]``) listens on loopback only."""
-    if not isinstance(dashboard_address, str):
-        return False
-    try:
-        host, _ = split_dashboard_address(dashboard_address)
-    except UserError:
-        return False
-    return is_loopback(host)
+    host = _bind_host(dashboard_address)
+    return host is not None and is_loopback(host)
 
 
 def reach_host(dashboard_address: Any, fallback: str) -> str:
@@ -95,11 +100,8 @@ def reach_host(dashboard_address: Any, fallback: str) -> str:
     Loopback for a loopback address, the address itself for another one,
     ``fallback`` (the server's address) for every interface or an unknown value.
     """
-    if not isinstance(dashboard_address, str):
-        return fallback
-    try:
-        host, _ = split_dashboard_address(dashboard_address)
-    except UserError:
+    host = _bind_host(dashboard_address)
+    if host is None:
         return fallback
     if is_loopback(host):
         return host if ":" in host else LOOPBACK
