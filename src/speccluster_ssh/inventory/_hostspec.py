@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import inspect
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from ._errors import InventoryError, Origin
 from ._jumps import JumpHop, jumps_from_args
 from ._loader import UnsafeStr, VaultStr
-from ._vars import PLAYBOOK_VARS, PREFIX, SPECCLUSTER_VARS, BadValue
+from ._vars import PLAYBOOK_VARS, PREFIX, SPECCLUSTER_VARS, BadValue, field_name
 
 __all__ = ["HostSpec", "check_var_names", "resolve_host"]
 
@@ -27,7 +30,31 @@ _CONNECTIONS = {
 _AUTO_INTERPRETERS = {"auto", "auto_silent", "auto_legacy", "auto_legacy_silent"}
 
 
+def _with_table_fields(cls: type) -> type:
+    """Give ``cls`` one field per row of :data:`SPECCLUSTER_VARS`, before ``@dataclass`` reads its fields.
+
+    The fields go after the declared fields without a default and before the
+    others (``vars``, ``jumps``): each defaults to its row's default (a fresh
+    copy of a mapping), and a row that is not ``compare``, or whose value is a
+    mapping, stays out of equality and hash.
+    """
+    declared: dict[str, Any] = dict(inspect.get_annotations(cls))
+    required = {n: a for n, a in declared.items() if n not in cls.__dict__}  # declared without a default
+    table: dict[str, Any] = {}
+    for var, row in SPECCLUSTER_VARS.items():
+        name = field_name(var)
+        table[name] = getattr(row.validator, "__annotations__", {}).get("return", "Any")
+        if isinstance(row.default, Hashable):
+            setattr(cls, name, field(default=row.default, compare=row.compare))
+        else:
+            setattr(cls, name, field(default_factory=partial(copy.deepcopy, row.default), compare=False))
+    rest = {n: a for n, a in declared.items() if n not in required}
+    cls.__annotations__ = {**required, **table, **rest}
+    return cls
+
+
 @dataclass(frozen=True)
+@_with_table_fields
 class HostSpec:
     """Everything speccluster-ssh needs to know about one inventory host.
 
@@ -47,14 +74,16 @@ class HostSpec:
         ``"ssh"`` or ``"local"``.
     ssh_common_args
         ``ansible_ssh_common_args`` split like a shell command line.
-    python
-        Python interpreter to run on the host.
     groups
         Every group the host belongs to, ancestors included, sorted, without ``all``.
-    nworkers, nthreads, memory_limit, worker_class, slots, resources, env, prologue,
-    local_directory, interface, scheduler_port, dashboard_port, known_hosts,
-    connect_timeout, venv, worker_options, dask_config, log_max_bytes, log_retention
-        Validated ``speccluster_*`` variables, see :data:`SPECCLUSTER_VARS`.
+    nworkers, nthreads, memory_limit, worker_class, slots, resources, env, ...
+        One field per row of :data:`SPECCLUSTER_VARS`, named as the variable
+        without ``speccluster_``: its validated value, or the row's default.
+        Two are finished from other variables:
+    python
+        Python interpreter to run on the host: ``speccluster_python``, else
+        ``<speccluster_venv>/bin/python``, else ``ansible_python_interpreter``,
+        else ``python3``.
     gpus
         ``speccluster_gpus``: ``"auto"`` or the device ids (a count ``n``
         gives ``"0"`` .. ``"n-1"``; none is ``()``).
@@ -75,31 +104,13 @@ class HostSpec:
     key_file: str | None
     connection: str
     ssh_common_args: tuple[str, ...]
-    python: str
     groups: tuple[str, ...]
-    nworkers: int
-    nthreads: int | None
-    memory_limit: int | str
-    worker_class: str
-    slots: int
-    resources: dict[str, float] = field(compare=False, hash=False)
-    env: dict[str, str] = field(compare=False, hash=False)
-    prologue: str | None = None
-    local_directory: str | None = None
-    interface: str | None = None
-    scheduler_port: int = 0
-    dashboard_port: int | None = None
-    known_hosts: str = "strict"
-    connect_timeout: float = 10.0
-    venv: str | None = None
-    worker_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-    dask_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-    gpus: str | tuple[str, ...] = ()
-    log_max_bytes: int = 64 * 2**20
-    # Seconds a host keeps an ended cluster's logs; a change needs no restart of the host's workers.
-    log_retention: float = field(default=7 * 86400.0, compare=False, hash=False)
+    # The speccluster_* fields come here, from the table (_with_table_fields).
     vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     jumps: tuple[JumpHop, ...] | None = None
+
+    if TYPE_CHECKING:  # the table's fields, to a type checker
+        def __getattr__(self, name: str) -> Any: ...
 
     @property
     def is_local(self) -> bool:
@@ -266,7 +277,7 @@ def resolve_host(
     spec: dict[str, Any] = {}
     for var, row in SPECCLUSTER_VARS.items():
         if var not in variables:
-            spec[var] = row.default
+            spec[var] = copy.deepcopy(row.default)  # a host's own mapping, never the table's
             continue
         raw = _usable(name, var, variables[var], var_origin(var))
         try:
@@ -373,6 +384,8 @@ def resolve_host(
             var_origin("speccluster_gpus"),
         )
 
+    # The two fields finished from other variables; every other field is its variable's value.
+    spec["speccluster_python"], spec["speccluster_gpus"] = python, devices
     return HostSpec(
         name=name,
         address=address,
@@ -381,28 +394,8 @@ def resolve_host(
         key_file=key_file,
         connection=connection,
         ssh_common_args=ssh_common_args,
-        python=python,
         groups=groups,
-        nworkers=spec["speccluster_nworkers"],
-        nthreads=spec["speccluster_nthreads"],
-        memory_limit=spec["speccluster_memory_limit"],
-        worker_class=spec["speccluster_worker_class"],
-        slots=spec["speccluster_slots"],
-        resources=dict(spec["speccluster_resources"]),
-        env=dict(spec["speccluster_env"]),
-        prologue=spec["speccluster_prologue"],
-        local_directory=spec["speccluster_local_directory"],
-        interface=spec["speccluster_interface"],
-        scheduler_port=spec["speccluster_scheduler_port"],
-        dashboard_port=spec["speccluster_dashboard_port"],
-        known_hosts=spec["speccluster_known_hosts"],
-        connect_timeout=float(spec["speccluster_connect_timeout"]),
-        venv=spec["speccluster_venv"],
-        worker_options=dict(spec["speccluster_worker_options"]),
-        dask_config=dict(spec["speccluster_dask_config"]),
-        gpus=devices,
-        log_max_bytes=int(spec["speccluster_log_max_bytes"]),
-        log_retention=float(spec["speccluster_log_retention"]),
+        **{field_name(var): value for var, value in spec.items()},
         vars=_plain_containers(variables),
         jumps=jumps,
     )

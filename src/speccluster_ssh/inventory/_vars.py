@@ -1,7 +1,10 @@
 """The ``speccluster_*`` inventory variables: one table of names, validators, defaults and docs.
 
-:data:`SPECCLUSTER_VARS` is the single source of truth; the README table is
-generated from it with :func:`speccluster_vars_markdown`.
+:data:`SPECCLUSTER_VARS` is the single source of truth: each row also makes
+one field of :class:`~speccluster_ssh.inventory.HostSpec` (named by
+:func:`field_name`), and a row marked ``request`` travels with every start
+request of the host's dask processes (see ``HostSpec.request_vars``). The
+README table is generated from it with :func:`speccluster_vars_markdown`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ __all__ = [
     "SPECCLUSTER_VARS",
     "BadValue",
     "VarSpec",
+    "field_name",
     "speccluster_vars_markdown",
 ]
 
@@ -51,6 +55,15 @@ class VarSpec(NamedTuple):
     """Value used when the variable is not set anywhere."""
     doc: str
     """One line of documentation."""
+    request: bool = False
+    """Sent with the start request of each of the host's dask processes, in its ``host_vars`` by field name."""
+    compare: bool = True
+    """Part of the host spec's equality and hash (a mapping never is: it cannot be hashed)."""
+
+
+def field_name(name: str) -> str:
+    """The :class:`~speccluster_ssh.inventory.HostSpec` field of variable ``name``: the name without ``speccluster_``."""
+    return name[len(PREFIX):]
 
 
 def _is_int(value: Any) -> bool:
@@ -343,7 +356,7 @@ def log_retention(value: Any) -> float:
     return number
 
 
-#: Every variable speccluster-ssh reads from an inventory: name -> (validator, default, doc).
+#: Every variable speccluster-ssh reads from an inventory: name -> (validator, default, doc, request, compare).
 SPECCLUSTER_VARS: dict[str, VarSpec] = {
     "speccluster_nworkers": VarSpec(
         positive_int, 1, "Workers started by one spec entry on the host (more than 1 makes the entry a group)."
@@ -424,6 +437,7 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         log_retention, 7 * 86400.0,
         "Seconds (7 days by default) the host keeps an ended cluster's logs, for 'logs --name' after 'down' "
         "or a crash: a number, or e.g. '7d', '12h', '30m'; 0 removes them when the next cluster starts there.",
+        compare=False,  # a change needs no restart of the host's workers
     ),
 }
 
