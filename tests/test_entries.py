@@ -269,3 +269,17 @@ def test_local_scheduler_entry() -> None:
             "host": "0.0.0.0", "port": 9000, "dashboard_address": "127.0.0.1:8787", "security": sec, "protocol": "tcp",
         },
     }
+
+
+def test_host_vars_go_in_every_kind_of_entry_of_the_host() -> None:
+    """The variables a host sends with each start (rows marked ``request``) are in its worker, scheduler and user-written entries."""
+    inv = Inventory.from_hosts([
+        {"name": "s", "groups": ["scheduler"], "speccluster_dask_config": {"x": 1}},
+        {"name": "n1", "groups": ["workers"], "speccluster_dask_config": {"distributed.worker.memory.target": 0.5}},
+    ])
+    sent = {"dask_config": {"distributed": {"worker": {"memory": {"target": 0.5}}}}}
+    assert inv.hosts["n1"].request_vars() == sent
+    assert entries.worker_entry(settings(), inv.hosts["n1"])["options"]["host_vars"] == sent
+    assert entries.remote_scheduler_entry(settings(), inv.hosts["s"], 8787)["options"]["host_vars"] == {"dask_config": {"x": 1}}
+    user = entries.complete_entry(settings(), {"cls": RemoteNanny, "options": {"host": "n1"}}, {"n1": inv.hosts["n1"]})
+    assert user["options"]["host_vars"] == sent

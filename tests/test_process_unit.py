@@ -9,6 +9,8 @@ on to the dask server.
 from __future__ import annotations
 
 import asyncio
+import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -99,3 +101,22 @@ def test_every_entry_the_cluster_builds_makes_its_interface() -> None:
     assert [type(p) for p in made] == [RemoteNanny, RemoteWorker, RemoteWorker, RemoteScheduler]
     assert all(p.pool is the_pool and p.cluster == "unit-0123" for p in made)
     assert made[0].group == entries.worker_entry(settings, inv.hosts["n1"])["group"]
+
+
+def test_the_start_request_carries_the_host_vars_by_name() -> None:
+    """A variable whose table row says ``request`` reaches the agent by one generic path: entry, interface, request."""
+    inv = inventory()
+    settings = EntrySettings("unit-0123", 42.0, {}, classes=CLASSES, process_base=RemoteProcess)
+    the_pool = pool()
+    agent: Any = SimpleNamespace(facts={"cpu_count": 4})
+    spec = entries.worker_entry(settings, inv.hosts["n1"])
+    assert spec["options"]["host_vars"] == {"dask_config": {"a": 1}}
+    nanny = spec["cls"]("tcp://10.0.0.1:8786", "k", group=spec["group"], **with_pool(spec["cls"], spec["options"], the_pool))
+    request = nanny._start_request("k-0", agent, the_pool, "tcp://10.0.0.1:8786")
+    assert request["host_vars"] == {"dask_config": {"a": 1}}
+    json.dumps(request)  # it travels as one JSON line
+    # A host that sets no such variable sends none.
+    bare = entries.worker_entry(settings, inv.hosts["n2"])
+    assert "host_vars" not in bare["options"]
+    worker = bare["cls"]("tcp://10.0.0.1:8786", "b", **with_pool(bare["cls"], bare["options"], the_pool))
+    assert worker._start_request("b", agent, the_pool, "tcp://10.0.0.1:8786")["host_vars"] == {}

@@ -7,6 +7,7 @@ worker (or per group of workers) in ``worker_spec``::
      "options": {"host": "node01", "cluster": "<cluster id>",
                  "options": {<keyword options of the dask worker>},
                  "env": {<environment of the process>},
+                 "host_vars": {<the host's variables sent with each start>},
                  "start_timeout": 60.0},
      "group": ["-0", "-1"]}          # only for more than one worker
 
@@ -21,6 +22,10 @@ The process classes are given in :class:`EntrySettings` rather than imported,
 so that this module stays free of the SSH and process code: the cluster
 passes its ``RemoteNanny``/``RemoteWorker``/``RemoteScheduler``, the planner
 passes :data:`CLASS_NAMES`.
+
+An entry's ``host_vars`` are its host's variables whose table row says
+``request`` (:meth:`~speccluster_ssh.inventory.HostSpec.request_vars`); every
+start request carries them and the host's agent reads them by name.
 
 Two more things every remote process gets are worked out here: the head's
 dask config as sent to hosts (:func:`forwarded_dask_config`, merged with a
@@ -147,8 +152,7 @@ def worker_entry(settings: EntrySettings, host: HostSpec, new_spec: Mapping[str,
             "start_timeout": settings.start_timeout,
         },
     }
-    if host.dask_config:
-        spec["options"]["dask_config"] = dict(host.dask_config)
+    _add_host_vars(spec, host)
     if host.worker_class_path:
         # Imported by the host's agent when it starts; started there as dask's SpecCluster would (child.py).
         spec["options"]["worker_class"] = host.worker_class_path
@@ -156,6 +160,13 @@ def worker_entry(settings: EntrySettings, host: HostSpec, new_spec: Mapping[str,
     if suffixes:
         spec["group"] = suffixes
     return spec
+
+
+def _add_host_vars(spec: dict[str, Any], host: HostSpec) -> None:
+    """Put the variables ``host`` sends with each start request (if any) in the entry ``spec``."""
+    sent = host.request_vars()
+    if sent:
+        spec["options"]["host_vars"] = sent
 
 
 def complete_entry(settings: EntrySettings, spec: Mapping[str, Any], worker_hosts: Mapping[str, HostSpec]) -> dict[str, Any]:
@@ -196,6 +207,9 @@ def complete_entry(settings: EntrySettings, spec: Mapping[str, Any], worker_host
     options["cluster"] = settings.cluster_id
     options.setdefault("start_timeout", settings.start_timeout)
     options.setdefault("env", dict(worker_hosts[host].env))
+    sent = worker_hosts[host].request_vars()
+    if sent:
+        options.setdefault("host_vars", sent)
     inner = dict(options.get("options") or {})
     security = settings.security_options()
     if security is not None:
@@ -386,8 +400,7 @@ def remote_scheduler_entry(
             "start_timeout": settings.start_timeout,
         },
     }
-    if host.dask_config:
-        spec["options"]["dask_config"] = dict(host.dask_config)
+    _add_host_vars(spec, host)
     return spec
 
 

@@ -157,6 +157,10 @@ class RemoteProcess(ProcessInterface):
     worker_class
         Import path of the dask server class to run instead of the role's
         (``speccluster_worker_class``); the host's agent imports it.
+    host_vars
+        The host's variables sent with each start request, by field name
+        (see :meth:`~speccluster_ssh.inventory.HostSpec.request_vars`); the
+        host's agent reads them by name.
 
     Raises
     ------
@@ -181,8 +185,8 @@ class RemoteProcess(ProcessInterface):
         group: Sequence[str] | None = None,
         start_timeout: float = 60.0,
         stop_grace: float = 3.0,
-        dask_config: Mapping[str, Any] | None = None,
         worker_class: str | None = None,
+        host_vars: Mapping[str, Any] | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -204,7 +208,7 @@ class RemoteProcess(ProcessInterface):
         self.cluster = cluster if cluster is not None else pool.cluster_id if pool is not None else None
         self.options = dict(options or {})
         self.env = dict(env or {})
-        self.dask_config = dict(dask_config or {})
+        self.host_vars = dict(host_vars or {})
         self.worker_class = worker_class
         self.gpus: dict[str, list[str]] = {}  # member -> its GPU devices, on a host with speccluster_gpus
         self.group = list(group) if group else None
@@ -322,7 +326,7 @@ class RemoteProcess(ProcessInterface):
             "options": self._process_options(member, agent),
             "env": self._member_env(member),
             "config": pool.dask_config,
-            "host_config": self.dask_config,
+            "host_vars": self.host_vars,
             "worker_class": self.worker_class,
         }
 

@@ -131,6 +131,7 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
 
     import dask
 
+    host_vars = request.get("host_vars") or {}  # the host's variables sent with each start, by field name
     os.environ.update(request.get("env") or {})
     _add_pythonpath((request.get("env") or {}).get("PYTHONPATH"))
     # Lowest to highest: dask's defaults and this host's config files, the
@@ -141,8 +142,8 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
     if request.get("config"):
         dask.config.update(dask.config.config, request["config"], priority="new")
         dask.config.update(dask.config.config, dask.config.collect_env(), priority="new")
-    if request.get("host_config"):
-        dask.config.update(dask.config.config, request["host_config"], priority="new")
+    if host_vars.get("dask_config"):
+        dask.config.update(dask.config.config, host_vars["dask_config"], priority="new")
     # The nanny forks its worker from this warm process instead of spawning.
     dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
 

@@ -23,9 +23,10 @@ Protocol (JSON, one object per line):
 
 head -> agent
     ``{"op": "start", "id": 7, "name": "3", "role": "nanny", "scheduler": "tcp://..",
-    "options": {...}, "env": {...}, "config": {...}, "host_config": {...}}``
-    (``config``: the head's dask config; ``host_config``: the host's
-    ``speccluster_dask_config``, merged over it),
+    "options": {...}, "env": {...}, "config": {...}, "host_vars": {...}}``
+    (``config``: the head's dask config; ``host_vars``: the host's
+    variables whose table row says ``request``, by field name, such as
+    ``dask_config``, the host's ``speccluster_dask_config``, merged over it),
     ``{"op": "stop", "id": 8, "name": "3", "grace": 5}``,
     ``{"op": "tail", "id": 9, "name": "3", "bytes": 65536}``,
     ``{"op": "write_file", "id": 10, "path": "tls/ca.pem", "data_b64": "..", "mode": 384}``,

@@ -117,6 +117,18 @@ class HostSpec:
         """Whether commands for this host run locally instead of over SSH."""
         return self.connection == "local"
 
+    def request_vars(self) -> dict[str, Any]:
+        """The values every start request on this host carries: its rows marked ``request``, by field name.
+
+        Only those set to something other than their default, so that a host
+        that sets none sends none.
+        """
+        return {
+            field_name(var): getattr(self, field_name(var))
+            for var, row in SPECCLUSTER_VARS.items()
+            if row.request and getattr(self, field_name(var)) != row.default
+        }
+
     @property
     def worker_class_path(self) -> str | None:
         """The import path ``speccluster_worker_class`` names (e.g. ``dask_cuda.CUDAWorker``); ``None`` for nanny or worker."""

@@ -422,6 +422,7 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         dask_config, {},
         "Dask config for the host's processes, deep-merged over the head's config that every host gets "
         "(nested, or dotted keys such as distributed.worker.memory.target).",
+        request=True,
     ),
     "speccluster_gpus": VarSpec(
         gpus, 0,
