@@ -107,6 +107,41 @@ def _start_worker_class(path: str, scheduler: str, options: dict[str, Any]) -> A
     return server
 
 
+def _cpu_ranges(cpus: Any) -> str:
+    """CPU numbers as a CPU list: ``[0, 1, 2, 3, 8]`` -> ``"0-3,8"``."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _pin_to_cpus(cpus: list[int] | None) -> None:
+    """Run this process, and every thread and process it makes, on ``cpus`` only (``speccluster_cpu_affinity``).
+
+    Only CPUs this host gives the agent: the kernel would quietly drop the
+    others, and a list of none of them would fail without saying which.
+    """
+    if not cpus:
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise OSError(
+            "speccluster_cpu_affinity cannot pin processes on this host (its python has no os.sched_setaffinity, "
+            "which only Linux has); remove speccluster_cpu_affinity for this host"
+        )
+    offered = os.sched_getaffinity(0)
+    missing = set(cpus) - offered
+    if missing:
+        raise ValueError(
+            f"speccluster_cpu_affinity {_cpu_ranges(cpus)} names CPU(s) {_cpu_ranges(missing)}, which this host "
+            f"does not have for its dask processes (they may use {_cpu_ranges(offered)}); set "
+            f"speccluster_cpu_affinity to CPUs among {_cpu_ranges(offered)}, or remove it"
+        )
+    os.sched_setaffinity(0, cpus)
+
+
 def _addresses(server: Any) -> tuple[str | None, str | None]:
     """The server's own address and that of the dask worker it runs (the same for a bare worker)."""
     from distributed import Nanny, Worker
@@ -165,6 +200,8 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
             pass
 
     async def serve() -> None:
+        # First, so that every thread of the server and the worker a nanny forks inherit it.
+        _pin_to_cpus(host_vars.get("cpu_affinity"))
         if role == "scheduler":
             server = Scheduler(**options)
         elif worker_class:

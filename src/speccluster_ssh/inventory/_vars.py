@@ -356,6 +356,32 @@ def log_retention(value: Any) -> float:
     return number
 
 
+_MAX_CPU = 65535  # a bound, so that a typo cannot make a list of millions
+_CPU_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+
+
+def cpu_list(value: Any) -> tuple[int, ...] | None:
+    """Validate a CPU list as ``taskset -c`` takes it (``"0-3,8"``), one CPU number, a list of them, or null.
+
+    Returned as the sorted CPU numbers; the host's agent checks at start that it has them.
+    """
+    if value is None:
+        return None
+    expected = "a CPU list such as '0-3,8'"
+    fix = "write CPU numbers and ranges separated by commas, e.g. 0-3,8, or null for no pinning"
+    if isinstance(value, bool) or not isinstance(value, (str, int, list)) or value == []:
+        raise BadValue(expected, fix)
+    cpus: set[int] = set()
+    for part in value if isinstance(value, list) else str(value).split(","):
+        match = None if isinstance(part, bool) else _CPU_RANGE.fullmatch(str(part))
+        first = int(match.group(1)) if match else -1
+        last = int(match.group(2) or first) if match else -1
+        if match is None or first > last or last > _MAX_CPU:
+            raise BadValue(expected + f" (bad part {str(part).strip()!r})", fix)
+        cpus.update(range(first, last + 1))
+    return tuple(sorted(cpus))
+
+
 #: Every variable speccluster-ssh reads from an inventory: name -> (validator, default, doc, request, compare).
 SPECCLUSTER_VARS: dict[str, VarSpec] = {
     "speccluster_nworkers": VarSpec(
@@ -439,6 +465,13 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         "Seconds (7 days by default) the host keeps an ended cluster's logs, for 'logs --name' after 'down' "
         "or a crash: a number, or e.g. '7d', '12h', '30m'; 0 removes them when the next cluster starts there.",
         compare=False,  # a change needs no restart of the host's workers
+    ),
+    "speccluster_cpu_affinity": VarSpec(
+        cpu_list, None,
+        "CPUs the host's dask processes run on (each worker, nanny and scheduler started there is pinned with "
+        "sched_setaffinity): a CPU list such as '0-3,8'; null runs them on every CPU the host gives. An unset "
+        "speccluster_nthreads still counts every CPU of the host: set it to fit the list.",
+        request=True,
     ),
 }
 
