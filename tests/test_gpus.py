@@ -123,6 +123,23 @@ def test_plan_shows_each_workers_devices() -> None:
     assert slot_gpus(inv.hosts["g1"].gpus, inv.hosts["g1"], 0, 2) == [["0", "1"], ["2", "3"]]
 
 
+def test_plan_shows_the_gpu_slot_each_auto_entry_holds(tmp_path: Path) -> None:
+    """With ``auto`` the devices are known only at start; the slot, which decides their share, is known now."""
+    from click.testing import CliRunner
+
+    from speccluster_ssh.cli import main
+
+    path = tmp_path / "auto.yml"
+    path.write_text('{"all": {"hosts": {"g": {"ansible_connection": "local", "speccluster_gpus": "auto", '
+                    '"speccluster_slots": 2}}}}')
+    plan = build_plan(Inventory.from_hosts([{"name": "g", "ansible_connection": "local", "speccluster_gpus": "auto",
+                                             "speccluster_slots": 2}]), name="p", workers=None, placement="spread",
+                      tls=False)
+    assert [(e["gpus"], e["gpu_slot"]) for e in plan["hosts"][0]["entries"]] == [("auto", 0), ("auto", 1)]
+    text = CliRunner().invoke(main, ["plan", str(path)]).stdout
+    assert "gpus: GPU slot 1's share of those nvidia-smi -L lists on the host at start" in text, text
+
+
 def test_auto_gpus_that_do_not_divide_are_a_host_error_with_a_fix() -> None:
     spec = host(speccluster_gpus="auto", speccluster_nworkers=2)
     pool = AgentPool("gpu-test", {"g1": spec})

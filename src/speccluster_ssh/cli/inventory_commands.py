@@ -157,8 +157,8 @@ def plan(
             elif gpus and entry.get("gpu_slot") is None:
                 opts += "; no GPU: every GPU slot of the host is held"
             elif gpus:
-                opts += (f"; gpus: the share of GPU slot {entry['gpu_slot']} of those found on the host at start "
-                         "(nvidia-smi -L)")
+                opts += (f"; gpus: GPU slot {entry['gpu_slot']}'s share of those nvidia-smi -L lists "
+                         "on the host at start")
             click.echo(f"  entry {entry['entry']}: {entry['class']} x{len(entry['workers'])} "
                        f"({', '.join(entry['workers'])}); {opts}")
         env = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in host["environment"].items())
