@@ -188,6 +188,53 @@ def test_next_entries_fill_slots_like_the_cluster() -> None:
     assert chosen is not None and chosen.name == "n2"
 
 
+# -- GPU shares, held by entries of the spec ----------------------------------------------------------
+
+
+def gpu_inventory() -> Inventory:
+    return Inventory.from_hosts([
+        {"name": "g", "groups": ["workers"], "speccluster_gpus": 4, "speccluster_slots": 2},
+        {"name": "a", "groups": ["workers"], "speccluster_gpus": "auto", "speccluster_slots": 2,
+         "speccluster_nworkers": 2},
+    ])
+
+
+def test_entries_hold_gpu_slots_by_name_and_a_removed_one_frees_its_slot() -> None:
+    hosts = {h.name: h for h in gpu_inventory().worker_hosts}
+    spec: dict[str, Any] = {}
+    counter = 0
+    while True:
+        entry, counter = entries.next_entry(settings(), hosts, spec, counter, policy="pack")
+        if entry is None:
+            break
+        spec.update(entry)
+    shares = {k: (s["options"]["host"], s["options"]["gpu_slot"], s["options"]["gpus"]) for k, s in spec.items()}
+    assert shares == {
+        "0": ("g", 0, [["0", "1"]]),
+        "1": ("g", 1, [["2", "3"]]),
+        "2": ("a", 0, "auto"),  # its devices are those the agent finds: slot 0's share of them
+        "3": ("a", 1, "auto"),
+    }
+    assert entries.gpus_held(spec) == {"g": {"0": 0, "1": 1}, "a": {"2": 0, "3": 1}}
+    del spec["0"]
+    placed = entries.place_entry(settings(), hosts, entries.slots_used(spec), policy="pack",
+                                 gpus_held=entries.gpus_held(spec))
+    assert placed is not None and placed["options"]["host"] == "g"
+    assert (placed["options"]["gpu_slot"], placed["options"]["gpus"]) == (0, [["0", "1"]])
+    # Rebuilt in place on a full host (its variables changed): no GPU rather than a shared one.
+    stay = entries.place_entry(settings(), hosts, {}, stay="g", gpus_held=entries.gpus_held({**spec, "9": placed}))
+    assert stay is not None and (stay["options"]["gpu_slot"], stay["options"]["gpus"]) == (None, [[]])
+
+
+def test_a_user_written_entry_takes_a_free_gpu_slot_unless_it_names_one() -> None:
+    hosts = {h.name: h for h in gpu_inventory().worker_hosts}
+    held = {"g": {"5": 0}}
+    user = entries.complete_entry(settings(), {"cls": RemoteNanny, "options": {"host": "g"}}, hosts, held)
+    assert (user["options"]["gpu_slot"], user["options"]["gpus"]) == (1, [["2", "3"]])
+    own = entries.complete_entry(settings(), {"cls": RemoteNanny, "options": {"host": "g", "gpus": [["3"]]}}, hosts, held)
+    assert own["options"]["gpus"] == [["3"]] and "gpu_slot" not in own["options"]
+
+
 # -- scheduler entries ------------------------------------------------------------------------------
 
 

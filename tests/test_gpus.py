@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from speccluster_ssh.agent import HostAgent
 from speccluster_ssh.connection import ConnectSettings, HostConnection
-from speccluster_ssh.entries import free_gpu_slot, gpu_share, planned_gpus, uneven_gpus
+from speccluster_ssh.placement import free_gpu_slot, gpu_share, slot_gpus, uneven_gpus
 from speccluster_ssh.errors import HostError
 from speccluster_ssh.inventory import Inventory, InventoryError
 from speccluster_ssh.planning import build_plan
@@ -120,7 +120,24 @@ def test_plan_shows_each_workers_devices() -> None:
     assert by_host["c1"] is None
     g2 = [g for h, g in entries.values() if h == "g2"]
     assert sorted(d for g in g2 for ds in g.values() for d in ds) == ["5", "7"]
-    assert planned_gpus(inv.hosts["g1"], 0, ["a", "b"]) == {"a": ["0", "1"], "b": ["2", "3"]}
+    assert slot_gpus(inv.hosts["g1"].gpus, inv.hosts["g1"], 0, 2) == [["0", "1"], ["2", "3"]]
+
+
+def test_plan_shows_the_gpu_slot_each_auto_entry_holds(tmp_path: Path) -> None:
+    """With ``auto`` the devices are known only at start; the slot, which decides their share, is known now."""
+    from click.testing import CliRunner
+
+    from speccluster_ssh.cli import main
+
+    path = tmp_path / "auto.yml"
+    path.write_text('{"all": {"hosts": {"g": {"ansible_connection": "local", "speccluster_gpus": "auto", '
+                    '"speccluster_slots": 2}}}}')
+    plan = build_plan(Inventory.from_hosts([{"name": "g", "ansible_connection": "local", "speccluster_gpus": "auto",
+                                             "speccluster_slots": 2}]), name="p", workers=None, placement="spread",
+                      tls=False)
+    assert [(e["gpus"], e["gpu_slot"]) for e in plan["hosts"][0]["entries"]] == [("auto", 0), ("auto", 1)]
+    text = CliRunner().invoke(main, ["plan", str(path)]).stdout
+    assert "gpus: GPU slot 1's share of those nvidia-smi -L lists on the host at start" in text, text
 
 
 def test_auto_gpus_that_do_not_divide_are_a_host_error_with_a_fix() -> None:

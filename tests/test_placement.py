@@ -13,9 +13,13 @@ from speccluster_ssh.placement import (
     describe_default_nthreads,
     entries_to_add,
     entries_to_remove,
+    entry_gpus,
+    given_nthreads,
+    planned_nthreads,
+    worker_nthreads,
     workers_for,
 )
-from speccluster_ssh.inventory import Inventory
+from speccluster_ssh.inventory import HostSpec, Inventory
 from speccluster_ssh.planning import build_plan
 from speccluster_ssh.process import same_release
 
@@ -125,3 +129,55 @@ def test_plan_shows_the_default_nthreads_per_entry() -> None:
         "set": [3],  # set in the inventory: shown as is
     }
     assert describe_default_nthreads(2) == "auto (host cpus // 2, at least 1)"
+
+
+@pytest.mark.parametrize(
+    ("given", "cpu_count", "workers", "threads", "shown"),
+    [
+        (None, 8, 2, 4, describe_default_nthreads(2)),  # unset: the host's cpus shared
+        (0, 8, 2, 4, describe_default_nthreads(2)),  # 0 is unset too, not dask's "every cpu" per worker
+        (0, None, 1, 1, describe_default_nthreads(1)),
+        (3, 8, 2, 3, 3),  # given: as is, whatever the host has
+        (16, 2, 1, 16, 16),
+    ],
+)
+def test_a_users_nthreads_is_read_by_one_rule(given: int | None, cpu_count: int | None, workers: int, threads: int,
+                                              shown: int | str) -> None:
+    """The process interface starts, scaling counts and plan shows the same threads (issue 22, item 3)."""
+    assert worker_nthreads(given, cpu_count, workers) == threads
+    assert planned_nthreads(given, workers) == shown
+    assert given_nthreads(given) == (given or None)
+
+
+def test_a_negative_nthreads_is_refused() -> None:
+    with pytest.raises(ValueError, match="nthreads must be 1 or more, or unset"):
+        worker_nthreads(-2, 8, 1)
+
+
+# -- GPU shares: decided where the entry is placed ---------------------------------------------------
+
+
+def gpu_host(**variables: object) -> HostSpec:
+    spec = {"name": "g", "ansible_connection": "local", **variables}
+    return Inventory.from_hosts([spec]).hosts["g"]
+
+
+@pytest.mark.parametrize(
+    ("variables", "held", "workers", "expected"),
+    [
+        ({}, {}, 1, {}),  # no speccluster_gpus: nothing to hand over
+        ({"speccluster_gpus": 4, "speccluster_slots": 2}, {}, 1, {"gpu_slot": 0, "gpus": [["0", "1"]]}),
+        ({"speccluster_gpus": 4, "speccluster_slots": 2}, {"7": 0}, 1, {"gpu_slot": 1, "gpus": [["2", "3"]]}),
+        # The slot a removed entry left is taken again: the lowest free one.
+        ({"speccluster_gpus": [4, 5, 6], "speccluster_slots": 3}, {"1": 0, "3": 2}, 1, {"gpu_slot": 1, "gpus": [["5"]]}),
+        ({"speccluster_gpus": 4, "speccluster_nworkers": 2, "speccluster_slots": 2}, {"0": 1}, 2,
+         {"gpu_slot": 0, "gpus": [["0"], ["1"]]}),
+        # Every slot held (an entry written by hand, or rebuilt in place): no GPU rather than a shared one.
+        ({"speccluster_gpus": 2, "speccluster_slots": 2}, {"0": 0, "1": 1}, 1, {"gpu_slot": None, "gpus": [[]]}),
+        ({"speccluster_gpus": "auto", "speccluster_slots": 2}, {"0": 0}, 1, {"gpu_slot": 1, "gpus": "auto"}),
+    ],
+)
+def test_entry_gpus_takes_the_lowest_free_slot_and_its_devices(
+    variables: dict[str, object], held: dict[str, int], workers: int, expected: dict[str, object]
+) -> None:
+    assert entry_gpus(gpu_host(**variables), held, workers) == expected

@@ -4,19 +4,26 @@ Both commands call one function for the checks ``up`` makes before it
 starts (:func:`speccluster_ssh.cli.common._prepare_up`), so each bad case
 here must give byte-identical stderr from the two, and ``up`` must leave
 no state behind.
+
+What ``plan`` shows is what ``up`` does: each worker's GPU devices and
+threads, as the workers of a local cluster have them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import dask
 import pytest
 from click.testing import CliRunner, Result
 
 from speccluster_ssh.cli import main
-
 
 
 
@@ -98,3 +105,64 @@ def test_plan_up_and_check_take_up_s_command_line_and_default_to_the_local_inven
     for command in ("up", "plan", "check"):
         usage = cli(command, "--help").stdout
         assert f"{command} [OPTIONS] [INVENTORY]" in usage, usage
+
+
+def test_up_hands_each_worker_the_gpus_and_threads_plan_shows(tmp_path: Path) -> None:
+    """A host with a GPU list: each worker's CUDA_VISIBLE_DEVICES and threads are what plan showed.
+
+    No GPU is needed: the devices are named in the inventory and only reach
+    the workers' environment. A removed entry's GPUs go to the next entry
+    placed there, which plan (the entries from the start) showed for that slot.
+    """
+    from distributed import Client
+
+    from speccluster_ssh import SSHSpecCluster
+    from speccluster_ssh.inventory import load_inventory
+    from speccluster_ssh.planning import build_plan
+
+    path = tmp_path / "gpus.yml"
+    path.write_text(json.dumps({"all": {"hosts": {"here": {
+        "ansible_connection": "local", "speccluster_python": sys.executable, "speccluster_slots": 2,
+        "speccluster_nworkers": 2, "speccluster_gpus": [4, 5, 6, 7], "speccluster_nthreads": 1,
+    }}}}))
+    plan = build_plan(load_inventory(path), name="g", workers=None, placement="spread", tls=False)
+    planned = {w: (",".join(d), e["options"]["nthreads"])
+               for h in plan["hosts"] for e in h["entries"] for w, d in e["gpus"].items()}
+    assert sorted(d for d, _ in planned.values()) == ["4", "5", "6", "7"]
+
+    def visible(dask_worker: Any) -> tuple[str, str, int]:
+        return str(dask_worker.name), os.environ.get("CUDA_VISIBLE_DEVICES", ""), dask_worker.state.nthreads
+
+    async def seen(client: Any, count: int, gone: set[str]) -> dict[str, tuple[str, str, int]]:
+        """Address -> what each worker has, once ``count`` run and none of ``gone`` is left."""
+        deadline = time.monotonic() + 60
+        while True:
+            found = await client.run(visible)
+            if len(found) == count and not gone & set(found):
+                return found
+            assert time.monotonic() < deadline, f"the workers did not settle: {found}"
+            await asyncio.sleep(0.1)
+
+    def by_name(found: dict[str, tuple[str, str, int]]) -> dict[str, tuple[str, int]]:
+        return {name: (devices, threads) for name, devices, threads in found.values()}
+
+    async def main() -> None:
+        async with SSHSpecCluster.from_inventory(path, asynchronous=True) as cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                await client.wait_for_workers(4, timeout=60)
+                before = await seen(client, 4, set())
+                assert by_name(before) == planned
+                rows = {w["name"]: ",".join(w["gpus"]) for w in cluster.status_report()["workers"]}
+                assert rows == {w: d for w, (d, _) in planned.items()}
+                # Entry 0 leaves and a new entry comes: it gets slot 0's devices, as entry 0 had them.
+                del cluster.worker_spec["0"]
+                await cluster.reconcile_now()
+                cluster.scale(4)
+                await cluster.reconcile_now()
+                gone = {a for a, (name, _, _) in before.items() if name.startswith("0-")}
+                now = await seen(client, 4, gone)
+                new = sorted((devices, threads) for a, (_, devices, threads) in now.items() if a not in before)
+                assert new == [planned["0-0"], planned["0-1"]], now
+                assert {a: v for a, v in now.items() if a in before} == {a: v for a, v in before.items() if a not in gone}
+
+    asyncio.run(main())

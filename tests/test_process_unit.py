@@ -120,3 +120,54 @@ def test_the_start_request_carries_the_host_vars_by_name() -> None:
     assert "host_vars" not in bare["options"]
     worker = bare["cls"]("tcp://10.0.0.1:8786", "b", **with_pool(bare["cls"], bare["options"], the_pool))
     assert worker._start_request("b", agent, the_pool, "tcp://10.0.0.1:8786")["host_vars"] == {}
+# -- handed, not chosen: GPU devices and threads ---------------------------------------------------------
+
+
+def gpu_pool() -> AgentPool:
+    return AgentPool("unit-0123", Inventory.from_hosts([
+        {"name": "g", "groups": ["workers"], "speccluster_gpus": 4, "speccluster_slots": 2},
+        {"name": "a", "groups": ["workers"], "speccluster_gpus": "auto", "speccluster_nworkers": 2},
+    ]).hosts)
+
+
+def made(the_pool: AgentPool, host: str, key: str, held: dict[str, dict[str, int]]) -> RemoteProcess:
+    settings = EntrySettings("unit-0123", 42.0, {}, classes=CLASSES, process_base=RemoteProcess)
+    spec = entries.worker_entry(settings, the_pool.hosts[host], gpus_held=held.get(host, {}))
+    opts = dict(spec["options"], name=key)
+    if spec.get("group"):
+        opts["group"] = spec["group"]
+    return spec["cls"]("tcp://10.0.0.1:8786", **with_pool(spec["cls"], opts, the_pool))
+
+
+def test_a_process_is_handed_its_gpus_and_the_pool_holds_no_claims() -> None:
+    the_pool = gpu_pool()
+    agent: Any = SimpleNamespace(facts={"cpu_count": 8})
+    second = made(the_pool, "g", "k2", {"g": {"k1": 0}})
+    assert second.gpu_slot == 1
+    gpus = second._member_gpus(agent, the_pool)
+    assert gpus == {"k2": ["2", "3"]}
+    second.gpus = gpus
+    assert second._member_env("k2")["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert second._process_options("k2", agent)["resources"] == {"GPU": 2}
+    assert not hasattr(the_pool, "gpu_claims")  # made twice, it gets the same share: nothing is claimed
+    assert made(the_pool, "g", "k2", {"g": {"k1": 0}})._member_gpus(agent, the_pool) == gpus
+
+
+def test_auto_gpus_are_the_placed_slots_share_of_those_the_agent_found() -> None:
+    the_pool = gpu_pool()
+    process = made(the_pool, "a", "k", {})
+    assert (process.gpu_slot, process.placed_gpus) == (0, "auto")
+    found: Any = SimpleNamespace(facts={"gpus": ["0", "1", "2", "3"]})
+    assert process._member_gpus(found, the_pool) == {"k-0": ["0", "1"], "k-1": ["2", "3"]}
+    none_found: Any = SimpleNamespace(facts={})
+    assert process._member_gpus(none_found, the_pool) == {}  # nothing to pin
+
+
+@pytest.mark.parametrize(("given", "threads"), [(None, 4), (0, 4), (2, 2)])
+def test_unset_or_zero_nthreads_start_with_the_default(given: int | None, threads: int) -> None:
+    """0 is unset, as scaling and plan read it: not passed on for dask to give every worker all cpus."""
+    the_pool = pool()
+    nanny = RemoteNanny("tcp://10.0.0.1:8786", "k", host="n1", pool=the_pool, group=["-0", "-1"],
+                        options={"nthreads": given})
+    agent: Any = SimpleNamespace(facts={"cpu_count": 8})
+    assert nanny._process_options("k-0", agent)["nthreads"] == threads

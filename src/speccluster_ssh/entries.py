@@ -27,27 +27,31 @@ An entry's ``host_vars`` are its host's variables whose table row says
 ``request`` (:meth:`~speccluster_ssh.inventory.HostSpec.request_vars`); every
 start request carries them and the host's agent reads them by name.
 
-Two more things every remote process gets are worked out here: the head's
-dask config as sent to hosts (:func:`forwarded_dask_config`, merged with a
-host's ``speccluster_dask_config`` on the host) and the GPU devices of each
-worker (:func:`gpu_share`).
+The head's dask config as sent to hosts is worked out here too
+(:func:`forwarded_dask_config`, merged with a host's ``speccluster_dask_config``
+on the host). An entry on a host with ``speccluster_gpus`` holds one of the
+host's GPU slots, chosen when it is placed (:func:`~speccluster_ssh.placement.entry_gpus`
+given :func:`gpus_held`): its ``gpu_slot`` and ``gpus`` options are what the
+process interface is handed and what ``plan`` shows.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .dashboards import LOOPBACK, dashboard_bind
 from .errors import UserError
 from .inventory import HostSpec
-from .placement import choose_host, group_suffixes, worker_options
+from .placement import choose_host, entry_gpus, group_suffixes, worker_options
 from .security import remote_security_paths
 
 # For callers that only name the kind of process (the planner).
 CLASS_NAMES: Mapping[str, Any] = {"nanny": "nanny", "worker": "worker", "scheduler": "scheduler"}
+_NONE_HELD: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,10 @@ class EntrySettings:
 # -- worker entries ------------------------------------------------------------------------------
 
 
-def worker_entry(settings: EntrySettings, host: HostSpec, new_spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def worker_entry(
+    settings: EntrySettings, host: HostSpec, new_spec: Mapping[str, Any] | None = None,
+    gpus_held: Mapping[str, int] = _NONE_HELD,
+) -> dict[str, Any]:
     """The spec entry of one worker (or group) on ``host``, without its name.
 
     Parameters
@@ -124,6 +131,9 @@ def worker_entry(settings: EntrySettings, host: HostSpec, new_spec: Mapping[str,
         The cluster's ``new_spec`` (``worker=`` of SpecCluster): its class
         replaces the inventory's when it is a ``process_base`` class other
         than the nanny class, and its options win over every other.
+    gpus_held
+        The GPU slots other entries hold on ``host``, by entry name: the
+        entry takes a free one (see :func:`~speccluster_ssh.placement.entry_gpus`).
     """
     options = worker_options(host)
     security = settings.security_options()
@@ -157,6 +167,7 @@ def worker_entry(settings: EntrySettings, host: HostSpec, new_spec: Mapping[str,
         # Imported by the host's agent when it starts; started there as dask's SpecCluster would (child.py).
         spec["options"]["worker_class"] = host.worker_class_path
     suffixes = group_suffixes(host)
+    spec["options"].update(entry_gpus(host, gpus_held, len(suffixes or [None])))
     if suffixes:
         spec["group"] = suffixes
     return spec
@@ -169,8 +180,11 @@ def _add_host_vars(spec: dict[str, Any], host: HostSpec) -> None:
         spec["options"]["host_vars"] = sent
 
 
-def complete_entry(settings: EntrySettings, spec: Mapping[str, Any], worker_hosts: Mapping[str, HostSpec]) -> dict[str, Any]:
-    """Fill in what a user-written spec entry cannot know: the cluster id and TLS files.
+def complete_entry(
+    settings: EntrySettings, spec: Mapping[str, Any], worker_hosts: Mapping[str, HostSpec],
+    gpus_held: Mapping[str, Mapping[str, int]] = _NONE_HELD,
+) -> dict[str, Any]:
+    """Fill in what a user-written spec entry cannot know: the cluster id, TLS files and GPU share.
 
     Parameters
     ----------
@@ -181,6 +195,10 @@ def complete_entry(settings: EntrySettings, spec: Mapping[str, Any], worker_host
         and ``options`` with at least ``host``.
     worker_hosts
         The inventory's worker hosts by name.
+    gpus_held
+        GPU slots held per host by the entries completed before (see
+        :func:`gpus_held`); an entry that names neither ``gpu_slot`` nor
+        ``gpus`` takes a free slot of its host.
 
     Raises
     ------
@@ -216,6 +234,9 @@ def complete_entry(settings: EntrySettings, spec: Mapping[str, Any], worker_host
         inner.setdefault("security", security)
     inner.setdefault("dashboard_address", f"{LOOPBACK}:0")
     options["options"] = inner
+    if "gpu_slot" not in options and "gpus" not in options:
+        workers = len(entry.get("group") or [None])
+        options.update(entry_gpus(worker_hosts[host], gpus_held.get(host, _NONE_HELD), workers))
     entry["options"] = options
     return entry
 
@@ -237,6 +258,21 @@ def slots_used(worker_spec: Mapping[Any, Mapping[str, Any]]) -> dict[str, int]:
         if host is not None:
             used[host] = used.get(host, 0) + 1
     return used
+
+
+def gpus_held(worker_spec: Mapping[Any, Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """The GPU slots entries of ``worker_spec`` hold: host name -> entry name -> slot.
+
+    An entry holds its slot while it is in the spec, whatever its process
+    does: one started again in place keeps its devices, one removed or moved
+    frees them for the next entry placed on the host.
+    """
+    held: dict[str, dict[str, int]] = {}
+    for key, spec in worker_spec.items():
+        options = spec.get("options", {})
+        if options.get("gpu_slot") is not None and options.get("host") is not None:
+            held.setdefault(options["host"], {})[str(key)] = int(options["gpu_slot"])
+    return held
 
 
 def choose_entry_host(
@@ -261,8 +297,9 @@ def place_entry(
     prefer: str | None = None,
     leaving: str | None = None,
     stay: str | None = None,
+    gpus_held: Mapping[str, Mapping[str, int]] = _NONE_HELD,
 ) -> dict[str, Any] | None:
-    """The spec of a new or moved entry: its host and options; ``None`` when no usable slot is free.
+    """The spec of a new or moved entry: its host, options and GPU share; ``None`` when no usable slot is free.
 
     Parameters
     ----------
@@ -286,6 +323,10 @@ def place_entry(
     stay
         A host the entry is built on again from today's variables, whatever
         its slots or health (its host changed in the inventory).
+    gpus_held
+        The GPU slots held per host, by entry name (:func:`gpus_held` of the
+        spec the entry joins, without the entry itself): the entry takes a
+        free one on its host. Needed wherever a host may have ``speccluster_gpus``.
     """
     if leaving is not None and leaving in used:
         used = {**used, leaving: used[leaving] - 1}
@@ -296,7 +337,7 @@ def place_entry(
         host = worker_hosts[prefer]
     else:
         host = choose_entry_host(worker_hosts, used, unavailable, policy)
-    return worker_entry(settings, host, new_spec) if host is not None else None
+    return worker_entry(settings, host, new_spec, gpus_held.get(host.name, _NONE_HELD)) if host is not None else None
 
 
 def next_entry_name(taken: Collection[Any], counter: int) -> tuple[str, int]:
@@ -342,7 +383,8 @@ def next_entry(
         for the next call (unchanged when there was no slot).
     """
     spec = place_entry(
-        settings, worker_hosts, slots_used(worker_spec), unavailable=unavailable, policy=policy, new_spec=new_spec
+        settings, worker_hosts, slots_used(worker_spec), unavailable=unavailable, policy=policy, new_spec=new_spec,
+        gpus_held=gpus_held(worker_spec),
     )
     if spec is None:
         return None, counter
@@ -526,67 +568,3 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 def config_size(config: Mapping[str, Any]) -> int:
     """Bytes ``config`` takes in a start request."""
     return len(json.dumps(config))
-
-
-# -- GPUs --------------------------------------------------------------------------------------------
-
-
-def gpu_share(devices: Sequence[str], host_workers: int, index: int) -> list[str]:
-    """The devices of worker ``index`` of the ``host_workers`` workers of a host.
-
-    Parameters
-    ----------
-    devices
-        The host's devices, e.g. ``["0", "1", "2", "3"]``.
-    host_workers
-        Workers the host holds when every slot is used (slots x nworkers).
-    index
-        ``slot * nworkers + member``: which worker of the host.
-
-    Raises
-    ------
-    ValueError
-        When the devices do not divide evenly among the workers, or
-        ``index`` is not one of them.
-    """
-    if host_workers < 1 or not 0 <= index < host_workers:
-        raise ValueError(f"worker {index} is not one of the host's {host_workers} workers")
-    if len(devices) % host_workers:
-        raise ValueError(f"{len(devices)} GPUs do not divide evenly among {host_workers} workers")
-    per = len(devices) // host_workers
-    return [str(d) for d in devices[index * per:(index + 1) * per]]
-
-
-def uneven_gpus(count: int, host: HostSpec) -> str | None:
-    """Why ``count`` GPUs cannot be shared among ``host``'s workers; ``None`` when they can."""
-    workers = host.slots * host.nworkers
-    if count == 0 or workers == 0 or count % workers == 0:
-        return None
-    return (
-        f"{count} GPUs do not divide evenly among its {workers} workers "
-        f"(speccluster_slots {host.slots} x speccluster_nworkers {host.nworkers})"
-    )
-
-
-def planned_gpus(host: HostSpec, slot: int, members: Sequence[str]) -> dict[str, list[str]] | str | None:
-    """The GPUs each member of the entry in GPU slot ``slot`` of ``host`` gets, as ``plan`` shows them.
-
-    ``"auto"`` when the host finds its GPUs at start, ``None`` without GPUs.
-    """
-    if host.gpus == "auto":
-        return "auto"
-    if not host.gpus:
-        return None
-    workers = host.slots * host.nworkers
-    shares: dict[str, list[str]] = {}
-    for i, member in enumerate(members):
-        try:
-            shares[member] = gpu_share(host.gpus, workers, slot * host.nworkers + i)
-        except ValueError:
-            shares[member] = []
-    return shares
-
-
-def free_gpu_slot(claimed: Collection[int], slots: int) -> int | None:
-    """The lowest slot of a host whose GPU share no running entry holds; ``None`` when all are held."""
-    return next((slot for slot in range(slots) if slot not in claimed), None)

@@ -348,6 +348,7 @@ class Healer:
         moved = entries.place_entry(
             cluster.entry_settings, cluster.worker_hosts, entries.slots_used(cluster.worker_spec),
             unavailable=unavailable, policy=cluster.placement_policy, new_spec=cluster.new_spec, leaving=old_host,
+            gpus_held=entries.gpus_held({k: s for k, s in cluster.worker_spec.items() if k != key}),
         )
         if moved is None:
             return

@@ -152,6 +152,7 @@ def _place(
     return entries.place_entry(
         cluster.entry_settings, cluster.worker_hosts, used, unavailable=cluster.healer.unavailable_hosts() | set(avoid),
         policy=cluster.placement_policy, new_spec=cluster.new_spec, prefer=prefer,
+        gpus_held=entries.gpus_held(cluster.worker_spec),
     )
 
 

@@ -2,7 +2,9 @@
 
 A host offers ``slots`` spec entries. An entry is one dask worker, or a group
 of ``nworkers`` workers. These functions decide where the next entry goes and
-how many entries a request for workers, cores or memory needs.
+how many entries a request for workers, cores or memory needs, the threads
+of a worker whose ``nthreads`` is unset (:func:`worker_nthreads`) and the GPU
+share of an entry (:func:`entry_gpus`).
 
 Policies
 --------
@@ -166,7 +168,7 @@ def worker_options(host: HostSpec) -> dict[str, Any]:
     """Keyword options of one dask worker (or nanny) on ``host``, from its variables.
 
     ``nthreads`` is ``None`` when the inventory leaves it unset: the process
-    interface then starts each worker with :func:`default_nthreads`.
+    interface then starts each worker with :func:`worker_nthreads`.
     """
     options: dict[str, Any] = {
         "nthreads": host.nthreads,
@@ -185,11 +187,7 @@ def worker_options(host: HostSpec) -> dict[str, Any]:
 
 
 def default_nthreads(cpu_count: int | None, workers: int) -> int:
-    """Threads of each worker of an entry whose ``nthreads`` the inventory leaves unset.
-
-    The host's cpus shared by the entry's workers, at least one each. The
-    process interface starts workers with it, scaling counts cores with it,
-    and ``plan`` shows it as :func:`describe_default_nthreads`.
+    """Threads of each worker of an entry whose ``nthreads`` is unset: the host's cpus shared, at least one each.
 
     Parameters
     ----------
@@ -202,6 +200,50 @@ def default_nthreads(cpu_count: int | None, workers: int) -> int:
     return max(1, int(cpu_count or 1) // workers)
 
 
+def given_nthreads(value: Any) -> int | None:
+    """The ``nthreads`` a user gave, read once for everyone; ``None`` when it is unset.
+
+    ``None`` and 0 both mean unset (dask itself reads 0 as "choose for me").
+    The inventory refuses 0, but ``worker_options``, a ``worker=`` spec or an
+    entry written by hand may carry it; the process interface, scaling and
+    ``plan`` all read it here, so it means one thing everywhere.
+
+    Raises
+    ------
+    ValueError
+        For a number below 0, or a value that is no number.
+    """
+    if value is None or value == 0:
+        return None
+    threads = int(value)
+    if threads < 1:
+        raise ValueError(f"nthreads must be 1 or more, or unset (None or 0), got {value!r}")
+    return threads
+
+
+def worker_nthreads(value: Any, cpu_count: int | None, workers: int) -> int:
+    """Threads of each worker of an entry: the ``nthreads`` given, else :func:`default_nthreads`.
+
+    The process interface starts workers with it and scaling counts cores
+    with it; ``plan``, which knows no cpu count, shows :func:`planned_nthreads`.
+
+    Parameters
+    ----------
+    value
+        The entry's ``nthreads`` option (see :func:`given_nthreads`).
+    cpu_count, workers
+        As for :func:`default_nthreads`.
+    """
+    given = given_nthreads(value)
+    return given if given is not None else default_nthreads(cpu_count, workers)
+
+
+def planned_nthreads(value: Any, workers: int) -> int | str:
+    """:func:`worker_nthreads` as ``plan`` shows it before any host is reached."""
+    given = given_nthreads(value)
+    return given if given is not None else describe_default_nthreads(workers)
+
+
 def describe_default_nthreads(workers: int) -> str:
     """:func:`default_nthreads` for an entry of ``workers`` workers, as ``plan`` shows it before any host is reached."""
     return f"auto (host cpus // {workers}, at least 1)"
@@ -210,3 +252,101 @@ def describe_default_nthreads(workers: int) -> str:
 def group_suffixes(host: HostSpec) -> list[str] | None:
     """Name suffixes of the workers of one entry on ``host``; ``None`` for a single worker."""
     return [f"-{i}" for i in range(host.nworkers)] if host.nworkers > 1 else None
+
+
+# -- GPUs --------------------------------------------------------------------------------------------
+# A host with ``speccluster_gpus`` has one GPU slot per entry slot: the entry holding slot ``s`` runs
+# workers ``s * nworkers`` .. ``s * nworkers + nworkers - 1`` of the host's ``slots * nworkers``,
+# each with its equal share of the devices.
+
+
+def gpu_share(devices: Sequence[str], host_workers: int, index: int) -> list[str]:
+    """The devices of worker ``index`` of the ``host_workers`` workers of a host.
+
+    Parameters
+    ----------
+    devices
+        The host's devices, e.g. ``["0", "1", "2", "3"]``.
+    host_workers
+        Workers the host holds when every slot is used (slots x nworkers).
+    index
+        ``slot * nworkers + member``: which worker of the host.
+
+    Raises
+    ------
+    ValueError
+        When the devices do not divide evenly among the workers, or
+        ``index`` is not one of them.
+    """
+    if host_workers < 1 or not 0 <= index < host_workers:
+        raise ValueError(f"worker {index} is not one of the host's {host_workers} workers")
+    if len(devices) % host_workers:
+        raise ValueError(f"{len(devices)} GPUs do not divide evenly among {host_workers} workers")
+    per = len(devices) // host_workers
+    return [str(d) for d in devices[index * per:(index + 1) * per]]
+
+
+def uneven_gpus(count: int, host: HostSpec) -> str | None:
+    """Why ``count`` GPUs cannot be shared among ``host``'s workers; ``None`` when they can."""
+    workers = host.slots * host.nworkers
+    if count == 0 or workers == 0 or count % workers == 0:
+        return None
+    return (
+        f"{count} GPUs do not divide evenly among its {workers} workers "
+        f"(speccluster_slots {host.slots} x speccluster_nworkers {host.nworkers})"
+    )
+
+
+def free_gpu_slot(held: Collection[int], slots: int) -> int | None:
+    """The lowest GPU slot of a host that no entry holds; ``None`` when all are held."""
+    return next((slot for slot in range(slots) if slot not in held), None)
+
+
+def slot_gpus(devices: Sequence[str], host: HostSpec, slot: int | None, workers: int) -> list[list[str]]:
+    """The devices of each of the ``workers`` workers of the entry in GPU slot ``slot`` of ``host``.
+
+    No slot (every one is held), or devices that do not divide evenly: no
+    GPU for the worker (an empty list) rather than one shared with another.
+    """
+    shares: list[list[str]] = []
+    for member in range(workers):
+        try:
+            if slot is None:
+                raise ValueError("no GPU slot")
+            shares.append(gpu_share(devices, host.slots * host.nworkers, slot * host.nworkers + member))
+        except ValueError:
+            shares.append([])
+    return shares
+
+
+def entry_gpus(host: HostSpec, held: Mapping[str, int], workers: int) -> dict[str, Any]:
+    """The GPU options of a new entry on ``host``: the GPU slot it holds and its workers' devices.
+
+    The one place that decides GPU shares: the lowest slot no other entry
+    on the host holds, and that slot's devices. The process interface is
+    handed them; ``plan`` shows them.
+
+    Parameters
+    ----------
+    host
+        The entry's host.
+    held
+        The GPU slots other entries on the host hold, by entry name (see
+        :func:`speccluster_ssh.entries.gpus_held`).
+    workers
+        Dask workers the entry starts (its group size).
+
+    Returns
+    -------
+    dict
+        ``{}`` for a host without ``speccluster_gpus``. Else ``gpu_slot``
+        (``None`` when every slot is held: no GPU) and ``gpus``: one list of
+        device ids per worker, or ``"auto"`` when the host's agent finds its
+        devices at start (``nvidia-smi -L``); the process then takes its
+        slot's share of them with :func:`slot_gpus`.
+    """
+    if not host.gpus:
+        return {}
+    slot = free_gpu_slot(set(held.values()), host.slots)
+    gpus: list[list[str]] | str = "auto" if host.gpus == "auto" else slot_gpus(host.gpus, host, slot, workers)
+    return {"gpu_slot": slot, "gpus": gpus}

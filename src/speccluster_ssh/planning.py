@@ -11,8 +11,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .entries import EntrySettings, capacity_workers, member_names, next_entry, planned_gpus
-from .placement import describe_default_nthreads
+from .entries import EntrySettings, capacity_workers, member_names, next_entry
+from .placement import planned_nthreads
 
 if TYPE_CHECKING:
     from .inventory import HostSpec, Inventory
@@ -183,15 +183,18 @@ def ssh_target(host: HostSpec) -> str:
     return f"ssh {target}" + (f" -p {host.port}" if host.port else "")
 
 
-def _entry_plan(key: str, spec: dict[str, Any], tls: bool, host: HostSpec, slot: int) -> dict[str, Any]:
+def _entry_plan(key: str, spec: dict[str, Any], tls: bool) -> dict[str, Any]:
     options = dict(spec["options"]["options"])
     workers = member_names(key, spec)
-    if options.get("nthreads") is None:
-        options["nthreads"] = describe_default_nthreads(len(workers))
+    options["nthreads"] = planned_nthreads(options.get("nthreads"), len(workers))
     cls = spec["options"].get("worker_class") or spec["cls"]  # an import path from speccluster_worker_class
     plan = {"entry": key, "class": cls, "workers": workers, "options": options, "tls": tls}
-    # Worker name -> its GPU devices; "auto" when the host finds them at start.
-    plan["gpus"] = planned_gpus(host, slot, workers)
+    # What the process is handed: worker name -> its GPU devices, or "auto" for its GPU slot's
+    # share of those the host finds at start; None without speccluster_gpus.
+    gpus = spec["options"].get("gpus")
+    plan["gpus"] = dict(zip(workers, gpus)) if isinstance(gpus, list) else gpus
+    if gpus is not None:
+        plan["gpu_slot"] = spec["options"].get("gpu_slot")
     return plan
 
 
@@ -226,9 +229,7 @@ def build_plan(
     marker = f"{name}-<8 random hex digits, chosen by up>"
     by_host: dict[str, list[dict[str, Any]]] = {}
     for key, spec in plan_entries(inv, workers, placement).items():
-        on_host = by_host.setdefault(spec["options"]["host"], [])
-        # Entries take a host's GPU shares in start order, as the cluster hands them out.
-        on_host.append(_entry_plan(key, spec, tls, inv.hosts[spec["options"]["host"]], len(on_host)))
+        by_host.setdefault(spec["options"]["host"], []).append(_entry_plan(key, spec, tls))
     hosts: list[dict[str, Any]] = []
     order = list(inv.worker_hosts)
     sched = inv.scheduler_host

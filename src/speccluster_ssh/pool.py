@@ -4,8 +4,9 @@
 first process interface that needs a host's agent starts it
 (:meth:`AgentPool.agent`); every later one shares the outcome. The pool
 checks the host's ``distributed`` release and GPUs when its agent says hello,
-hands out GPU shares, tells the healer when a host is lost, and at close
-stops every agent, so every process of the cluster.
+tells the healer when a host is lost, and at close stops every agent, so every
+process of the cluster. Which GPUs an entry gets is decided where it is placed
+(:func:`speccluster_ssh.placement.entry_gpus`), not here.
 """
 
 from __future__ import annotations
@@ -13,21 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dask.config
 
 from . import config, timeline
 from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
-from .entries import HEAD_ONLY_CONFIG, forwarded_dask_config, free_gpu_slot, uneven_gpus
+from .entries import HEAD_ONLY_CONFIG, forwarded_dask_config
 from .errors import HostError
 from .health import HostState
 from .inventory import HostSpec
+from .placement import uneven_gpus
 from .tasks import TaskSet, log_failures
-
-if TYPE_CHECKING:
-    from .process import RemoteProcess
 
 logger = logging.getLogger("speccluster_ssh.process")  # the messages users know from the process log
 
@@ -82,8 +81,6 @@ class AgentPool:
         self.dask_config, dropped = forwarded_dask_config(dask.config.config, exclude)
         if dropped:
             logger.info("dask config not sent to the hosts (not plain data): %s", ", ".join(dropped))
-        # host -> GPU slot -> the entry holding that slot's devices
-        self.gpu_claims: dict[str, dict[int, RemoteProcess]] = {}
         self.closed = False
         # Seconds between SIGTERM and SIGKILL at the agents' shutdown; None: the agents' default.
         self.shutdown_grace: float | None = None
@@ -205,28 +202,6 @@ class AgentPool:
             f"set speccluster_gpus for {name} to a list of GPUs whose length is a multiple of {workers}, "
             "or change speccluster_nworkers or speccluster_slots",
         )
-
-    def gpus_of(self, name: str) -> list[str]:
-        """The GPU device ids of host ``name``: its ``speccluster_gpus``, or what its agent found for ``auto``."""
-        host = self.hosts[name]
-        if host.gpus == "auto":
-            agent = self.agents.get(name)
-            return [str(g) for g in (agent.facts.get("gpus") or ())] if agent is not None else []
-        return list(host.gpus)
-
-    def claim_gpus(self, name: str, process: RemoteProcess) -> int | None:
-        """A free GPU slot of host ``name`` for ``process``; ``None`` when every slot is held."""
-        claims = self.gpu_claims.setdefault(name, {})
-        slot = free_gpu_slot(claims, self.hosts[name].slots)
-        if slot is not None:
-            claims[slot] = process
-        return slot
-
-    def release_gpus(self, name: str, process: RemoteProcess) -> None:
-        """Give back the GPU slot ``process`` holds on host ``name``."""
-        claims = self.gpu_claims.get(name, {})
-        for slot in [s for s, p in claims.items() if p is process]:
-            del claims[slot]
 
     async def _probe_port(self) -> int:
         """The port of the head's stand-in listener that agents' reach probes connect to."""

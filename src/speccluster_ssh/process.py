@@ -22,9 +22,8 @@ from distributed.deploy.spec import ProcessInterface
 
 from . import timeline
 from .agent import HostAgent
-from .entries import gpu_share
 from .errors import HostError
-from .placement import default_nthreads
+from .placement import slot_gpus, worker_nthreads
 from .tasks import log_failures
 
 logger = logging.getLogger(__name__)
@@ -161,6 +160,11 @@ class RemoteProcess(ProcessInterface):
         The host's variables sent with each start request, by field name
         (see :meth:`~speccluster_ssh.inventory.HostSpec.request_vars`); the
         host's agent reads them by name.
+    gpu_slot, gpus
+        The GPU share the entry was placed with (see
+        :func:`~speccluster_ssh.placement.entry_gpus`): the host's GPU slot it
+        holds (``None``: none was free) and each member's devices, or
+        ``"auto"`` for the slot's share of the devices the host's agent found.
 
     Raises
     ------
@@ -187,6 +191,8 @@ class RemoteProcess(ProcessInterface):
         stop_grace: float = 3.0,
         worker_class: str | None = None,
         host_vars: Mapping[str, Any] | None = None,
+        gpu_slot: int | None = None,
+        gpus: Sequence[Sequence[str]] | str | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -210,7 +216,9 @@ class RemoteProcess(ProcessInterface):
         self.env = dict(env or {})
         self.host_vars = dict(host_vars or {})
         self.worker_class = worker_class
-        self.gpus: dict[str, list[str]] = {}  # member -> its GPU devices, on a host with speccluster_gpus
+        self.gpu_slot = gpu_slot
+        self.placed_gpus = gpus if isinstance(gpus, str) or gpus is None else [[str(d) for d in g] for g in gpus]
+        self.gpus: dict[str, list[str]] = {}  # member -> its GPU devices once started, on a host with speccluster_gpus
         self.group = list(group) if group else None
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
@@ -225,13 +233,7 @@ class RemoteProcess(ProcessInterface):
         """Call ``callback(self)`` when the entry fails: a process exited, the host was lost, or the start failed."""
         self._failed_callbacks.append(callback)
 
-    def _release_gpus(self) -> None:
-        # A failed entry gives its GPUs back at once, so that its replacement gets them.
-        if self.gpus and self.pool is not None:
-            self.pool.release_gpus(self.host, self)
-
     def _set_failed(self) -> None:
-        self._release_gpus()
         self.status = Status.failed
         self._event_finished.set()
         for callback in list(self._failed_callbacks):
@@ -278,22 +280,23 @@ class RemoteProcess(ProcessInterface):
             return None
         return pool.scheduler_address_for(self.host) or self.scheduler
 
-    def _assign_gpus(self, pool: AgentPool) -> None:
-        """Give each member its share of the host's GPUs (see :func:`~speccluster_ssh.entries.gpu_share`)."""
-        devices = pool.gpus_of(self.host)
-        if self.role == "scheduler" or not devices:
-            return
-        host = pool.hosts[self.host]
-        slot = pool.claim_gpus(self.host, self)
-        for i, member in enumerate(self.member_names):
-            try:
-                if slot is None:
-                    raise ValueError(f"all {host.slots} GPU shares of the host are held")
-                self.gpus[member] = gpu_share(devices, host.slots * host.nworkers, slot * host.nworkers + i)
-            except ValueError as exc:
-                # A spec entry written by hand may not fit the host's shares: no GPU rather than a shared one.
-                logger.warning("%s %s on %s gets no GPU: %s", self.role, member, self.host, exc)
-                self.gpus[member] = []
+    def _member_gpus(self, agent: HostAgent, pool: AgentPool) -> dict[str, list[str]]:
+        """Each member's GPU devices, as the entry was placed: the pure layer chose them, or its slot under ``auto``."""
+        placed = self.placed_gpus
+        if placed is None or self.role == "scheduler":
+            return {}
+        if placed == "auto":
+            found = [str(g) for g in agent.facts.get("gpus") or ()]
+            if not found:
+                return {}  # nvidia-smi found none: nothing to pin
+            # Known only now, so shared here, by the same rule as a list in the inventory.
+            placed = slot_gpus(found, pool.hosts[self.host], self.gpu_slot, len(self.member_names))
+        gpus = {member: list(placed[i]) if i < len(placed) else [] for i, member in enumerate(self.member_names)}
+        for member, devices in gpus.items():
+            if not devices:
+                # No GPU rather than one shared with another entry.
+                logger.warning("%s %s on %s gets no GPU: every GPU share of the host is held", self.role, member, self.host)
+        return gpus
 
     def _member_env(self, member: str) -> dict[str, str]:
         env = dict(self.env)
@@ -309,8 +312,9 @@ class RemoteProcess(ProcessInterface):
             options["resources"] = {**(options.get("resources") or {}), "GPU": len(self.gpus[member])}
         if self.role != "scheduler":
             options["name"] = member
-            if options.get("nthreads") is None:
-                options["nthreads"] = default_nthreads(agent.facts.get("cpu_count"), len(self.member_names))
+            # Unset (None or 0) is read by one rule, also used by scaling and plan.
+            options["nthreads"] = worker_nthreads(options.get("nthreads"), agent.facts.get("cpu_count"),
+                                                  len(self.member_names))
         if "host" not in options and "interface" not in options:
             listen = agent.facts.get("listen_address")
             if listen:
@@ -356,7 +360,7 @@ class RemoteProcess(ProcessInterface):
         ]
         agent.on_lost(self._on_agent_lost)
         scheduler = self._scheduler_for_host(pool)
-        self._assign_gpus(pool)
+        self.gpus = self._member_gpus(agent, pool)
         try:
             for member in self.member_names:
                 timeline.stamp("start_request", self.host, member)
@@ -416,7 +420,6 @@ class RemoteProcess(ProcessInterface):
         self._closing = True
         if stop:
             await self._stop_members()
-        self._release_gpus()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()

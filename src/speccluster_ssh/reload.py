@@ -347,7 +347,8 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
                 host = operations.host_of(cluster.worker_spec.pop(key))
                 new_key = operations.new_key(cluster, (key,))
                 rebuilt = entries.place_entry(
-                    cluster.entry_settings, cluster.worker_hosts, {}, new_spec=cluster.new_spec, stay=host
+                    cluster.entry_settings, cluster.worker_hosts, {}, new_spec=cluster.new_spec, stay=host,
+                    gpus_held=entries.gpus_held(cluster.worker_spec),
                 )
                 if rebuilt is not None:  # never None: it stays on its host
                     cluster.worker_spec[new_key] = rebuilt

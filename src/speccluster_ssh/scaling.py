@@ -21,7 +21,7 @@ from distributed.deploy.adaptive import Adaptive
 
 from . import entries
 from .errors import UserError
-from .placement import EntryShape, Target, default_nthreads, entries_to_remove
+from .placement import EntryShape, Target, entries_to_remove, worker_nthreads
 
 if TYPE_CHECKING:
     from .cluster import SSHSpecCluster
@@ -146,8 +146,8 @@ class Capacity:
         workers = len(group) if group else 1
         agents = self.cluster.pool.agents
         facts = agents[host_name].facts if host_name in agents else {}
-        # Unset: as the process interface will decide.
-        threads = int(inner.get("nthreads") or 0) or default_nthreads(facts.get("cpu_count"), workers)
+        # As the process interface will start it.
+        threads = worker_nthreads(inner.get("nthreads"), facts.get("cpu_count"), workers)
         memory = inner.get("memory_limit")
         if isinstance(memory, str) and memory != "auto":
             try:

@@ -111,10 +111,11 @@ def initial_spec(
     spec (the same dict as ``worker_spec`` now), which SpecCluster takes as
     its initial ``workers``.
     """
-    initial = {
-        str(key): entries.complete_entry(cluster.entry_settings, spec, cluster.worker_hosts)
-        for key, spec in workers.items()
-    }
+    initial: dict[str, Any] = {}
+    for key, spec in workers.items():
+        # Each takes a GPU slot the entries before it left free.
+        held = entries.gpus_held(initial)
+        initial[str(key)] = entries.complete_entry(cluster.entry_settings, spec, cluster.worker_hosts, held)
     cluster.worker_spec = initial
     cluster.new_spec = dict(worker) if worker else None
     if not initial:

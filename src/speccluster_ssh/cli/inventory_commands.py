@@ -154,8 +154,11 @@ def plan(
             gpus = entry.get("gpus")
             if isinstance(gpus, dict):
                 opts += "; gpus " + " ".join(f"{w}={','.join(d) or '-'}" for w, d in gpus.items())
+            elif gpus and entry.get("gpu_slot") is None:
+                opts += "; no GPU: every GPU slot of the host is held"
             elif gpus:
-                opts += "; gpus found on the host at start (nvidia-smi -L)"
+                opts += (f"; gpus: GPU slot {entry['gpu_slot']}'s share of those nvidia-smi -L lists "
+                         "on the host at start")
             click.echo(f"  entry {entry['entry']}: {entry['class']} x{len(entry['workers'])} "
                        f"({', '.join(entry['workers'])}); {opts}")
         env = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in host["environment"].items())
