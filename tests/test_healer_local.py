@@ -25,6 +25,16 @@ from speccluster_ssh.entries import EntrySettings
 from speccluster_ssh.errors import CapacityError, HostError
 from speccluster_ssh.health import HostState
 from speccluster_ssh.healer import Healer
+from speccluster_ssh.healing import (
+    DropDeadEntry,
+    EntryView,
+    HostView,
+    Process,
+    Reconcile,
+    RetryHost,
+    Snapshot,
+    StartAgainInPlace,
+)
 from speccluster_ssh.inventory import Inventory
 from speccluster_ssh.tasks import TaskSet
 
@@ -117,7 +127,15 @@ def test_an_entry_already_on_a_usable_host_starts_again_there_not_moved_to_itsel
 
     async def main() -> None:
         healer = Healer(cluster, pool, TaskSet("test"))  # type: ignore[arg-type]
-        healer._replace("1")  # what heal_once does for a dead process whose host (h2) is unusable
+        # What heal_once plans for entry 1's dead process on h2 (unusable): drop it, place the entry.
+        snapshot = Snapshot(
+            hosts=tuple(HostView(n, s.state) for n, s in states.items()),
+            worker_hosts=frozenset(hosts),
+            entries=(EntryView("0", "h1", Process.RUNNING, "h1", started=True), EntryView("1", "h3", Process.DEAD, "h2")),
+        )
+        actions = healer.core.plan(snapshot, time.monotonic())
+        assert actions == [RetryHost("h2"), DropDeadEntry("1"), StartAgainInPlace("1", "h3"), Reconcile()]
+        await healer.carry_out(actions[2])
 
     asyncio.run(main())
     assert logged == ["entry 1 started again on h3"]
