@@ -264,10 +264,14 @@ class Healer:
         self._retry_tasks[name] = self._tasks.start(self._retry_host(name), name=f"retry host {name}")
 
     def _apply_failure(self, name: str, cause: str) -> None:
-        self.pool.states[name].record_failure(cause)
+        state = self.pool.states.get(name)  # a reload may have removed it since the snapshot
+        if state is not None:
+            state.record_failure(cause)
 
     def _apply_put_aside(self, name: str, reason: str) -> None:
-        self.pool.states[name].put_aside(reason)
+        state = self.pool.states.get(name)
+        if state is not None:
+            state.put_aside(reason)
 
     def _apply_restore(self, name: str) -> None:
         state = self.pool.states.get(name)
