@@ -35,7 +35,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 from .health import FailureLedger, Health
@@ -176,28 +176,41 @@ def wanted_hosts(state: Snapshot) -> set[str]:
     return set(state.worker_hosts) | {e.host for e in state.entries if e.host is not None}
 
 
+def awaits_retry(host: HostView, wanted: Collection[str]) -> bool:
+    """Whether ``host`` waits for a retry: ``down``, wanted, and no retry of it in flight."""
+    return host.health == Health.DOWN and host.name in wanted and not host.retrying
+
+
 def is_due(host: HostView, wanted: Collection[str], now: float) -> bool:
-    """The retry rule: ``down``, its retry time has come, wanted, and no retry of it in flight."""
-    return host.health == Health.DOWN and now >= host.retry_at and host.name in wanted and not host.retrying
+    """The retry rule: ``host`` waits for a retry (:func:`awaits_retry`) and its retry time has come."""
+    return awaits_retry(host, wanted) and now >= host.retry_at
 
 
-@dataclass
 class _Hosts:
-    """The plan's own view of host health, changed by the actions it has decided so far."""
+    """The plan's own view of the hosts, changed by the actions it has decided so far."""
 
-    health: dict[str, Health]
-    drained: set[str]
-    worker_hosts: frozenset[str]
+    def __init__(self, state: Snapshot) -> None:
+        self.views = {h.name: h for h in state.hosts}
+        self.worker_hosts = state.worker_hosts
+
+    def known(self, name: str | None) -> bool:
+        return name in self.views
+
+    def health(self, name: str) -> Health | None:
+        view = self.views.get(name)
+        return view.health if view is not None else None
+
+    def set_health(self, name: str, health: Health) -> None:
+        self.views[name] = replace(self.views[name], health=health)
 
     def usable(self, name: str | None) -> bool:
         # A host without a health is not unavailable (see Healer.unavailable_hosts).
-        if name is None or name not in self.health:
-            return True
-        return self.health[name] not in (Health.DOWN, Health.ASIDE) and name not in self.drained
+        view = self.views.get(name) if name is not None else None
+        return view is None or view.usable
 
     def healthy(self) -> int:
         """Worker hosts that are up, as the ledger counts them."""
-        return sum(1 for n, h in self.health.items() if h == Health.UP and n in self.worker_hosts)
+        return sum(1 for n, h in self.views.items() if h.health == Health.UP and n in self.worker_hosts)
 
 
 @dataclass
@@ -223,8 +236,7 @@ class HealingCore:
         Charging a failed start updates the ledger, so a snapshot is planned
         once. ``now`` is the monotonic time of the pass.
         """
-        hosts = _Hosts({h.name: h.health for h in state.hosts}, {h.name for h in state.hosts if h.drained},
-                       state.worker_hosts)
+        hosts = _Hosts(state)
         wanted = wanted_hosts(state)
         actions: list[Action] = [RetryHost(h.name) for h in state.hosts if is_due(h, wanted, now)]
         placed: set[Any] = set()  # entries already moved or started again in this pass
@@ -251,19 +263,19 @@ class HealingCore:
         is no failed start: the first is relaunched, the second's host retried.
         """
         host = entry.process_host
-        if entry.started or host is None or host not in hosts.health or not hosts.usable(host):
+        if entry.started or host is None or not hosts.known(host) or not hosts.usable(host):
             return []
         cause = entry.start_error or f"entry {entry.key} failed to start"
         verdict = self.failures.start_failed(str(entry.key), host, cause, hosts.healthy())
         actions: list[Action] = [ChargeStartFailure(entry.key, host, cause, verdict.message)]
         for name in verdict.restore_hosts:
-            if hosts.health.get(name) == Health.ASIDE:
-                hosts.health[name] = Health.UP
+            if hosts.health(name) == Health.ASIDE:
+                hosts.set_health(name, Health.UP)
                 actions.append(RestoreHost(name, entry.key))
         if verdict.entry_retry_in:
             actions.append(BackOffEntry(entry.key, verdict.entry_retry_in, verdict.message))
         if verdict.put_host_aside:
-            hosts.health[host] = Health.ASIDE
+            hosts.set_health(host, Health.ASIDE)
             actions.append(PutHostAside(host, verdict.message))
         return actions
 
@@ -277,8 +289,7 @@ class HealingCore:
         """
         wanted = wanted_hosts(state)
         deadlines = [state.pass_retry_at] if state.pass_retry_at else []
-        deadlines += [h.retry_at for h in state.hosts
-                      if h.health == Health.DOWN and h.name in wanted and not h.retrying]
+        deadlines += [h.retry_at for h in state.hosts if awaits_retry(h, wanted)]
         for entry in state.entries:
             at = self.failures.retry_at(str(entry.key))
             if entry.process == Process.NONE and at > now:
