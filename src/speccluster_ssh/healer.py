@@ -90,7 +90,6 @@ class Healer:
         self.cluster = cluster
         self.pool = pool
         self.core = HealingCore()
-        self.failures = self.core.failures
         self.last_error = ""
         self._tasks = tasks
         self._wake = asyncio.Event()
