@@ -4,6 +4,8 @@ An idle cluster makes no healing passes; a killed worker process wakes the
 healer, which relaunches its entry; nothing ends with an unretrieved task
 exception. An entry whose process died on a lost host, but which was already
 moved to a usable one, is said to start again there, not to move (no cluster).
+A pass reads hosts and entries into a snapshot and carries out the plan: an
+entry stranded on a down host moves, then the cluster reconciles (no cluster).
 """
 
 from __future__ import annotations
@@ -19,12 +21,23 @@ from typing import Any
 
 import pytest
 from distributed import Client
+from distributed.core import Status
 
 from speccluster_ssh import SSHSpecCluster, entries
 from speccluster_ssh.entries import EntrySettings
 from speccluster_ssh.errors import CapacityError, HostError
 from speccluster_ssh.health import HostState
 from speccluster_ssh.healer import Healer
+from speccluster_ssh.healing import (
+    DropDeadEntry,
+    EntryView,
+    HostView,
+    Process,
+    Reconcile,
+    RetryHost,
+    Snapshot,
+    StartAgainInPlace,
+)
 from speccluster_ssh.inventory import Inventory
 from speccluster_ssh.tasks import TaskSet
 
@@ -117,9 +130,63 @@ def test_an_entry_already_on_a_usable_host_starts_again_there_not_moved_to_itsel
 
     async def main() -> None:
         healer = Healer(cluster, pool, TaskSet("test"))  # type: ignore[arg-type]
-        healer._replace("1")  # what heal_once does for a dead process whose host (h2) is unusable
+        # What heal_once plans for entry 1's dead process on h2 (unusable): drop it, place the entry.
+        snapshot = Snapshot(
+            hosts=tuple(HostView(n, s.state) for n, s in states.items()),
+            worker_hosts=frozenset(hosts),
+            entries=(EntryView("0", "h1", Process.RUNNING, "h1", started=True), EntryView("1", "h3", Process.DEAD, "h2")),
+        )
+        actions = healer.core.plan(snapshot, time.monotonic())
+        assert actions == [RetryHost("h2"), DropDeadEntry("1"), StartAgainInPlace("1", "h3"), Reconcile()]
+        await healer.carry_out(actions[2])
 
     asyncio.run(main())
     assert logged == ["entry 1 started again on h3"]
     assert cluster.worker_spec["1"]["options"]["host"] == "h3"
     assert cluster.worker_spec["0"]["options"]["host"] == "h1"
+
+
+def test_a_pass_moves_an_entry_stranded_on_a_down_host_and_reconciles() -> None:
+    """heal_once without a cluster: the snapshot it reads, and the actions it carries out."""
+    inventory = Inventory.from_hosts(
+        [{"name": name, "groups": ["workers"]} for name in ("h1", "h2")], speccluster_nthreads=1
+    )
+    hosts = {h.name: h for h in inventory.worker_hosts}
+    settings = EntrySettings("c-test", 10.0)
+    logged: list[str] = []
+    reconciles: list[str] = []
+
+    async def reconcile_and_log() -> None:
+        reconciles.append("reconcile")
+
+    cluster = SimpleNamespace(
+        worker_hosts=hosts,
+        worker_spec={"0": entries.worker_entry(settings, hosts["h2"])},
+        workers={},
+        status=Status.running,
+        entry_settings=settings,
+        new_spec=None,
+        placement_policy="spread",
+        log_event=logged.append,
+        reconcile_and_log=reconcile_and_log,
+    )
+    states = {name: HostState(name) for name in hosts}
+    states["h1"].mark_up()
+    states["h2"].mark_down("connection lost")
+    states["h2"].retry_at = time.monotonic() + 3600  # not due: the pass must not start a retry
+    pool = SimpleNamespace(states=states, on_host_lost=lambda callback: None)
+
+    async def main() -> None:
+        healer = Healer(cluster, pool, TaskSet("test"))  # type: ignore[arg-type]
+        healer.entry_start_failed("0", "could not connect")
+        snapshot = healer.snapshot()
+        assert snapshot.entries == (EntryView("0", "h2", Process.NONE, None, False, "could not connect"),)
+        assert [(h.name, h.health, h.usable) for h in snapshot.hosts] == [("h1", "up", True), ("h2", "down", False)]
+        assert healer.next_deadline() == states["h2"].retry_at
+        await healer.heal_once()
+        assert healer.passes == 1
+
+    asyncio.run(main())
+    assert cluster.worker_spec["0"]["options"]["host"] == "h1"
+    assert logged == ["entry 0 moved from h2 to h1"]
+    assert reconciles == ["reconcile"]

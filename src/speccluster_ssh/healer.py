@@ -13,14 +13,17 @@ through it. Unlike ``Adaptive`` it does not tick. It sleeps until one of:
 - the next retry time: of a host that is down (``HostState.retry_at``) or of
   an entry backing off (``FailureLedger.retry_at``).
 
-On each wake it makes one pass (:meth:`Healer.heal_once`): it retries hosts
-that are due, removes dead entries' processes (and their names from the
-scheduler), charges failed starts to the host or the entry
-(:mod:`speccluster_ssh.health`), moves entries off hosts that are down or
-put aside, and reconciles.
+On each wake it makes one pass (:meth:`Healer.heal_once`): it reads the
+cluster into a :class:`~speccluster_ssh.healing.Snapshot`, asks the pure
+:class:`~speccluster_ssh.healing.HealingCore` what to do, and carries out
+its actions: it retries hosts that are due, removes dead entries' processes
+(and their names from the scheduler), charges failed starts to the host or
+the entry, moves entries off hosts that are down or put aside, and
+reconciles. The decisions are the core's, the I/O is the healer's.
 
-The healer owns host health decisions (``put_aside``, ``restore``, retries)
-and the :class:`~speccluster_ssh.health.FailureLedger`; the cluster asks it
+The healer carries out host health decisions (``put_aside``, ``restore``,
+retries), each in one small method, and holds the core with its
+:class:`~speccluster_ssh.health.FailureLedger`; the cluster asks it
 (:meth:`Healer.unavailable_hosts`, :meth:`Healer.drained_hosts`,
 :meth:`Healer.waiting`, :meth:`Healer.problem`) and reports start outcomes to it.
 """
@@ -32,13 +35,30 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import Status
 
 from . import entries
 from .errors import HostError
-from .health import FailureLedger, Health
+from .healing import (
+    Action,
+    BackOffEntry,
+    ChargeStartFailure,
+    DropDeadEntry,
+    EntryView,
+    HealingCore,
+    HostView,
+    MoveEntry,
+    Process,
+    PutHostAside,
+    Reconcile,
+    RestoreHost,
+    RetryHost,
+    Snapshot,
+    StartAgainInPlace,
+)
 from .pool import AgentPool
 from .process import RemoteProcess
 from .tasks import TaskSet
@@ -69,7 +89,7 @@ class Healer:
     def __init__(self, cluster: SSHSpecCluster, pool: AgentPool, tasks: TaskSet) -> None:
         self.cluster = cluster
         self.pool = pool
-        self.failures = FailureLedger()
+        self.core = HealingCore()
         self.last_error = ""
         self._tasks = tasks
         self._wake = asyncio.Event()
@@ -91,11 +111,11 @@ class Healer:
 
     def waiting(self, key: Any) -> bool:
         """Whether entry ``key`` is backing off after failing by itself."""
-        return self.failures.waiting(str(key))
+        return self.core.waiting(key)
 
     def problem(self, key: Any) -> str:
         """Entry ``key``'s own problem, when it was found to have one."""
-        return self.failures.problem(str(key))
+        return self.core.problem(key)
 
     @property
     def running(self) -> bool:
@@ -114,7 +134,7 @@ class Healer:
 
     def entry_started(self, key: Any, host: str) -> None:
         """Entry ``key`` started on ``host``: its problem and the host's failure streak end."""
-        self.failures.start_succeeded(str(key), host)
+        self.core.entry_started(key, host)
 
     def entry_start_failed(self, key: Any, error: str) -> None:
         """Entry ``key`` failed to start with ``error``; charged on the next pass."""
@@ -144,19 +164,7 @@ class Healer:
 
     def next_deadline(self) -> float:
         """The monotonic time of the next retry that is due without any event, or ``inf``."""
-        now = time.monotonic()
-        deadline = self._pass_retry_at or math.inf
-        wanted = self._hosts_wanted()
-        for name, state in self.pool.states.items():
-            if state.state == Health.DOWN and name in wanted and name not in self._retry_tasks:
-                deadline = min(deadline, state.retry_at)
-        cluster = self.cluster
-        for key in cluster.worker_spec:
-            if key not in cluster.workers:
-                at = self.failures.retry_at(str(key))
-                if at > now:  # one in the past was handled by the pass after it
-                    deadline = min(deadline, at)
-        return deadline
+        return self.core.next_deadline(self.snapshot(), time.monotonic())
 
     async def _run(self) -> None:
         cluster = self.cluster
@@ -179,45 +187,109 @@ class Healer:
                 self._pass_retry_at = time.monotonic() + PASS_RETRY_DELAY
 
     async def heal_once(self) -> None:
-        """One pass: retry due hosts, clear dead entries, move stranded ones, reconcile."""
+        """One pass: ask the core what to do (:meth:`HealingCore.plan`) and carry it out."""
         self.passes += 1
         cluster = self.cluster
         now = time.monotonic()
-        # Retry lost hosts with backoff, each in a task of its own: a host that
-        # does not answer must not hold up relaunching entries elsewhere.
-        wanted = self._hosts_wanted()
-        for name, state in self.pool.states.items():
-            if state.state == Health.DOWN and now >= state.retry_at and name in wanted and name not in self._retry_tasks:
-                state.schedule_retry(now)
-                self._retry_tasks[name] = self._tasks.start(self._retry_host(name), name=f"retry host {name}")
-
-        def dead() -> list[Any]:
-            return [
-                k for k, w in cluster.workers.items()
-                if isinstance(w, RemoteProcess) and w.status in (Status.failed, Status.closed) and k in cluster.worker_spec
-            ]
-
-        if dead():
-            # Under the lock: a reconcile must not see these half-removed.
+        actions = self.core.plan(self.snapshot(), now)
+        # Hosts first, each retried in a task of its own and without waiting
+        # for the lock: a host that does not answer must not hold up
+        # relaunching entries elsewhere.
+        for action in actions:
+            if isinstance(action, RetryHost):
+                self._apply_retry_started(action.host, now)
+        on_entries = [a for a in actions if not isinstance(a, (RetryHost, Reconcile))]
+        if any(isinstance(a, DropDeadEntry) for a in on_entries):
+            # Under the lock: a reconcile must not see dead entries half-removed.
             async with cluster.spec_lock:
-                for key in dead():
-                    worker = cluster.workers[key]
-                    await worker.close()
-                    cluster.workers.pop(key, None)
-                    cluster.reports.keep_logs(worker)
-                    # Before any replacement starts: a name the scheduler still
-                    # holds (a cut host cannot say its worker died) would
-                    # refuse the replacement.
-                    await self._remove_members_from_scheduler(worker.member_names, f"dead-{key}")
-                    self._count_start_failure(key, worker)
-                    if key in cluster.worker_spec and worker.host in self.unavailable_hosts():
-                        self._replace(key)
-        # Entries on hosts that went down before they were created.
-        for key, spec in list(cluster.worker_spec.items()):
-            if spec["options"].get("host") in self.unavailable_hosts() and key not in cluster.workers:
-                self._replace(key)
-        if cluster.status == Status.running and any(k not in cluster.workers for k in cluster.worker_spec):
+                for action in on_entries:
+                    await self.carry_out(action)
+        else:
+            for action in on_entries:
+                await self.carry_out(action)
+        # The cluster may have begun to close while this pass awaited.
+        if any(isinstance(a, Reconcile) for a in actions) and cluster.status == Status.running:
             await cluster.reconcile_and_log()
+
+    def snapshot(self) -> Snapshot:
+        """The cluster's hosts and entries as plain values, for :class:`HealingCore`."""
+        cluster = self.cluster
+        hosts = tuple(
+            HostView(name, s.state, bool(s.drained), s.retry_at, name in self._retry_tasks)
+            for name, s in self.pool.states.items()
+        )
+        views = []
+        for key, spec in cluster.worker_spec.items():
+            worker = cluster.workers.get(key)
+            view = EntryView(key, spec["options"].get("host"), start_error=self._start_errors.get(str(key), ""))
+            if isinstance(worker, RemoteProcess):
+                process = Process.DEAD if _is_dead(worker) else Process.RUNNING
+                view = replace(view, process=process, process_host=worker.host, started=bool(worker.members))
+            elif worker is not None:
+                view = replace(view, process=Process.RUNNING)
+            views.append(view)
+        return Snapshot(
+            hosts, frozenset(cluster.worker_hosts), tuple(views), cluster.status == Status.running, self._pass_retry_at
+        )
+
+    async def carry_out(self, action: Action) -> None:
+        """Carry out one action of a plan (the host retries and the reconcile are :meth:`heal_once`'s)."""
+        cluster = self.cluster
+        if isinstance(action, DropDeadEntry):
+            await self._drop_dead_entry(action.key)
+        elif isinstance(action, ChargeStartFailure):
+            self._apply_failure(action.host, action.cause)
+            logger.warning("%s", action.message)
+        elif isinstance(action, RestoreHost):
+            self._apply_restore(action.host)
+            cluster.log_event(f"host {action.host} taken back: entry {action.key} fails by itself")
+        elif isinstance(action, BackOffEntry):
+            cluster.log_event(f"{action.message}; entry {action.key} retried in {action.retry_in:g} s")
+        elif isinstance(action, PutHostAside):
+            self._apply_put_aside(action.host, action.reason)
+            logger.warning("host %s put aside: %s", action.host, action.reason)
+            cluster.log_event(f"host {action.host} put aside: {action.reason}")
+        elif isinstance(action, StartAgainInPlace):
+            logger.info("entry %s started again on %s", action.key, action.host)
+            cluster.log_event(f"entry {action.key} started again on {action.host}")
+        elif isinstance(action, MoveEntry):
+            self._move_entry(action.key, action.host)
+        else:
+            raise TypeError(f"the healer cannot carry out {action!r} here")
+
+    # -- host state changes: one method each (the host table will own them) ------------------
+    def _apply_retry_started(self, name: str, now: float) -> None:
+        self.pool.states[name].schedule_retry(now)  # MERGE(hosts): delete: going down schedules the retry
+        self._retry_tasks[name] = self._tasks.start(self._retry_host(name), name=f"retry host {name}")
+
+    def _apply_failure(self, name: str, cause: str) -> None:
+        state = self.pool.states.get(name)  # a reload may have removed it since the snapshot
+        if state is not None:
+            state.record_failure(cause)
+
+    def _apply_put_aside(self, name: str, reason: str) -> None:
+        state = self.pool.states.get(name)
+        if state is not None:
+            state.put_aside(reason)
+
+    def _apply_restore(self, name: str) -> None:
+        state = self.pool.states.get(name)
+        if state is not None:
+            state.restore()
+
+    # -- entries ----------------------------------------------------------------------------------
+    async def _drop_dead_entry(self, key: Any) -> None:
+        cluster = self.cluster
+        self._start_errors.pop(str(key), None)  # read by the plan, charged or not
+        worker = cluster.workers.get(key)
+        if not isinstance(worker, RemoteProcess) or not _is_dead(worker):
+            return  # dropped or replaced since the snapshot
+        await worker.close()
+        cluster.workers.pop(key, None)
+        cluster.reports.keep_logs(worker)
+        # Before any replacement starts: a name the scheduler still holds (a
+        # cut host cannot say its worker died) would refuse the replacement.
+        await self._remove_members_from_scheduler(worker.member_names, f"dead-{key}")
 
     async def _retry_host(self, name: str) -> None:
         try:
@@ -295,60 +367,19 @@ class Healer:
             else:
                 logger.info("removed worker %s (%s) of a gone entry from the scheduler", info.get("name"), address)
 
-    def _count_start_failure(self, key: Any, worker: RemoteProcess) -> None:
-        """Account a failed start, to the host or to the entry (see :mod:`speccluster_ssh.health`).
-
-        A worker that ran and then died, or a host that was lost, is not a
-        failure to start: the first is relaunched, the second retried.
-        """
-        error = self._start_errors.pop(str(key), "")
-        host = worker.host
-        state = self.pool.states.get(host)
-        if worker.members or state is None or not state.usable:
-            return
-        cause = error or f"entry {key} failed to start"
-        state.record_failure(cause)
-        worker_hosts = self.cluster.worker_hosts
-        healthy = sum(1 for s in self.pool.states.values() if s.state == Health.UP and s.name in worker_hosts)
-        verdict = self.failures.start_failed(str(key), host, cause, healthy)
-        logger.warning("%s", verdict.message)
-        for name in verdict.restore_hosts:
-            restored = self.pool.states.get(name)
-            if restored is not None and restored.state == Health.ASIDE:
-                restored.restore()
-                self.cluster.log_event(f"host {name} taken back: entry {key} fails by itself")
-        if verdict.entry_retry_in:
-            self.cluster.log_event(f"{verdict.message}; entry {key} retried in {verdict.entry_retry_in:g} s")
-        if verdict.put_host_aside:
-            state.put_aside(verdict.message)
-            logger.warning("host %s put aside: %s", host, state.reason)
-            self.cluster.log_event(f"host {host} put aside: {state.reason}")
-
-    def _hosts_wanted(self) -> set[str]:
-        cluster = self.cluster
-        wanted = {spec["options"].get("host") for spec in cluster.worker_spec.values()}
-        return wanted | set(cluster.worker_hosts)
-
-    def _replace(self, key: Any) -> None:
-        """Move entry ``key`` off an unusable host to one with a free slot, or leave it where it is.
+    def _move_entry(self, key: Any, old_host: str | None) -> None:
+        """Move entry ``key`` off the unusable ``old_host`` to a free slot, or leave it there.
 
         An entry that finds no free slot stays wanted on its own host and
-        starts again when that host answers. An entry whose spec already
-        names a usable host (it was moved there while its old process was
-        still starting on the lost one) stays and starts again there.
+        starts again when that host answers.
         """
         cluster = self.cluster
-        spec = cluster.worker_spec[key]
-        old_host = spec["options"].get("host")
-        unavailable = self.unavailable_hosts()
-        if old_host in cluster.worker_hosts and old_host not in unavailable:
-            logger.info("entry %s started again on %s", key, old_host)
-            cluster.log_event(f"entry {key} started again on {old_host}")
-            return
+        if key not in cluster.worker_spec or key in cluster.workers:
+            return  # removed, or started elsewhere, since the snapshot
         moved = entries.place_entry(
             cluster.entry_settings, cluster.worker_hosts, entries.slots_used(cluster.worker_spec),
-            unavailable=unavailable, policy=cluster.placement_policy, new_spec=cluster.new_spec, leaving=old_host,
-            gpus_held=entries.gpus_held({k: s for k, s in cluster.worker_spec.items() if k != key}),
+            unavailable=self.unavailable_hosts(), policy=cluster.placement_policy, new_spec=cluster.new_spec,
+            leaving=old_host, gpus_held=entries.gpus_held({k: s for k, s in cluster.worker_spec.items() if k != key}),
         )
         if moved is None:
             return
@@ -357,3 +388,7 @@ class Healer:
         host = moved["options"]["host"]
         logger.info("entry %s moved from %s to %s", key, old_host, host)
         cluster.log_event(f"entry {key} moved from {old_host} to {host}")
+
+
+def _is_dead(process: RemoteProcess) -> bool:
+    return process.status in (Status.failed, Status.closed)
