@@ -1,8 +1,8 @@
 """The steps of an SSHSpecCluster's reconcile, and the map from dask workers to spec entries.
 
-SpecCluster's ``_correct_state`` makes ``workers`` (the running process
-interfaces) match ``worker_spec`` (what should run). The cluster keeps the
-lock and the order; the steps are here:
+The reconcile (:func:`reconcile_spec`, run by the cluster with its spec
+lock held) makes ``workers`` (the running process interfaces) match
+``worker_spec`` (what should run), in these steps:
 
 - :func:`close_removed` retires the workers of entries no longer in the spec
   by name, so the scheduler moves their data first, then closes their
@@ -38,6 +38,17 @@ if TYPE_CHECKING:
     from .cluster import SSHSpecCluster
 
 logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
+
+
+async def reconcile_spec(cluster: SSHSpecCluster) -> None:
+    """One reconcile, with the spec lock held: close the entries that left the spec, start the missing ones."""
+    to_close = [k for k in cluster.workers if k not in cluster.worker_spec]
+    if to_close:
+        await close_removed(cluster, to_close)
+    created = create_missing(cluster)
+    cluster.track(worker for _, worker in created)
+    if created:
+        await start_created(cluster, created)
 
 
 async def close_removed(cluster: SSHSpecCluster, keys: list[Any]) -> None:

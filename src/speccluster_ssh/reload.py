@@ -362,8 +362,8 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
     before = set(cluster.worker_spec)
     cluster.capacity.refill()
     out["added_entries"] = [str(k) for k in cluster.worker_spec if k not in before]
-    adaptive = getattr(cluster, "_adaptive", None)
-    if adaptive is not None and getattr(adaptive, "periodic_callback", None) is not None:
+    adaptive = cluster.running_adaptive()
+    if adaptive is not None:
         cluster.capacity.refresh_adapt(adaptive)
     await operations.reconcile(cluster)
     cluster.healer.wake("inventory reloaded")
