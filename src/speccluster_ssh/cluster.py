@@ -417,7 +417,9 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         await self.healer.stop()
         try:
             if whole:
-                self.stop_adapt()
+                adaptive = self.running_adaptive()
+                if adaptive is not None:
+                    adaptive.stop()  # before the entries go; its bounds stay readable
                 async with self.spec_lock:
                     await reconcile.drop_entries(self)
             await close_spec_cluster()

@@ -11,7 +11,8 @@ Each protocol declares exactly the attributes its module reads or writes
 (``tests/test_cluster_protocols.py`` checks both ways, and that the cluster
 has each one). The cluster's parts that modules reach through it (its healer,
 capacity, reports and operations) are protocols here too, of the methods
-used through the cluster.
+used through the cluster, and read-only properties, so that the cluster's
+real parts (subtypes of them) match.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class HealerCluster(SpecState, Protocol):
     placement_policy: str
     new_spec: dict[str, Any]
     scheduler_comm: Any
-    reports: LogKeeper
+    @property
+    def reports(self) -> LogKeeper: ...
 
     @property
     def spec_lock(self) -> asyncio.Lock: ...
@@ -112,8 +114,10 @@ class ReconcileCluster(SpecState, Protocol):
     scheduler_comm: Any
     pool: AgentPool
     tasks: TaskSet
-    healer: HealerPart
-    reports: LogKeeper
+    @property
+    def healer(self) -> HealerPart: ...
+    @property
+    def reports(self) -> LogKeeper: ...
     start_errors: dict[Any, str]
 
     def track(self, processes: Iterable[Any]) -> None: ...
@@ -143,7 +147,8 @@ class ReportsCluster(SpecState, Protocol):
     worker_hosts: dict[str, HostSpec]
     scheduler_comm: Any
     pool: AgentPool
-    healer: HealerPart
+    @property
+    def healer(self) -> HealerPart: ...
     min_workers: int
 
     @property
@@ -169,7 +174,8 @@ class StartupCluster(SpecState, Protocol):
     reach: ReachChoice | None
     reach_setting: str
     pool: AgentPool
-    capacity: CapacityPart
+    @property
+    def capacity(self) -> CapacityPart: ...
     min_workers: int
     min_workers_asked: int | float | str | None
     start_errors: dict[Any, str]
@@ -190,9 +196,12 @@ class OperationsCluster(SpecState, Protocol):
     placement_policy: str
     new_spec: dict[str, Any]
     pool: AgentPool
-    healer: HealerPart
-    capacity: CapacityPart
-    operations: OperationsLock
+    @property
+    def healer(self) -> HealerPart: ...
+    @property
+    def capacity(self) -> CapacityPart: ...
+    @property
+    def operations(self) -> OperationsLock: ...
     start_errors: dict[Any, str]
     start_timeout: float
 

@@ -57,7 +57,7 @@ from .process import RemoteProcess
 
 if TYPE_CHECKING:
     from .agent import HostAgent
-    from .cluster_protocols import OperationsCluster
+    from .cluster_protocols import OperationsCluster, OperationsLock
     from .connection import HostConnection
 
 logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
@@ -104,7 +104,7 @@ class Operations:
         self.lock = asyncio.Lock()
 
 
-def of(cluster: OperationsCluster) -> Operations:
+def of(cluster: OperationsCluster) -> OperationsLock:
     """The :class:`Operations` of ``cluster`` (the cluster makes it)."""
     return cluster.operations
 
