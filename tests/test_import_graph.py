@@ -1,8 +1,11 @@
-"""The package's import graph has no cycle, counting imports inside functions.
+"""The package's import graph has no cycle, counting imports inside functions, nor counting type-only imports.
 
-Imports under ``if TYPE_CHECKING:`` are left out: they never run. A
-submodule's implicit import of its own package (``cli.common`` needs ``cli``)
-is not an edge either; only the imports written in the source are.
+Two graphs: the run-time one leaves out imports under ``if TYPE_CHECKING:``
+(they never run); the other counts them too, so that a module's types do not
+depend on a module that depends on it (a module acting on the cluster types
+it with a protocol of ``cluster_protocols``). A submodule's implicit import of
+its own package (``cli.common`` needs ``cli``) is not an edge either; only the
+imports written in the source are.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ def is_type_checking_block(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
-def written_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+def written_imports(tree: ast.AST, type_only: bool = False) -> list[ast.Import | ast.ImportFrom]:
     found: list[ast.Import | ast.ImportFrom] = []
 
     def visit(node: ast.AST) -> None:
-        if is_type_checking_block(node):
+        if not type_only and is_type_checking_block(node):
             return
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
@@ -40,13 +43,13 @@ def written_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports."""
+def import_graph(type_only: bool = False) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports; with ``type_only``, imports under ``TYPE_CHECKING`` too."""
     paths = {module_name(p): p for p in SRC.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in paths}
     for name, path in paths.items():
         is_package = path.name == "__init__.py"
-        for node in written_imports(ast.parse(path.read_text(), str(path))):
+        for node in written_imports(ast.parse(path.read_text(), str(path)), type_only):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -110,3 +113,15 @@ def test_the_package_has_no_import_cycle() -> None:
     cycle = find_cycle(import_graph())
     if cycle:
         pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_the_graph_sees_type_only_imports() -> None:
+    assert "speccluster_ssh.cluster_protocols" in import_graph(type_only=True)["speccluster_ssh.healer"]
+    assert "speccluster_ssh.cluster_protocols" not in import_graph()["speccluster_ssh.healer"]
+
+
+def test_no_import_cycle_counting_type_only_imports() -> None:
+    graph = import_graph(type_only=True)
+    cycle = find_cycle(graph)
+    if cycle:
+        pytest.fail("import cycle, counting imports under TYPE_CHECKING: " + " -> ".join(cycle))

@@ -19,30 +19,30 @@ lives in a module of its own and is reached through one attribute:
   :mod:`speccluster_ssh.reconcile`.
 
 What stays here is the public API (constructor, ``scale``, ``adapt``,
-``status_report``, ...), each method delegating, and the overrides of
-distributed's SpecCluster internals, so that only this class touches them.
+``status_report``, ...), each method delegating, and the steps of the life
+cycle that :class:`~speccluster_ssh.distributed_internals.SpecClusterBridge`,
+its base, hands over from SpecCluster's private hooks: this class uses no
+private name of distributed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import math
 import os
 import secrets
-import weakref
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.cluster import Cluster
-from distributed.deploy.spec import SpecCluster
 
 from . import config as sc_config
 from . import dashboards, entries, operations, reach, reconcile, startup
 from .day2 import Day2Operations
+from .distributed_internals import SpecClusterBridge
 from .entries import EntrySettings
 from .errors import CapacityError, UserError
 from .healer import Healer
@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 CLOSE_GRACE = 0.2
 
 
-class SSHSpecCluster(Day2Operations, SpecCluster):
+class SSHSpecCluster(Day2Operations, SpecClusterBridge):
     """A Dask cluster on the hosts of an Ansible inventory, started over SSH.
 
     Parameters
@@ -161,7 +161,7 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         if self.placement_policy not in ("spread", "pack"):
             raise UserError(f"placement must be 'spread' or 'pack', got {self.placement_policy!r}")
         self.cluster_id = f"{name or 'speccluster'}-{secrets.token_hex(4)}"
-        # Every background task of the cluster; awaited by _close.
+        # Every background task of the cluster; awaited by close_cluster.
         self.tasks = TaskSet(f"cluster {self.cluster_id}", logger)
         self.heal = heal
         self.min_workers_asked = min_workers
@@ -190,7 +190,7 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         )
         self.remote_security = self.entry_settings.remote_security
 
-        # Where the scheduler runs and how the head reaches it; auto probes in _start.
+        # Where the scheduler runs and how the head reaches it; auto probes in start_cluster.
         self.reach_setting = reach.reach_setting(inventory, scheduler_reach)
         self.pool.agent_probes = self.reach_setting == "auto"  # agents probe as they start (reach.probe_reach)
         self.reach: reach.ReachChoice | None = None
@@ -199,7 +199,7 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
             scheduler = startup.scheduler_entry(self, self.scheduler_options, sec)
         else:
             self.reach = reach.ReachChoice("direct", None, "the scheduler's spec was given to the cluster", "direct")
-        self._i = 0  # the counter of entry names
+        self._entry_counter = 0  # the counter of entry names (not SpecCluster's _i, which its constructor resets)
         # Placed before SpecCluster starts, so that a synchronous constructor returns with every worker running.
         initial = startup.initial_spec(self, workers or {}, worker, n_workers)
         super().__init__(
@@ -243,9 +243,6 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
     def total_slots(self) -> int:
         return sum(h.slots for h in self.worker_hosts.values())
 
-    def _member_names(self, key: Any, spec: Mapping[str, Any]) -> list[str]:
-        return entries.member_names(key, spec)
-
     def unavailable_hosts(self) -> set[str]:
         """Worker hosts nothing is placed on now: down, put aside or drained."""
         return self.healer.unavailable_hosts()
@@ -272,11 +269,11 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
 
     def next_entry(self) -> dict[str, Any] | None:
         """The next entry ``{name: spec}`` on a host with a free slot; ``None`` when there is none."""
-        entry, self._i = entries.next_entry(
+        entry, self._entry_counter = entries.next_entry(
             self.entry_settings,
             self.worker_hosts,
             self.worker_spec,
-            self._i,
+            self._entry_counter,
             unavailable=self.unavailable_hosts(),
             policy=self.placement_policy,
             new_spec=self.new_spec,
@@ -285,7 +282,8 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
 
     def take_entry_name(self, taken: Collection[str] = ()) -> str:
         """A new spec key that no entry, process or name of ``taken`` has."""
-        name, self._i = entries.next_entry_name({*map(str, self.worker_spec), *map(str, self.workers), *taken}, self._i)
+        taken = {*map(str, self.worker_spec), *map(str, self.workers), *taken}
+        name, self._entry_counter = entries.next_entry_name(taken, self._entry_counter)
         return name
 
     def new_worker_spec(self) -> dict[str, Any]:
@@ -364,23 +362,6 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         )
         return Cluster.adapt(self, Adaptive=Adaptive, minimum=minimum, maximum=maximum, **kwargs)
 
-    def adaptive_bounds(self) -> dict[str, Any] | None:
-        """``{"minimum": .., "maximum": ..}`` while adaptive scaling runs, else ``None``."""
-        adaptive = self._adaptive
-        if adaptive is None or getattr(adaptive, "periodic_callback", None) is None:
-            return None
-        return {"minimum": adaptive.minimum, "maximum": adaptive.maximum}
-
-    def stop_adapt(self) -> bool:
-        """Turn adaptive scaling off and keep the current workers; True if it was on."""
-        adaptive = self._adaptive
-        if adaptive is not None:
-            adaptive.stop()
-        self._adaptive = None
-        if hasattr(self, "_adaptive_options"):
-            self._adaptive_options = {}
-        return adaptive is not None
-
     def readiness(self) -> tuple[dict[str, int], dict[str, int]]:
         """Dask workers wanted and workers running, per host name.
 
@@ -398,53 +379,16 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         """Dask workers the inventory can hold when every usable slot is used."""
         return entries.capacity_workers(self.worker_hosts.values(), self.unavailable_hosts())
 
-    def log_event(self, message: str, *, echo: bool = True) -> None:
-        """Record ``message`` in the cluster's log (``get_logs()``); ``echo`` prints it too unless ``quiet``."""
-        if echo:
-            return self._log(message)  # distributed's Cluster._log, kept behind this one public name
-        self._cluster_manager_logs.append((datetime.datetime.now(), message))  # said another way already
+    # -- the life cycle, as SpecClusterBridge hands it over -------------
+    async def start_cluster(self, start_scheduler: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]) -> None:
+        await startup.start(self, start_scheduler, close)
 
-    @property
-    def spec_lock(self) -> asyncio.Lock:
-        """The lock over ``worker_spec`` and ``workers`` that every reconcile holds."""
-        return self._lock
-
-    def processes(self) -> list[Any]:
-        """Every process interface the cluster made and has not forgotten, running or starting."""
-        return list(self._created)
-
-    # -- reconciling -----------------------------------------------------
-    async def _start(self) -> None:
-        await startup.start(self, super()._start, self._close)
-
-    async def _correct_state_internal(self) -> None:
-        async with self._lock:
-            self._correct_state_waiting = None
-            to_close = [k for k in self.workers if k not in self.worker_spec]
-            if to_close:
-                await reconcile.close_removed(self, to_close)
-            created = reconcile.create_missing(self)
-            self._created.update(worker for _, worker in created)
-            if created:
-                await reconcile.start_created(self, created)
-                for _, worker in created:
-                    worker._cluster = weakref.ref(self)
+    async def reconcile_spec(self) -> None:
+        await reconcile.reconcile_spec(self)
         # Heal only once the first reconcile succeeded: a constructor that
         # fails must raise its own error, not race the healer for it.
         if self.heal and self.status == Status.running:
             self.healer.start()
-
-    def _correct_state(self) -> Any:
-        # SpecCluster hands out one shared reconcile task until it runs; a task
-        # that was cancelled before running would be handed out forever.
-        waiting = self._correct_state_waiting
-        if waiting is not None and waiting.done():
-            self._correct_state_waiting = None
-        return super()._correct_state()
-
-    def reconcile_now(self) -> Any:
-        """The reconcile (SpecCluster's ``_correct_state``): await it to have ``workers`` match ``worker_spec``."""
-        return self._correct_state()
 
     def _reconcile_in_background(self, why: str) -> None:
         """Start a reconcile as a task of the cluster (called in the event loop)."""
@@ -456,32 +400,29 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         try:
             # Shielded: the reconcile task is shared with close() and scale();
             # cancelling the healer must not cancel it under their feet.
-            await asyncio.shield(self._correct_state())
+            await asyncio.shield(self.reconcile_now())
         except Exception as exc:
             if self.status not in (Status.closing, Status.closed):
                 logger.warning("could not start every worker: %s", exc)
 
-    def _update_worker_status(self, op: str, msg: Any) -> None:
-        # SpecCluster forgets a lost worker by its name, which for a group
-        # member is not a spec key (dask issue 9102): members map to entries.
+    def follow_scheduler_event(self, op: str, msg: Any) -> None:
         reconcile.follow_scheduler_event(self, op, msg)
-        super(SpecCluster, self)._update_worker_status(op, msg)
 
-    async def _close(self) -> None:
+    async def close_cluster(self, whole: bool, close_spec_cluster: Callable[[], Awaitable[None]]) -> None:
         # The healer and retries first, so nothing starts while we close. Not
         # the whole task set: a reconcile that close() itself awaits may be
         # waiting for entry starts in it.
-        whole = self.status in (Status.running, Status.failed)
         if whole:
             reconcile.stop_hosts(self, CLOSE_GRACE)
         await self.healer.stop()
         try:
             if whole:
-                if self._adaptive is not None:
-                    self._adaptive.stop()
-                async with self._lock:
+                adaptive = self.running_adaptive()
+                if adaptive is not None:
+                    adaptive.stop()  # before the entries go; its bounds stay readable
+                async with self.spec_lock:
                     await reconcile.drop_entries(self)
-            await super()._close()
+            await close_spec_cluster()
         finally:
             try:
                 await self.pool.close()
@@ -504,11 +445,9 @@ class SSHSpecCluster(Day2Operations, SpecCluster):
         )
         return report
 
-    async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool | Sequence[str] = True) -> Any:
-        logs = await super()._get_logs(cluster=cluster, scheduler=False, workers=False)
+    async def add_logs(self, logs: Any, scheduler: bool, workers: bool | Sequence[str]) -> Any:
         if scheduler:
             logs["Scheduler"] = await self.reports.scheduler_log()
         if not workers:
             return logs
         return await self.reports.worker_logs(logs, workers)
-

@@ -7,23 +7,33 @@ drain, undrain) or :mod:`speccluster_ssh.reload` (reload); it keeps the
 cluster class to its core concern. Each runs in the cluster's event loop
 through ``sync``, so it blocks on a synchronous cluster and is awaitable on
 an asynchronous one.
+
+What the methods hand to those modules is the cluster as
+:class:`~speccluster_ssh.cluster_protocols.Day2Cluster` describes it (the
+type of their ``self``): the operations depend on that protocol, not on the
+cluster's class, so nothing here, there or in the protocols imports
+``cluster.py`` back.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import operations, reload
 
+if TYPE_CHECKING:
+    from .cluster_protocols import Day2Cluster
+
 
 class Day2Operations:
-    """Operating a running cluster without stopping it and without losing data."""
+    """Operating a running cluster without stopping it and without losing data.
 
-    # Provided by distributed's Cluster, the other base of SSHSpecCluster.
-    sync: Any
+    A mixin: its methods need ``self`` to be a :class:`~speccluster_ssh.cluster_protocols.Day2Cluster`
+    (``sync`` is distributed's Cluster's, the other base of SSHSpecCluster).
+    """
 
-    def rolling_restart(self, batch: int = 1) -> Any:
+    def rolling_restart(self: Day2Cluster, batch: int = 1) -> Any:
         """Replace every running entry by a new one, ``batch`` entries at a time.
 
         Each host gets a new agent first (so a newly installed wheel is
@@ -37,7 +47,7 @@ class Day2Operations:
         """
         return self.sync(operations.rolling_restart, self, batch)
 
-    def drain(self, host: str, reason: str = "") -> Any:
+    def drain(self: Day2Cluster, host: str, reason: str = "") -> Any:
         """Move ``host``'s entries elsewhere gracefully and place nothing there until :meth:`undrain`.
 
         Entries that find no free slot are retired, and the cluster is
@@ -46,12 +56,12 @@ class Day2Operations:
         """
         return self.sync(operations.drain, self, host, reason)
 
-    def undrain(self, host: str) -> Any:
+    def undrain(self: Day2Cluster, host: str) -> Any:
         """Make a drained ``host`` usable again; a fixed-size cluster short of its target refills."""
         return self.sync(operations.undrain, self, host)
 
     def reload_inventory(
-        self, path: str | os.PathLike[str] | None = None, dry_run: bool = False, batch: int = 1
+        self: Day2Cluster, path: str | os.PathLike[str] | None = None, dry_run: bool = False, batch: int = 1
     ) -> Any:
         """Read the inventory again (``path``, default where it was read) and apply the difference.
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from distributed.core import Status
-from distributed.deploy.cluster import Cluster
 
 from .control import ControlError, Op, request
+from .distributed_internals import ClusterBridge
 from .state import CA_FILE, CLIENT_CERT, CLIENT_KEY, check_name, cluster_dir, head_alive, read_state
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 60.0
 
 
-class DetachedCluster(Cluster):
+class DetachedCluster(ClusterBridge):
     """A running detached cluster seen from another process.
 
     It talks to the scheduler directly (with the cluster's client
@@ -114,14 +114,13 @@ class DetachedCluster(Cluster):
                 tls_client_key=str(directory / CLIENT_KEY),
                 require_encryption=True,
             )
-        # The handle this class builds (its own instance, so its own and Cluster's private names are its own).
         handle = cls(name, directory, shutdown_on_close=shutdown_on_close, asynchronous=asynchronous, loop=loop)
         handle.security = security
         handle.scheduler_comm = rpc(state.scheduler_address, connection_args=security.get_connection_args("client"))
         if not asynchronous:
-            handle._loop_runner.start()
+            handle.start_loop()
             try:
-                handle.sync(handle._start)
+                handle.sync(handle.connect)
             except BaseException:
                 handle.shutdown_on_close = False  # detach only: the failure may be ours, not the cluster's
                 handle.close()
@@ -133,7 +132,7 @@ class DetachedCluster(Cluster):
         async def connected() -> DetachedCluster:
             if self.status == Status.created:
                 self.status = Status.starting
-                await self._start()
+                await self.connect()
             return self
 
         return connected().__await__()
@@ -159,7 +158,7 @@ class DetachedCluster(Cluster):
         """
         result = super().close(timeout=timeout)
         if not self.asynchronous:
-            self._loop_runner.stop()
+            self.stop_loop()
         return result
 
     def shutdown(self, timeout: float | None = None) -> Any:
@@ -180,23 +179,24 @@ class DetachedCluster(Cluster):
         """
         result = self.sync(self._shutdown, timeout=timeout)
         if not self.asynchronous:
-            self._loop_runner.stop()
+            self.stop_loop()
         return result
 
     async def _shutdown(self, timeout: float | None = None) -> None:
         try:
             await self._tear_down(timeout)
         finally:
-            await super()._close()
+            await self.disconnect()
 
-    async def _close(self) -> None:
+    async def close_handle(self) -> None:
+        """What ``close()`` does: detach, after tearing the cluster down with ``shutdown_on_close``."""
         if self.status == Status.closed:
             return
         try:
             if self.shutdown_on_close:
                 await self._tear_down(None)
         finally:
-            await super()._close()  # detach: the scheduler comms and background tasks of this handle
+            await self.disconnect()  # detach: the scheduler comms and background tasks of this handle
 
     async def _tear_down(self, timeout: float | None) -> None:
         """Ask the head process to close the cluster, and wait until it has."""
@@ -206,9 +206,7 @@ class DetachedCluster(Cluster):
         down = functools.partial(request, self.directory, Op.DOWN, timeout=timeout or SHUTDOWN_TIMEOUT)
         await asyncio.get_running_loop().run_in_executor(None, down)
 
-    async def _get_logs(
-        self, cluster: bool = True, scheduler: bool = True, workers: bool | Sequence[str] = True
-    ) -> Any:
+    async def fetch_logs(self, cluster: bool, scheduler: bool, workers: bool | Sequence[str]) -> Any:
         """The head process's logs, keyed as ``SSHSpecCluster.get_logs``: by worker name."""
         from distributed.utils import Log, Logs
 

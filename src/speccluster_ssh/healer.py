@@ -64,7 +64,7 @@ from .process import RemoteProcess
 from .tasks import TaskSet
 
 if TYPE_CHECKING:
-    from .cluster import SSHSpecCluster
+    from .cluster_protocols import HealerCluster
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Healer:
         Where the healer's own tasks (its loop, host retries) run.
     """
 
-    def __init__(self, cluster: SSHSpecCluster, pool: AgentPool, tasks: TaskSet) -> None:
+    def __init__(self, cluster: HealerCluster, pool: AgentPool, tasks: TaskSet) -> None:
         self.cluster = cluster
         self.pool = pool
         self.core = HealingCore()

@@ -57,7 +57,7 @@ from .process import RemoteProcess
 
 if TYPE_CHECKING:
     from .agent import HostAgent
-    from .cluster import SSHSpecCluster
+    from .cluster_protocols import OperationsCluster, OperationsLock
     from .connection import HostConnection
 
 logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
@@ -99,12 +99,12 @@ class Operations:
         The cluster operated on.
     """
 
-    def __init__(self, cluster: SSHSpecCluster) -> None:
+    def __init__(self, cluster: OperationsCluster) -> None:
         self.cluster = cluster
         self.lock = asyncio.Lock()
 
 
-def of(cluster: SSHSpecCluster) -> Operations:
+def of(cluster: OperationsCluster) -> OperationsLock:
     """The :class:`Operations` of ``cluster`` (the cluster makes it)."""
     return cluster.operations
 
@@ -117,36 +117,36 @@ def host_of(spec: Mapping[str, Any]) -> str:
     return str(spec.get("options", {}).get("host"))
 
 
-def registered(cluster: SSHSpecCluster) -> set[str]:
+def registered(cluster: OperationsCluster) -> set[str]:
     """Worker names the scheduler has now."""
     return {str(w.get("name")) for w in (cluster.scheduler_info or {}).get("workers", {}).values()}
 
 
-def running_keys(cluster: SSHSpecCluster, keys: Iterable[Any]) -> list[Any]:
+def running_keys(cluster: OperationsCluster, keys: Iterable[Any]) -> list[Any]:
     """Those of ``keys`` whose processes run (entries still starting or dead are the healer's)."""
     return [k for k in keys if k in cluster.worker_spec and getattr(cluster.workers.get(k), "status", None) == Status.running]
 
 
-def check_host(cluster: SSHSpecCluster, host: str) -> None:
+def check_host(cluster: OperationsCluster, host: str) -> None:
     """Raise a one-line :class:`UserError` unless ``host`` is a worker host of the cluster."""
     if host not in cluster.worker_hosts:
         known = ", ".join(cluster.worker_hosts) or "(none)"
         raise UserError(f"cluster {cluster.name} has no worker host named {host!r}; its worker hosts: {known}")
 
 
-def check_running(cluster: SSHSpecCluster) -> None:
+def check_running(cluster: OperationsCluster) -> None:
     """Raise a one-line :class:`UserError` unless the cluster is running (not starting, closing or closed)."""
     if cluster.status != Status.running:
         raise UserError(f"cluster {cluster.name} is {cluster.status.name}; operations need a running cluster")
 
 
-def new_key(cluster: SSHSpecCluster, taken: Collection[str]) -> str:
+def new_key(cluster: OperationsCluster, taken: Collection[str]) -> str:
     """A spec key no entry, process or name of ``taken`` has."""
     return cluster.take_entry_name(taken)
 
 
 def _place(
-    cluster: SSHSpecCluster, used: Mapping[str, int], avoid: Collection[str], prefer: str | None = None
+    cluster: OperationsCluster, used: Mapping[str, int], avoid: Collection[str], prefer: str | None = None
 ) -> dict[str, Any] | None:
     """A new entry on a usable host with a free slot: ``prefer`` when it has one, else the policy's choice."""
     return entries.place_entry(
@@ -156,12 +156,12 @@ def _place(
     )
 
 
-async def reconcile(cluster: SSHSpecCluster) -> None:
+async def reconcile(cluster: OperationsCluster) -> None:
     # The shared reconcile task: shielded, so cancelling an operation never cancels it under scale().
     await asyncio.shield(cluster.reconcile_now())
 
 
-async def _wait_started(cluster: SSHSpecCluster, keys: Sequence[str], timeout: float) -> dict[str, str]:
+async def _wait_started(cluster: OperationsCluster, keys: Sequence[str], timeout: float) -> dict[str, str]:
     """Wait until every member of ``keys`` is registered; return entry -> why, for those that are not."""
     members = {k: entries.member_names(k, cluster.worker_spec[k]) for k in keys if k in cluster.worker_spec}
     deadline = time.monotonic() + timeout
@@ -187,7 +187,7 @@ async def _wait_started(cluster: SSHSpecCluster, keys: Sequence[str], timeout: f
 
 
 async def replace_entries(
-    cluster: SSHSpecCluster,
+    cluster: OperationsCluster,
     keys: Sequence[Any],
     *,
     batch: int,
@@ -235,7 +235,7 @@ async def replace_entries(
 
 
 async def _replace_batch(
-    cluster: SSHSpecCluster, chunk: list[str], avoid: set[str], why: str, done: Replaced
+    cluster: OperationsCluster, chunk: list[str], avoid: set[str], why: str, done: Replaced
 ) -> dict[str, str]:
     spec = cluster.worker_spec
     used = entries.slots_used(spec)
@@ -300,7 +300,7 @@ class AgentRenewal:
         The cluster whose pool holds the agents.
     """
 
-    def __init__(self, cluster: SSHSpecCluster) -> None:
+    def __init__(self, cluster: OperationsCluster) -> None:
         self.cluster = cluster
         self.old_agents: dict[str, HostAgent] = {}
         self.old_connections: dict[str, HostConnection] = {}
@@ -386,7 +386,7 @@ class AgentRenewal:
                 logger.warning("closing the old connection to %s failed: %s", name, result)
 
 
-def processes_on(cluster: SSHSpecCluster, agent: HostAgent) -> list[RemoteProcess]:
+def processes_on(cluster: OperationsCluster, agent: HostAgent) -> list[RemoteProcess]:
     """The cluster's processes, running or starting, whose members run under ``agent``."""
     candidates = {id(p): p for p in (*cluster.workers.values(), *cluster.processes(), cluster.scheduler)}
     return [
@@ -396,7 +396,7 @@ def processes_on(cluster: SSHSpecCluster, agent: HostAgent) -> list[RemoteProces
 
 
 async def _close_when_unused(
-    cluster: SSHSpecCluster, agent: HostAgent, users: list[RemoteProcess], connection: HostConnection | None
+    cluster: OperationsCluster, agent: HostAgent, users: list[RemoteProcess], connection: HostConnection | None
 ) -> None:
     """Stop ``agent`` (then ``connection``) once every one of ``users`` ended, or the pool closes."""
     pool = cluster.pool
@@ -418,7 +418,7 @@ async def _close_when_unused(
 # -- the operations ------------------------------------------------------------------------------
 
 
-async def rolling_restart(cluster: SSHSpecCluster, batch: int = 1) -> dict[str, Any]:
+async def rolling_restart(cluster: OperationsCluster, batch: int = 1) -> dict[str, Any]:
     """See :meth:`SSHSpecCluster.rolling_restart`."""
     if int(batch) < 1:
         raise UserError(f"the restart batch must be 1 or more, got {batch}")
@@ -449,7 +449,7 @@ async def rolling_restart(cluster: SSHSpecCluster, batch: int = 1) -> dict[str, 
         }
 
 
-async def drain(cluster: SSHSpecCluster, host: str, reason: str = "") -> dict[str, Any]:
+async def drain(cluster: OperationsCluster, host: str, reason: str = "") -> dict[str, Any]:
     """See :meth:`SSHSpecCluster.drain`."""
     check_host(cluster, host)
     check_running(cluster)
@@ -457,7 +457,7 @@ async def drain(cluster: SSHSpecCluster, host: str, reason: str = "") -> dict[st
         return await drain_unlocked(cluster, host, reason or "drained by the user")
 
 
-async def drain_unlocked(cluster: SSHSpecCluster, host: str, reason: str) -> dict[str, Any]:
+async def drain_unlocked(cluster: OperationsCluster, host: str, reason: str) -> dict[str, Any]:
     """Drain ``host`` (the caller holds the operations lock)."""
     cluster.capacity.remember_target()
     state = cluster.pool.states[host]
@@ -488,7 +488,7 @@ async def drain_unlocked(cluster: SSHSpecCluster, host: str, reason: str) -> dic
     return {"host": host, "reason": state.drained, **result.as_dict()}
 
 
-async def undrain(cluster: SSHSpecCluster, host: str) -> dict[str, Any]:
+async def undrain(cluster: OperationsCluster, host: str) -> dict[str, Any]:
     """See :meth:`SSHSpecCluster.undrain`."""
     check_host(cluster, host)
     check_running(cluster)

@@ -22,6 +22,7 @@ from distributed.deploy.spec import ProcessInterface
 
 from . import timeline
 from .agent import HostAgent
+from .distributed_internals import set_finished
 from .errors import HostError
 from .placement import slot_gpus, worker_nthreads
 from .tasks import log_failures
@@ -235,7 +236,7 @@ class RemoteProcess(ProcessInterface):
 
     def _set_failed(self) -> None:
         self.status = Status.failed
-        self._event_finished.set()
+        set_finished(self)
         for callback in list(self._failed_callbacks):
             try:
                 callback(self)
@@ -423,8 +424,7 @@ class RemoteProcess(ProcessInterface):
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
-        self.status = Status.closed
-        self._event_finished.set()
+        await super().close()  # closed, and finished() returns
 
     async def tail(self, nbytes: int = 16384) -> dict[str, str]:
         """The tail of each member's remote log."""

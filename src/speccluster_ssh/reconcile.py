@@ -1,8 +1,8 @@
 """The steps of an SSHSpecCluster's reconcile, and the map from dask workers to spec entries.
 
-SpecCluster's ``_correct_state`` makes ``workers`` (the running process
-interfaces) match ``worker_spec`` (what should run). The cluster keeps the
-lock and the order; the steps are here:
+The reconcile (:func:`reconcile_spec`, run by the cluster with its spec
+lock held) makes ``workers`` (the running process interfaces) match
+``worker_spec`` (what should run), in these steps:
 
 - :func:`close_removed` retires the workers of entries no longer in the spec
   by name, so the scheduler moves their data first, then closes their
@@ -35,12 +35,23 @@ from .process import RemoteProcess, with_pool
 from .tasks import log_failures
 
 if TYPE_CHECKING:
-    from .cluster import SSHSpecCluster
+    from .cluster_protocols import ReconcileCluster
 
 logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
 
 
-async def close_removed(cluster: SSHSpecCluster, keys: list[Any]) -> None:
+async def reconcile_spec(cluster: ReconcileCluster) -> None:
+    """One reconcile, with the spec lock held: close the entries that left the spec, start the missing ones."""
+    to_close = [k for k in cluster.workers if k not in cluster.worker_spec]
+    if to_close:
+        await close_removed(cluster, to_close)
+    created = create_missing(cluster)
+    cluster.track(worker for _, worker in created)
+    if created:
+        await start_created(cluster, created)
+
+
+async def close_removed(cluster: ReconcileCluster, keys: list[Any]) -> None:
     """Retire, then close, the running entries ``keys`` that left the spec."""
     names = [m for k in keys for m in member_names_of(cluster.workers[k], k)]
     if cluster.scheduler.status == Status.running and names:
@@ -55,7 +66,7 @@ async def close_removed(cluster: SSHSpecCluster, keys: list[Any]) -> None:
         cluster.reports.keep_logs(cluster.workers.pop(key, None))
 
 
-def create_missing(cluster: SSHSpecCluster) -> list[tuple[Any, Any]]:
+def create_missing(cluster: ReconcileCluster) -> list[tuple[Any, Any]]:
     """Process interfaces, not yet started, for the entries that should run and can."""
     # Entries of hosts that are down or put aside wait for the host (or for
     # the healer to move them); trying them would only fail again. An entry
@@ -77,7 +88,7 @@ def create_missing(cluster: SSHSpecCluster) -> list[tuple[Any, Any]]:
     return created
 
 
-async def start_created(cluster: SSHSpecCluster, created: list[tuple[Any, Any]]) -> None:
+async def start_created(cluster: ReconcileCluster, created: list[tuple[Any, Any]]) -> None:
     """Start ``created`` concurrently; record each in ``workers`` and tell the healer how it went."""
     tasks = [
         # Read below; kept in the task set so a cancelled reconcile leaves none running.
@@ -96,7 +107,7 @@ async def start_created(cluster: SSHSpecCluster, created: list[tuple[Any, Any]])
             cluster.healer.entry_started(key, host)
 
 
-def follow_scheduler_event(cluster: SSHSpecCluster, op: str, msg: Any) -> None:
+def follow_scheduler_event(cluster: ReconcileCluster, op: str, msg: Any) -> None:
     """Keep each entry's ``worker_address`` on what the scheduler has, and tell the healer of lost workers.
 
     Addresses follow ``add`` events, so a worker restarted by its nanny is
@@ -121,14 +132,14 @@ def follow_scheduler_event(cluster: SSHSpecCluster, op: str, msg: Any) -> None:
             asyncio.get_running_loop().call_later(delay, cluster.healer.worker_left, key, process, member)
 
 
-async def in_background(cluster: SSHSpecCluster) -> None:
+async def in_background(cluster: ReconcileCluster) -> None:
     """Reconcile after ``scale``, then wake the healer for the entries it could not start."""
     await cluster.reconcile_and_log()
     # Entries the reconcile could not start (their host is down) are the healer's to move.
     cluster.healer.wake("the spec changed")
 
 
-def stop_hosts(cluster: SSHSpecCluster, grace: float) -> None:
+def stop_hosts(cluster: ReconcileCluster, grace: float) -> None:
     """The whole cluster closes: its worker hosts' processes stop first, before anything awaits.
 
     No worker's data is kept, so none is retired. Every entry is marked
@@ -148,7 +159,7 @@ def stop_hosts(cluster: SSHSpecCluster, grace: float) -> None:
     cluster.pool.stop_agents(set(cluster.pool.agents) - {keep})
 
 
-async def drop_entries(cluster: SSHSpecCluster) -> None:
+async def drop_entries(cluster: ReconcileCluster) -> None:
     """Mark every entry closed and forget it, without stopping its processes (see :func:`stop_hosts`).
 
     Called with the cluster's spec lock held.

@@ -52,7 +52,7 @@ from .health import HostState
 from .messages import one_line
 
 if TYPE_CHECKING:
-    from .cluster import SSHSpecCluster
+    from .cluster_protocols import ReloadCluster
     from .inventory import HostSpec, Inventory
 
 logger = logging.getLogger("speccluster_ssh.cluster")
@@ -238,7 +238,7 @@ def in_effect(old: Inventory, new: Inventory, refused: Collection[str]) -> Inven
 # -- applying ------------------------------------------------------------------------------------
 
 
-def read_inventory(cluster: SSHSpecCluster, path: str | os.PathLike[str] | None) -> Inventory:
+def read_inventory(cluster: ReloadCluster, path: str | os.PathLike[str] | None) -> Inventory:
     """The inventory at ``path`` (default: where the cluster's was read), with the cluster's group names.
 
     Raises
@@ -261,13 +261,13 @@ def read_inventory(cluster: SSHSpecCluster, path: str | os.PathLike[str] | None)
         raise
 
 
-def entries_per_host(cluster: SSHSpecCluster) -> dict[str, int]:
+def entries_per_host(cluster: ReloadCluster) -> dict[str, int]:
     """Spec entries per host now."""
     return entries.slots_used(cluster.worker_spec)
 
 
 async def reload_inventory(
-    cluster: SSHSpecCluster, path: str | os.PathLike[str] | None = None, *, dry_run: bool = False, batch: int = 1
+    cluster: ReloadCluster, path: str | os.PathLike[str] | None = None, *, dry_run: bool = False, batch: int = 1
 ) -> dict[str, Any]:
     """See :meth:`SSHSpecCluster.reload_inventory`."""
     if int(batch) < 1:
@@ -295,7 +295,7 @@ async def reload_inventory(
     return result
 
 
-async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, batch: int) -> dict[str, Any]:
+async def _apply(cluster: ReloadCluster, new: Inventory, diff: InventoryDiff, batch: int) -> dict[str, Any]:
     pool = cluster.pool
     old_hosts = dict(cluster.worker_hosts)
     new_hosts = {h.name: h for h in new.worker_hosts}
@@ -363,8 +363,8 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
     before = set(cluster.worker_spec)
     cluster.capacity.refill()
     out["added_entries"] = [str(k) for k in cluster.worker_spec if k not in before]
-    adaptive = getattr(cluster, "_adaptive", None)
-    if adaptive is not None and getattr(adaptive, "periodic_callback", None) is not None:
+    adaptive = cluster.running_adaptive()
+    if adaptive is not None:
         cluster.capacity.refresh_adapt(adaptive)
     await operations.reconcile(cluster)
     cluster.healer.wake("inventory reloaded")
@@ -372,7 +372,7 @@ async def _apply(cluster: SSHSpecCluster, new: Inventory, diff: InventoryDiff, b
     return out
 
 
-async def _forget_host(cluster: SSHSpecCluster, name: str) -> None:
+async def _forget_host(cluster: ReloadCluster, name: str) -> None:
     """Close a removed host's agent and connection, and forget it (unless something still runs there)."""
     pool = cluster.pool
     left = [k for k, s in cluster.worker_spec.items() if operations.host_of(s) == name]

@@ -19,7 +19,7 @@ from . import entries
 from .process import RemoteProcess
 
 if TYPE_CHECKING:
-    from .cluster import SSHSpecCluster
+    from .cluster_protocols import ReportsCluster
 
 
 class Reports:
@@ -39,7 +39,7 @@ class Reports:
         Member name -> the host its gone process ran on (``logs --host``).
     """
 
-    def __init__(self, cluster: SSHSpecCluster) -> None:
+    def __init__(self, cluster: ReportsCluster) -> None:
         self.cluster = cluster
         self.gone_logs: dict[str, str] = {}
         self.gone_member_hosts: dict[str, str] = {}

@@ -24,7 +24,7 @@ from .errors import UserError
 from .placement import EntryShape, Target, entries_to_remove, worker_nthreads
 
 if TYPE_CHECKING:
-    from .cluster import SSHSpecCluster
+    from .cluster_protocols import CapacityCluster
 
 logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
 
@@ -117,7 +117,7 @@ class Capacity:
         The cluster whose ``worker_spec`` is changed.
     """
 
-    def __init__(self, cluster: SSHSpecCluster) -> None:
+    def __init__(self, cluster: CapacityCluster) -> None:
         self.cluster = cluster
         self.note = ""  # the shortfall last said, "" while the target fits
         # The last target asked for, which a drain or reload may leave the cluster short of.

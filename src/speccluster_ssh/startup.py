@@ -34,7 +34,7 @@ from .process import with_pool
 from .scaling import resolve_min_workers
 
 if TYPE_CHECKING:
-    from .cluster import SSHSpecCluster
+    from .cluster_protocols import StartupCluster
 
 logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
 
@@ -75,7 +75,7 @@ def connect_settings(
     )
 
 
-def scheduler_entry(cluster: SSHSpecCluster, options: dict[str, Any], sec: Any) -> dict[str, Any]:
+def scheduler_entry(cluster: StartupCluster, options: dict[str, Any], sec: Any) -> dict[str, Any]:
     """The scheduler's spec: on the inventory's scheduler host, or in the head's process.
 
     Sets ``cluster.reach`` when the mode is known without probing. Under
@@ -102,7 +102,7 @@ def scheduler_entry(cluster: SSHSpecCluster, options: dict[str, Any], sec: Any) 
 
 
 def initial_spec(
-    cluster: SSHSpecCluster, workers: Mapping[Any, Any], worker: Mapping[str, Any] | None, n_workers: int | None
+    cluster: StartupCluster, workers: Mapping[Any, Any], worker: Mapping[str, Any] | None, n_workers: int | None
 ) -> dict[str, Any]:
     """The spec entries the cluster starts with, set as its ``worker_spec``; also ``new_spec`` and ``min_workers``.
 
@@ -125,7 +125,7 @@ def initial_spec(
     return initial
 
 
-def fill_initial_spec(cluster: SSHSpecCluster, n_workers: int | None) -> None:
+def fill_initial_spec(cluster: StartupCluster, n_workers: int | None) -> None:
     """Place ``n_workers`` entries (every slot when ``None``) before SpecCluster starts.
 
     Placed up front so that a synchronous constructor returns with every
@@ -147,7 +147,7 @@ def fill_initial_spec(cluster: SSHSpecCluster, n_workers: int | None) -> None:
 
 # -- the start policy ----------------------------------------------------
 async def start(
-    cluster: SSHSpecCluster, start_scheduler: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]
+    cluster: StartupCluster, start_scheduler: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]
 ) -> None:
     """Start the cluster: agents, the scheduler (``start_scheduler``: SpecCluster's), then the workers.
 
@@ -186,7 +186,7 @@ async def start(
     await wait_for_min_workers(cluster, close)
 
 
-async def place_scheduler(cluster: SSHSpecCluster, hosts: set[str]) -> None:
+async def place_scheduler(cluster: StartupCluster, hosts: set[str]) -> None:
     """Choose where the scheduler runs (probing the hosts under ``auto``), once, before it starts."""
     if cluster.reach is not None or cluster.scheduler is not None:
         return
@@ -218,11 +218,11 @@ async def place_scheduler(cluster: SSHSpecCluster, hosts: set[str]) -> None:
         )
 
 
-def registered_workers(cluster: SSHSpecCluster) -> int:
+def registered_workers(cluster: StartupCluster) -> int:
     return len(cluster.scheduler_info.get("workers", {}))
 
 
-async def wait_for_min_workers(cluster: SSHSpecCluster, close: Callable[[], Awaitable[None]]) -> None:
+async def wait_for_min_workers(cluster: StartupCluster, close: Callable[[], Awaitable[None]]) -> None:
     """The first reconcile, then wait until ``min_workers`` workers registered.
 
     Hosts that do not answer do not fail the start: the healer moves their
@@ -252,7 +252,7 @@ def no_host_answers(states: Mapping[str, HostState], worker_hosts: Mapping[str, 
     return all(states[name].state in (Health.DOWN, Health.ASIDE) for name in worker_hosts)
 
 
-def start_error(cluster: SSHSpecCluster, registered: int, elapsed: float) -> StartError:
+def start_error(cluster: StartupCluster, registered: int, elapsed: float) -> StartError:
     """The error of a start short of ``min_workers``: a summary, then why each missing host is missing."""
     wanted = sum(len(entries.member_names(k, s)) for k, s in cluster.worker_spec.items())
     running = {str(w.get("name")) for w in cluster.scheduler_info.get("workers", {}).values()}

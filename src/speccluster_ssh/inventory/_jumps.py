@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from ._hostspec import HostSpec
-
-__all__ = ["JumpHop", "parse_hop", "parse_jump_list", "jumps_from_args", "resolve_jump_chain"]
+__all__ = ["JumpHop", "JumpTarget", "parse_hop", "parse_jump_list", "jumps_from_args", "resolve_jump_chain"]
 
 MAX_CHAIN = 8
 
@@ -125,8 +122,30 @@ def jumps_from_args(args: Sequence[str]) -> tuple[JumpHop, ...] | None:
     return None
 
 
+class JumpTarget(Protocol):
+    """What a jump chain reads of an inventory host (a :class:`~speccluster_ssh.inventory.HostSpec`).
+
+    A protocol, so that this module needs nothing of the host spec's, which needs the jumps.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def key_file(self) -> str | None: ...
+    @property
+    def jumps(self) -> tuple[JumpHop, ...] | None: ...
+    @property
+    def is_local(self) -> bool: ...
+
+
 def resolve_jump_chain(
-    name: str, hosts: Mapping[str, HostSpec], seen: Iterable[str] = ()
+    name: str, hosts: Mapping[str, JumpTarget], seen: Iterable[str] = ()
 ) -> tuple[JumpHop, ...] | None:
     """The full jump chain of inventory host ``name``, hops that are inventory hosts filled in.
 
@@ -181,7 +200,7 @@ def resolve_jump_chain(
     return tuple(chain)
 
 
-def _inventory_target(hop: JumpHop, hosts: Mapping[str, HostSpec]) -> str | None:
+def _inventory_target(hop: JumpHop, hosts: Mapping[str, JumpTarget]) -> str | None:
     """The inventory host a hop stands for, to be filled in from it; ``None`` for a hop taken as written."""
     target = hosts.get(hop.address)
     if target is None or hop.inventory_host or hop.user is not None or hop.port is not None or target.is_local:
