@@ -23,8 +23,8 @@ from distributed import Client
 from speccluster_ssh import SSHSpecCluster, entries
 from speccluster_ssh.entries import EntrySettings
 from speccluster_ssh.errors import CapacityError, HostError
-from speccluster_ssh.health import HostState
 from speccluster_ssh.healer import Healer
+from speccluster_ssh.hosts import HostTable
 from speccluster_ssh.inventory import Inventory
 from speccluster_ssh.tasks import TaskSet
 
@@ -109,11 +109,11 @@ def test_an_entry_already_on_a_usable_host_starts_again_there_not_moved_to_itsel
         placement_policy="spread",
         log_event=logged.append,
     )
-    states = {name: HostState(name) for name in hosts}
-    for state in states.values():
-        state.mark_up()
-    states["h2"].mark_down("connection lost")
-    pool = SimpleNamespace(states=states, on_host_lost=lambda callback: None)
+    table = HostTable(hosts.values())
+    for name in hosts:
+        table.renew_agent(name, SimpleNamespace(alive=True))  # type: ignore[arg-type]
+    table.mark_lost("h2", "connection lost")
+    pool = SimpleNamespace(table=table, on_host_lost=lambda callback: None)
 
     async def main() -> None:
         healer = Healer(cluster, pool, TaskSet("test"))  # type: ignore[arg-type]

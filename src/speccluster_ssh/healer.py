@@ -10,8 +10,9 @@ through it. Unlike ``Adaptive`` it does not tick. It sleeps until one of:
 - the spec changed (the cluster calls :meth:`Healer.wake`), or a worker the
   scheduler lost did not come back within ``lost-worker-timeout``
   (:meth:`Healer.worker_left`);
-- the next retry time: of a host that is down (``HostState.retry_at``) or of
-  an entry backing off (``FailureLedger.retry_at``).
+- the next retry time: of a host that is down (set when it went down, by
+  :func:`~speccluster_ssh.health.next_retry`) or of an entry backing off
+  (``FailureLedger.retry_at``).
 
 On each wake it makes one pass (:meth:`Healer.heal_once`): it retries hosts
 that are due, removes dead entries' processes (and their names from the
@@ -19,8 +20,10 @@ scheduler), charges failed starts to the host or the entry
 (:mod:`speccluster_ssh.health`), moves entries off hosts that are down or
 put aside, and reconciles.
 
-The healer owns host health decisions (``put_aside``, ``restore``, retries)
-and the :class:`~speccluster_ssh.health.FailureLedger`; the cluster asks it
+The healer decides when a host is put aside or taken back, and attempts the
+hosts whose retry is due, through the host table
+(:class:`~speccluster_ssh.hosts.HostTable`); it owns the
+:class:`~speccluster_ssh.health.FailureLedger`; the cluster asks it
 (:meth:`Healer.unavailable_hosts`, :meth:`Healer.drained_hosts`,
 :meth:`Healer.waiting`, :meth:`Healer.problem`) and reports start outcomes to it.
 """
@@ -38,7 +41,7 @@ from distributed.core import Status
 
 from . import entries
 from .errors import HostError
-from .health import FailureLedger, Health
+from .health import FailureLedger
 from .pool import AgentPool
 from .process import RemoteProcess
 from .tasks import TaskSet
@@ -69,6 +72,7 @@ class Healer:
     def __init__(self, cluster: SSHSpecCluster, pool: AgentPool, tasks: TaskSet) -> None:
         self.cluster = cluster
         self.pool = pool
+        self.hosts = pool.table
         self.failures = FailureLedger()
         self.last_error = ""
         self._tasks = tasks
@@ -83,11 +87,11 @@ class Healer:
     # -- questions the cluster asks ---------------------------------------------------------------
     def unavailable_hosts(self) -> set[str]:
         """Hosts that are down, put aside or drained: no entry is placed or started there."""
-        return {n for n, s in self.pool.states.items() if not s.usable}
+        return self.hosts.unavailable()
 
     def drained_hosts(self) -> dict[str, str]:
-        """Drained host -> why (see :meth:`~speccluster_ssh.health.HostState.drain`)."""
-        return {n: s.drained for n, s in self.pool.states.items() if s.drained}
+        """Drained host -> why (see :meth:`~speccluster_ssh.hosts.HostTable.drain`)."""
+        return self.hosts.drained()
 
     def waiting(self, key: Any) -> bool:
         """Whether entry ``key`` is backing off after failing by itself."""
@@ -146,10 +150,9 @@ class Healer:
         """The monotonic time of the next retry that is due without any event, or ``inf``."""
         now = time.monotonic()
         deadline = self._pass_retry_at or math.inf
-        wanted = self._hosts_wanted()
-        for name, state in self.pool.states.items():
-            if state.state == Health.DOWN and name in wanted and name not in self._retry_tasks:
-                deadline = min(deadline, state.retry_at)
+        for name, retry_at in self.hosts.down(self._hosts_wanted()).items():
+            if name not in self._retry_tasks:
+                deadline = min(deadline, retry_at)
         cluster = self.cluster
         for key in cluster.worker_spec:
             if key not in cluster.workers:
@@ -183,12 +186,10 @@ class Healer:
         self.passes += 1
         cluster = self.cluster
         now = time.monotonic()
-        # Retry lost hosts with backoff, each in a task of its own: a host that
+        # Retry the lost hosts that are due, each in a task of its own: a host that
         # does not answer must not hold up relaunching entries elsewhere.
-        wanted = self._hosts_wanted()
-        for name, state in self.pool.states.items():
-            if state.state == Health.DOWN and now >= state.retry_at and name in wanted and name not in self._retry_tasks:
-                state.schedule_retry(now)
+        for name in self.hosts.due_for_retry(self._hosts_wanted(), now):
+            if name not in self._retry_tasks:
                 self._retry_tasks[name] = self._tasks.start(self._retry_host(name), name=f"retry host {name}")
 
         def dead() -> list[Any]:
@@ -224,15 +225,23 @@ class Healer:
             await self.pool.agent(name)
         except HostError as exc:
             logger.info("host %s still does not answer: %s", name, exc.reason)
+            self._still_down(name, exc.reason)
             return  # the next attempt waits longer
         except Exception as exc:
             logger.warning("retrying host %s failed: %s: %s", name, type(exc).__name__, exc)
+            self._still_down(name, f"{type(exc).__name__}: {exc}")
             return
         finally:
             self._retry_tasks.pop(name, None)
             # Up: start its entries. Still down: sleep until its next retry time.
             self.wake(f"retry of host {name} ended")
         self.cluster.log_event(f"host {name} answers again")
+
+    def _still_down(self, name: str, reason: str) -> None:
+        # A failure the pool did not record (it never reached a start) is a transition to
+        # down all the same: it schedules the next attempt, or the next pass would retry at once.
+        if self.hosts.due_for_retry([name]):
+            self.hosts.mark_lost(name, reason)
 
     def worker_left(self, key: Any, proc: Any, member: str) -> None:
         """The scheduler lost ``member`` of entry ``key`` a while ago: drop the entry's process if it did not come back.
@@ -303,24 +312,20 @@ class Healer:
         """
         error = self._start_errors.pop(str(key), "")
         host = worker.host
-        state = self.pool.states.get(host)
+        state = self.hosts.states.get(host)
         if worker.members or state is None or not state.usable:
             return
         cause = error or f"entry {key} failed to start"
-        state.record_failure(cause)
-        worker_hosts = self.cluster.worker_hosts
-        healthy = sum(1 for s in self.pool.states.values() if s.state == Health.UP and s.name in worker_hosts)
-        verdict = self.failures.start_failed(str(key), host, cause, healthy)
+        self.hosts.record_failure(host, cause)
+        verdict = self.failures.start_failed(str(key), host, cause, self.hosts.healthy_workers())
         logger.warning("%s", verdict.message)
         for name in verdict.restore_hosts:
-            restored = self.pool.states.get(name)
-            if restored is not None and restored.state == Health.ASIDE:
-                restored.restore()
+            if self.hosts.restore(name):
                 self.cluster.log_event(f"host {name} taken back: entry {key} fails by itself")
         if verdict.entry_retry_in:
             self.cluster.log_event(f"{verdict.message}; entry {key} retried in {verdict.entry_retry_in:g} s")
         if verdict.put_host_aside:
-            state.put_aside(verdict.message)
+            self.hosts.put_aside(host, verdict.message)
             logger.warning("host %s put aside: %s", host, state.reason)
             self.cluster.log_event(f"host {host} put aside: {state.reason}")
 

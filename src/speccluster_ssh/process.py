@@ -279,7 +279,7 @@ class RemoteProcess(ProcessInterface):
         devices = pool.gpus_of(self.host)
         if self.role == "scheduler" or not devices:
             return
-        host = pool.hosts[self.host]
+        host = pool.table.specs[self.host]
         slot = pool.claim_gpus(self.host, self)
         for i, member in enumerate(self.member_names):
             try:

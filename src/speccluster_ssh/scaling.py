@@ -144,7 +144,7 @@ class Capacity:
         host_name = opts.get("host", "")
         group = spec.get("group")
         workers = len(group) if group else 1
-        agents = self.cluster.pool.agents
+        agents = self.cluster.host_table.agents
         facts = agents[host_name].facts if host_name in agents else {}
         # Unset: as the process interface will decide.
         threads = int(inner.get("nthreads") or 0) or default_nthreads(facts.get("cpu_count"), workers)
