@@ -6,6 +6,9 @@ placed on worker hosts slot by slot. The cluster is the hub; each concern
 lives in a module of its own and is reached through one attribute:
 
 - spec entries are built by :mod:`speccluster_ssh.entries` (``entry_settings``);
+- every host, with its health, drain flag, agent and connection, is in a
+  :class:`~speccluster_ssh.hosts.HostTable` (``host_table``), whose methods
+  alone change them; ``inventory`` and ``worker_hosts`` read it;
 - the remote processes are :mod:`speccluster_ssh.process` interfaces, their
   hosts' agents an :class:`~speccluster_ssh.pool.AgentPool` (``pool``);
 - healing (relaunching dead entries, moving entries off lost hosts, retrying

@@ -97,7 +97,7 @@ class AgentPool:
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
 
-    # Read-only views of the table, for reading only.
+    # The table's live, read-only views (status and tests read them through the pool).
     states: Mapping[str, HostView] = property(lambda self: self.table.states)  # type: ignore[assignment]
     agents: Mapping[str, HostAgent] = property(lambda self: self.table.agents)  # type: ignore[assignment]
     connections: Mapping[str, HostConnection] = property(lambda self: self.table.connections)  # type: ignore[assignment]
@@ -354,6 +354,7 @@ class AgentPool:
             self.table.drop_agent(name)
         self._starting.clear()
         self._unclaimed.clear()
+        self._recorded.clear()
         conns = {name: self.table.drop_connection(name) for name in list(self.table.connections)}
         results = await asyncio.gather(*(c.close() for c in conns.values() if c is not None), return_exceptions=True)
         log_failures(results, list(conns), logger, "closing connections")
