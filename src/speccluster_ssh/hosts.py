@@ -231,10 +231,6 @@ class HostTable:
         return was
 
     # -- questions ---------------------------------------------------------------------------------
-    def state(self, name: str) -> HostView:
-        """A live, read-only view of host ``name``'s health."""
-        return HostView(self._known(name).state)
-
     def unavailable(self) -> set[str]:
         """Hosts that are down, put aside or drained: nothing is placed or started there."""
         return {n for n, r in self._records.items() if not r.state.usable}
