@@ -113,7 +113,7 @@ class HostTable:
         self, specs: Iterable[HostSpec] = (), *, workers: Collection[str] | None = None, inventory: Inventory | None = None
     ) -> None:
         self._records: dict[str, HostRecord] = {}
-        self.inventory = inventory
+        self._inventory = inventory
         for spec in specs:
             self.add(spec, worker=workers is None or spec.name in workers)
         self.specs: Mapping[str, HostSpec] = _View(self._records, lambda r: r.spec)
@@ -131,6 +131,11 @@ class HostTable:
         if sched is not None and sched.name not in workers:
             specs.append(sched)
         return cls(specs, workers=workers, inventory=inventory)
+
+    @property
+    def inventory(self) -> Inventory | None:
+        """The inventory in effect: what the next reload compares with (see :meth:`adopt_inventory`)."""
+        return self._inventory
 
     def __contains__(self, name: object) -> bool:
         return name in self._records
@@ -165,7 +170,7 @@ class HostTable:
 
     def adopt_inventory(self, inventory: Inventory) -> None:
         """``inventory`` is in effect now (a reload succeeded)."""
-        self.inventory = inventory
+        self._inventory = inventory
 
     # -- agents and connections ------------------------------------------------------------------
     def set_connection(self, name: str, connection: HostConnection | None) -> HostConnection | None:

@@ -36,8 +36,9 @@ its last such process ends, or at the latest when the cluster closes.
 An operation stops quietly between batches when the cluster is closing.
 
 The functions take the cluster and use its reconcile, its host table
-(:mod:`speccluster_ssh.hosts`) and :mod:`speccluster_ssh.entries`; the cluster's public methods
-(``rolling_restart``, ``drain``, ``undrain``) delegate here.
+(:mod:`speccluster_ssh.hosts`) and :mod:`speccluster_ssh.entries`; the
+cluster's public methods (``rolling_restart``, ``drain``, ``undrain``)
+delegate here.
 """
 
 from __future__ import annotations
