@@ -26,7 +26,6 @@ from distributed.core import Status
 from speccluster_ssh import SSHSpecCluster, entries
 from speccluster_ssh.entries import EntrySettings
 from speccluster_ssh.errors import CapacityError, HostError
-from speccluster_ssh.health import HostState
 from speccluster_ssh.healer import Healer
 from speccluster_ssh.healing import (
     DropDeadEntry,
@@ -38,6 +37,7 @@ from speccluster_ssh.healing import (
     Snapshot,
     StartAgainInPlace,
 )
+from speccluster_ssh.hosts import HostTable
 from speccluster_ssh.inventory import Inventory
 from speccluster_ssh.tasks import TaskSet
 
@@ -122,17 +122,17 @@ def test_an_entry_already_on_a_usable_host_starts_again_there_not_moved_to_itsel
         placement_policy="spread",
         log_event=logged.append,
     )
-    states = {name: HostState(name) for name in hosts}
-    for state in states.values():
-        state.mark_up()
-    states["h2"].mark_down("connection lost")
-    pool = SimpleNamespace(states=states, on_host_lost=lambda callback: None)
+    table = HostTable(hosts.values())
+    for name in hosts:
+        table.renew_agent(name, SimpleNamespace(alive=True))  # type: ignore[arg-type]
+    table.mark_lost("h2", "connection lost")
+    pool = SimpleNamespace(table=table, on_host_lost=lambda callback: None)
 
     async def main() -> None:
         healer = Healer(cluster, pool, TaskSet("test"))  # type: ignore[arg-type]
         # What heal_once plans for entry 1's dead process on h2 (unusable): drop it, place the entry.
         snapshot = Snapshot(
-            hosts=tuple(HostView(n, s.state) for n, s in states.items()),
+            hosts=tuple(HostView(n, s.state) for n, s in table.states.items()),
             worker_hosts=frozenset(hosts),
             entries=(EntryView("0", "h1", Process.RUNNING, "h1", started=True), EntryView("1", "h3", Process.DEAD, "h2")),
         )
@@ -170,11 +170,11 @@ def test_a_pass_moves_an_entry_stranded_on_a_down_host_and_reconciles() -> None:
         log_event=logged.append,
         reconcile_and_log=reconcile_and_log,
     )
-    states = {name: HostState(name) for name in hosts}
-    states["h1"].mark_up()
-    states["h2"].mark_down("connection lost")
-    states["h2"].retry_at = time.monotonic() + 3600  # not due: the pass must not start a retry
-    pool = SimpleNamespace(states=states, on_host_lost=lambda callback: None)
+    table = HostTable(hosts.values())
+    table.renew_agent("h1", SimpleNamespace(alive=True))  # type: ignore[arg-type]
+    # Lost "an hour from now": its retry is not due, so the pass must not start one.
+    table.mark_lost("h2", "connection lost", now=time.monotonic() + 3600)
+    pool = SimpleNamespace(table=table, on_host_lost=lambda callback: None)
 
     async def main() -> None:
         healer = Healer(cluster, pool, TaskSet("test"))  # type: ignore[arg-type]
@@ -182,7 +182,7 @@ def test_a_pass_moves_an_entry_stranded_on_a_down_host_and_reconciles() -> None:
         snapshot = healer.snapshot()
         assert snapshot.entries == (EntryView("0", "h2", Process.NONE, None, False, "could not connect"),)
         assert [(h.name, h.health, h.usable) for h in snapshot.hosts] == [("h1", "up", True), ("h2", "down", False)]
-        assert healer.next_deadline() == states["h2"].retry_at
+        assert healer.next_deadline() == table.states["h2"].retry_at
         await healer.heal_once()
         assert healer.passes == 1
 

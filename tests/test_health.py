@@ -109,9 +109,8 @@ def test_host_state_transitions_and_json() -> None:
     state = HostState("h1")
     assert state.state == Health.NEW and state.usable
     state.mark_up()
-    state.mark_down("cannot connect")
+    state.mark_down("cannot connect", now=10.0)  # going down schedules the next attempt
     assert not state.usable and state.reason == "cannot connect"
-    state.schedule_retry(now=10.0)
     assert state.retry_at == 11.0 and state.backoff == 2.0
     state.mark_up()
     state.put_aside("bad")

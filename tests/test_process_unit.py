@@ -132,7 +132,7 @@ def gpu_pool() -> AgentPool:
 
 def made(the_pool: AgentPool, host: str, key: str, held: dict[str, dict[str, int]]) -> RemoteProcess:
     settings = EntrySettings("unit-0123", 42.0, {}, classes=CLASSES, process_base=RemoteProcess)
-    spec = entries.worker_entry(settings, the_pool.hosts[host], gpus_held=held.get(host, {}))
+    spec = entries.worker_entry(settings, the_pool.table.specs[host], gpus_held=held.get(host, {}))
     opts = dict(spec["options"], name=key)
     if spec.get("group"):
         opts["group"] = spec["group"]

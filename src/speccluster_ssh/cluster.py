@@ -6,6 +6,9 @@ placed on worker hosts slot by slot. The cluster is the hub; each concern
 lives in a module of its own and is reached through one attribute:
 
 - spec entries are built by :mod:`speccluster_ssh.entries` (``entry_settings``);
+- every host, with its health, drain flag, agent and connection, is in a
+  :class:`~speccluster_ssh.hosts.HostTable` (``host_table``), whose methods
+  alone change them; ``inventory`` and ``worker_hosts`` read it;
 - the remote processes are :mod:`speccluster_ssh.process` interfaces, their
   hosts' agents an :class:`~speccluster_ssh.pool.AgentPool` (``pool``);
 - healing (relaunching dead entries, moving entries off lost hosts, retrying
@@ -46,7 +49,8 @@ from .distributed_internals import SpecClusterBridge
 from .entries import EntrySettings
 from .errors import CapacityError, UserError
 from .healer import Healer
-from .inventory import Inventory, load_inventory
+from .hosts import HostTable
+from .inventory import HostSpec, Inventory, load_inventory
 from .placement import Target
 from .pool import AgentPool
 from .process import RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
@@ -156,7 +160,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         dashboard_address: str | None = None,
     ) -> None:
         inventory = startup.resolve_inventory(hosts, inventory)
-        self.inventory: Inventory = inventory
+        self.host_table = HostTable.from_inventory(inventory)  # every host, its health and its agent
         self.placement_policy = placement or sc_config.get("placement")
         if self.placement_policy not in ("spread", "pack"):
             raise UserError(f"placement must be 'spread' or 'pack', got {self.placement_policy!r}")
@@ -173,9 +177,8 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         self.capacity = Capacity(self)
         self.reports = Reports(self)
         self.given_scheduler_address = scheduler_address
-        self.worker_hosts, all_hosts = startup.hosts_to_reach(inventory)
         settings = startup.connect_settings(known_hosts, known_hosts_policy, ssh_config, connect_timeout)
-        self.pool = AgentPool(self.cluster_id, all_hosts, settings, silence=self.silence, agent_timeout=self.start_timeout)
+        self.pool = AgentPool(self.cluster_id, self.host_table, settings, silence=self.silence, agent_timeout=self.start_timeout)
         # Owns host health decisions and start-failure accounting; runs only with heal=True.
         self.healer = Healer(self, self.pool, self.tasks)
         self.operations = operations.Operations(self)  # restart, drain, undrain and reload, one at a time
@@ -239,9 +242,10 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         inventory = load_inventory(path, scheduler_group=scheduler_group, worker_group=worker_group)
         return cls(inventory=inventory, **options)
 
-    @property
-    def total_slots(self) -> int:
-        return sum(h.slots for h in self.worker_hosts.values())
+    # Read from the host table, which reload changes: the inventory in effect, and its worker hosts by name.
+    inventory: Inventory = property(lambda self: self.host_table.inventory)  # type: ignore[assignment]
+    worker_hosts: Mapping[str, HostSpec] = property(lambda self: self.host_table.workers)  # type: ignore[assignment]
+    total_slots: int = property(lambda self: sum(h.slots for h in self.worker_hosts.values()))  # type: ignore[assignment]
 
     def unavailable_hosts(self) -> set[str]:
         """Worker hosts nothing is placed on now: down, put aside or drained."""

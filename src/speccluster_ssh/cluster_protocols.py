@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from distributed.deploy.adaptive import Adaptive
 
     from .entries import EntrySettings
+    from .hosts import HostTable
     from .inventory import HostSpec, Inventory
     from .placement import Target
     from .pool import AgentPool
@@ -131,7 +132,8 @@ class CapacityCluster(SpecState, Protocol):
     worker_hosts: dict[str, HostSpec]
     placement_policy: str
     new_spec: dict[str, Any]
-    pool: AgentPool
+    @property
+    def host_table(self) -> HostTable: ...
 
     @property
     def total_slots(self) -> int: ...
@@ -146,7 +148,8 @@ class ReportsCluster(SpecState, Protocol):
     cluster_id: str
     worker_hosts: dict[str, HostSpec]
     scheduler_comm: Any
-    pool: AgentPool
+    @property
+    def host_table(self) -> HostTable: ...
     @property
     def healer(self) -> HealerPart: ...
     min_workers: int
@@ -175,6 +178,8 @@ class StartupCluster(SpecState, Protocol):
     reach_setting: str
     pool: AgentPool
     @property
+    def host_table(self) -> HostTable: ...
+    @property
     def capacity(self) -> CapacityPart: ...
     min_workers: int
     min_workers_asked: int | float | str | None
@@ -196,6 +201,8 @@ class OperationsCluster(SpecState, Protocol):
     placement_policy: str
     new_spec: dict[str, Any]
     pool: AgentPool
+    @property
+    def host_table(self) -> HostTable: ...
     @property
     def healer(self) -> HealerPart: ...
     @property

@@ -353,7 +353,7 @@ class Head:
                 names.append((sched.name, "scheduler"))
             names.extend((h.name, "worker") for h in self.inventory.worker_hosts if sched is None or h.name != sched.name)
         for host, role in names:
-            state = cluster.pool.states.get(host) if cluster is not None else None
+            state = cluster.host_table.states.get(host) if cluster is not None else None
             conn = state.state if state is not None else "new"
             reason = state.reason if state is not None else ""
             want, have = wanted.get(host, 0), ready.get(host, 0)

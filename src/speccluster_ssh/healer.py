@@ -10,8 +10,9 @@ through it. Unlike ``Adaptive`` it does not tick. It sleeps until one of:
 - the spec changed (the cluster calls :meth:`Healer.wake`), or a worker the
   scheduler lost did not come back within ``lost-worker-timeout``
   (:meth:`Healer.worker_left`);
-- the next retry time: of a host that is down (``HostState.retry_at``) or of
-  an entry backing off (``FailureLedger.retry_at``).
+- the next retry time: of a host that is down (set when it went down, by
+  :func:`~speccluster_ssh.health.next_retry`) or of an entry backing off
+  (``FailureLedger.retry_at``).
 
 On each wake it makes one pass (:meth:`Healer.heal_once`): it reads the
 cluster into a :class:`~speccluster_ssh.healing.Snapshot`, asks the pure
@@ -22,7 +23,9 @@ the entry, moves entries off hosts that are down or put aside, and
 reconciles. The decisions are the core's, the I/O is the healer's.
 
 The healer carries out host health decisions (``put_aside``, ``restore``,
-retries), each in one small method, and holds the core with its
+retry attempts) through the host table
+(:class:`~speccluster_ssh.hosts.HostTable`), each in one small method, and
+holds the core with its
 :class:`~speccluster_ssh.health.FailureLedger`; the cluster asks it
 (:meth:`Healer.unavailable_hosts`, :meth:`Healer.drained_hosts`,
 :meth:`Healer.waiting`, :meth:`Healer.problem`) and reports start outcomes to it.
@@ -90,6 +93,7 @@ class Healer:
         self.cluster = cluster
         self.pool = pool
         self.core = HealingCore()
+        self.hosts = pool.table
         self.last_error = ""
         self._tasks = tasks
         self._wake = asyncio.Event()
@@ -103,11 +107,11 @@ class Healer:
     # -- questions the cluster asks ---------------------------------------------------------------
     def unavailable_hosts(self) -> set[str]:
         """Hosts that are down, put aside or drained: no entry is placed or started there."""
-        return {n for n, s in self.pool.states.items() if not s.usable}
+        return self.hosts.unavailable()
 
     def drained_hosts(self) -> dict[str, str]:
-        """Drained host -> why (see :meth:`~speccluster_ssh.health.HostState.drain`)."""
-        return {n: s.drained for n, s in self.pool.states.items() if s.drained}
+        """Drained host -> why (see :meth:`~speccluster_ssh.hosts.HostTable.drain`)."""
+        return self.hosts.drained()
 
     def waiting(self, key: Any) -> bool:
         """Whether entry ``key`` is backing off after failing by itself."""
@@ -197,7 +201,7 @@ class Healer:
         # relaunching entries elsewhere.
         for action in actions:
             if isinstance(action, RetryHost):
-                self._apply_retry_started(action.host, now)
+                self._apply_retry_started(action.host)
         on_entries = [a for a in actions if not isinstance(a, (RetryHost, Reconcile))]
         if any(isinstance(a, DropDeadEntry) for a in on_entries):
             # Under the lock: a reconcile must not see dead entries half-removed.
@@ -216,7 +220,7 @@ class Healer:
         cluster = self.cluster
         hosts = tuple(
             HostView(name, s.state, bool(s.drained), s.retry_at, name in self._retry_tasks)
-            for name, s in self.pool.states.items()
+            for name, s in self.hosts.states.items()
         )
         views = []
         for key, spec in cluster.worker_spec.items():
@@ -258,24 +262,19 @@ class Healer:
             raise TypeError(f"the healer cannot carry out {action!r} here")
 
     # -- host state changes: one method each (the host table will own them) ------------------
-    def _apply_retry_started(self, name: str, now: float) -> None:
-        self.pool.states[name].schedule_retry(now)  # MERGE(hosts): delete: going down schedules the retry
+    def _apply_retry_started(self, name: str) -> None:
         self._retry_tasks[name] = self._tasks.start(self._retry_host(name), name=f"retry host {name}")
 
     def _apply_failure(self, name: str, cause: str) -> None:
-        state = self.pool.states.get(name)  # a reload may have removed it since the snapshot
-        if state is not None:
-            state.record_failure(cause)
+        if name in self.hosts:  # a reload may have removed it since the snapshot
+            self.hosts.record_failure(name, cause)
 
     def _apply_put_aside(self, name: str, reason: str) -> None:
-        state = self.pool.states.get(name)
-        if state is not None:
-            state.put_aside(reason)
+        if name in self.hosts:
+            self.hosts.put_aside(name, reason)
 
     def _apply_restore(self, name: str) -> None:
-        state = self.pool.states.get(name)
-        if state is not None:
-            state.restore()
+        self.hosts.restore(name)
 
     # -- entries ----------------------------------------------------------------------------------
     async def _drop_dead_entry(self, key: Any) -> None:
@@ -296,15 +295,23 @@ class Healer:
             await self.pool.agent(name)
         except HostError as exc:
             logger.info("host %s still does not answer: %s", name, exc.reason)
+            self._still_down(name, exc.reason)
             return  # the next attempt waits longer
         except Exception as exc:
             logger.warning("retrying host %s failed: %s: %s", name, type(exc).__name__, exc)
+            self._still_down(name, f"{type(exc).__name__}: {exc}")
             return
         finally:
             self._retry_tasks.pop(name, None)
             # Up: start its entries. Still down: sleep until its next retry time.
             self.wake(f"retry of host {name} ended")
         self.cluster.log_event(f"host {name} answers again")
+
+    def _still_down(self, name: str, reason: str) -> None:
+        # A failure the pool did not record (it never reached a start) is a transition to
+        # down all the same: it schedules the next attempt, or the next pass would retry at once.
+        if self.hosts.due_for_retry([name]):
+            self.hosts.mark_lost(name, reason)
 
     def worker_left(self, key: Any, proc: Any, member: str) -> None:
         """The scheduler lost ``member`` of entry ``key`` a while ago: drop the entry's process if it did not come back.

@@ -38,7 +38,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
-from .health import FailureLedger, Health
+from .health import FailureLedger, Health, retry_due
 
 
 class Process(str, enum.Enum):
@@ -183,7 +183,7 @@ def awaits_retry(host: HostView, wanted: Collection[str]) -> bool:
 
 def is_due(host: HostView, wanted: Collection[str], now: float) -> bool:
     """The retry rule: ``host`` waits for a retry (:func:`awaits_retry`) and its retry time has come."""
-    return awaits_retry(host, wanted) and now >= host.retry_at
+    return awaits_retry(host, wanted) and retry_due(host.health, host.retry_at, now)
 
 
 class _Hosts:

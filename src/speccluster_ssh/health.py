@@ -1,8 +1,12 @@
 """Host health and start-failure accounting: pure logic, no I/O.
 
 A host is ``new`` until its agent first answers, then ``up``; ``down`` when
-its agent is lost or cannot be started (retried with backoff); ``aside``
-when it failed to start workers again and again while its agent answered.
+its agent is lost or cannot be started (retried with backoff, see
+:func:`next_retry`); ``aside`` when it failed to start workers again and
+again while its agent answered.
+
+The state of every host lives in :class:`speccluster_ssh.hosts.HostTable`,
+whose methods are the only callers of :class:`HostState`'s.
 
 Apart from its health, a host may be *drained* (:meth:`HostState.drain`):
 taken out of use by the user (``speccluster-ssh drain``) or by a reload that
@@ -36,6 +40,7 @@ from typing import Any
 FAILURES_BEFORE_ASIDE = 3
 ENTRY_BACKOFF_FIRST = 2.0
 ENTRY_BACKOFF_MAX = 60.0
+HOST_BACKOFF_FIRST = 1.0
 HOST_BACKOFF_MAX = 60.0
 # A host whose failure has a fix (see HostError.fix) is retried this rarely at first.
 FIXABLE_BACKOFF_FIRST = 30.0
@@ -43,6 +48,40 @@ FIXABLE_BACKOFF_MAX = 300.0
 
 # Causes that say nothing about the host the entry was started on.
 _NOT_THE_HOST = ("name taken", "the cluster is closing")
+
+
+def retry_due(health: Health, retry_at: float, now: float) -> bool:
+    """Whether a host's next attempt is due: it is down and the time :func:`next_retry` set has come."""
+    return health == Health.DOWN and now >= retry_at
+
+
+def next_retry(backoff: float, fixable: bool, now: float) -> tuple[float, float]:
+    """The retry rule of a host that went down: when to try it next, and the backoff after that.
+
+    Every transition to ``down`` (a lost agent, a failed start, a failed
+    retry) schedules the next attempt at ``now + backoff``; the backoff
+    doubles from 1 s up to 60 s, and for a failure with a fix (the user
+    must change something: retrying rarely is enough) from 30 s up to 300 s.
+    Nothing else schedules a retry: the healer only attempts the hosts that
+    are due.
+
+    Parameters
+    ----------
+    backoff
+        The host's backoff now (:data:`HOST_BACKOFF_FIRST` after it answered).
+    fixable
+        Whether the failure has a fix.
+    now
+        Monotonic time of the failure.
+
+    Returns
+    -------
+    tuple
+        ``(retry_at, next_backoff)``.
+    """
+    if fixable:
+        backoff = min(max(backoff, FIXABLE_BACKOFF_FIRST), FIXABLE_BACKOFF_MAX)
+    return now + backoff, min(backoff * 2, FIXABLE_BACKOFF_MAX if fixable else HOST_BACKOFF_MAX)
 
 
 class Health(str, enum.Enum):
@@ -63,7 +102,8 @@ class Health(str, enum.Enum):
 class HostState:
     """What the cluster knows about one host: its health, why, and when to retry it.
 
-    Every change of ``state`` goes through the methods below.
+    Every change of ``state`` goes through the methods below, which only
+    :class:`speccluster_ssh.hosts.HostTable` calls.
     """
 
     def __init__(self, name: str) -> None:
@@ -74,7 +114,7 @@ class HostState:
         self.tail = ""  # the end of the remote log of the last failure, when there is one
         self.failures: list[tuple[float, str]] = []
         self.retry_at = 0.0
-        self.backoff = 1.0
+        self.backoff = HOST_BACKOFF_FIRST
         self.drained = ""  # why the host is drained; "" when it is not
 
     @property
@@ -99,27 +139,20 @@ class HostState:
         self.reason = ""
         self.fix = ""
         self.tail = ""
-        self.backoff = 1.0
+        self.backoff = HOST_BACKOFF_FIRST
 
-    def mark_down(self, reason: str, fix: str = "", tail: str = "") -> None:
-        """The agent is lost or cannot be started; see :meth:`schedule_retry`.
+    def mark_down(self, reason: str, fix: str = "", tail: str = "", now: float | None = None) -> None:
+        """The agent is lost or cannot be started: the next attempt is scheduled (:func:`next_retry`).
 
         ``fix`` says what the user must change when retrying cannot help;
-        such a host is retried rarely.
+        such a host is retried rarely. ``now`` is the monotonic time (for tests).
         """
         self.state = Health.DOWN
         self.reason = reason
         self.fix = fix
         self.tail = tail[-4096:]
         self.record_failure(reason)
-
-    def schedule_retry(self, now: float | None = None) -> None:
-        """Set the next retry after the current backoff, and double the backoff."""
-        now = time.monotonic() if now is None else now
-        if self.fix:
-            self.backoff = min(max(self.backoff, FIXABLE_BACKOFF_FIRST), FIXABLE_BACKOFF_MAX)
-        self.retry_at = now + self.backoff
-        self.backoff = min(self.backoff * 2, FIXABLE_BACKOFF_MAX if self.fix else HOST_BACKOFF_MAX)
+        self.retry_at, self.backoff = next_retry(self.backoff, bool(fix), time.monotonic() if now is None else now)
 
     def put_aside(self, reason: str) -> None:
         self.state = Health.ASIDE

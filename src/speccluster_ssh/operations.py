@@ -35,9 +35,10 @@ its last such process ends, or at the latest when the cluster closes.
 
 An operation stops quietly between batches when the cluster is closing.
 
-The functions take the cluster and use its reconcile, its healer's host
-states and :mod:`speccluster_ssh.entries`; the cluster's public methods
-(``rolling_restart``, ``drain``, ``undrain``) delegate here.
+The functions take the cluster and use its reconcile, its host table
+(:mod:`speccluster_ssh.hosts`) and :mod:`speccluster_ssh.entries`; the
+cluster's public methods (``rolling_restart``, ``drain``, ``undrain``)
+delegate here.
 """
 
 from __future__ import annotations
@@ -328,22 +329,7 @@ class AgentRenewal:
                 self.cluster.log_event(f"host {name} refused: {reason}")
 
     async def _renew_one(self, name: str, new_connection: bool) -> None:
-        pool = self.cluster.pool
-        old = pool.agents.get(name)
-        old_conn = pool.connections.pop(name, None) if new_connection else None
-        try:
-            # The pool's own start: the same release check and files as at start.
-            agent = await pool._start_agent(name)
-        except BaseException:
-            if new_connection:
-                failed = pool.connections.pop(name, None)
-                if failed is not None:
-                    await failed.close()
-                if old_conn is not None:
-                    pool.connections[name] = old_conn
-            raise
-        pool.agents[name] = agent
-        pool.states[name].mark_up()
+        old, old_conn = await self.cluster.pool.renew(name, new_connection)
         self.renewed.append(name)
         if old is not None:
             self.old_agents[name] = old
@@ -431,7 +417,7 @@ async def rolling_restart(cluster: OperationsCluster, batch: int = 1) -> dict[st
         # Every host with an agent, those with no entry now too (drained ones, say): what starts
         # there later runs the new code. The scheduler's host keeps its agent: the agent owns the
         # scheduler, which a restart leaves alone.
-        await renewal.renew(h for h in list(cluster.pool.agents) if h != scheduler_host)
+        await renewal.renew(h for h in list(cluster.host_table.agents) if h != scheduler_host)
         keys = [k for k in keys if host_of(cluster.worker_spec[k]) not in renewal.refused]
         started = time.monotonic()
         cluster.log_event(f"rolling restart of {len(keys)} entries, {batch} at a time")
@@ -460,9 +446,8 @@ async def drain(cluster: OperationsCluster, host: str, reason: str = "") -> dict
 async def drain_unlocked(cluster: OperationsCluster, host: str, reason: str) -> dict[str, Any]:
     """Drain ``host`` (the caller holds the operations lock)."""
     cluster.capacity.remember_target()
-    state = cluster.pool.states[host]
-    state.drain(reason)
-    cluster.log_event(f"host {host} drained: {state.drained}")
+    drained = cluster.host_table.drain(host, reason)
+    cluster.log_event(f"host {host} drained: {drained}")
     keys = [str(k) for k, s in cluster.worker_spec.items() if host_of(s) == host]
     # Entries not running yet have nothing to retire: they are just placed elsewhere, under a new
     # key. One that is starting (not yet in ``workers``), or in ``workers`` but not running, has a
@@ -485,7 +470,7 @@ async def drain_unlocked(cluster: OperationsCluster, host: str, reason: str) -> 
         result.dropped.extend(done.dropped)
     else:
         await reconcile(cluster)
-    return {"host": host, "reason": state.drained, **result.as_dict()}
+    return {"host": host, "reason": drained, **result.as_dict()}
 
 
 async def undrain(cluster: OperationsCluster, host: str) -> dict[str, Any]:
@@ -493,9 +478,7 @@ async def undrain(cluster: OperationsCluster, host: str) -> dict[str, Any]:
     check_host(cluster, host)
     check_running(cluster)
     async with of(cluster).lock:
-        state = cluster.pool.states[host]
-        was = state.drained
-        state.undrain()
+        was = cluster.host_table.undrain(host)
         before = set(cluster.worker_spec)
         # A fixed-size cluster short of its target (entries that found no slot) grows back.
         cluster.capacity.refill()

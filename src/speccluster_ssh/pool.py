@@ -1,6 +1,8 @@
 """The agents of one cluster: one per host, started once and shared.
 
-:class:`AgentPool` keeps each host's connection, agent and health state. The
+:class:`AgentPool` starts each host's connection and agent, and records them,
+with the host's health, in the cluster's
+:class:`~speccluster_ssh.hosts.HostTable` (:attr:`AgentPool.table`). The
 first process interface that needs a host's agent starts it
 (:meth:`AgentPool.agent`); every later one shares the outcome. The pool
 checks the host's ``distributed`` release and GPUs when its agent says hello,
@@ -23,7 +25,7 @@ from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
 from .entries import HEAD_ONLY_CONFIG, forwarded_dask_config
 from .errors import HostError
-from .health import HostState
+from .hosts import HostTable, HostView
 from .inventory import HostSpec
 from .placement import uneven_gpus
 from .tasks import TaskSet, log_failures
@@ -44,7 +46,8 @@ class AgentPool:
     cluster_id
         Unique id of the cluster (names remote directories and the marker).
     hosts
-        Every host the cluster may use, by inventory name.
+        Every host the cluster may use: its host table, or the hosts by
+        inventory name (a table of them is made).
     settings
         Connection settings.
     silence
@@ -54,7 +57,7 @@ class AgentPool:
     def __init__(
         self,
         cluster_id: str,
-        hosts: Mapping[str, HostSpec],
+        hosts: HostTable | Mapping[str, HostSpec],
         settings: ConnectSettings | None = None,
         *,
         silence: float = 15.0,
@@ -62,15 +65,13 @@ class AgentPool:
         agent_timeout: float = 60.0,
     ) -> None:
         self.cluster_id = cluster_id
-        self.hosts = dict(hosts)
+        self.table = hosts if isinstance(hosts, HostTable) else HostTable(hosts.values())
         self.settings = settings or ConnectSettings()
         self.silence = silence
         self.base_dir = base_dir
         self.agent_timeout = agent_timeout
-        self.connections: dict[str, HostConnection] = {}
-        self.agents: dict[str, HostAgent] = {}
-        self.states: dict[str, HostState] = {name: HostState(name) for name in self.hosts}
         self._starting: dict[str, asyncio.Task[HostAgent]] = {}
+        self._recorded: dict[str, asyncio.Task[HostAgent]] = {}  # the start whose outcome the table has
         self._unclaimed: set[str] = set()  # prestarted, outcome not yet handed out
         self._lost_callbacks: list[Callable[[str, str], None]] = []
         self.files: dict[str, bytes] = {}  # relative path -> content, written to every host
@@ -93,14 +94,22 @@ class AgentPool:
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
 
+    # The table's live, read-only views (status and tests read them through the pool).
+    states: Mapping[str, HostView] = property(lambda self: self.table.states)  # type: ignore[assignment]
+    agents: Mapping[str, HostAgent] = property(lambda self: self.table.agents)  # type: ignore[assignment]
+    connections: Mapping[str, HostConnection] = property(lambda self: self.table.connections)  # type: ignore[assignment]
+
     def on_host_lost(self, callback: Callable[[str, str], None]) -> None:
         """Call ``callback(host_name, reason)`` when a host's agent is lost."""
         self._lost_callbacks.append(callback)
 
     def connection(self, name: str) -> HostConnection:
-        if name not in self.connections:
-            self.connections[name] = HostConnection(self.hosts[name], self.settings)
-        return self.connections[name]
+        """Host ``name``'s connection, made (not opened) on first use."""
+        conn = self.table.connections.get(name)
+        if conn is None:
+            conn = HostConnection(self.table.specs[name], self.settings)
+            self.table.set_connection(name, conn)
+        return conn
 
     async def agent(self, name: str) -> HostAgent:
         """The running agent on host ``name``, starting it (once) if needed.
@@ -112,7 +121,7 @@ class AgentPool:
         """
         if self.closed:
             raise HostError(name, "the cluster is closing")
-        agent = self.agents.get(name)
+        agent = self.table.agents.get(name)
         if agent is not None and agent.alive:
             return agent
         task = self._starting.get(name)
@@ -121,15 +130,40 @@ class AgentPool:
             task = self.tasks.start(self._start_agent(name), name=f"start the agent on {name}", log_failure=False)
             self._starting[name] = task
         self._unclaimed.discard(name)
-        state = self.states[name]
         try:
             agent = await asyncio.shield(task)
         except HostError as exc:
-            state.mark_down(exc.reason, fix=exc.fix, tail=exc.tail)
+            if self._first_to_record(name, task):  # one failed start is one failure, however many waited
+                self.table.mark_lost(name, exc.reason, fix=exc.fix, tail=exc.tail)
             raise
-        state.mark_up()
-        self.agents[name] = agent
+        if self._first_to_record(name, task):
+            self.table.renew_agent(name, agent)
         return agent
+
+    def _first_to_record(self, name: str, task: asyncio.Task[HostAgent]) -> bool:
+        if self._recorded.get(name) is task or name not in self.table:
+            return False
+        self._recorded[name] = task
+        return True
+
+    async def renew(self, name: str, new_connection: bool) -> tuple[HostAgent | None, HostConnection | None]:
+        """Start a new agent on host ``name`` (on a new connection when ``new_connection``) beside its current one.
+
+        The same start as :meth:`agent`'s: the release check and the files.
+        The new agent is the host's from now on; returns the old agent and
+        the old connection (when replaced), which the caller stops once
+        unused. When the start fails, the host keeps what it had.
+        """
+        old_conn = self.table.drop_connection(name) if new_connection else None
+        try:
+            agent = await self._start_agent(name)
+        except BaseException:
+            if new_connection:
+                failed = self.table.set_connection(name, old_conn)
+                if failed is not None:
+                    await failed.close()
+            raise
+        return self.table.renew_agent(name, agent), old_conn
 
     def prestart(self, names: Iterable[str]) -> None:
         """Begin starting the agents of ``names`` now, in the background.
@@ -138,8 +172,8 @@ class AgentPool:
         outcome, so a host that fails here fails where it is used.
         """
         for name in names:
-            if name in self.hosts and name not in self.agents and name not in self._starting:
-                if self.agent_probes and not self.hosts[name].is_local:
+            if name in self.table and name not in self.table.agents and name not in self._starting:
+                if self.agent_probes and not self.table.specs[name].is_local:
                     self.probes.setdefault(name, asyncio.get_running_loop().create_future())
                 # The first caller of agent() claims the outcome; close() reports an unclaimed failure.
                 task = self.tasks.start(self._start_agent(name), name=f"start the agent on {name}", log_failure=False)
@@ -169,7 +203,7 @@ class AgentPool:
         remote_version = str(facts.get("distributed", "?"))
         # Refused while another agent of the cluster runs on the host (a restart's new agent):
         # its directory, TLS files and live logs are that agent's and stay.
-        refuse = {"remove_files": False, "keep_tls": True} if name in self.agents else {}
+        refuse = {"remove_files": False, "keep_tls": True} if name in self.table.agents else {}
         if not same_release(remote_version, distributed.__version__):
             await agent.close(**refuse)
             raise HostError(
@@ -190,7 +224,7 @@ class AgentPool:
 
     def _gpu_problem(self, name: str, facts: Mapping[str, Any]) -> tuple[str, str] | None:
         """Why the GPUs that ``speccluster_gpus: auto`` found on ``name`` cannot be shared, and the fix."""
-        host = self.hosts[name]
+        host = self.table.specs[name]
         if host.gpus != "auto":
             return None  # a count or a list was checked when the inventory was read
         why = uneven_gpus(len(facts.get("gpus") or ()), host)
@@ -218,14 +252,12 @@ class AgentPool:
             await server.wait_closed()
 
     def _lost(self, name: str, agent: HostAgent, reason: str) -> None:
-        if self.closed or self.agents.get(name) is not agent or reason == "closed":
+        if self.closed or self.table.agents.get(name) is not agent or reason == "closed":
             return
-        state = self.states[name]
-        state.mark_down(reason)
-        state.schedule_retry()
-        self.agents.pop(name, None)
+        self.table.mark_lost(name, reason)
+        self.table.drop_agent(name)
         # The connection may be dead too; the next attempt reconnects.
-        conn = self.connections.pop(name, None)
+        conn = self.table.drop_connection(name)
         if conn is not None:
             self.tasks.start(conn.close(), name=f"close the lost connection to {name}")
         for callback in self._lost_callbacks:
@@ -236,7 +268,7 @@ class AgentPool:
 
     def head_address_for(self, name: str) -> str | None:
         """The head's address as seen from host ``name`` (local end of the SSH link)."""
-        conn = self.connections.get(name)
+        conn = self.table.connections.get(name)
         return conn.local_address if conn is not None else None
 
     def scheduler_address_for(self, name: str) -> str | None:
@@ -263,7 +295,7 @@ class AgentPool:
         For a closing cluster: the hosts' processes stop while the scheduler closes.
         """
         for name in names:
-            agent = self.agents.pop(name, None)  # gone from the pool: its loss is no host failure
+            agent = self.table.drop_agent(name)  # gone from the pool: its loss is no host failure
             if agent is not None:
                 self.stop_later(agent.close(grace=self.shutdown_grace), f"stop the agent on {name}")
 
@@ -280,7 +312,7 @@ class AgentPool:
         # A claimed failure was reported to whoever claimed it; an unclaimed one only here.
         unclaimed = [(n, r) for n, r in zip(starting, results) if n in self._unclaimed]
         log_failures([r for _, r in unclaimed], [n for n, _ in unclaimed], logger, "starting agents")
-        agents = {id(a): a for a in self.agents.values()}
+        agents = {id(a): a for a in self.table.agents.values()}
         for name, result in zip(starting, results):
             # Not one lost earlier: its loss was reported then (see _lost), and it has nothing left to stop.
             if isinstance(result, HostAgent) and (result.alive or name in self._unclaimed):
@@ -293,11 +325,12 @@ class AgentPool:
         log_failures(results[: len(closing)], [a.host.name for a in closing], logger, "stopping agents")
         self._stopping.clear()
         await self.stop_probing()
-        self.agents.clear()
+        for name in list(self.table.agents):
+            self.table.drop_agent(name)
         self._starting.clear()
         self._unclaimed.clear()
-        names = list(self.connections)
-        results = await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
-        log_failures(results, names, logger, "closing connections")
-        self.connections.clear()
+        self._recorded.clear()
+        conns = {name: self.table.drop_connection(name) for name in list(self.table.connections)}
+        results = await asyncio.gather(*(c.close() for c in conns.values() if c is not None), return_exceptions=True)
+        log_failures(results, list(conns), logger, "closing connections")
         await self.tasks.close()

@@ -291,7 +291,7 @@ class RemoteProcess(ProcessInterface):
             if not found:
                 return {}  # nvidia-smi found none: nothing to pin
             # Known only now, so shared here, by the same rule as a list in the inventory.
-            placed = slot_gpus(found, pool.hosts[self.host], self.gpu_slot, len(self.member_names))
+            placed = slot_gpus(found, pool.table.specs[self.host], self.gpu_slot, len(self.member_names))
         gpus = {member: list(placed[i]) if i < len(placed) else [] for i, member in enumerate(self.member_names)}
         for member, devices in gpus.items():
             if not devices:

@@ -336,7 +336,7 @@ async def connect_from(pool: AgentPool, name: str, targets: Sequence[str]) -> di
         return {}
     try:
         status, out, _ = await pool.connection(name).run(
-            [_python(pool.hosts[name]), "-c", CONNECT_PROBE, str(CONNECT_TIMEOUT), *targets],
+            [_python(pool.table.specs[name]), "-c", CONNECT_PROBE, str(CONNECT_TIMEOUT), *targets],
             timeout=CONNECT_TIMEOUT * len(targets) + 30,
         )
     except (HostError, asyncio.TimeoutError, TimeoutError, OSError) as exc:
@@ -363,7 +363,7 @@ class _Listener:
 
     async def __aenter__(self) -> _Listener:
         channel = await self.pool.connection(self.name).open_channel(
-            [_python(self.pool.hosts[self.name]), "-u", "-c", LISTEN_PROBE, str(LISTEN_LIFETIME)]
+            [_python(self.pool.table.specs[self.name]), "-u", "-c", LISTEN_PROBE, str(LISTEN_LIFETIME)]
         )
         self._channel = channel
         try:
@@ -387,7 +387,7 @@ class _Listener:
 def _listen_address(pool: AgentPool, name: str) -> str:
     agent = pool.agents.get(name)
     listen = agent.facts.get("listen_address") if agent is not None else None
-    return str(listen or pool.hosts[name].address)
+    return str(listen or pool.table.specs[name].address)
 
 
 async def probe_reach(
@@ -456,7 +456,7 @@ async def probe_by_channels(
 
     async def connect(name: str) -> None:
         # One connect timeout at most: a start already connecting holds the connection's lock.
-        host = pool.hosts[name]
+        host = pool.table.specs[name]
         await asyncio.wait_for(pool.connection(name).open(), (pool.settings.connect_timeout or host.connect_timeout) + 2)
 
     # Connections only, no agents: a probe must not change what the cluster knows of its hosts.
@@ -475,7 +475,7 @@ async def probe_by_channels(
         head_port = int(listener.sockets[0].getsockname()[1])
     try:
         async def to_head(name: str) -> None:
-            if pool.hosts[name].is_local:
+            if pool.table.specs[name].is_local:
                 result.to_head[name] = ""  # the head itself
                 return
             address = pool.head_address_for(name)
@@ -491,7 +491,7 @@ async def probe_by_channels(
         # Both directions at once: each costs a python start on the host, and
         # the two do not depend on each other (this runs before every start).
         targets = [scheduler_host] if scheduler_host is not None else list(up)
-        targets = [t for t in targets if t in up and not pool.hosts[t].is_local]
+        targets = [t for t in targets if t in up and not pool.table.specs[t].is_local]
         found = await asyncio.gather(
             asyncio.gather(*(_head_reaches(pool, t) for t in targets)),
             *(to_head(n) for n in up),

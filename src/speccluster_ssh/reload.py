@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import entries, operations
 from .errors import UserError
-from .health import HostState
 from .messages import one_line
 
 if TYPE_CHECKING:
@@ -290,26 +289,25 @@ async def reload_inventory(
             raise operations.OperationError(f"{exc}; the reload stopped there: run it again once fixed") from exc
         result.update(applied)
         # Adopted only now, with refused hosts as they run.
-        cluster.inventory = in_effect(cluster.inventory, new, applied["refused"])
+        cluster.host_table.adopt_inventory(in_effect(cluster.inventory, new, applied["refused"]))
         result["applied"] = True
     return result
 
 
 async def _apply(cluster: ReloadCluster, new: Inventory, diff: InventoryDiff, batch: int) -> dict[str, Any]:
-    pool = cluster.pool
+    table = cluster.host_table
     old_hosts = dict(cluster.worker_hosts)
     new_hosts = {h.name: h for h in new.worker_hosts}
     cluster.capacity.remember_target()
     cluster.log_event(f"reloading the inventory from {diff.source}")
     # 1. New and changed hosts; removed ones stay known (drained) until they are closed.
     for host in diff.added:
-        pool.hosts[host.name] = host
-        pool.states.setdefault(host.name, HostState(host.name))
+        table.add(host, worker=True)
     for name in diff.changed:
-        pool.hosts[name] = new_hosts[name]
+        table.replace_spec(name, new_hosts[name])
     # A removed host a reload that stopped part way closed already is not known any more.
     removed = [n for n in diff.removed if n in old_hosts]
-    cluster.worker_hosts = {**new_hosts, **{n: old_hosts[n] for n in removed}}
+    table.put_in_order([*new_hosts, *removed])  # the new inventory's order decides placement ties
     out: dict[str, Any] = {"moved": {}, "dropped": [], "refused": {}}
 
     def keep(done: Mapping[str, Any]) -> None:
@@ -325,17 +323,16 @@ async def _apply(cluster: ReloadCluster, new: Inventory, diff: InventoryDiff, ba
         renewal = operations.AgentRenewal(cluster)
         # A new connection for every changed host: it carries the host's spec, which the
         # new agent's command line (python, prologue) is made from.
-        await renewal.renew([n for n in diff.changed if n in pool.agents], new_connection=set(diff.changed))
+        await renewal.renew([n for n in diff.changed if n in table.agents], new_connection=set(diff.changed))
         for name, reason in renewal.refused.items():
             # The host keeps running as it was; the user fixes the inventory and reloads again.
-            pool.hosts[name] = old_hosts[name]
-            cluster.worker_hosts[name] = old_hosts[name]
+            table.replace_spec(name, old_hosts[name])
             out["refused"][name] = reason
         targets = [n for n in diff.changed if n not in renewal.refused]
         for name in targets:
-            if name not in renewal.old_connections and name not in pool.agents:
+            if name not in renewal.old_connections and name not in table.agents:
                 # No agent ran there: a connection left from before must not be reused.
-                stale = pool.connections.pop(name, None)
+                stale = table.drop_connection(name)
                 if stale is not None:
                     await stale.close()
         keys = [str(k) for k, s in cluster.worker_spec.items() if operations.host_of(s) in targets]
@@ -374,20 +371,15 @@ async def _apply(cluster: ReloadCluster, new: Inventory, diff: InventoryDiff, ba
 
 async def _forget_host(cluster: ReloadCluster, name: str) -> None:
     """Close a removed host's agent and connection, and forget it (unless something still runs there)."""
-    pool = cluster.pool
     left = [k for k, s in cluster.worker_spec.items() if operations.host_of(s) == name]
     scheduler_here = getattr(cluster.scheduler, "host", None) == name
     if left or scheduler_here:
         logger.warning("host %s was removed from the inventory but still runs %s", name,
                        "the scheduler" if scheduler_here else f"entries {', '.join(map(str, left))}")
         return
-    agent = pool.agents.pop(name, None)
+    agent, conn = cluster.host_table.forget(name)
     if agent is not None:
         await agent.close()
-    conn = pool.connections.pop(name, None)
     if conn is not None:
         await conn.close()
-    pool.hosts.pop(name, None)
-    pool.states.pop(name, None)
-    cluster.worker_hosts.pop(name, None)
     cluster.log_event(f"host {name} removed: its agent and connection are closed")

@@ -64,7 +64,7 @@ class Reports:
                 "address": host.address,
                 "slots": host.slots,
                 "slots_used": used.get(name, 0),
-                **cluster.pool.states[name].as_dict(),
+                **cluster.host_table.states[name].as_dict(),
             }
         healer = cluster.healer
         for key, spec in cluster.worker_spec.items():

@@ -144,7 +144,7 @@ class Capacity:
         host_name = opts.get("host", "")
         group = spec.get("group")
         workers = len(group) if group else 1
-        agents = self.cluster.pool.agents
+        agents = self.cluster.host_table.agents
         facts = agents[host_name].facts if host_name in agents else {}
         # As the process interface will start it.
         threads = worker_nthreads(inner.get("nthreads"), facts.get("cpu_count"), workers)

@@ -27,7 +27,7 @@ from . import entries, reach, timeline
 from .connection import ConnectSettings
 from .errors import HostError, StartError, UserError
 from .forwards import DashboardForwardedScheduler, ForwardedScheduler
-from .health import Health, HostState
+from .hosts import HostView
 from .inventory import HostSpec, Inventory, load_inventory
 from .placement import Target
 from .process import with_pool
@@ -51,15 +51,6 @@ def resolve_inventory(
     if not hosts:
         raise UserError("SSHSpecCluster needs hosts or an inventory")
     return Inventory.from_hosts(list(hosts))
-
-
-def hosts_to_reach(inventory: Inventory) -> tuple[dict[str, HostSpec], dict[str, HostSpec]]:
-    """The worker hosts, and every host an agent may run on (the scheduler host too)."""
-    worker_hosts = {h.name: h for h in inventory.worker_hosts}
-    all_hosts = dict(worker_hosts)
-    if inventory.scheduler_host is not None:
-        all_hosts[inventory.scheduler_host.name] = inventory.scheduler_host
-    return worker_hosts, all_hosts
 
 
 def connect_settings(
@@ -201,7 +192,7 @@ async def place_scheduler(cluster: StartupCluster, hosts: set[str]) -> None:
         probe = await reach.probe_reach(cluster.pool, names, scheduler_host=sched)
     choice = reach.choose_reach(cluster.reach_setting, list(cluster.worker_hosts), sched, probe)
     if choice.mode == "forward" and choice.scheduler_host is None:
-        states = cluster.pool.states
+        states = cluster.host_table.states
         why = {n: f"{states[n].state}: {states[n].reason}; fix: {states[n].fix}"
                for n in cluster.worker_hosts if n in states and states[n].fix}
         if why:
@@ -213,7 +204,7 @@ async def place_scheduler(cluster: StartupCluster, hosts: set[str]) -> None:
     )
     if choice.mode == "forward" and choice.scheduler_host is not None:
         cluster.scheduler_spec = entries.remote_scheduler_entry(
-            cluster.entry_settings, cluster.pool.hosts[choice.scheduler_host], sc_config.get("dashboard-port"),
+            cluster.entry_settings, cluster.host_table.specs[choice.scheduler_host], sc_config.get("dashboard-port"),
             cluster.scheduler_options, cls=ForwardedScheduler,
         )
 
@@ -238,7 +229,7 @@ async def wait_for_min_workers(cluster: StartupCluster, close: Callable[[], Awai
         if registered >= cluster.min_workers:
             return
         elapsed = time.monotonic() - started
-        if no_host_answers(cluster.pool.states, cluster.worker_hosts) or elapsed >= cluster.start_timeout:
+        if cluster.host_table.no_worker_answers() or elapsed >= cluster.start_timeout:
             break
         await asyncio.sleep(0.1)
     error = start_error(cluster, registered, time.monotonic() - started)
@@ -247,16 +238,11 @@ async def wait_for_min_workers(cluster: StartupCluster, close: Callable[[], Awai
     raise error
 
 
-def no_host_answers(states: Mapping[str, HostState], worker_hosts: Mapping[str, HostSpec]) -> bool:
-    """Whether every worker host was tried and is down or put aside."""
-    return all(states[name].state in (Health.DOWN, Health.ASIDE) for name in worker_hosts)
-
-
 def start_error(cluster: StartupCluster, registered: int, elapsed: float) -> StartError:
     """The error of a start short of ``min_workers``: a summary, then why each missing host is missing."""
     wanted = sum(len(entries.member_names(k, s)) for k, s in cluster.worker_spec.items())
     running = {str(w.get("name")) for w in cluster.scheduler_info.get("workers", {}).values()}
-    states = cluster.pool.states
+    states = cluster.host_table.states
     why: dict[str, str] = {}
     for key, spec in cluster.worker_spec.items():
         if all(m in running for m in entries.member_names(key, spec)):
@@ -267,7 +253,7 @@ def start_error(cluster: StartupCluster, registered: int, elapsed: float) -> Sta
             why.setdefault(host, f"{state.state}: {state.reason}" + (f"; fix: {state.fix}" if state.fix else ""))
         else:
             why.setdefault(host, cluster.start_errors.get(key) or "did not start in time")
-    if no_host_answers(states, cluster.worker_hosts):
+    if cluster.host_table.no_worker_answers():
         summary = no_usable_host_summary(states, cluster.worker_hosts, cluster.min_workers)
         for name, state in states.items():
             if name in cluster.worker_hosts and state.reason:
@@ -281,7 +267,7 @@ def start_error(cluster: StartupCluster, registered: int, elapsed: float) -> Sta
 
 
 def no_usable_host_summary(
-    states: Mapping[str, HostState], worker_hosts: Mapping[str, HostSpec], needed: int
+    states: Mapping[str, HostView], worker_hosts: Mapping[str, HostSpec], needed: int
 ) -> str:
     """The first line of a start where every worker host is down or put aside.
 
