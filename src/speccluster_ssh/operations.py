@@ -377,7 +377,7 @@ def processes_on(cluster: OperationsCluster, agent: HostAgent) -> list[RemotePro
     candidates = {id(p): p for p in (*cluster.workers.values(), *cluster.processes(), cluster.scheduler)}
     return [
         p for p in candidates.values()
-        if isinstance(p, RemoteProcess) and p._agent is agent and p.status not in (Status.closed, Status.failed)
+        if isinstance(p, RemoteProcess) and p.runs_under(agent)
     ]
 
 

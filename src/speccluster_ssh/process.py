@@ -24,7 +24,7 @@ from . import timeline
 from .agent import HostAgent
 from .distributed_internals import set_finished
 from .errors import HostError
-from .placement import slot_gpus, worker_nthreads
+from .placement import slot_gpus, usable_cpus, worker_nthreads
 from .tasks import log_failures
 
 logger = logging.getLogger(__name__)
@@ -243,6 +243,10 @@ class RemoteProcess(ProcessInterface):
             except Exception:  # one broken watcher must not keep the others from hearing it
                 logger.exception("failure callback of %s %s failed", self.role, self.name)
 
+    def runs_under(self, agent: HostAgent) -> bool:
+        """Whether this process was started through ``agent`` and has not ended (a restart's old agent, say)."""
+        return self._agent is agent and self.status not in (Status.closed, Status.failed)
+
     @property
     def member_names(self) -> list[str]:
         base = str(self.name)
@@ -314,7 +318,8 @@ class RemoteProcess(ProcessInterface):
         if self.role != "scheduler":
             options["name"] = member
             # Unset (None or 0) is read by one rule, also used by scaling and plan.
-            options["nthreads"] = worker_nthreads(options.get("nthreads"), agent.facts.get("cpu_count"),
+            cpus = usable_cpus(agent.facts.get("cpu_count"), self.host_vars.get("cpu_affinity"))
+            options["nthreads"] = worker_nthreads(options.get("nthreads"), cpus,
                                                   len(self.member_names))
         if "host" not in options and "interface" not in options:
             listen = agent.facts.get("listen_address")
