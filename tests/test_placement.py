@@ -16,6 +16,7 @@ from speccluster_ssh.placement import (
     entry_gpus,
     given_nthreads,
     planned_nthreads,
+    usable_cpus,
     worker_nthreads,
     workers_for,
 )
@@ -181,3 +182,16 @@ def test_entry_gpus_takes_the_lowest_free_slot_and_its_devices(
     variables: dict[str, object], held: dict[str, int], workers: int, expected: dict[str, object]
 ) -> None:
     assert entry_gpus(gpu_host(**variables), held, workers) == expected
+
+
+@pytest.mark.parametrize(
+    ("cpu_count", "affinity", "cpus"),
+    [(8, None, 8), (8, (0, 1, 2), 3), (None, None, None), (None, (4, 5), 2), (8, (), 8)],
+)
+def test_pinned_workers_share_the_listed_cpus_not_every_cpu(
+    cpu_count: int | None, affinity: tuple[int, ...] | None, cpus: int | None
+) -> None:
+    """speccluster_cpu_affinity sets the cpus an unset nthreads shares; without it, the agent's count."""
+    assert usable_cpus(cpu_count, affinity) == cpus
+    if cpus:
+        assert worker_nthreads(None, usable_cpus(cpu_count, affinity), 1) == cpus

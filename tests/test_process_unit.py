@@ -171,3 +171,13 @@ def test_unset_or_zero_nthreads_start_with_the_default(given: int | None, thread
                         options={"nthreads": given})
     agent: Any = SimpleNamespace(facts={"cpu_count": 8})
     assert nanny._process_options("k-0", agent)["nthreads"] == threads
+
+
+@pytest.mark.parametrize(("group", "threads"), [(None, 3), (["-0", "-1"], 1)])
+def test_unset_nthreads_of_a_pinned_host_share_its_listed_cpus(group: list[str] | None, threads: int) -> None:
+    """With speccluster_cpu_affinity, the default counts the CPUs the workers are pinned to, not the host's."""
+    nanny = RemoteNanny("tcp://10.0.0.1:8786", "k", host="n1", pool=pool(), group=group,
+                        host_vars={"cpu_affinity": [0, 1, 5]})
+    agent: Any = SimpleNamespace(facts={"cpu_count": 8})
+    member = nanny.member_names[0]
+    assert nanny._process_options(member, agent)["nthreads"] == threads

@@ -200,6 +200,19 @@ def default_nthreads(cpu_count: int | None, workers: int) -> int:
     return max(1, int(cpu_count or 1) // workers)
 
 
+def usable_cpus(cpu_count: int | None, cpu_affinity: Sequence[int] | None) -> int | None:
+    """The cpus an entry's workers share on a host: its ``speccluster_cpu_affinity`` list, else every cpu the agent has.
+
+    Parameters
+    ----------
+    cpu_count
+        The host agent's ``cpu_count`` fact; ``None`` while unknown.
+    cpu_affinity
+        The CPUs the host's dask processes are pinned to, or ``None``.
+    """
+    return len(cpu_affinity) if cpu_affinity else cpu_count
+
+
 def given_nthreads(value: Any) -> int | None:
     """The ``nthreads`` a user gave, read once for everyone; ``None`` when it is unset.
 

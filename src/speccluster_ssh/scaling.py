@@ -21,7 +21,7 @@ from distributed.deploy.adaptive import Adaptive
 
 from . import entries
 from .errors import UserError
-from .placement import EntryShape, Target, entries_to_remove, worker_nthreads
+from .placement import EntryShape, Target, entries_to_remove, usable_cpus, worker_nthreads
 
 if TYPE_CHECKING:
     from .cluster_protocols import CapacityCluster
@@ -147,7 +147,8 @@ class Capacity:
         agents = self.cluster.host_table.agents
         facts = agents[host_name].facts if host_name in agents else {}
         # As the process interface will start it.
-        threads = worker_nthreads(inner.get("nthreads"), facts.get("cpu_count"), workers)
+        cpus = usable_cpus(facts.get("cpu_count"), (opts.get("host_vars") or {}).get("cpu_affinity"))
+        threads = worker_nthreads(inner.get("nthreads"), cpus, workers)
         memory = inner.get("memory_limit")
         if isinstance(memory, str) and memory != "auto":
             try:
@@ -156,8 +157,7 @@ class Capacity:
                 memory = 0  # the worker itself will refuse it, with the host named
         if not isinstance(memory, int) or memory <= 0:
             total = int(facts.get("memory") or 0)
-            cpus = int(facts.get("cpu_count") or 1)
-            memory = int(total * min(1.0, threads / cpus)) if total else 0
+            memory = int(total * min(1.0, threads / (cpus or 1))) if total else 0
         return EntryShape(host=host_name, workers=workers, threads=threads, memory=memory)
 
     def scale_to(self, target: Target, growing_allowed: bool = True) -> None:

@@ -470,7 +470,7 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         cpu_list, None,
         "CPUs the host's dask processes run on (each worker, nanny and scheduler started there is pinned with "
         "sched_setaffinity): a CPU list such as '0-3,8'; null runs them on every CPU the host gives. An unset "
-        "speccluster_nthreads still counts every CPU of the host: set it to fit the list.",
+        "speccluster_nthreads shares the listed CPUs among the host's workers.",
         request=True,
     ),
 }
