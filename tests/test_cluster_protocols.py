@@ -118,3 +118,16 @@ def test_the_parts_have_every_member(part: type) -> None:
 def test_the_checks_see_a_use() -> None:
     assert cluster_uses("cluster.pool.states\nself.cluster.workers = {}\nother.x") == {"pool", "workers"}
     assert not is_set_on_self(Reports, "no_such_attribute")
+
+
+def test_no_module_but_the_cluster_and_its_bridge_uses_a_private_name_of_the_cluster() -> None:
+    """``cluster._x`` (or ``self.cluster._x``) appears nowhere in src/ but in cluster.py and distributed_internals.py."""
+    own = {"cluster.py", "distributed_internals.py"}
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name in own:
+            continue
+        private = sorted(a for a in cluster_uses(path.read_text()) if a.startswith("_") and not a.startswith("__"))
+        found += [f"{path.relative_to(SRC)}: cluster.{a}" for a in private]
+    assert not found
+    assert cluster_uses("cluster._log('x')\nself.cluster._tasks.start()\n") == {"_log", "_tasks"}  # the scan sees them
