@@ -261,7 +261,7 @@ class Healer:
         else:
             raise TypeError(f"the healer cannot carry out {action!r} here")
 
-    # -- host state changes: one method each (the host table will own them) ------------------
+    # -- host state changes, through the host table: one method each ----------------------------
     def _apply_retry_started(self, name: str) -> None:
         self._retry_tasks[name] = self._tasks.start(self._retry_host(name), name=f"retry host {name}")
 
