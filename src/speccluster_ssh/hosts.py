@@ -244,18 +244,10 @@ class HostTable:
         """Drained host -> why."""
         return {n: r.state.drained for n, r in self._records.items() if r.state.drained}
 
-    def down(self, among: Collection[str]) -> dict[str, float]:
-        """The hosts of ``among`` that are down -> the monotonic time of their next attempt."""
-        return {n: r.state.retry_at for n, r in self._records.items() if r.state.state == Health.DOWN and n in among}
-
     def due_for_retry(self, among: Collection[str], now: float | None = None) -> list[str]:
         """The hosts of ``among`` that are down and whose next attempt is due."""
         now = time.monotonic() if now is None else now
         return [n for n, r in self._records.items() if n in among and retry_due(r.state.state, r.state.retry_at, now)]
-
-    def healthy_workers(self) -> int:
-        """Worker hosts that are up."""
-        return sum(1 for r in self._records.values() if r.worker and r.state.state == Health.UP)
 
     def no_worker_answers(self) -> bool:
         """Whether every worker host was tried and is down or put aside."""
