@@ -1,7 +1,7 @@
 """The head's lease arithmetic (``leases.py``, issue 23): free capacity, fair share, quota. Tables, no I/O.
 
 The last test checks that the head and the host agree: a claim the host
-accepts (``agent/leases.py``'s ``lease_fit``) is one that fits what
+accepts (``agent/lease_records.py``'s ``lease_fit``) is one that fits what
 :func:`free_capacity` leaves the claimer, beside what it holds already.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from speccluster_ssh.agent.leases import lease_amount, lease_fit
+from speccluster_ssh.agent.lease_records import lease_amount, lease_fit
 from speccluster_ssh.leases import (
     Amount,
     Lease,

@@ -1,4 +1,4 @@
-"""The host's lease store (``agent/leases.py``, issue 23) on real files, flocks and processes, no SSH.
+"""The host's lease store (``agent/leases.py`` and ``agent/lease_records.py``, issue 23) on real files, flocks and processes, no SSH.
 
 Each test works in its own directory made like the default (root-owned,
 mode 1777; the suite runs as root), so no test touches ``/var/tmp``'s leases.
@@ -30,6 +30,13 @@ AGENT_DIR = Path(L.__file__).resolve().parent
 NOBODY = 65534
 ROOT_ONLY = pytest.mark.skipif(os.getuid() != 0, reason="needs root to make files of another user")
 CAPACITY = {"slots": 2, "cores": 8, "memory": 8 * 2**30, "gpus": ["0", "1", "2", "3"]}
+
+
+# A script's prologue that runs the lease sources as the host does: in order, in one namespace ``ns``.
+SHIPPED = "ns = {'__name__': 'speccluster_agent'}\n" + "".join(
+    f"exec(compile(open({str(AGENT_DIR / name)!r}).read(), {name!r}, 'exec'), ns)\n"
+    for name in ("lease_records.py", "leases.py")
+)
 
 
 def shared_dir(tmp_path: Path) -> str:
@@ -236,11 +243,9 @@ def test_two_processes_claiming_the_last_slot_at_once_one_wins(tmp_path: Path) -
 
 def test_a_killed_holder_leaves_no_live_lease(tmp_path: Path) -> None:
     path = shared_dir(tmp_path)
-    script = (
-        "import sys, time\n"
-        f"sys.path.insert(0, {str(AGENT_DIR)!r})\n"
-        "import leases as L\n"
-        f"h = L.lease_claim({path!r}, {{'cluster': 'doomed', 'holds': {{'slots': 2}}}}, {{'slots': 2}})\n"
+    script = SHIPPED + (
+        "import time\n"
+        f"h = ns['lease_claim']({path!r}, {{'cluster': 'doomed', 'holds': {{'slots': 2}}}}, {{'slots': 2}})\n"
         "print(h.name, flush=True)\n"
         "time.sleep(600)\n"
     )
@@ -292,6 +297,19 @@ def test_bad_files_are_ignored_with_one_warning_each(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_a_second_name_of_a_lease_counts_once(tmp_path: Path) -> None:
+    path = shared_dir(tmp_path)
+    handle = L.lease_claim(path, claim_of("a"), {"slots": 2})
+    assert isinstance(handle, L.LeaseHandle)
+    uid = os.getuid()
+    for first in ("0", "f"):  # a hard link sorting before, and after, the lease's own name
+        os.link(os.path.join(path, handle.name), os.path.join(path, f"speccluster-lease.{uid}.{first * 16}.json"))
+    warnings = L.LeaseWarnings()
+    assert [r["cluster"] for r in L.lease_list(path, warnings)] == ["a"]
+    assert len(warnings.take()) == 2
+    assert isinstance(L.lease_claim(path, claim_of("b"), {"slots": 2}), L.LeaseHandle), "one slot is still free"
+
+
 @ROOT_ONLY
 def test_a_lease_of_another_user(tmp_path: Path) -> None:
     path = shared_dir(tmp_path)
@@ -333,7 +351,7 @@ def test_the_agent_sources_define_each_name_once() -> None:
                 if found in defined:
                     clashes.append(f"{found} in {defined[found]} and {name}")
                 defined.setdefault(found, name)
-    assert "leases.py" in AGENT_SOURCES and not clashes, clashes
+    assert {"lease_records.py", "leases.py"} <= set(AGENT_SOURCES) and not clashes, clashes
 
 
 def python38() -> str | None:
@@ -351,10 +369,7 @@ def test_it_runs_under_python_3_8(tmp_path: Path) -> None:
     if python is None:
         pytest.skip("no python 3.8 here")
     path = shared_dir(tmp_path)
-    script = (
-        "import sys\n"
-        "ns = {'__name__': 'speccluster_agent'}\n"
-        f"exec(compile(open({str(AGENT_DIR / 'leases.py')!r}).read(), 'leases.py', 'exec'), ns)\n"
+    script = SHIPPED + (
         f"h = ns['lease_claim']({path!r}, {{'cluster': 'c', 'holds': {{'slots': 1, 'gpus': 1}}}}, "
         "{'slots': 1, 'gpus': ['7']})\n"
         f"assert [r['holds']['gpus'] for r in ns['lease_list']({path!r})] == [['7']]\n"

@@ -58,10 +58,10 @@ namespace['main'](config)
 
 #: The agent's source files, in the order they run in one namespace on the
 #: host: each may use the names of those before it. Split by concern (log
-#: files, host facts, leases, the forked child's body, the agent's loop) to
-#: keep each file small; none imports another, since none is a package module
-#: there, and no two define the same top-level name.
-AGENT_SOURCES = ("logs.py", "host.py", "leases.py", "child.py", "remote.py")
+#: files, host facts, lease records, the lease store, the forked child's body,
+#: the agent's loop) to keep each file small; none imports another there
+#: (none is a package module), and no two define the same top-level name.
+AGENT_SOURCES = ("logs.py", "host.py", "lease_records.py", "leases.py", "child.py", "remote.py")
 
 EventHandler = Callable[[dict[str, Any]], None]
 

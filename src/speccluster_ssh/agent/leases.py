@@ -1,93 +1,69 @@
 """Leases on a host: who holds what, in a directory every user of the lab shares. A shipped source.
 
-Runs in the agent's namespace after ``host.py`` (see ``agent_sources`` in
-``agent/__init__.py``), so it imports only the standard library, stays
-Python 3.8 compatible, uses no dataclass (the namespace is no module in
-``sys.modules``), and prefixes its names with ``lease`` (one namespace for
-every source). The head imports it too, as a plain module. Nothing here is
-wired into the agent yet (issue 23): these are the host's building blocks.
+Runs in the agent's namespace after ``lease_records.py`` (what a lease says,
+whether a claim fits; its names are globals here), see ``agent_sources``:
+standard library only, Python 3.8, no dataclass (the namespace is in no
+``sys.modules``), every name prefixed ``lease``. The head imports it as a
+plain module too. Not wired into the agent yet (issue 23).
 
 What is decided, and why
 ------------------------
 Where
-    The default directory is ``/var/tmp`` itself (:data:`LEASE_DIR_DEFAULT`),
-    lease files directly in it, named ``speccluster-<kind>.<uid>.<16 hex>.json``.
-    On a stock Linux host ``/var/tmp`` exists, is owned by root, mode 1777,
-    and is local to the host. A subdirectory such as
-    ``/var/tmp/speccluster-leases`` would belong to the first user who
-    made it, and the owner of a sticky directory may delete anyone's files
-    in it, so every other user would have to refuse it; only root could
-    make one that is safe to share. ``/dev/shm`` was the other candidate:
-    logind's ``RemoveIPC=yes`` (the upstream default) deletes a user's files
-    there when the user's last session ends, which would drop the live
-    lease of a head left running in tmux after a logout. ``/var/tmp``'s
-    only cleaner is systemd-tmpfiles' 30-day aging, which skips files and
-    directories that hold a BSD lock, and :func:`lease_touch` keeps a
-    lease's times fresh for older versions. ``speccluster_lease_dir`` names
-    another directory (checked the same way, never created).
+    Files ``speccluster-<lease|want>.<uid>.<16 hex>.json`` directly in
+    ``/var/tmp``: on a stock Linux host it exists, is root's, mode 1777 and
+    local. A subdirectory would be its first user's, and a sticky
+    directory's owner may delete anyone's files in it, so others would have
+    to refuse it. ``/dev/shm`` loses a user's files at their last logout
+    (logind ``RemoveIPC=yes``, the upstream default), e.g. the leases of a
+    head left in tmux. tmpfiles' 30-day aging of ``/var/tmp`` skips locked
+    files in recent systemd; :func:`lease_touch` covers older ones.
+    ``speccluster_lease_dir`` overrides (checked alike, never created, local).
 Safety
-    :func:`lease_open_dir` refuses, with one message that says the fix: a
-    relative or missing path, a symlink, anything but a directory, a
-    directory (or any directory above it) owned by another user than root
-    or us, or writable by group or others without the sticky bit. The path
-    is checked as given and as resolved, then opened ``O_NOFOLLOW`` and
-    compared by inode, and every later file operation is relative to that
-    open directory, so a swap after the check changes nothing.
+    :func:`lease_open_dir` refuses, with the fix: a relative or missing path,
+    a symlink, a non-directory, a directory (or one above it) owned by
+    another user than root or us, or group/world writable without the sticky
+    bit. Checked as given and as resolved, opened ``O_NOFOLLOW``, compared by
+    inode; every later operation is relative to that open directory.
 Files
-    Created ``O_CREAT|O_EXCL|O_NOFOLLOW`` with a random name, mode 0600 while
-    they are written (no one else can open, hence lock, them), then 0644:
-    others can read them; the sticky directory keeps them from changing or
-    deleting them. A file is never rewritten: a claim makes a new file, a
-    release unlinks it.
+    Created ``O_CREAT|O_EXCL|O_NOFOLLOW`` (random name), mode 0600 while
+    written (no one else can open, hence lock, them), then 0644: others read,
+    and the sticky directory keeps them from changing or deleting them. Never
+    rewritten: a claim makes a file, a release unlinks it.
 Alive
-    The holder (the agent) keeps an exclusive ``flock`` on its open lease
-    file. A reader probes with a shared, non-blocking ``flock``: if that
-    succeeds, no one holds the file and the lease is dead (ignored, and
-    removed by a later claim of its owner). A lease therefore vanishes with
-    its agent, whatever killed it. The agent forks workers without exec:
-    it must close its lease fds in every child (they are ``O_CLOEXEC`` for
-    children that exec), or a child would keep the lease alive.
+    The holder keeps an exclusive ``flock`` on its open file. A reader
+    probes with a shared non-blocking ``flock``: when that succeeds the lease
+    is dead, ignored, and removed by its owner's next claim. So a lease ends
+    with its agent, whatever killed it. The agent forks workers without exec:
+    it must close its lease fds in each child (they are ``O_CLOEXEC``).
 Atomic
-    One host-wide lock: ``flock`` on the directory itself, exclusive around
-    "read the live leases, check the capacity, write mine" (claim, want),
-    shared while listing. No lock file exists that a user could own,
-    delete or chmod. A release needs no lock: it only frees capacity.
+    A ``flock`` on the directory itself, exclusive around "read the live
+    leases, check the capacity, write mine", shared while listing: no lock
+    file a user could own, delete or chmod. A release needs no lock.
 Trust
-    A record's user is the file's ``st_uid`` (and the uid in its name and
-    content must agree), never a name written in it. A file that is not a
-    regular file, a symlink, larger than :data:`LEASE_MAX_BYTES`, not JSON,
-    of a wrong shape, or whose uids disagree is ignored with one warning
-    (:class:`LeaseWarnings`, once per file version), never a crash. A user
-    who bypasses the tool can still write a well-formed lease of their own
-    and hold it; it shows under their own name.
-Capacity
-    A claim fits when the live leases of every cluster (this one's too:
-    they are real use of the host) plus the request stay within the
-    capacity the claimer's inventory gives (:func:`lease_fit`): slots
-    always, cores and memory when given (non-zero), GPU devices always
-    disjoint. Slots of different inventories need not mean the same entry
-    size; cores, memory and devices are physical.
+    The user is the file's ``st_uid`` (the uid in its name and content must
+    agree), never a written name. Not a regular file, larger than
+    :data:`LEASE_MAX_BYTES`, not JSON, a wrong shape, disagreeing uids, or a
+    second name (hard link) of a counted file: ignored with one warning
+    (:class:`LeaseWarnings`), never a crash. A user who bypasses the tool
+    can still hold a well-formed lease; it shows under their name.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import re
 import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+if __name__ != "speccluster_agent":  # a plain module of the head; shipped, these are globals already
+    from .lease_records import LEASE_MAX_BYTES, LEASE_VERSION, LeaseRefusal, lease_amount, lease_fit, lease_record
+
 LEASE_DIR_DEFAULT = "/var/tmp"
-LEASE_VERSION = 1
-LEASE_KINDS = ("lease", "want")
-LEASE_MAX_BYTES = 16384
 LEASE_LOCK_TIMEOUT = 10.0
 _LEASE_NAME = re.compile(r"^speccluster-(lease|want)\.([0-9]{1,10})\.([0-9a-f]{16})\.json$")
-_LEASE_AMOUNTS = ("slots", "cores", "memory")
-_LEASE_TEXT_LIMIT = 256
 _LEASE_FIX_SHARED = ("use a directory owned by root with mode 1777, such as the default /var/tmp "
                      "(to make one: sudo install -d -m 1777 -o root -g root DIR), or one only you write to")
 
@@ -135,27 +111,6 @@ class LeaseHandle:
     @property
     def held(self) -> bool:
         return self.fd >= 0
-
-
-class LeaseRefusal:
-    """A claim that did not fit: what was short, what was free, and who holds the rest."""
-
-    __slots__ = ("short", "free", "holders")
-
-    def __init__(self, short: Dict[str, Any], free: Dict[str, Any], holders: List[Dict[str, Any]]) -> None:
-        self.short = short
-        self.free = free
-        self.holders = holders
-
-    def describe(self) -> str:
-        """One line: what is short, then each holder (user, cluster, head, what, since)."""
-        short = ", ".join(f"{k} {v}" for k, v in sorted(self.short.items()))
-        who = "; ".join(
-            f"{h['user']} (cluster {h['name'] or h['cluster']} from {h['head'] or '?'}: "
-            f"{lease_amount_text(h['holds'])} since {time.strftime('%Y-%m-%d %H:%M', time.localtime(h['since']))})"
-            for h in self.holders
-        )
-        return f"short of {short}; held by {who or 'no one (the capacity is smaller than the request)'}"
 
 
 # -- the directory ---------------------------------------------------------------------------------
@@ -274,94 +229,13 @@ def lease_user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _lease_text(value: Any, required: bool) -> Optional[str]:
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str) or len(value) > _LEASE_TEXT_LIMIT or (required and not value):
-        return None
-    return value
+def _lease_read(dir_fd: int, path: str, name: str, warnings: LeaseWarnings, counted: set
+                ) -> Tuple[Optional[Dict[str, Any]], bool]:  # fmt: skip
+    """``(record, False)`` for a live lease file, ``(None, True)`` for a dead one, ``(None, False)`` if ignored.
 
-
-def _lease_count(value: Any) -> Optional[int]:
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
-        return None
-    return value
-
-
-def lease_amount(data: Any, choose_gpus: bool = False) -> Tuple[Optional[Dict[str, Any]], str]:
-    """``(amount, "")`` for a valid ``holds``/``wants`` mapping, normalized; ``(None, why)`` otherwise.
-
-    An amount is ``{"slots": n, "cores": n, "memory": bytes, "gpus": [device ids]}``; a missing
-    field is 0 or no device. With ``choose_gpus``, ``gpus`` may be a count (the claim picks the devices).
+    ``counted`` holds the ``(device, inode)`` of the files read so far: a second name of one (a hard
+    link) is ignored, so no lease counts twice.
     """
-    if not isinstance(data, dict):
-        return None, "its amount is not a mapping"
-    amount = {}  # type: Dict[str, Any]
-    for key in _LEASE_AMOUNTS:
-        value = _lease_count(data.get(key))
-        if value is None:
-            return None, f"its {key} is not a whole number >= 0"
-        amount[key] = value
-    gpus = data.get("gpus") or []
-    if choose_gpus and _lease_count(gpus) is not None:
-        amount["gpus"] = gpus
-    elif (not isinstance(gpus, list) or len(gpus) > 1024
-          or not all(isinstance(g, str) and 0 < len(g) <= 64 for g in gpus) or len(set(gpus)) != len(gpus)):
-        return None, "its gpus are not a list of distinct device ids"
-    else:
-        amount["gpus"] = list(gpus)
-    return amount, ""
-
-
-def lease_amount_text(amount: Dict[str, Any]) -> str:
-    """``2 slots, 8 cores, 16 GiB, GPUs 0,1``: the non-zero parts of an amount."""
-    parts = [f"{amount.get('slots', 0)} slot{'' if amount.get('slots') == 1 else 's'}"]
-    if amount.get("cores"):
-        parts.append(f"{amount['cores']} cores")
-    if amount.get("memory"):
-        parts.append(f"{amount['memory'] / 2**30:.3g} GiB")
-    if amount.get("gpus"):
-        parts.append("GPUs " + ",".join(amount["gpus"]))
-    return ", ".join(parts)
-
-
-def lease_record(data: Any, kind: str) -> Tuple[Optional[Dict[str, Any]], str]:
-    """``(record, "")`` when ``data`` (a file's JSON) is a valid record of ``kind``; ``(None, why)`` otherwise.
-
-    The record has ``kind``, ``uid`` (as written: the reader compares it with the file's owner),
-    ``cluster``, ``name``, ``head``, ``entry``, ``pid``, ``since`` and ``holds`` (a lease) or ``wants`` (a want).
-    """
-    if not isinstance(data, dict):
-        return None, "it is not a JSON object"
-    if data.get("v") != LEASE_VERSION or data.get("kind") != kind:
-        return None, f"it is no version {LEASE_VERSION} {kind}"
-    record = {"kind": kind}  # type: Dict[str, Any]
-    for key, required in (("cluster", True), ("name", False), ("head", False), ("entry", False)):
-        text = _lease_text(data.get(key), required)
-        if text is None:
-            return None, f"its {key} is not a short {'non-empty ' if required else ''}string"
-        record[key] = text
-    for key in ("uid", "pid"):
-        value = _lease_count(data.get(key))
-        if value is None or key not in data:
-            return None, f"its {key} is not a whole number >= 0"
-        record[key] = value
-    since = data.get("since")
-    if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since) or since < 0:
-        return None, "its since is not a time"
-    record["since"] = float(since)
-    field = "holds" if kind == "lease" else "wants"
-    amount, why = lease_amount(data.get(field))
-    if amount is None:
-        return None, why
-    record[field] = amount
-    return record, ""
-
-
-def _lease_read(dir_fd: int, path: str, name: str, warnings: LeaseWarnings) -> Tuple[Optional[Dict[str, Any]], bool]:
-    """``(record, False)`` for a live lease file, ``(None, True)`` for a dead one, ``(None, False)`` if ignored."""
     import fcntl
 
     match = _LEASE_NAME.match(name)
@@ -376,6 +250,9 @@ def _lease_read(dir_fd: int, path: str, name: str, warnings: LeaseWarnings) -> T
     key = (name, st.st_ino, st.st_mtime_ns, st.st_size, st.st_uid)
     if not stat.S_ISREG(st.st_mode):
         warnings.note(key, f"lease file {where} is not a regular file (a symlink?); ignored")
+        return None, False
+    if (st.st_dev, st.st_ino) in counted:
+        warnings.note(key, f"lease file {where} has another name (a hard link); ignored")
         return None, False
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -419,6 +296,7 @@ def _lease_read(dir_fd: int, path: str, name: str, warnings: LeaseWarnings) -> T
                            f"(its name: {name_uid}); ignored")  # fmt: skip
         return None, False
     record.update(user=user, file=name)
+    counted.add((st.st_dev, st.st_ino))
     return record, False
 
 
@@ -426,10 +304,11 @@ def _lease_scan(dir_fd: int, path: str, warnings: LeaseWarnings, sweep: bool = F
     """The live records of the directory, in name order; with ``sweep``, our own dead files go (caller holds EX)."""
     uid = os.getuid()
     live = []
+    counted = set()  # type: set
     with os.scandir(dir_fd) as entries:
         names = sorted(e.name for e in entries if e.name.startswith("speccluster-"))
     for name in names:
-        record, dead = _lease_read(dir_fd, path, name, warnings)
+        record, dead = _lease_read(dir_fd, path, name, warnings, counted)
         if record is not None:
             live.append(record)
         elif dead and sweep:
@@ -452,61 +331,19 @@ def lease_list(path: str, warnings: Optional[LeaseWarnings] = None, timeout: flo
     try:
         _lease_lock(dir_fd, path, exclusive=False, timeout=timeout)
         return _lease_scan(dir_fd, path, warnings if warnings is not None else LeaseWarnings())
+    except OSError as exc:
+        raise _lease_failed(path, "read", exc) from None
     finally:
         os.close(dir_fd)  # drops the lock
 
 
-# -- capacity --------------------------------------------------------------------------------------
-
-
-def lease_fit(capacity: Dict[str, Any], held: List[Dict[str, Any]], request: Dict[str, Any]
-              ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:  # fmt: skip
-    """Whether ``request`` fits on a host of ``capacity`` beside the leases ``held`` (pure).
-
-    Parameters
-    ----------
-    capacity
-        ``slots`` (always checked), ``cores`` and ``memory`` (checked when non-zero),
-        ``gpus`` (the host's device ids; when given, a request's devices must be among them).
-    held
-        Live lease records (their ``holds``), of every cluster.
-    request
-        An amount (see :func:`lease_amount`); its ``gpus`` may be a count: the lowest free
-        devices of ``capacity`` are chosen.
-
-    Returns
-    -------
-    tuple
-        ``(short, free, grant)``: what is short (empty when it fits: slots, cores, memory
-        by how much, ``gpus`` the devices taken or the count missing), what is free, and
-        the request with its devices chosen.
-    """
-    used = {key: sum(h["holds"][key] for h in held) for key in _LEASE_AMOUNTS}
-    taken = [g for h in held for g in h["holds"]["gpus"]]
-    devices = [str(g) for g in capacity.get("gpus") or []]
-    free = {}  # type: Dict[str, Any]
-    short = {}  # type: Dict[str, Any]
-    for key in _LEASE_AMOUNTS:
-        limit = int(capacity.get(key) or 0)
-        if key != "slots" and not limit:
-            continue
-        free[key] = max(limit - used[key], 0)
-        if request[key] > free[key]:
-            short[key] = request[key] - free[key]
-    free["gpus"] = [g for g in devices if g not in taken]
-    grant = dict(request)
-    if isinstance(request["gpus"], int):
-        grant["gpus"] = free["gpus"][:request["gpus"]]
-        if len(grant["gpus"]) < request["gpus"]:
-            short["gpus"] = request["gpus"] - len(grant["gpus"])
-    else:
-        clash = [g for g in request["gpus"] if g in taken or (devices and g not in devices)]
-        if clash:
-            short["gpus"] = clash
-    return short, free, grant
-
-
 # -- writing ---------------------------------------------------------------------------------------
+
+
+def _lease_failed(path: str, what: str, exc: OSError) -> LeaseError:
+    """The error of a lease directory that could not be read or written (a full disk, a lost permission)."""
+    return LeaseError(f"cannot {what} the leases in {path}: {exc.strerror or exc}",
+                      f"free space in {path}, or set speccluster_lease_dir to another directory ({_LEASE_FIX_SHARED})")
 
 
 def _lease_create(dir_fd: int, path: str, kind: str, content: Dict[str, Any]) -> LeaseHandle:
@@ -583,6 +420,8 @@ def lease_claim(path: str, record: Dict[str, Any], capacity: Dict[str, Any], war
         if short:
             return LeaseRefusal(short, free, held)
         return _lease_create(dir_fd, path, "lease", _lease_content("lease", record, grant))
+    except OSError as exc:
+        raise _lease_failed(path, "write", exc) from None
     finally:
         os.close(dir_fd)
 
@@ -598,6 +437,8 @@ def lease_want(path: str, record: Dict[str, Any], warnings: Optional[LeaseWarnin
         _lease_lock(dir_fd, path, exclusive=True, timeout=timeout)
         _lease_scan(dir_fd, path, warnings if warnings is not None else LeaseWarnings(), sweep=True)
         return _lease_create(dir_fd, path, "want", _lease_content("want", record, amount))
+    except OSError as exc:
+        raise _lease_failed(path, "write", exc) from None
     finally:
         os.close(dir_fd)
 

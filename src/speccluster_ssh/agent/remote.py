@@ -5,9 +5,10 @@ python, so it may import only the standard library and ``distributed``.
 It never imports anything from ``speccluster_ssh``. It is the last of the
 agent's sources, which run in order in one namespace (``agent_sources`` in
 ``agent/__init__.py``): ``logs.py`` (capped log files), ``host.py`` (the
-host's facts and directories), ``leases.py`` (who holds what on the host;
-not used by the loop yet), ``child.py`` (the body of a forked child), then
-this file (the agent's loop); it uses their names as globals.
+host's facts and directories), ``lease_records.py`` and ``leases.py`` (who
+holds what on the host; not used by the loop yet), ``child.py`` (the body
+of a forked child), then this file (the agent's loop); it uses their names
+as globals.
 
 The head first sends one JSON line of agent config: ``cluster``,
 ``host_label``, ``silence``, ``base_dir``, ``listen_address``,
