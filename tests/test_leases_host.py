@@ -278,6 +278,7 @@ def test_bad_files_are_ignored_with_one_warning_each(tmp_path: Path) -> None:
         plant(path, "lease", uid, valid(kind="want")),  # a want's content in a lease's name
         plant(path, "lease", uid, valid(uid=uid + 1)),
         plant(path, "want", uid, valid("want", uid, since=float("nan"))),
+        plant(path, "want", uid, valid("want", uid, since=1e300)),
     ]
     target = os.path.join(path, f"speccluster-lease.{uid}.{'a' * 16}.json")
     os.symlink(os.path.join(path, os.listdir(path)[0]), target)
@@ -285,7 +286,7 @@ def test_bad_files_are_ignored_with_one_warning_each(tmp_path: Path) -> None:
     warnings = L.LeaseWarnings()
     assert L.lease_list(path, warnings) == []
     notes = warnings.take()
-    assert len(notes) == 7, notes
+    assert len(notes) == 8, notes
     text = "\n".join(notes)
     for part in ("is not JSON", "larger than", "slots is not a whole number", "no version 1 lease", "says uid",
                  "since is not a time", "not a regular file"):

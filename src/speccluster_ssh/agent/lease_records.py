@@ -133,7 +133,8 @@ def lease_record(data: Any, kind: str) -> Tuple[Optional[Dict[str, Any]], str]:
             return None, f"its {key} is not a whole number >= 0"
         record[key] = value
     since = data.get("since")
-    if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since) or since < 0:
+    # Bounded, so that formatting it (time.localtime) cannot fail.
+    if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since) or not 0 <= since < 1e11:
         return None, "its since is not a time"
     record["since"] = float(since)
     field = "holds" if kind == "lease" else "wants"
