@@ -196,6 +196,22 @@ def test_want_and_unwant(tmp_path: Path) -> None:
     assert [r["kind"] for r in L.lease_list(path)] == ["lease"]
 
 
+def test_touch_keeps_a_held_lease_young_and_a_short_capacity_is_said(tmp_path: Path) -> None:
+    path = shared_dir(tmp_path)
+    handle = L.lease_claim(path, claim_of("a"), {"slots": 1})
+    assert isinstance(handle, L.LeaseHandle)
+    file = os.path.join(path, handle.name)
+    os.utime(file, (1000.0, 1000.0))  # as old as an age-based cleaner would remove
+    L.lease_touch(handle)
+    assert os.stat(file).st_mtime > time.time() - 3600
+    (record,) = L.lease_list(path)
+    assert record["since"] == handle.record["since"] > 1000.0, "since is what the claim wrote, not the file's times"
+    L.lease_release(handle)
+    L.lease_touch(handle)  # released: nothing to do
+    refusal = L.lease_claim(path, claim_of("b", slots=2), {"slots": 1})
+    assert isinstance(refusal, L.LeaseRefusal) and "held by no one" in refusal.describe()
+
+
 def test_the_lock_times_out_with_a_fix(tmp_path: Path) -> None:
     path = shared_dir(tmp_path)
     holder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
