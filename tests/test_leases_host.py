@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,67 @@ def test_a_lease_of_another_user(tmp_path: Path) -> None:
     handle = L.lease_claim(path, claim_of("mine", slots=2), {"slots": 2})
     assert isinstance(handle, L.LeaseHandle) and os.path.exists(dead)
     os.close(forged)
+
+
+def as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+@ROOT_ONLY
+def test_two_users_share_a_directory_and_cannot_touch_each_others_leases() -> None:
+    """A real second user (nobody) in a root-owned sticky directory: each sees the other's lease, under its owner's
+    name, and can neither change nor delete it."""
+    path = tempfile.mkdtemp(prefix="speccluster-lease-test-", dir="/tmp")  # /tmp: nobody can reach it
+    try:
+        os.chmod(path, 0o1777)
+        mine = L.lease_claim(path, claim_of("root-cluster"), {"slots": 2})
+        assert isinstance(mine, L.LeaseHandle)
+        script = SHIPPED + (
+            "import json, os\n"
+            f"path = {path!r}\n"
+            "seen = [(r['user'], r['cluster']) for r in ns['lease_list'](path)]\n"
+            "tries = {}\n"
+            f"target = os.path.join(path, {mine.name!r})\n"
+            "for what, act in (('unlink', lambda: os.unlink(target)), ('write', lambda: open(target, 'a')),\n"
+            "                  ('rename', lambda: os.rename(target, target + '.x'))):\n"
+            "    try:\n"
+            "        act()\n"
+            "        tries[what] = 'done'\n"
+            "    except PermissionError:\n"
+            "        tries[what] = 'refused'\n"
+            "h = ns['lease_claim'](path, {'cluster': 'nobody-cluster', 'holds': {'slots': 1}}, {'slots': 2})\n"
+            "print(json.dumps({'seen': seen, 'tries': tries, 'claimed': h.name}), flush=True)\n"
+            "input()\n"  # hold the lease until the test has looked
+        )
+        child = None
+        for python in (sys.executable, "/usr/bin/python3"):  # the stdlib is all the sources need
+            try:
+                child = subprocess.Popen([python, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, preexec_fn=as_nobody, cwd="/")  # fmt: skip
+                break
+            except PermissionError:
+                continue
+        if child is None:
+            pytest.skip("no python that nobody may run here")
+        try:
+            line = child.stdout.readline()
+            if not line:
+                pytest.skip(f"python cannot run as nobody here: {child.stderr.read()[-300:]}")
+            report = json.loads(line)
+            assert report["seen"] == [["root", "root-cluster"]]
+            assert report["tries"] == {"unlink": "refused", "write": "refused", "rename": "refused"}
+            assert os.stat(os.path.join(path, report["claimed"])).st_uid == NOBODY
+            assert sorted((r["user"], r["cluster"]) for r in L.lease_list(path)) == [
+                ("nobody", "nobody-cluster"), ("root", "root-cluster")]
+            assert isinstance(L.lease_claim(path, claim_of("third"), {"slots": 2}), L.LeaseRefusal)
+        finally:
+            child.communicate("\n", timeout=60)
+        assert [r["user"] for r in L.lease_list(path)] == ["root"], "nobody's lease ended with its process"
+        L.lease_release(mine)
+    finally:
+        shutil.rmtree(path)
 
 
 # -- shipped with the agent --------------------------------------------------------------------------
