@@ -36,7 +36,7 @@ CAPACITY = {"slots": 2, "cores": 8, "memory": 8 * 2**30, "gpus": ["0", "1", "2",
 # A script's prologue that runs the lease sources as the host does: in order, in one namespace ``ns``.
 SHIPPED = "ns = {'__name__': 'speccluster_agent'}\n" + "".join(
     f"exec(compile(open({str(AGENT_DIR / name)!r}).read(), {name!r}, 'exec'), ns)\n"
-    for name in ("lease_records.py", "leases.py")
+    for name in ("lease_records.py", "leases.py", "lease_keeper.py")
 )
 
 
@@ -430,7 +430,7 @@ def test_the_agent_sources_define_each_name_once() -> None:
                 if found in defined:
                     clashes.append(f"{found} in {defined[found]} and {name}")
                 defined.setdefault(found, name)
-    assert {"lease_records.py", "leases.py"} <= set(AGENT_SOURCES) and not clashes, clashes
+    assert {"lease_records.py", "leases.py", "lease_keeper.py"} <= set(AGENT_SOURCES) and not clashes, clashes
 
 
 def python38() -> str | None:
@@ -455,6 +455,10 @@ def test_it_runs_under_python_3_8(tmp_path: Path) -> None:
         f"assert isinstance(ns['lease_claim']({path!r}, {{'cluster': 'd', 'holds': {{'slots': 1}}}}, "
         "{'slots': 1}), ns['LeaseRefusal'])\n"
         "ns['lease_release'](h)\n"
+        f"assert ns['lease_list']({path!r}) == []\n"
+        f"k = ns['LeaseKeeper']('c', {path!r})\n"
+        "assert k.handle('lease_claim', {'record': {'holds': {'slots': 1}}, 'capacity': {'slots': 1}})['held']\n"
+        "k.release_all()\n"
         f"assert ns['lease_list']({path!r}) == []\n"
         "print('ok')\n"
     )

@@ -87,7 +87,8 @@ class Lease:
     """One live lease (``kind`` ``"lease"``) or want (``"want"``) a host reported.
 
     ``user`` is the name the host gives the file's owner; ``since`` is when it
-    was taken (for a want: when the cluster started waiting).
+    was taken (for a want: when the cluster started waiting); ``lease_id`` is
+    its file's name on the host (unique there).
     """
 
     host: str
@@ -99,6 +100,7 @@ class Lease:
     name: str = ""
     head: str = ""
     entry: str = ""
+    lease_id: str = ""
 
     @classmethod
     def from_record(cls, host: str, record: Mapping[str, Any]) -> Lease:
@@ -114,6 +116,7 @@ class Lease:
             name=str(record.get("name") or ""),
             head=str(record.get("head") or ""),
             entry=str(record.get("entry") or ""),
+            lease_id=str(record.get("file") or ""),
         )
 
     @property

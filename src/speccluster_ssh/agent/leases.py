@@ -4,7 +4,7 @@ Runs in the agent's namespace after ``lease_records.py`` (what a lease says,
 whether a claim fits; its names are globals here), see ``agent_sources``:
 standard library only, Python 3.8, no dataclass (the namespace is in no
 ``sys.modules``), every name prefixed ``lease``. The head imports it as a
-plain module too. Not wired into the agent yet (issue 23).
+plain module too. The agent's requests on it are ``lease_keeper.py``'s.
 
 What is decided, and why
 ------------------------
