@@ -43,9 +43,9 @@ def shared_dir(tmp_path: Path) -> str:
     return str(path)
 
 
-async def started(tmp_path: Path, lease_dir: str, cluster: str) -> HostAgent:
+async def started(tmp_path: Path, lease_dir: str, cluster: str, silence: float = 15.0) -> HostAgent:
     agent = HostAgent(HostConnection(local_host(), ConnectSettings()), f"{cluster}-{time.monotonic_ns()}",
-                      base_dir=str(tmp_path / "base"), lease_dir=lease_dir)  # fmt: skip
+                      base_dir=str(tmp_path / "base"), lease_dir=lease_dir, silence=silence)  # fmt: skip
     await agent.start()
     return agent
 
@@ -135,6 +135,30 @@ def test_an_unsafe_directory_fails_with_its_fix(tmp_path: Path) -> None:
             assert "chmod +t" in info.value.fix
             assert a.alive, "a refused directory does not stop the agent"
         finally:
+            await a.close()
+
+    run(main)
+
+
+def test_a_held_host_lock_fails_the_claim_before_the_head_would_lose_the_agent(tmp_path: Path) -> None:
+    path = shared_dir(tmp_path)
+
+    async def main() -> None:
+        import fcntl
+
+        a = await started(tmp_path, path, "a", silence=3.0)
+        lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another claimer, stuck
+            with pytest.raises(HostError, match="stayed locked for 1 s") as info:
+                await a.lease_claim({"slots": 1}, CAPACITY)
+            assert "lslocks" in info.value.fix
+            os.close(lock)
+            lock = -1
+            assert a.alive and isinstance(await a.lease_claim({"slots": 1}, CAPACITY), HeldLease)
+        finally:
+            if lock >= 0:
+                os.close(lock)
             await a.close()
 
     run(main)

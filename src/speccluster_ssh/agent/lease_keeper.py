@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 if TYPE_CHECKING:  # shipped, these are globals already: the other sources run first in the same namespace
     from .lease_records import LeaseRefusal
     from .leases import (
-        LeaseError, LeaseHandle, LeaseWarnings, lease_claim, lease_dir_path, lease_list, lease_release, lease_touch,
-        lease_want,
+        LEASE_LOCK_TIMEOUT, LeaseError, LeaseHandle, LeaseWarnings, lease_claim, lease_dir_path, lease_list,
+        lease_release, lease_touch, lease_want,
     )
 
 #: Seconds between refreshes of the held files' times, for an age-based cleaner of ``/var/tmp``.
@@ -50,9 +50,11 @@ LEASE_TOUCH_EVERY = 3600.0
 class LeaseKeeper:
     """The leases and wants one agent holds for its cluster, and the requests on them."""
 
-    def __init__(self, cluster: str, directory: Optional[str] = None) -> None:
+    def __init__(self, cluster: str, directory: Optional[str] = None, lock_timeout: float = LEASE_LOCK_TIMEOUT) -> None:
         self.cluster = cluster
         self.path = lease_dir_path(directory)
+        # The agent's loop waits for the host lock: bounded well below the head's silence timeout.
+        self.lock_timeout = lock_timeout
         self.handles = {}  # type: Dict[str, LeaseHandle]
         self.warnings = LeaseWarnings()
         self.touched = time.monotonic()
@@ -88,14 +90,15 @@ class LeaseKeeper:
         return {"ok": True, "held": True, "lease": handle.name, "record": handle.record}
 
     def _claim(self, message: Dict[str, Any]) -> Dict[str, Any]:
-        outcome = lease_claim(self.path, self._record(message), dict(message.get("capacity") or {}), self.warnings)
+        outcome = lease_claim(self.path, self._record(message), dict(message.get("capacity") or {}), self.warnings,
+                              timeout=self.lock_timeout)  # fmt: skip
         if isinstance(outcome, LeaseRefusal):
             return {"ok": True, "held": False, "short": outcome.short, "free": outcome.free,
                     "holders": outcome.holders, "why": outcome.describe()}  # fmt: skip
         return self._kept(outcome)
 
     def _want(self, message: Dict[str, Any]) -> Dict[str, Any]:
-        return self._kept(lease_want(self.path, self._record(message), self.warnings))
+        return self._kept(lease_want(self.path, self._record(message), self.warnings, timeout=self.lock_timeout))
 
     def _release(self, message: Dict[str, Any]) -> Dict[str, Any]:
         handle = self.handles.pop(str(message.get("lease")), None)
@@ -104,7 +107,8 @@ class LeaseKeeper:
         return {"ok": True, "released": handle is not None}
 
     def _list(self, message: Dict[str, Any]) -> Dict[str, Any]:
-        return {"ok": True, "records": lease_list(self.path, self.warnings), "mine": sorted(self.handles)}
+        records = lease_list(self.path, self.warnings, timeout=self.lock_timeout)
+        return {"ok": True, "records": records, "mine": sorted(self.handles)}
 
     def release_all(self) -> None:
         """Give back every lease and want (the agent is stopping, its children have)."""

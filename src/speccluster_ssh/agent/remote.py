@@ -82,6 +82,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # shipped, these are globals already: the other sources run first in the same namespace
     from .child import _run_child, _set_parent_death_signal, worker_class_facts
     from .lease_keeper import LeaseKeeper
+    from .leases import LEASE_LOCK_TIMEOUT
     from .host import (
         _cpu_count, _detect_gpus, _distributed_version, _listen_address, _private_dir, _probe_writable, _reach_probe,
         _total_memory,
@@ -148,7 +149,8 @@ class Agent:
         self.keep_tls = False
         self.probe_listener: socket.socket | None = None  # see _reach_probe
         self.class_facts: dict[str, str] = {}  # see worker_class_facts, for the hello
-        self.leases = LeaseKeeper(self.cluster, config.get("lease_dir"))  # speccluster_lease_dir
+        # speccluster_lease_dir; waiting for its lock blocks this loop, so less than the head's patience.
+        self.leases = LeaseKeeper(self.cluster, config.get("lease_dir"), min(LEASE_LOCK_TIMEOUT, self.silence / 3))
         os.environ[MARKER_ENV] = self.cluster
 
     # -- output ---------------------------------------------------------
