@@ -286,3 +286,35 @@ def test_the_keeper_holds_touches_and_releases(tmp_path: Path) -> None:
     assert keeper.fds() == [] and not lease_file.exists()
     with pytest.raises(OSError):
         os.fstat(fd)  # closed: the lease is over
+
+
+def test_leases_over_ssh_end_with_a_killed_agent(lab: Any, tmp_path: Path) -> None:
+    """Two agents over real SSH (lab hosts h1, h2 share the machine's files, so one lease directory stands for one
+    host): h1's claim refuses h2's, and once h1's agent is SIGKILLed (by its pid) h2 can claim."""
+    from speccluster_ssh.inventory import load_inventory
+
+    path = shared_dir(tmp_path)
+    inventory = load_inventory(lab.write_inventory(tmp_path / "inv.yml", groups={"workers": ["h1", "h2"]}))
+    settings = ConnectSettings(known_hosts=str(lab.known_hosts))
+
+    async def main() -> None:
+        agents = [HostAgent(HostConnection(inventory.hosts[name], settings), f"{name}-{time.monotonic_ns()}",
+                            base_dir=str(tmp_path / "base"), lease_dir=path) for name in ("h1", "h2")]  # fmt: skip
+        try:
+            await asyncio.gather(*(agent.start() for agent in agents))
+            first, second = agents
+            held = await first.lease_claim({"slots": 1}, {"slots": 1}, name="first", head="head")
+            assert isinstance(held, HeldLease), held
+            refused = await second.lease_claim({"slots": 1}, {"slots": 1})
+            assert isinstance(refused, LeaseRefused) and [h.cluster for h in refused.holders] == [first.cluster_id]
+            os.kill(int(first.facts["pid"]), signal.SIGKILL)
+            await poll(lambda: L.lease_list(path) == [], 15, "the lease to end with its agent")
+            assert isinstance(await second.lease_claim({"slots": 1}, {"slots": 1}), HeldLease)
+        finally:
+            for agent in agents:
+                await agent.close()
+            for connection in {agent.connection for agent in agents}:
+                await connection.close()
+        assert L.lease_list(path) == []
+
+    run(main)

@@ -3,7 +3,8 @@
 Runs in the agent's namespace after ``leases.py`` (the lease store, whose
 names are globals here) and before ``remote.py``, whose loop hands every
 ``lease_*`` request to :class:`LeaseKeeper` (see ``agent_sources``):
-standard library only, Python 3.8, every name prefixed ``lease``.
+standard library only, Python 3.8, every name prefixed ``lease``; the head
+can import it as a plain module too.
 
 What is decided, and why
 ------------------------
@@ -34,9 +35,9 @@ Warnings
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-if TYPE_CHECKING:  # shipped, these are globals already: the other sources run first in the same namespace
+if __name__ != "speccluster_agent":  # a plain module of the head; shipped, these are globals already
     from .lease_records import LeaseRefusal
     from .leases import (
         LEASE_LOCK_TIMEOUT, LeaseError, LeaseHandle, LeaseWarnings, lease_claim, lease_dir_path, lease_list,
