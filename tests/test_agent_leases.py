@@ -303,6 +303,8 @@ def test_leases_over_ssh_end_with_a_killed_agent(lab: Any, tmp_path: Path) -> No
         try:
             await asyncio.gather(*(agent.start() for agent in agents))
             first, second = agents
+            assert [agent.facts["hostname"] for agent in agents] == ["h1", "h2"], "each agent runs on its lab host"
+            assert not first.host.is_local and first.connection.local_address == lab.head_ip, "over SSH"
             held = await first.lease_claim({"slots": 1}, {"slots": 1}, name="first", head="head")
             assert isinstance(held, HeldLease), held
             refused = await second.lease_claim({"slots": 1}, {"slots": 1})
