@@ -25,6 +25,7 @@ from ..connection import Channel, HostConnection
 from ..errors import HostError
 from ..inventory import HostSpec
 from ..tasks import TaskSet
+from .lease_requests import HeldLease, LeaseRefused, LeaseRequests  # noqa: F401  (the results of its lease requests)
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ namespace['main'](config)
 
 #: The agent's source files, in the order they run in one namespace on the
 #: host: each may use the names of those before it. Split by concern (log
-#: files, host facts, the forked child's body, the agent's loop) to keep
-#: each file small; none imports another, since none is a package module there.
-AGENT_SOURCES = ("logs.py", "host.py", "child.py", "remote.py")
+#: files, host facts, lease records, the lease store, the agent's leases, the
+#: forked child's body, the agent's loop) to keep each file small; none imports another there
+#: (none is a package module), and no two define the same top-level name.
+AGENT_SOURCES = ("logs.py", "host.py", "lease_records.py", "leases.py", "lease_keeper.py", "child.py", "remote.py")
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -101,7 +103,7 @@ def agent_argv(host: HostSpec, cluster_id: str = "") -> list[str]:
     return ["env", f"{MARKER_ENV}={cluster_id}", python, "-u", "-c", BOOTSTRAP]
 
 
-class HostAgent:
+class HostAgent(LeaseRequests):
     """A live agent on one host, for one cluster.
 
     Parameters
@@ -113,6 +115,9 @@ class HostAgent:
     silence
         Seconds without a word from the head after which the agent kills
         everything; the head pings every quarter of that.
+    lease_dir
+        The host's lease directory (``speccluster_lease_dir``; the agent's default when ``None``).
+        Lease requests (see :class:`LeaseRequests`) end with the agent, which releases them all.
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class HostAgent:
         base_dir: str | None = None,
         probe_port: int | None = None,
         on_probe: Callable[[dict[str, str]], None] | None = None,
+        lease_dir: str | None = None,
     ) -> None:
         self.connection = connection
         # A port the head listens on: the agent probes the network before its import (scheduler_reach auto).
@@ -133,6 +139,7 @@ class HostAgent:
         self.cluster_id = cluster_id
         self.silence = silence
         self.base_dir = base_dir
+        self.lease_dir = lease_dir
         self.facts: dict[str, Any] = {}
         self._channel: Channel | None = None
         self._next_id = 0
@@ -152,6 +159,7 @@ class HostAgent:
         self._on_lost: list[Callable[[str], None]] = []
         # What the agent reports outside any request (a log it cannot write, a request it cannot read).
         self.on("error", lambda message: logger.warning("host %s: the agent says: %s", self.host.name, message.get("error")))
+        self.on("lease_warning", lambda message: logger.warning("host %s: %s", self.host.name, message.get("warning")))
 
     @property
     def alive(self) -> bool:
@@ -171,6 +179,7 @@ class HostAgent:
             "log_max_bytes": self.host.log_max_bytes,
             "log_retention": self.host.log_retention,
             "detect_gpus": self.host.gpus == "auto",
+            "lease_dir": self.lease_dir,
         }
         if self.host.worker_class_path:
             # Imported by the agent before its hello: a class the host lacks is one line here.
@@ -272,7 +281,7 @@ class HostAgent:
         else:
             reply = await self._send(op, timeout, fields)
         if not reply.get("ok"):
-            raise HostError(self.host.name, f"{op} failed: {reply.get('error')}")
+            raise HostError(self.host.name, f"{op} failed: {reply.get('error')}", fix=str(reply.get("fix") or ""))
         return reply
 
     async def _send(self, op: str, timeout: float, fields: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,10 @@ python, so it may import only the standard library and ``distributed``.
 It never imports anything from ``speccluster_ssh``. It is the last of the
 agent's sources, which run in order in one namespace (``agent_sources`` in
 ``agent/__init__.py``): ``logs.py`` (capped log files), ``host.py`` (the
-host's facts and directories), ``child.py`` (the body of a forked child),
-then this file (the agent's loop); it uses their names as globals.
+host's facts and directories), ``lease_records.py``, ``leases.py`` and
+``lease_keeper.py`` (who holds what on the host, and this agent's leases),
+``child.py`` (the body of a forked child), then this file (the agent's
+loop); it uses their names as globals.
 
 The head first sends one JSON line of agent config: ``cluster``,
 ``host_label``, ``silence``, ``base_dir``, ``listen_address``,
@@ -30,6 +32,9 @@ head -> agent
     ``{"op": "stop", "id": 8, "name": "3", "grace": 5}``,
     ``{"op": "tail", "id": 9, "name": "3", "bytes": 65536}``,
     ``{"op": "write_file", "id": 10, "path": "tls/ca.pem", "data_b64": "..", "mode": 384}``,
+    ``{"op": "lease_claim", "id": 12, "record": {..}, "capacity": {..}}`` and
+    ``lease_want``, ``lease_release``, ``lease_unwant``, ``lease_list`` (see
+    ``lease_keeper.py``; every lease is released when the agent stops),
     ``{"op": "ping"}``, ``{"op": "shutdown", "id": 11, "remove": true, "grace": 0.5, "keep_tls": false}``
     (``keep_tls``: leave the host's TLS files, which a newer agent of the
     same cluster on the host uses; otherwise they are removed. The logs stay
@@ -43,7 +48,8 @@ agent -> head
     it exits), replies ``{"id": 7, "ok": true, ...}`` or
     ``{"id": 7, "ok": false, "error": ".."}``, and unsolicited events
     ``{"event": "ready", "name": .., "address": .., "worker_address": ..}``,
-    ``{"event": "exited", "name": .., "code": .., "tail": ..}``, ``{"event": "pong"}``.
+    ``{"event": "exited", "name": .., "code": .., "tail": ..}``, ``{"event": "pong"}``,
+    ``{"event": "lease_warning", "warning": ..}`` (a bad file in the lease directory, once).
 
 Logs: a child's stdout and stderr are one pipe that the agent reads without
 blocking and appends to the child's log file, cut at ``log_max_bytes``
@@ -75,6 +81,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # shipped, these are globals already: the other sources run first in the same namespace
     from .child import _run_child, _set_parent_death_signal, worker_class_facts
+    from .lease_keeper import LeaseKeeper
+    from .leases import LEASE_LOCK_TIMEOUT
     from .host import (
         _cpu_count, _detect_gpus, _distributed_version, _listen_address, _private_dir, _probe_writable, _reach_probe,
         _total_memory,
@@ -141,6 +149,8 @@ class Agent:
         self.keep_tls = False
         self.probe_listener: socket.socket | None = None  # see _reach_probe
         self.class_facts: dict[str, str] = {}  # see worker_class_facts, for the hello
+        # speccluster_lease_dir; waiting for its lock blocks this loop, so less than the head's patience.
+        self.leases = LeaseKeeper(self.cluster, config.get("lease_dir"), min(LEASE_LOCK_TIMEOUT, self.silence / 3))
         os.environ[MARKER_ENV] = self.cluster
 
     # -- output ---------------------------------------------------------
@@ -228,9 +238,12 @@ class Agent:
         return {"ok": True, "pid": pid, "log": log_path}
 
     def _close_in_child(self) -> None:
-        """In a new child: close the agent's ends of the other children's pipes and files."""
+        """In a new child: close the agent's ends of the other children's pipes and files, and its leases.
+
+        A lease lives while any fd of its file is open: one a worker kept would outlive the agent.
+        """
         fds = [p.fd for p in self.log_pipes] + [f.fd for f in self.log_files.values()]
-        fds += [c.status_fd for c in self.children.values()]
+        fds += [c.status_fd for c in self.children.values()] + self.leases.fds()
         for fd in fds:
             if fd >= 0:
                 try:
@@ -366,6 +379,10 @@ class Agent:
                 }
             elif op == "write_file":
                 reply = self.write_file(message)
+            elif str(op).startswith("lease_"):
+                reply = self.leases.handle(str(op), message)
+                for warning in self.leases.warnings.take():
+                    self.send({"event": "lease_warning", "warning": warning})
             elif op == "processes":
                 reply = {
                     "ok": True,
@@ -481,6 +498,7 @@ class Agent:
                     self._flush()
             self._reap()
             self._enforce_deadlines()
+            self.leases.tick(time.monotonic())
             if term_seen or time.monotonic() - self.last_heard > self.silence:
                 self.running = False
         # Told to shut down: the scheduler is alive, so give servers time to
@@ -511,6 +529,7 @@ class Agent:
                     self._flush()
         for pipe in list(self.log_pipes):
             self._pump(pipe, max_chunks=64)
+        self.leases.release_all()  # its processes have stopped: their capacity is free
         # Keys never outlive the cluster, the logs stay for a post-mortem (logs.py); a
         # restart's old agent leaves the keys to the new agent of the host (keep_tls).
         if self.dir:
