@@ -475,7 +475,7 @@ def test_hostspec_is_frozen_and_hashable() -> None:
 
 
 def test_speccluster_vars_table() -> None:
-    assert len(SPECCLUSTER_VARS) == 23
+    assert len(SPECCLUSTER_VARS) == 26
     for name, spec in SPECCLUSTER_VARS.items():
         assert name.startswith("speccluster_")
         assert spec.doc and "\n" not in spec.doc
@@ -646,3 +646,12 @@ def test_playbook_variables_are_accepted_and_ignored(tmp_path: Path) -> None:
     path.write_text("all:\n  hosts:\n    n1:\n      speccluster_wheelhous: /srv\n")
     with pytest.raises(InventoryError, match="did you mean speccluster_wheelhouse"):
         load_inventory(path)
+
+
+def test_lease_variables_are_checked_when_the_inventory_is_read() -> None:
+    inv = Inventory.from_hosts([{"name": "a", "speccluster_user_quota": {"alice": 4, "*": 2},
+                                 "speccluster_yield_after": "2m", "speccluster_lease_dir": "/srv/leases"}])
+    host = inv.worker_hosts[0]
+    assert (host.user_quota, host.yield_after, host.lease_dir) == ({"alice": 4, "*": 2}, 120.0, "/srv/leases")
+    with pytest.raises(InventoryError, match="speccluster_user_quota"):
+        Inventory.from_hosts([{"name": "a", "speccluster_user_quota": -1}])

@@ -195,7 +195,7 @@ class AgentPool:
             port = await self._probe_port() if probe is not None and self.agent_probes else None
             agent = HostAgent(
                 self.connection(name), self.cluster_id, silence=self.silence, base_dir=self.base_dir,
-                probe_port=port, on_probe=probed,
+                probe_port=port, on_probe=probed, lease_dir=self.table.specs[name].lease_dir,
             )
             facts = await agent.start(timeout=self.agent_timeout)
         finally:

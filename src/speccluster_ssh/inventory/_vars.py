@@ -356,6 +356,16 @@ def log_retention(value: Any) -> float:
     return number
 
 
+def user_quota(value: Any) -> dict[str, int] | None:
+    """Validate ``speccluster_user_quota``: null, a count of slots, or a map of user name to count."""
+    from ..leases import parse_user_quota  # pure, imports nothing of the package
+
+    try:
+        return parse_user_quota(value)
+    except ValueError as exc:
+        raise BadValue(str(exc), "write e.g. 8, or {alice: 16, '*': 4}") from None
+
+
 _MAX_CPU = 65535  # a bound, so that a typo cannot make a list of millions
 _CPU_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 
@@ -472,6 +482,24 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         "sched_setaffinity): a CPU list such as '0-3,8'; null runs them on every CPU the host gives. An unset "
         "speccluster_nthreads shares the listed CPUs among the host's workers.",
         request=True,
+    ),
+    "speccluster_lease_dir": VarSpec(
+        optional_str, None,
+        "Directory on the host where every user's clusters record what they hold there (leases, shared by all "
+        "users: sticky and world-writable, like /var/tmp); null uses /var/tmp.",
+        compare=False,  # read when the host's agent starts
+    ),
+    "speccluster_user_quota": VarSpec(
+        user_quota, None,
+        "Slots one user may hold on the whole lab, checked when a cluster claims: a count for every user, or a "
+        "map of user name to count with '*' for everyone else; null: no quota. Set it under all.vars.",
+        compare=False,
+    ),
+    "speccluster_yield_after": VarSpec(
+        log_retention, 300.0,
+        "Seconds an adaptive cluster's idle workers above its minimum are kept while another user waits for "
+        "the host's slots, before they are retired and the slots given back: a number, or e.g. '5m'.",
+        compare=False,
     ),
 }
 
