@@ -95,7 +95,8 @@ _NS_SCRIPT = (
     'printf %s "$1" > /proc/sys/kernel/hostname'
     ' && mount --bind "$2" /etc/hosts'
     ' && mount --bind "$3" /etc/resolv.conf'
-    ' && shift 3 && exec "$@"'
+    ' && mount --bind "$4" /var/tmp'
+    ' && shift 4 && exec "$@"'
 )
 
 # Fails fast: nothing listens on port 53 inside a namespace, so the query is
@@ -606,6 +607,9 @@ class LabHost:
         self.host_key_path = self.dir / "ssh_host_ed25519_key"
         self.sshd_config_path = self.dir / "sshd_config"
         self.hosts_path = self.dir / "hosts"
+        # The host's own /var/tmp (where clusters record their leases), bind-mounted
+        # over the machine's: lab hosts share one filesystem, real hosts do not.
+        self.var_tmp = lab.workdir / f"{self.name}-var-tmp"
         self.log_path = self.dir / "sshd.log"
         self.host_public_key = ""
         self._original_host_key = ""
@@ -683,7 +687,7 @@ class LabHost:
             "ip", "netns", "exec", self.netns,
             "unshare", "--mount", "--uts", "--propagation", "private",
             "sh", "-c", _NS_SCRIPT, "sclab-ns",
-            self.name, str(self.hosts_path), str(lab.resolv_conf),
+            self.name, str(self.hosts_path), str(lab.resolv_conf), str(self.var_tmp),
             *argv,
         ]  # fmt: skip
 
@@ -1402,6 +1406,8 @@ class Lab:
         config_lines = []
         for host in self.hosts:
             host.dir.mkdir(mode=0o700)
+            host.var_tmp.mkdir()
+            os.chmod(host.var_tmp, 0o1777)  # as /var/tmp is: sticky, everyone's
             key = _new_key(host.name)
             host._write_host_key(key)
             host._original_host_key = host.host_public_key
