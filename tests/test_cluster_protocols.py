@@ -31,6 +31,7 @@ PROTOCOL_OF = {
     "reload": cp.ReloadCluster,
     "reporting": cp.ReportsCluster,
     "scaling": cp.CapacityCluster,
+    "sharing": cp.SharingCluster,
     "startup": cp.StartupCluster,
 }
 PARTS = {cp.HealerPart: Healer, cp.CapacityPart: Capacity, cp.LogKeeper: Reports, cp.OperationsLock: Operations}

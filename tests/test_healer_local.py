@@ -121,6 +121,7 @@ def test_an_entry_already_on_a_usable_host_starts_again_there_not_moved_to_itsel
         new_spec=None,
         placement_policy="spread",
         log_event=logged.append,
+        slot_limits=lambda: {},  # no other cluster holds anything
     )
     table = HostTable(hosts.values())
     for name in hosts:
@@ -168,6 +169,7 @@ def test_a_pass_moves_an_entry_stranded_on_a_down_host_and_reconciles() -> None:
         new_spec=None,
         placement_policy="spread",
         log_event=logged.append,
+        slot_limits=lambda: {},  # no other cluster holds anything
         reconcile_and_log=reconcile_and_log,
     )
     table = HostTable(hosts.values())

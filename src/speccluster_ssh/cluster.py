@@ -57,6 +57,7 @@ from .process import RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
 from .reporting import Reports
 from .scaling import Capacity, SSHAdaptive, UnknownMemoryError, to_bytes
 from .security import make_security
+from .sharing import LeaseWatcher, slot_limits
 from .tasks import TaskSet
 
 # Importable from here as before they moved to scaling.py.
@@ -181,6 +182,8 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         self.pool = AgentPool(self.cluster_id, self.host_table, settings, silence=self.silence, agent_timeout=self.start_timeout)
         # Owns host health decisions and start-failure accounting; runs only with heal=True.
         self.healer = Healer(self, self.pool, self.tasks)
+        # Other clusters' leases on the hosts: fair waiting for slots, and yielding idle ones.
+        self.lease_watcher = LeaseWatcher(self, self.pool)
         self.operations = operations.Operations(self)  # restart, drain, undrain and reload, one at a time
         sec, files = make_security(sc_config.get("tls") if security is None else security, self.cluster_id)
         self.pool.files.update(files)  # sent to each host's cluster directory by its agent
@@ -281,8 +284,41 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
             unavailable=self.unavailable_hosts(),
             policy=self.placement_policy,
             new_spec=self.new_spec,
+            limits=self.slot_limits(),
         )
         return entry
+
+    def slot_limits(self) -> dict[str, int]:
+        """Entries the cluster may have on each worker host beside other clusters (see :func:`sharing.slot_limits`)."""
+        return slot_limits(self.host_table, self.cluster_id)
+
+    # -- sharing the lab (the lease watcher's hooks) ------------------------
+    def regrow(self) -> bool:
+        """Grow back towards the last target where slots are free now; whether the cluster is still short."""
+        if self.status != Status.running or self.capacity.target is None:
+            return False
+        before = set(self.worker_spec)
+        self.capacity.refill()
+        if set(self.worker_spec) != before:
+            self._reconcile_in_background("reconcile after slots were freed")
+        return bool(self.capacity.note)
+
+    def member_names_of(self, entry: str) -> list[str]:
+        """The dask worker names of spec entry ``entry`` (by its name); none once it left the spec."""
+        for key, spec in self.worker_spec.items():
+            if str(key) == entry:
+                return entries.member_names(key, spec)
+        return []
+
+    async def yield_workers(self, names: Sequence[str]) -> None:
+        """Give the slots of idle workers ``names`` back to a waiting cluster: retired, data moved first."""
+        await self.scale_down(names)
+
+    def forget_short_entry(self, key: Any) -> None:
+        """Entry ``key`` found no room on its host (other clusters hold it): it leaves the spec and is waited for."""
+        self.capacity.remember_target()
+        self.worker_spec.pop(key, None)
+        self.lease_watcher.wake()
 
     def take_entry_name(self, taken: Collection[str] = ()) -> str:
         """A new spec key that no entry, process or name of ``taken`` has."""
@@ -393,6 +429,8 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         # fails must raise its own error, not race the healer for it.
         if self.heal and self.status == Status.running:
             self.healer.start()
+        if self.status == Status.running:
+            self.lease_watcher.start()
 
     def _reconcile_in_background(self, why: str) -> None:
         """Start a reconcile as a task of the cluster (called in the event loop)."""
@@ -419,6 +457,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         if whole:
             reconcile.stop_hosts(self, CLOSE_GRACE)
         await self.healer.stop()
+        await self.lease_watcher.stop()
         try:
             if whole:
                 adaptive = self.running_adaptive()

@@ -18,7 +18,7 @@ real parts (subtypes of them) match.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -107,6 +107,8 @@ class HealerCluster(SpecState, Protocol):
     def spec_lock(self) -> asyncio.Lock: ...
 
     async def reconcile_and_log(self) -> None: ...
+    def slot_limits(self) -> dict[str, int]: ...
+    def forget_short_entry(self, key: Any) -> None: ...
 
 
 class ReconcileCluster(SpecState, Protocol):
@@ -229,3 +231,14 @@ class Day2Cluster(ReloadCluster, Protocol):
     """The cluster, as the day-2 methods (:mod:`speccluster_ssh.day2`) use it: they run in its event loop."""
 
     def sync(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+
+
+class SharingCluster(SpecState, Protocol):
+    """The cluster, as :mod:`speccluster_ssh.sharing` uses it."""
+
+    tasks: TaskSet
+
+    def regrow(self) -> bool: ...
+    def member_names_of(self, entry: str) -> list[str]: ...
+    async def yield_workers(self, names: Sequence[str]) -> None: ...
+    def running_adaptive(self) -> Any: ...

@@ -38,6 +38,7 @@ process interface is handed and what ``plan`` shows.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -280,9 +281,16 @@ def choose_entry_host(
     used: Mapping[str, int],
     unavailable: Collection[str],
     policy: str,
+    limits: Mapping[str, int] | None = None,
 ) -> HostSpec | None:
-    """The host for the next entry (see :func:`~speccluster_ssh.placement.choose_host`), or ``None``."""
-    name = choose_host({n: h.slots for n, h in worker_hosts.items()}, used, unavailable, policy)
+    """The host for the next entry (see :func:`~speccluster_ssh.placement.choose_host`), or ``None``.
+
+    ``limits``: entries the cluster may have on a host beside other clusters
+    (:func:`~speccluster_ssh.sharing.slot_limits`); a host not named there offers its slots.
+    """
+    limits = limits or {}
+    slots = {n: min(h.slots, limits.get(n, h.slots)) for n, h in worker_hosts.items()}
+    name = choose_host(slots, used, unavailable, policy)
     return worker_hosts[name] if name is not None else None
 
 
@@ -298,6 +306,7 @@ def place_entry(
     leaving: str | None = None,
     stay: str | None = None,
     gpus_held: Mapping[str, Mapping[str, int]] = _NONE_HELD,
+    limits: Mapping[str, int] | None = None,
 ) -> dict[str, Any] | None:
     """The spec of a new or moved entry: its host, options and GPU share; ``None`` when no usable slot is free.
 
@@ -327,16 +336,19 @@ def place_entry(
         The GPU slots held per host, by entry name (:func:`gpus_held` of the
         spec the entry joins, without the entry itself): the entry takes a
         free one on its host. Needed wherever a host may have ``speccluster_gpus``.
+    limits
+        Entries the cluster may have per host beside other clusters (see
+        :func:`choose_entry_host`); ``None``: every slot of the inventory.
     """
     if leaving is not None and leaving in used:
         used = {**used, leaving: used[leaving] - 1}
     if stay is not None:
         host: HostSpec | None = worker_hosts[stay]
     elif (prefer is not None and prefer in worker_hosts and prefer not in unavailable
-          and used.get(prefer, 0) < worker_hosts[prefer].slots):
+          and used.get(prefer, 0) < min(worker_hosts[prefer].slots, (limits or {}).get(prefer, math.inf))):
         host = worker_hosts[prefer]
     else:
-        host = choose_entry_host(worker_hosts, used, unavailable, policy)
+        host = choose_entry_host(worker_hosts, used, unavailable, policy, limits)
     return worker_entry(settings, host, new_spec, gpus_held.get(host.name, _NONE_HELD)) if host is not None else None
 
 
@@ -356,6 +368,7 @@ def next_entry(
     unavailable: Collection[str] = (),
     policy: str = "spread",
     new_spec: Mapping[str, Any] | None = None,
+    limits: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, Any] | None, int]:
     """The next entry ``{name: spec}`` on a host with a free slot.
 
@@ -375,6 +388,8 @@ def next_entry(
         ``"spread"`` or ``"pack"``.
     new_spec
         As for :func:`worker_entry`.
+    limits
+        As for :func:`place_entry`.
 
     Returns
     -------
@@ -384,7 +399,7 @@ def next_entry(
     """
     spec = place_entry(
         settings, worker_hosts, slots_used(worker_spec), unavailable=unavailable, policy=policy, new_spec=new_spec,
-        gpus_held=gpus_held(worker_spec),
+        gpus_held=gpus_held(worker_spec), limits=limits,
     )
     if spec is None:
         return None, counter

@@ -51,6 +51,7 @@ from .healing import (
     ChargeStartFailure,
     DropDeadEntry,
     EntryView,
+    ForgetShortEntry,
     HealingCore,
     HostView,
     MoveEntry,
@@ -228,7 +229,8 @@ class Healer:
             view = EntryView(key, spec["options"].get("host"), start_error=self._start_errors.get(str(key), ""))
             if isinstance(worker, RemoteProcess):
                 process = Process.DEAD if _is_dead(worker) else Process.RUNNING
-                view = replace(view, process=process, process_host=worker.host, started=bool(worker.members))
+                view = replace(view, process=process, process_host=worker.host, started=bool(worker.members),
+                               lease_short=worker.lease_short is not None)
             elif worker is not None:
                 view = replace(view, process=Process.RUNNING)
             views.append(view)
@@ -258,6 +260,8 @@ class Healer:
             cluster.log_event(f"entry {action.key} started again on {action.host}")
         elif isinstance(action, MoveEntry):
             self._move_entry(action.key, action.host)
+        elif isinstance(action, ForgetShortEntry):
+            cluster.forget_short_entry(action.key)
         else:
             raise TypeError(f"the healer cannot carry out {action!r} here")
 
@@ -387,6 +391,7 @@ class Healer:
             cluster.entry_settings, cluster.worker_hosts, entries.slots_used(cluster.worker_spec),
             unavailable=self.unavailable_hosts(), policy=cluster.placement_policy, new_spec=cluster.new_spec,
             leaving=old_host, gpus_held=entries.gpus_held({k: s for k, s in cluster.worker_spec.items() if k != key}),
+            limits=cluster.slot_limits(),
         )
         if moved is None:
             return

@@ -21,6 +21,9 @@ The rules, in the order of a pass:
   aside may be taken back, the entry may back off. If its process's host is
   unusable (even just put aside), the entry moves, or starts again in place
   when its spec already names a usable worker host.
+- **Entries without room.** An entry whose lease claim found its host held
+  by other clusters is dropped and leaves the spec, uncharged: the lease
+  watcher grows the cluster again when a slot is free for it.
 - **Stranded entries.** An entry without a process whose host is unusable
   (placed there before the host went down) moves.
 - **Reconcile** when the cluster runs and some entry has no process.
@@ -75,6 +78,7 @@ class EntryView:
     process_host: str | None = None  # where its process runs (may differ from ``host`` after a move)
     started: bool = False  # its process started at least one member
     start_error: str = ""  # the last error of a failed start, not yet charged
+    lease_short: bool = False  # its claim found no room: other clusters hold its host (no failure)
 
 
 @dataclass(frozen=True)
@@ -161,13 +165,20 @@ class MoveEntry:
 
 
 @dataclass(frozen=True)
+class ForgetShortEntry:
+    """Entry ``key`` found no room on its host: it leaves the spec, and the cluster waits for a free slot."""
+
+    key: Any
+
+
+@dataclass(frozen=True)
 class Reconcile:
     """Start the entries that have no process (the cluster's reconcile)."""
 
 
 Action = Union[
     RetryHost, DropDeadEntry, ChargeStartFailure, RestoreHost, BackOffEntry, PutHostAside,
-    StartAgainInPlace, MoveEntry, Reconcile,
+    StartAgainInPlace, MoveEntry, ForgetShortEntry, Reconcile,
 ]
 
 
@@ -244,6 +255,11 @@ class HealingCore:
             if entry.process != Process.DEAD:
                 continue
             actions.append(DropDeadEntry(entry.key))
+            if entry.lease_short:
+                # Other clusters hold its host: no failure to charge, and waiting for a slot is the lease watcher's.
+                actions.append(ForgetShortEntry(entry.key))
+                placed.add(entry.key)
+                continue
             actions.extend(self._charge(entry, hosts))
             if not hosts.usable(entry.process_host):
                 actions.append(_replace(entry, hosts))
@@ -252,7 +268,7 @@ class HealingCore:
         for entry in state.entries:
             if entry.process != Process.RUNNING and entry.key not in placed and not hosts.usable(entry.host):
                 actions.append(MoveEntry(entry.key, entry.host))
-        if state.running and any(e.process != Process.RUNNING for e in state.entries):
+        if state.running and any(e.process != Process.RUNNING and not e.lease_short for e in state.entries):
             actions.append(Reconcile())
         return actions
 

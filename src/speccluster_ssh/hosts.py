@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .health import Health, HostState, retry_due
 
 if TYPE_CHECKING:
-    from .agent import HostAgent
+    from .agent import HeldLease, HostAgent
+    from .leases import Lease
     from .connection import HostConnection
     from .inventory import HostSpec, Inventory
 
@@ -34,13 +35,19 @@ T = TypeVar("T")
 
 @dataclass
 class HostRecord:
-    """What the cluster knows of one host; a field per fact (who holds the host can join later)."""
+    """What the cluster knows of one host; a field per fact."""
 
     spec: HostSpec
     worker: bool  # runs workers; False for a scheduler-only host
     state: HostState
     connection: HostConnection | None = None
     agent: HostAgent | None = None
+    # Who holds the host: every cluster's live leases and wants as its agent last listed them, and when.
+    leases: tuple[Lease, ...] = ()
+    leases_seen: float = 0.0
+    # This cluster's leases there, by entry name, each with the agent that holds it; and its want.
+    held: dict[str, tuple[HostAgent, HeldLease]] = field(default_factory=dict)
+    want: tuple[HostAgent, HeldLease] | None = None
 
 
 class HostView:
@@ -121,6 +128,11 @@ class HostTable:
         self.states: Mapping[str, HostView] = _View(self._records, lambda r: HostView(r.state))
         self.agents: Mapping[str, HostAgent] = _View(self._records, lambda r: r.agent)
         self.connections: Mapping[str, HostConnection] = _View(self._records, lambda r: r.connection)
+        # Leases: every cluster's on each host (as last listed), and this cluster's own by entry name.
+        self.leases: Mapping[str, tuple[Lease, ...]] = _View(self._records, lambda r: r.leases if r.leases_seen else None)
+        self.held: Mapping[str, Mapping[str, HeldLease]] = _View(
+            self._records, lambda r: {entry: lease for entry, (_, lease) in r.held.items()}
+        )
 
     @classmethod
     def from_inventory(cls, inventory: Inventory) -> HostTable:
@@ -197,7 +209,54 @@ class HostTable:
         if record is None:
             return None
         old, record.agent = record.agent, None
+        # What that agent held ends with it.
+        record.held = {e: held for e, held in record.held.items() if held[0] is not old}
+        if record.want is not None and record.want[0] is old:
+            record.want = None
         return old
+
+    # -- leases ------------------------------------------------------------------------------------
+    def see_leases(self, name: str, leases: Iterable[Lease], now: float | None = None) -> None:
+        """Host ``name``'s agent listed these live leases and wants (every cluster's) just now."""
+        record = self._records.get(name)
+        if record is not None:
+            record.leases = tuple(leases)
+            record.leases_seen = time.monotonic() if now is None else now
+
+    def hold(self, name: str, entry: str, agent: HostAgent, lease: HeldLease) -> None:
+        """``agent`` holds ``lease`` on host ``name`` for entry ``entry`` (a claim was granted)."""
+        record = self._known(name)
+        record.held[entry] = (agent, lease)
+        record.leases = (*(le for le in record.leases if le.lease_id != lease.lease_id), lease.lease)
+        record.leases_seen = record.leases_seen or time.monotonic()
+
+    def let_go(self, name: str, entry: str) -> tuple[HostAgent, HeldLease] | None:
+        """Entry ``entry`` gives its lease on host ``name`` back; the agent and lease (the caller releases it)."""
+        record = self._records.get(name)
+        if record is None:
+            return None
+        released = record.held.pop(entry, None)
+        if released is not None:
+            record.leases = tuple(le for le in record.leases if le.lease_id != released[1].lease_id)
+        return released
+
+    def set_want(self, name: str, want: tuple[HostAgent, HeldLease] | None) -> tuple[HostAgent, HeldLease] | None:
+        """This cluster waits on host ``name`` with ``want`` (``None``: no more); the want it had."""
+        record = self._records.get(name)
+        if record is None:
+            return None
+        old, record.want = record.want, want
+        return old
+
+    def wanting(self) -> dict[str, HeldLease]:
+        """The hosts where this cluster records a want, with it."""
+        return {n: r.want[1] for n, r in self._records.items() if r.want is not None}
+
+    def lab_leases(self) -> list[Lease]:
+        """Every live lease and want of every cluster on every host, as last listed."""
+        # One machine may be listed under two names (local hosts): each lease once.
+        unique = {(lease.host, lease.kind, lease.lease_id): lease for r in self._records.values() for lease in r.leases}
+        return list(unique.values())
 
     # -- health ------------------------------------------------------------------------------------
     def mark_lost(self, name: str, reason: str, *, fix: str = "", tail: str = "", now: float | None = None) -> None:

@@ -4,7 +4,7 @@ Pure functions on the lease records the hosts report (``agent/leases.py``
 reads and writes them on each host): no I/O, no clock, and no import of the
 rest of the package, so the inventory's variable table can use
 :func:`parse_user_quota` when ``speccluster_user_quota`` gets its row.
-Nothing calls them yet; placement, startup and the CLI will.
+The cluster's lease watcher (``sharing.py``), placement and the CLI call them.
 
 What is decided, and why
 ------------------------
@@ -48,6 +48,8 @@ __all__ = [
     "Amount",
     "Lease",
     "Waiting",
+    "entries_fit",
+    "entry_amount",
     "fair_order",
     "free_capacity",
     "host_capacity",
@@ -55,6 +57,7 @@ __all__ = [
     "parse_user_quota",
     "quota_of",
     "quota_refusal",
+    "slot_limit",
     "slots_held",
     "waiting_clusters",
 ]
@@ -107,7 +110,8 @@ class Lease:
         """From one record of ``lease_list`` on ``host``."""
         kind = str(record["kind"])
         return cls(
-            host=host,
+            # The inventory's name of the host, as the claimer gave it; else the host that listed it.
+            host=str(record.get("host") or host),
             kind=kind,
             user=str(record["user"]),
             cluster=str(record["cluster"]),
@@ -311,3 +315,74 @@ def quota_refusal(quota: Mapping[str, int] | None, user: str, leases: Iterable[L
         f"{user} holds {held} of the {limit} slots speccluster_user_quota gives them on the lab; "
         f"{slots} more would pass it"
     )
+
+
+# -- what one cluster may place on a host -------------------------------------------------------
+
+
+def entry_amount(slots: int, capacity: Amount, gpus: int = 0) -> Amount:
+    """What one entry (one slot) of a host uses: its share of the cores and memory the inventory gives, and ``gpus`` devices.
+
+    ``gpus`` is a count here: the host picks the devices when it grants the claim.
+    """
+    share = max(slots, 1)
+    return Amount(
+        slots=1,
+        cores=capacity.cores // share if capacity.cores else None,
+        memory=capacity.memory // share if capacity.memory else None,
+        gpus=tuple(str(i) for i in range(gpus)),
+    )
+
+
+def entries_fit(free: Amount, per_entry: Amount) -> int:
+    """How many entries of ``per_entry`` fit in ``free``: slots always; cores, memory and GPU devices where both are known."""
+    fits = [free.slots]
+    for have, need in ((free.cores, per_entry.cores), (free.memory, per_entry.memory)):
+        if have is not None and need:
+            fits.append(have // need)
+    if per_entry.gpus:
+        fits.append(len(free.gpus) // len(per_entry.gpus))
+    return max(min(fits), 0)
+
+
+def slot_limit(
+    capacity: Amount,
+    per_entry: Amount,
+    lab: Iterable[Lease],
+    host: str,
+    cluster: str,
+    quota: Mapping[str, int] | None = None,
+) -> int:
+    """How many entries ``cluster`` may have on ``host`` now, beside the other clusters of the lab.
+
+    Its own live leases there, plus what is free of the other clusters'
+    (:func:`free_capacity`). While other clusters wait for the host, the free
+    part goes by fair share instead: ``cluster`` takes only the slots
+    :func:`fair_order` gives it (none unless it waits there too), so every
+    deployer that reads the same records lets the same cluster claim.
+
+    Parameters
+    ----------
+    capacity
+        The host's capacity as the inventory gives it (:func:`host_capacity`).
+    per_entry
+        What one entry uses (:func:`entry_amount`).
+    lab
+        The live records of every host of the lab.
+    host
+        The host.
+    cluster
+        The id of the cluster asking.
+    quota
+        The parsed ``speccluster_user_quota``, or ``None``.
+    """
+    lab = list(lab)
+    here = [lease for lease in lab if lease.host == host]
+    own = sum(1 for lease in here if lease.held and lease.cluster == cluster)
+    free = free_capacity(capacity, here, cluster)
+    room = entries_fit(free, per_entry)  # entries it may hold here, its own leases included
+    others_wait = any(w.cluster != cluster for w in waiting_clusters(lab, host))
+    if not others_wait:
+        return room
+    free_now = max(room - own, 0)
+    return own + fair_order(lab, host, free_now, quota).count(cluster)

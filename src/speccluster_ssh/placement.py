@@ -186,6 +186,18 @@ def worker_options(host: HostSpec) -> dict[str, Any]:
     return options
 
 
+def auto_memory_limit(total: int | None, slots: int, nworkers: int) -> int | None:
+    """``memory_limit: auto`` of one worker: the host's memory among every worker its slots hold.
+
+    Every slot, whichever cluster holds it (issue 23): a worker sized as if its
+    cluster were alone would oversubscribe a shared host. ``None`` when the
+    host's memory is not known.
+    """
+    if not total or total <= 0:
+        return None
+    return int(total) // max(slots * nworkers, 1)
+
+
 def default_nthreads(cpu_count: int | None, workers: int) -> int:
     """Threads of each worker of an entry whose ``nthreads`` is unset: the host's cpus shared, at least one each.
 

@@ -24,7 +24,8 @@ from . import timeline
 from .agent import HostAgent
 from .distributed_internals import set_finished
 from .errors import HostError
-from .placement import slot_gpus, usable_cpus, worker_nthreads
+from .placement import auto_memory_limit, slot_gpus, usable_cpus, worker_nthreads
+from .sharing import LeaseShort, claim_entry, entry_gpu_count, release_entry
 from .tasks import log_failures
 
 logger = logging.getLogger(__name__)
@@ -229,6 +230,9 @@ class RemoteProcess(ProcessInterface):
         self._unsubscribe: list[Callable[[], None]] = []
         self._closing = False
         self._failed_callbacks: list[Callable[[RemoteProcess], None]] = []
+        # The GPU devices the host granted with the entry's lease, and why a claim was refused.
+        self.granted_gpus: list[str] | None = None
+        self.lease_short: LeaseShort | None = None
 
     def on_failed(self, callback: Callable[[RemoteProcess], None]) -> None:
         """Call ``callback(self)`` when the entry fails: a process exited, the host was lost, or the start failed."""
@@ -290,6 +294,10 @@ class RemoteProcess(ProcessInterface):
         placed = self.placed_gpus
         if placed is None or self.role == "scheduler":
             return {}
+        if self.granted_gpus is not None:
+            # The host chose them with the lease, apart from every other cluster's.
+            per = len(self.granted_gpus) // len(self.member_names)
+            placed = [self.granted_gpus[i * per:(i + 1) * per] for i in range(len(self.member_names))]
         if placed == "auto":
             found = [str(g) for g in agent.facts.get("gpus") or ()]
             if not found:
@@ -321,6 +329,10 @@ class RemoteProcess(ProcessInterface):
             cpus = usable_cpus(agent.facts.get("cpu_count"), self.host_vars.get("cpu_affinity"))
             options["nthreads"] = worker_nthreads(options.get("nthreads"), cpus,
                                                   len(self.member_names))
+            if options.get("memory_limit") == "auto" and self.pool is not None and self.host in self.pool.table.specs:
+                # The host's memory among all its slots, whoever holds them: not this cluster's workers alone.
+                spec = self.pool.table.specs[self.host]
+                options["memory_limit"] = auto_memory_limit(agent.facts.get("memory"), spec.slots, spec.nworkers) or "auto"
         if "host" not in options and "interface" not in options:
             listen = agent.facts.get("listen_address")
             if listen:
@@ -358,6 +370,11 @@ class RemoteProcess(ProcessInterface):
             self._set_failed()
             raise
         self._agent = agent
+        try:
+            await self._claim_lease(pool, agent)
+        except BaseException:
+            self._set_failed()
+            raise
         starts = _MemberStarts(self)
         self._unsubscribe = [
             agent.on("ready", starts.on_ready),
@@ -381,12 +398,27 @@ class RemoteProcess(ProcessInterface):
         except BaseException:
             starts.settle()
             await self._stop_members()
+            await release_entry(pool, self.host, str(self.name))
             self._set_failed()
             raise
         first = self.members[self.member_names[0]]
         self.address = first.get("address")
         self.external_address = self.address
         self.status = Status.running
+
+    async def _claim_lease(self, pool: AgentPool, agent: HostAgent) -> None:
+        """Claim the entry's lease on its host (workers only: the scheduler takes no slot)."""
+        if self.role == "scheduler":
+            return
+        spec = pool.table.specs[self.host]
+        gpus = entry_gpu_count(spec, agent.facts) if self.placed_gpus is not None else 0
+        try:
+            held = await claim_entry(pool, agent, str(self.name), gpus)
+        except LeaseShort as exc:
+            self.lease_short = exc
+            raise
+        if gpus:
+            self.granted_gpus = list(held.lease.amount.gpus)
 
     def _on_exited(self, starts: _MemberStarts, message: dict[str, Any]) -> None:
         member = message.get("name")
@@ -426,6 +458,11 @@ class RemoteProcess(ProcessInterface):
         self._closing = True
         if stop:
             await self._stop_members()
+        if self.pool is not None and self.role != "scheduler":
+            if stop:
+                await release_entry(self.pool, self.host, str(self.name))
+            else:
+                self.pool.table.let_go(self.host, str(self.name))  # ends with the host's agent, which is stopping
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()

@@ -21,7 +21,7 @@ from distributed.deploy.adaptive import Adaptive
 
 from . import entries
 from .errors import UserError
-from .placement import EntryShape, Target, entries_to_remove, usable_cpus, worker_nthreads
+from .placement import EntryShape, Target, auto_memory_limit, entries_to_remove, usable_cpus, worker_nthreads
 
 if TYPE_CHECKING:
     from .cluster_protocols import CapacityCluster
@@ -156,8 +156,9 @@ class Capacity:
             except ValueError:
                 memory = 0  # the worker itself will refuse it, with the host named
         if not isinstance(memory, int) or memory <= 0:
-            total = int(facts.get("memory") or 0)
-            memory = int(total * min(1.0, threads / (cpus or 1))) if total else 0
+            host = self.cluster.host_table.specs.get(host_name)
+            # As the process interface sets it: the host's memory among all its slots.
+            memory = (auto_memory_limit(facts.get("memory"), host.slots, host.nworkers) if host is not None else None) or 0
         return EntryShape(host=host_name, workers=workers, threads=threads, memory=memory)
 
     def scale_to(self, target: Target, growing_allowed: bool = True) -> None:

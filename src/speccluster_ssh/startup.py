@@ -227,15 +227,41 @@ async def wait_for_min_workers(cluster: StartupCluster, close: Callable[[], Awai
     for _ in range(int(cluster.start_timeout / 0.1) + 100):  # bounded; the deadline ends it first
         registered = registered_workers(cluster)
         if registered >= cluster.min_workers:
+            say_held_elsewhere(cluster)
             return
         elapsed = time.monotonic() - started
         if cluster.host_table.no_worker_answers() or elapsed >= cluster.start_timeout:
             break
+        if workers_possible(cluster) < cluster.min_workers:
+            break  # other clusters hold the rest of the lab: waiting would not help
         await asyncio.sleep(0.1)
     error = start_error(cluster, registered, time.monotonic() - started)
     logger.warning("start failed: %s", error.summary)
     await close()
     raise error
+
+
+def held_elsewhere(cluster: StartupCluster) -> dict[Any, str]:
+    """Entries whose lease claim found no room (other clusters hold their host): key -> why."""
+    return {k: str(w.lease_short.reason) for k, w in cluster.workers.items()
+            if getattr(w, "lease_short", None) is not None}
+
+
+def workers_possible(cluster: StartupCluster) -> int:
+    """Dask workers the spec can still bring: every entry but those that found no room."""
+    short = held_elsewhere(cluster)
+    return sum(len(entries.member_names(k, s)) for k, s in cluster.worker_spec.items() if k not in short)
+
+
+def say_held_elsewhere(cluster: StartupCluster) -> None:
+    """The start met ``min_workers`` without some entries: say who holds their hosts (the cluster waits for them)."""
+    short = held_elsewhere(cluster)
+    if short:
+        missing = sum(len(entries.member_names(k, cluster.worker_spec[k])) for k in short if k in cluster.worker_spec)
+        hosts = sorted({str(cluster.worker_spec[k]["options"]["host"]) for k in short if k in cluster.worker_spec})
+        why = next(iter(short.values()))
+        logger.warning("%d workers wait for slots that other clusters hold (%s); they start as slots are freed. %s",
+                       missing, ", ".join(hosts), why)
 
 
 def start_error(cluster: StartupCluster, registered: int, elapsed: float) -> StartError:
@@ -258,6 +284,11 @@ def start_error(cluster: StartupCluster, registered: int, elapsed: float) -> Sta
         for name, state in states.items():
             if name in cluster.worker_hosts and state.reason:
                 why.setdefault(name, f"{state.state}: {state.reason}")
+    elif held_elsewhere(cluster):
+        summary = (
+            f"only {registered} of {wanted} workers can start: other clusters hold the rest of the lab "
+            f"(at least {cluster.min_workers} needed; --min-workers 0 starts and waits for free slots)"
+        )
     else:
         summary = (
             f"only {registered} of {wanted} workers started within {elapsed:.0f} s; "

@@ -11,7 +11,9 @@ What is decided, and why
 Records
     One JSON object per file: ``v`` (:data:`LEASE_VERSION`), ``kind``
     (``lease`` or ``want``), ``uid`` and ``pid`` of the agent, ``cluster``
-    (its id), ``name``, ``head`` (the head's host), ``entry``, ``since``
+    (its id), ``name``, ``head`` (the head's host), ``entry``, ``host`` (the
+    inventory's name of this host: capacity is counted per name, see
+    :func:`lease_fit`), ``since``
     (when taken) and an amount, ``holds`` (a lease) or ``wants`` (a want):
     ``{"slots", "cores", "memory", "gpus"}``. :func:`lease_record` accepts
     nothing else (sizes and types bounded), since anyone can write a file in
@@ -122,7 +124,7 @@ def lease_record(data: Any, kind: str) -> Tuple[Optional[Dict[str, Any]], str]:
     if data.get("v") != LEASE_VERSION or data.get("kind") != kind:
         return None, f"it is no version {LEASE_VERSION} {kind}"
     record = {"kind": kind}  # type: Dict[str, Any]
-    for key, required in (("cluster", True), ("name", False), ("head", False), ("entry", False)):
+    for key, required in (("cluster", True), ("name", False), ("head", False), ("entry", False), ("host", False)):
         text = _lease_text(data.get(key), required)
         if text is None:
             return None, f"its {key} is not a short {'non-empty ' if required else ''}string"

@@ -94,7 +94,7 @@ class LeaseRequests:
         HostError
             The claim could not be made (see the module); its ``fix`` says what to do.
         """
-        record = {"name": name, "head": head, "entry": entry, "holds": dict(holds)}
+        record = {"name": name, "head": head, "entry": entry, "host": self.host.name, "holds": dict(holds)}
         reply = await self.request("lease_claim", timeout=timeout, record=record, capacity=dict(capacity))
         if not reply.get("held"):
             return LeaseRefused(
@@ -125,7 +125,7 @@ class LeaseRequests:
         HeldLease
             The want, held until :meth:`lease_unwant` or the agent's end.
         """
-        record = {"name": name, "head": head, "entry": entry, "wants": dict(wants)}
+        record = {"name": name, "head": head, "entry": entry, "host": self.host.name, "wants": dict(wants)}
         return self._held(await self.request("lease_want", timeout=timeout, record=record))
 
     async def lease_release(self, lease_id: str, timeout: float = 60.0) -> bool:

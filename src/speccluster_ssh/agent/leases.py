@@ -378,7 +378,7 @@ def _lease_create(dir_fd: int, path: str, kind: str, content: Dict[str, Any]) ->
 
 def _lease_content(kind: str, record: Dict[str, Any], amount: Dict[str, Any]) -> Dict[str, Any]:
     content = {"v": LEASE_VERSION, "kind": kind, "uid": os.getuid(), "pid": os.getpid(), "since": time.time()}
-    for key in ("cluster", "name", "head", "entry"):
+    for key in ("cluster", "name", "head", "entry", "host"):
         content[key] = record.get(key) or ""
     content["holds" if kind == "lease" else "wants"] = amount
     checked, why = lease_record(content, kind)
@@ -415,7 +415,10 @@ def lease_claim(path: str, record: Dict[str, Any], capacity: Dict[str, Any], war
     dir_fd = lease_open_dir(path)
     try:
         _lease_lock(dir_fd, path, exclusive=True, timeout=timeout)
-        held = [r for r in _lease_scan(dir_fd, path, warnings, sweep=True) if r["kind"] == "lease"]
+        # Per inventory name of the host: two names for one machine (local hosts of a test) are two capacities.
+        scope = record.get("host") or ""
+        held = [r for r in _lease_scan(dir_fd, path, warnings, sweep=True)
+                if r["kind"] == "lease" and r.get("host", "") == scope]
         short, free, grant = lease_fit(capacity, held, request)
         if short:
             return LeaseRefusal(short, free, held)
