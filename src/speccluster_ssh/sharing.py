@@ -255,8 +255,9 @@ class LeaseWatcher:
         short = cluster.regrow()
         await self.tend_wants(short)
         await self.mark_states()
-        await self.yield_idle()
-        return short
+        waited_for = await self.yield_idle()
+        # Looked at often while it waits, or while others wait for its hosts (it may yield).
+        return short or waited_for
 
     async def refresh(self, hosts: Collection[str] | None = None) -> None:
         """List the leases of the worker hosts that have an agent (all of them, or ``hosts``)."""
@@ -346,22 +347,23 @@ class LeaseWatcher:
                     self._marked[lease.lease_id] = state
                     await agent.lease_mark(lease.lease_id, state)
 
-    async def yield_idle(self) -> None:
-        """An adaptive cluster gives idle workers above its minimum back while another cluster waits."""
-        adaptive = self.cluster.running_adaptive()
-        if adaptive is None:
-            return
-        lab = self.table.lab_leases()
+    async def yield_idle(self) -> bool:
+        """An adaptive cluster gives idle workers above its minimum back while another cluster waits.
+
+        Returns whether another cluster waits for one of the cluster's hosts.
+        """
         ours = self.pool.cluster_id
-        waited_for = {le.host for le in lab if not le.held and le.cluster != ours}
-        if not waited_for:
-            return
+        mine = {host for host, held in self.table.held.items() if held}
+        waited_for = {le.host for le in self.table.lab_leases() if not le.held and le.cluster != ours} & mine
+        adaptive = self.cluster.running_adaptive()
+        if adaptive is None or not waited_for:
+            return bool(waited_for)
         now = time.monotonic()
         minimum = int(getattr(adaptive, "minimum", 0) or 0)
         running = sum(len(self.cluster.member_names_of(k)) for k in self.cluster.worker_spec)
         spare = running - minimum
         if spare <= 0:
-            return
+            return True
         idle = self._idle_workers()
         chosen: list[str] = []
         for key, spec in list(self.cluster.worker_spec.items()):
@@ -379,3 +381,4 @@ class LeaseWatcher:
             logger.info("%s", message)
             self.cluster.log_event(message, echo=False)
             await self.cluster.yield_workers(chosen)
+        return True
