@@ -186,6 +186,7 @@ def check(
 ) -> None:
     """Preflight every host of INVENTORY (default: this machine): SSH, host key, python, distributed, disk.
 
+    Also what is free there now, and who holds the rest (as 'hosts' shows).
     Starts the host agent once per host (nothing else) and stops it again.
     Exit status 1 when any host fails.
 
@@ -207,13 +208,16 @@ def check(
                     "scheduler_reach": choice.as_dict() if choice is not None else None})
     else:
         yes_no = {True: "yes", False: "NO"}
+        from ..labview import free_line, holders_line
+
         columns = ("host", "address", "via", "result", "python", "version", "distributed", "cpus", "memory",
-                   "free disk", "reaches head", "reaches peers", "time", "problems")
+                   "free disk", "reaches head", "reaches peers", "free now", "time", "problems")
         table_rows = [
             (r["host"], r["address"], r.get("via") or ("direct" if "via" in r else ""), r["result"], r.get("python"),
              r.get("python_version"), r.get("distributed"), r.get("cpu_count"), _bytes(r.get("memory")),
              _bytes(r.get("free_disk")), yes_no.get(r.get("reaches_head"), ""),
-             yes_no.get(r.get("reaches_peers"), ""), f"{r['seconds']:.1f} s", "; ".join(r["problems"]))
+             yes_no.get(r.get("reaches_peers"), ""), free_line(r) if "free" in r else "",
+             f"{r['seconds']:.1f} s", "; ".join(r["problems"]))
             for r in rows
         ]
         title = f"head: python {sys.version.split()[0]}, distributed {distributed.__version__}"
@@ -224,6 +228,9 @@ def check(
         for r in rows:
             if r.get("unreached_peers"):
                 click.echo(f"{r['host']}: {r['problems'][0]}")
+        for r in rows:
+            if r.get("holders") or r.get("wants"):
+                click.echo(f"{r['host']}: {free_line(r)}; held by {holders_line(r)}")
         if failed:
             click.echo(f"{len(failed)} of {len(rows)} hosts failed", err=True)
     if failed:
