@@ -78,6 +78,7 @@ def print_lab(views: Sequence[HostView], title: str) -> None:
     """The ``hosts`` table, its summary line, and one line per host that was not reached or read."""
     from ..labview import TABLE_COLUMNS, problem_lines, table_rows
 
-    _console().print(_table(TABLE_COLUMNS, table_rows(views, time.time()), title=f"{title}: {lab_summary(views)}"))
+    _console().print(_table(TABLE_COLUMNS, table_rows(views, time.time()), title=title))
+    click.echo(lab_summary(views))
     for line in problem_lines(views):
         click.echo(line)
