@@ -30,12 +30,12 @@ pytestmark = pytest.mark.lab
 SLOTS = 2
 
 
-async def cli(*args: str) -> tuple[int, str, str]:
-    """Run ``speccluster-ssh ARGS`` to its end without blocking the loop that keeps the agents alive."""
+async def cli(where: Path, *args: str) -> tuple[int, str, str]:
+    """Run ``speccluster-ssh ARGS`` in ``where`` to its end, without blocking the loop that keeps the agents alive."""
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "speccluster_ssh.cli", *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(where),
     )
     out, err = await asyncio.wait_for(proc.communicate(), 180)
     return int(proc.returncode or 0), out.decode(), err.decode()
@@ -79,7 +79,7 @@ def test_hosts_and_check_show_two_users_leases(lab: Any, tmp_path: Path, lab_use
             assert await alpha["h1"].lease_mark(a1.lease_id, "busy")
             assert await beta["h2"].lease_mark(b2.lease_id, "idle")
 
-            code, out, err = await cli("hosts", str(view), "--json")
+            code, out, err = await cli(tmp_path, "hosts", "view.yml", "--json")
             assert code == 0, (out, err)
             data = json.loads(out)
             hosts = {h["host"]: h for h in data["hosts"]}
@@ -96,7 +96,7 @@ def test_hosts_and_check_show_two_users_leases(lab: Any, tmp_path: Path, lab_use
             before = time.time()
             assert all(0 < h["since"] <= before for n in names for h in hosts[n]["holders"])
 
-            code, out, err = await cli("hosts", str(view))
+            code, out, err = await cli(tmp_path, "hosts", "view.yml")
             assert code == 0 and "Traceback" not in err, (out, err)
             print(f"\n$ speccluster-ssh hosts view.yml\n{out}")  # the README's transcript, with -s
             rows = table_rows(out)
@@ -108,12 +108,12 @@ def test_hosts_and_check_show_two_users_leases(lab: Any, tmp_path: Path, lab_use
             assert [r for r in rows if r[0] == "h3"][0][2:] == ["2 slots", "", "", "", "", "", "free"]
             assert f"2 of 6 slots free; held: root 3, {user} 1; waiting: {user}" in out
 
-            code, out, err = await cli("check", str(view), "--timeout", "30")
+            code, out, err = await cli(tmp_path, "check", "view.yml", "--timeout", "30")
             assert code == 0, (out, err)
             assert "h1: 0 of 2 slots free; held by root (alpha from head-a: 2 slots, busy); " \
                    f"{user} waits (beta: 1 slot)" in out, out
             assert "h2: 0 of 2 slots free; held by " in out and f"{user} (beta from head-b: 1 slot, idle)" in out
-            checked = json.loads((await cli("check", str(view), "--json"))[1])
+            checked = json.loads((await cli(tmp_path, "check", "view.yml", "--json"))[1])
             free = {r["host"]: r["free"]["slots"] for r in checked["hosts"]}
             assert free == {"h1": 0, "h2": 0, "h3": 2}
         finally:
