@@ -110,6 +110,7 @@ def test_hosts_and_check_show_two_users_leases(lab: Any, tmp_path: Path, lab_use
 
             code, out, err = await cli(tmp_path, "check", "view.yml", "--timeout", "30")
             assert code == 0, (out, err)
+            assert f"free now: 2 of 6 slots free; held: root 3, {user} 1; waiting: {user}" in out, out
             assert "h1: 0 of 2 slots free; held by root (alpha from head-a: 2 slots, busy); " \
                    f"{user} waits (beta: 1 slot)" in out, out
             assert "h2: 0 of 2 slots free; held by " in out and f"{user} (beta from head-b: 1 slot, idle)" in out

@@ -227,15 +227,15 @@ def check(
     else:
         yes_no = {True: "yes", False: "NO"}
         from ..labview import free_line, holders_line
+        from .lab import lab_summary
 
         columns = ("host", "address", "via", "result", "python", "version", "distributed", "cpus", "memory",
-                   "free disk", "reaches head", "reaches peers", "free now", "time", "problems")
+                   "free disk", "reaches head", "reaches peers", "time", "problems")
         table_rows = [
             (r["host"], r["address"], r.get("via") or ("direct" if "via" in r else ""), r["result"], r.get("python"),
              r.get("python_version"), r.get("distributed"), r.get("cpu_count"), _bytes(r.get("memory")),
              _bytes(r.get("free_disk")), yes_no.get(r.get("reaches_head"), ""),
-             yes_no.get(r.get("reaches_peers"), ""), free_line(r) if "free" in r else "",
-             f"{r['seconds']:.1f} s", "; ".join(r["problems"]))
+             yes_no.get(r.get("reaches_peers"), ""), f"{r['seconds']:.1f} s", "; ".join(r["problems"]))
             for r in rows
         ]
         title = f"head: python {sys.version.split()[0]}, distributed {distributed.__version__}"
@@ -246,7 +246,10 @@ def check(
         for r in rows:
             if r.get("unreached_peers"):
                 click.echo(f"{r['host']}: {r['problems'][0]}")
-        for r in rows:
+        read = [r for r in rows if "free" in r]
+        if read:
+            click.echo(f"free now: {lab_summary(read)}")
+        for r in read:
             if r.get("holders") or r.get("wants"):
                 click.echo(f"{r['host']}: {free_line(r)}; held by {holders_line(r)}")
         if failed:
@@ -270,7 +273,7 @@ def _free_now(inv: Any, known_hosts: str | None, timeout: float | None) -> dict[
         click.echo(f"{PROG}: warning: could not ask the hosts what is free now: {exc}", err=True)
         return None
     data = lab_json(views)
-    data["summary"] = lab_summary(views)
+    data["summary"] = lab_summary(data["hosts"])
     return data
 
 

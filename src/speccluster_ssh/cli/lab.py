@@ -6,8 +6,8 @@ Also the lines ``check`` and ``plan`` print about what is free now.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -55,17 +55,21 @@ def hosts(
         _exit(1)
 
 
-def lab_summary(views: Sequence[HostView]) -> str:
-    """``6 of 8 slots free; held: alice 1, root 1``, over the hosts whose leases were read."""
-    from ..leases import slots_held
+def lab_summary(hosts: Sequence[Mapping[str, Any]]) -> str:
+    """``6 of 8 slots free; held: alice 1, root 1`` over the hosts whose leases were read.
 
-    known = [view for view in views if view.free is not None and view.capacity is not None]
-    free = sum(view.free.slots for view in known if view.free is not None)
-    total = sum(view.capacity.slots for view in known if view.capacity is not None)
-    held = slots_held(lease for view in known for lease in view.holders)
-    waiting = sorted({lease.user for view in known for lease in view.wants})
+    ``hosts``: the hosts of ``hosts --json`` (or ``check`` rows, which have the same fields).
+    """
+    known = [h for h in hosts if h.get("free") is not None and h.get("capacity") is not None]
+    free = sum(h["free"]["slots"] for h in known)
+    total = sum(h["capacity"]["slots"] for h in known)
+    held: dict[str, int] = {}
+    for h in known:
+        for holder in h.get("holders") or ():
+            held[holder["user"]] = held.get(holder["user"], 0) + holder["holds"]["slots"]
+    waiting = sorted({want["user"] for h in known for want in h.get("wants") or ()})
     text = f"{free} of {total} slots free"
-    if len(known) < len(views):
+    if len(known) < len(hosts):
         text += f" on the {len(known)} hosts read"
     if held:
         text += "; held: " + ", ".join(f"{user} {slots}" for user, slots in sorted(held.items()))
@@ -79,6 +83,8 @@ def print_lab(views: Sequence[HostView], title: str) -> None:
     from ..labview import TABLE_COLUMNS, problem_lines, table_rows
 
     _console().print(_table(TABLE_COLUMNS, table_rows(views, time.time()), title=title))
-    click.echo(lab_summary(views))
+    from ..labview import view_json
+
+    click.echo(lab_summary([view_json(view) for view in views]))
     for line in problem_lines(views):
         click.echo(line)
