@@ -122,6 +122,33 @@ def test_want_unwant_and_a_record_names_its_own_cluster(tmp_path: Path) -> None:
     run(main)
 
 
+def test_mark_busy_and_idle_shows_in_every_list(tmp_path: Path) -> None:
+    path = shared_dir(tmp_path)
+
+    async def main() -> None:
+        a = await started(tmp_path, path, "a")
+        b = await started(tmp_path, path, "b")
+        try:
+            held = await a.lease_claim({"slots": 1}, CAPACITY, name="first", head="h1")
+            assert isinstance(held, HeldLease) and held.lease.state == "" and held.lease.state_since == 0.0
+            assert await a.lease_mark(held.lease_id, "busy") is True
+            (seen,) = await b.lease_list()
+            assert (seen.cluster, seen.state) == (a.cluster_id, "busy") and seen.state_since >= seen.since
+            assert await a.lease_mark(held.lease_id, "idle") is True
+            assert [x.state for x in await b.lease_list()] == ["idle"]
+            assert await b.lease_mark(held.lease_id, "busy") is False, "an agent marks only its own leases"
+            assert [x.state for x in await a.lease_list()] == ["idle"]
+            with pytest.raises(HostError, match="bad lease state"):
+                await a.lease_mark(held.lease_id, "sleepy")
+            assert await a.lease_release(held.lease_id) is True
+            assert await a.lease_mark(held.lease_id, "busy") is False
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main)
+
+
 def test_an_unsafe_directory_fails_with_its_fix(tmp_path: Path) -> None:
     path = tmp_path / "open"
     path.mkdir()

@@ -595,7 +595,7 @@ def test_plan_touches_no_host(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     seen: set[tuple[str, int]] = set()
     try:
         poll(listening.exists, 30, "the sentinel on h1 to listen")
-        proc = cli.popen("plan", str(inventory), "--workers", "6", "--name", "p", "--json")
+        proc = cli.popen("plan", str(inventory), "--offline", "--workers", "6", "--name", "p", "--json")
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
             for host in lab.hosts:

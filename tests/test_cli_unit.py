@@ -286,7 +286,7 @@ def test_inventory_shows_the_python_that_plan_runs(tmp_path: Path) -> None:
     path.write_text(json.dumps({"all": {"hosts": {"local1": {"ansible_connection": "local"},
                                                   "far": {"ansible_host": "192.0.2.9"}}}}))
     rows = {r["name"]: r for r in json.loads(cli("inventory", str(path), "--json").stdout)}
-    plan = {h["host"]: h for h in json.loads(cli("plan", str(path), "--json").stdout)["hosts"]}
+    plan = {h["host"]: h for h in json.loads(cli("plan", str(path), "--offline", "--json").stdout)["hosts"]}
     # A local host left at python3 runs the head's own interpreter; a remote one runs python3.
     assert rows["local1"]["python"] == plan["local1"]["command"][2] == sys.executable
     assert rows["far"]["python"] == plan["far"]["command"][2] == "python3"
@@ -324,7 +324,7 @@ def test_plan_touches_no_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
     monkeypatch.setattr(subprocess, "Popen", refuse)
 
-    result = cli("plan", str(path), "--workers", "6", "--name", "lab", "--json")
+    result = cli("plan", str(path), "--offline", "--workers", "6", "--name", "lab", "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     inv = load_inventory(path)
@@ -341,7 +341,7 @@ def test_plan_touches_no_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert hosts["node01"]["environment"]["OMP_NUM_THREADS"] == "1"
     assert hosts["node01"]["environment"][MARKER].startswith("lab-")
 
-    human = cli("plan", str(path), "--workers", "1", "--placement", "pack")
+    human = cli("plan", str(path), "--offline", "--workers", "1", "--placement", "pack")
     assert human.exit_code == 0, human.output
     assert "nothing placed here" in human.stdout  # node02 and edge get no entry when packing one
     assert "module load dask" not in human.stdout

@@ -213,6 +213,61 @@ def test_touch_keeps_a_held_lease_young_and_a_short_capacity_is_said(tmp_path: P
     assert isinstance(refusal, L.LeaseRefusal) and "held by no one" in refusal.describe()
 
 
+def test_mark_rewrites_the_held_file_in_place_and_keeps_it_alive(tmp_path: Path) -> None:
+    path = shared_dir(tmp_path)
+    handle = L.lease_claim(path, claim_of("a", slots=2), {"slots": 3})
+    assert isinstance(handle, L.LeaseHandle)
+    file = os.path.join(path, handle.name)
+    inode = os.stat(file).st_ino
+    (record,) = L.lease_list(path)
+    assert (record["state"], record["state_since"]) == ("", 0.0), "a lease says nothing until marked"
+    assert L.lease_mark(handle, "busy") is True
+    (record,) = L.lease_list(path)
+    assert record["state"] == "busy" and record["state_since"] >= record["since"]
+    assert handle.record["state"] == "busy" and handle.record["state_since"] == record["state_since"]
+    busy_since = record["state_since"]
+    assert L.lease_mark(handle, "busy") is True
+    assert L.lease_list(path)[0]["state_since"] == busy_since, "the same state keeps its time"
+    assert L.lease_mark(handle, "idle") is True
+    # A shorter content is cut, not left with a tail: the file parses, on the same inode.
+    (record,) = L.lease_list(path)
+    assert record["state"] == "idle" and record["holds"]["slots"] == 2 and record["cluster"] == "a"
+    assert os.stat(file).st_ino == inode and (os.stat(file).st_mode & 0o777) == 0o644
+    # Still held: a reader's shared flock fails, and a claim counts it.
+    probe = os.open(file, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    finally:
+        os.close(probe)
+    assert isinstance(L.lease_claim(path, claim_of("b", slots=2), {"slots": 3}), L.LeaseRefusal)
+    with pytest.raises(L.LeaseError, match="bad lease state"):
+        L.lease_mark(handle, "asleep")
+    want = L.lease_want(path, {"cluster": "w", "wants": {"slots": 1}})
+    with pytest.raises(L.LeaseError, match="is a want"):
+        L.lease_mark(want, "busy")
+    L.lease_release(want)
+    L.lease_release(handle)
+    assert L.lease_mark(handle, "busy") is False, "a released lease is marked no more"
+    assert L.lease_list(path) == []
+
+
+def test_mark_waits_for_the_host_lock(tmp_path: Path) -> None:
+    """A mark writes only under the directory's exclusive lock, which a reader's shared lock holds off."""
+    path = shared_dir(tmp_path)
+    handle = L.lease_claim(path, claim_of("a"), {"slots": 1})
+    reader = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(reader, fcntl.LOCK_SH)
+    try:
+        with pytest.raises(L.LeaseError, match="stayed locked"):
+            L.lease_mark(handle, "busy", timeout=0.2)
+        assert L.lease_list(path)[0]["state"] == "", "nothing was written without the lock"
+    finally:
+        os.close(reader)
+    assert L.lease_mark(handle, "busy", timeout=5) is True
+    L.lease_release(handle)
+
+
 def test_the_lock_times_out_with_a_fix(tmp_path: Path) -> None:
     path = shared_dir(tmp_path)
     holder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -296,6 +351,8 @@ def test_bad_files_are_ignored_with_one_warning_each(tmp_path: Path) -> None:
         plant(path, "lease", uid, valid(uid=uid + 1)),
         plant(path, "want", uid, valid("want", uid, since=float("nan"))),
         plant(path, "want", uid, valid("want", uid, since=1e300)),
+        plant(path, "lease", uid, valid(uid=uid, state="asleep")),
+        plant(path, "lease", uid, valid(uid=uid, state="busy", state_since="now")),
     ]
     target = os.path.join(path, f"speccluster-lease.{uid}.{'a' * 16}.json")
     os.symlink(os.path.join(path, os.listdir(path)[0]), target)
@@ -303,10 +360,11 @@ def test_bad_files_are_ignored_with_one_warning_each(tmp_path: Path) -> None:
     warnings = L.LeaseWarnings()
     assert L.lease_list(path, warnings) == []
     notes = warnings.take()
-    assert len(notes) == 8, notes
+    assert len(notes) == 10, notes
     text = "\n".join(notes)
     for part in ("is not JSON", "larger than", "slots is not a whole number", "no version 1 lease", "says uid",
-                 "since is not a time", "not a regular file"):
+                 "since is not a time", "not a regular file", "state is not busy or idle",
+                 "state_since is not a time"):
         assert part in text, part
     assert L.lease_list(path, warnings) == [] and warnings.take() == [], "one warning per file, not per look"
     # None of them keeps a claim from seeing the host as free.
@@ -458,6 +516,9 @@ def test_it_runs_under_python_3_8(tmp_path: Path) -> None:
         f"assert ns['lease_list']({path!r}) == []\n"
         f"k = ns['LeaseKeeper']('c', {path!r})\n"
         "assert k.handle('lease_claim', {'record': {'holds': {'slots': 1}}, 'capacity': {'slots': 1}})['held']\n"
+        f"(lease,) = [r['file'] for r in ns['lease_list']({path!r})]\n"
+        "assert k.handle('lease_mark', {'lease': lease, 'state': 'idle'})['marked']\n"
+        f"assert ns['lease_list']({path!r})[0]['state'] == 'idle'\n"
         "k.release_all()\n"
         f"assert ns['lease_list']({path!r}) == []\n"
         "print('ok')\n"

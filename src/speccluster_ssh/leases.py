@@ -91,7 +91,9 @@ class Lease:
 
     ``user`` is the name the host gives the file's owner; ``since`` is when it
     was taken (for a want: when the cluster started waiting); ``lease_id`` is
-    its file's name on the host (unique there).
+    its file's name on the host (unique there). ``state`` is ``"busy"`` or
+    ``"idle"`` as its holder last marked it (``""``: not said), since
+    ``state_since``.
     """
 
     host: str
@@ -104,6 +106,8 @@ class Lease:
     head: str = ""
     entry: str = ""
     lease_id: str = ""
+    state: str = ""
+    state_since: float = 0.0
 
     @classmethod
     def from_record(cls, host: str, record: Mapping[str, Any]) -> Lease:
@@ -121,6 +125,8 @@ class Lease:
             head=str(record.get("head") or ""),
             entry=str(record.get("entry") or ""),
             lease_id=str(record.get("file") or ""),
+            state=str(record.get("state") or ""),
+            state_since=float(record.get("state_since") or 0.0),
         )
 
     @property

@@ -1,8 +1,10 @@
 """Preflight of an inventory's hosts (``speccluster-ssh check``).
 
 Per host: SSH and its host key (and the jump hosts it goes through), the python and ``distributed`` the host agent
-reports against the head's, free disk, and whether the host can open a
-connection back to the head (as its workers will to a scheduler here).
+reports against the head's, free disk, whether the host can open a
+connection back to the head (as its workers will to a scheduler here), and
+what is free there now: the live leases of every user's clusters (see
+:mod:`speccluster_ssh.labview`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[
         the head reached it: ``via`` (the jump hosts as named, ``None`` when
         direct) and ``reach`` (``direct`` or ``through jump host NAME``);
         ``reaches_peers`` (whether it can open a connection to a port every
-        other host listens on, as dask workers do) and ``unreached_peers``.
+        other host listens on, as dask workers do) and ``unreached_peers``;
+        ``capacity``, ``free``, ``holders`` and ``wants`` as ``hosts --json``
+        gives them (see :func:`speccluster_ssh.labview.lab_json`), ``free``
+        ``None`` when the leases could not be read (a problem of the row).
     ReachChoice or None
         The mode ``up`` would choose (see :func:`speccluster_ssh.reach.choose_reach`);
         ``None`` when no host answered.
@@ -61,6 +66,7 @@ def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[
     from dask.utils import format_bytes
 
     from .connection import ConnectSettings
+    from .labview import HostSurvey, host_view, view_json
     from .pool import AgentPool, same_release
 
     hosts: dict[str, HostSpec] = {h.name: h for h in inv.worker_hosts}
@@ -102,6 +108,13 @@ def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[
             remote = str(facts.get("distributed", ""))
             if remote != distributed.__version__ and same_release(remote, distributed.__version__):
                 warnings.append(f"distributed {remote} differs from the head's {distributed.__version__}")
+            try:
+                survey = HostSurvey(name, True, facts, tuple(await agent.lease_list(timeout=timeout)))
+            except HostError as exc:
+                survey = HostSurvey(name, True, facts, None, error=exc.reason, fix=exc.fix)
+                problems.append(f"its leases cannot be read: {exc.reason}" + (f"; fix: {exc.fix}" if exc.fix else ""))
+            lab = view_json(host_view(host, survey))
+            row.update({key: lab[key] for key in ("capacity", "free", "holders", "wants")})
             free = int(facts.get("free_disk") or 0)
             if free and free < 1 << 30:
                 warnings.append(f"only {format_bytes(free)} free in {facts.get('dir')}")

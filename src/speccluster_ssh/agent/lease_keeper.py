@@ -12,7 +12,8 @@ Requests
     ``lease_claim`` (``record``: ``name``, ``head``, ``entry``, ``holds``;
     ``capacity``), ``lease_want`` (``record`` with ``wants``),
     ``lease_release`` and ``lease_unwant`` (``lease``: the id a claim or
-    want returned), ``lease_list``. The cluster of a record is always the
+    want returned), ``lease_mark`` (``lease``, ``state``: ``busy``, ``idle``
+    or ``""``; rewrites the held file in place), ``lease_list``. The cluster of a record is always the
     agent's own: an agent holds leases for its cluster only.
 Replies
     A claim that does not fit is no failure: ``held`` false, with what is
@@ -41,7 +42,7 @@ if __name__ != "speccluster_agent":  # a plain module of the head; shipped, thes
     from .lease_records import LeaseRefusal
     from .leases import (
         LEASE_LOCK_TIMEOUT, LeaseError, LeaseHandle, LeaseWarnings, lease_claim, lease_dir_path, lease_list,
-        lease_release, lease_touch, lease_want,
+        lease_mark, lease_release, lease_touch, lease_want,
     )
 
 #: Seconds between refreshes of the held files' times, for an age-based cleaner of ``/var/tmp``.
@@ -71,6 +72,7 @@ class LeaseKeeper:
             "lease_want": self._want,
             "lease_release": self._release,
             "lease_unwant": self._release,
+            "lease_mark": self._mark,
             "lease_list": self._list,
         }  # type: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]
         action = actions.get(op)
@@ -106,6 +108,14 @@ class LeaseKeeper:
         if handle is not None:
             lease_release(handle)
         return {"ok": True, "released": handle is not None}
+
+    def _mark(self, message: Dict[str, Any]) -> Dict[str, Any]:
+        handle = self.handles.get(str(message.get("lease")))
+        state = message.get("state")
+        if not isinstance(state, str):
+            raise LeaseError(f"bad lease state {state!r}", "this is a bug of speccluster-ssh")
+        marked = handle is not None and lease_mark(handle, state, timeout=self.lock_timeout)
+        return {"ok": True, "marked": marked, "record": handle.record if marked and handle else None}
 
     def _list(self, message: Dict[str, Any]) -> Dict[str, Any]:
         records = lease_list(self.path, self.warnings, timeout=self.lock_timeout)

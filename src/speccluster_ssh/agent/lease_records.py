@@ -15,7 +15,9 @@ Records
     inventory's name of this host: capacity is counted per name, see
     :func:`lease_fit`), ``since``
     (when taken) and an amount, ``holds`` (a lease) or ``wants`` (a want):
-    ``{"slots", "cores", "memory", "gpus"}``. :func:`lease_record` accepts
+    ``{"slots", "cores", "memory", "gpus"}``; optionally ``state`` (``busy``
+    or ``idle``, as the holder last marked it; absent is ``""``: not said)
+    and ``state_since`` (when it was marked). :func:`lease_record` accepts
     nothing else (sizes and types bounded), since anyone can write a file in
     the shared directory; unknown fields are ignored, for later versions.
 Capacity
@@ -37,6 +39,8 @@ LEASE_VERSION = 1
 LEASE_MAX_BYTES = 16384
 _LEASE_AMOUNTS = ("slots", "cores", "memory")
 _LEASE_TEXT_LIMIT = 256
+#: What a holder may say of its lease (``lease_mark``); ``""`` is "not said".
+LEASE_STATES = ("", "busy", "idle")
 
 
 class LeaseRefusal:
@@ -113,11 +117,20 @@ def lease_amount_text(amount: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _lease_time(value: Any) -> Optional[float]:
+    # Bounded, so that formatting it (time.localtime) cannot fail.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1e11:
+        return None
+    return float(value)
+
+
 def lease_record(data: Any, kind: str) -> Tuple[Optional[Dict[str, Any]], str]:
     """``(record, "")`` when ``data`` (a file's JSON) is a valid record of ``kind``; ``(None, why)`` otherwise.
 
     The record has ``kind``, ``uid`` (as written: the reader compares it with the file's owner),
-    ``cluster``, ``name``, ``head``, ``entry``, ``pid``, ``since`` and ``holds`` (a lease) or ``wants`` (a want).
+    ``cluster``, ``name``, ``head``, ``entry``, ``pid``, ``since``, ``holds`` (a lease) or ``wants``
+    (a want), ``state`` (one of :data:`LEASE_STATES`, ``""`` when absent) and ``state_since``
+    (``0.0`` when absent).
     """
     if not isinstance(data, dict):
         return None, "it is not a JSON object"
@@ -134,11 +147,18 @@ def lease_record(data: Any, kind: str) -> Tuple[Optional[Dict[str, Any]], str]:
         if value is None or key not in data:
             return None, f"its {key} is not a whole number >= 0"
         record[key] = value
-    since = data.get("since")
-    # Bounded, so that formatting it (time.localtime) cannot fail.
-    if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since) or not 0 <= since < 1e11:
+    since = _lease_time(data.get("since"))
+    if since is None:
         return None, "its since is not a time"
-    record["since"] = float(since)
+    record["since"] = since
+    state = data.get("state", "")
+    if state not in LEASE_STATES:
+        return None, "its state is not busy or idle"
+    record["state"] = state
+    state_since = _lease_time(data.get("state_since", 0.0))
+    if state_since is None:
+        return None, "its state_since is not a time"
+    record["state_since"] = state_since
     field = "holds" if kind == "lease" else "wants"
     amount, why = lease_amount(data.get(field))
     if amount is None:

@@ -1,4 +1,4 @@
-"""The head's lease requests to a host agent (issue 23): claim, want, release, list. Head only, not shipped.
+"""The head's lease requests to a host agent (issue 23): claim, want, release, mark busy or idle, list. Head only, not shipped.
 
 :class:`LeaseRequests` is a base of :class:`~speccluster_ssh.agent.HostAgent`
 (kept apart so that class stays small); the agent side is
@@ -158,6 +158,34 @@ class LeaseRequests:
         """
         reply = await self.request("lease_unwant", timeout=timeout, lease=want_id)
         return bool(reply.get("released"))
+
+    async def lease_mark(self, lease_id: str, state: str, timeout: float = 60.0) -> bool:
+        """Say on the host whether a held lease's workers are ``"busy"`` or ``"idle"`` (others see it).
+
+        The host rewrites the lease's file in place (see ``agent/leases.py``); marking it with the
+        state it has keeps the time it was marked.
+
+        Parameters
+        ----------
+        lease_id
+            :attr:`HeldLease.lease_id` of a claim.
+        state
+            ``"busy"``, ``"idle"``, or ``""`` (not said).
+        timeout
+            Seconds to wait for the agent's answer.
+
+        Returns
+        -------
+        bool
+            Whether the agent holds that lease (``False``: released, or never held).
+
+        Raises
+        ------
+        HostError
+            The state is none of those three, the id names a want, or the host's lock stayed taken.
+        """
+        reply = await self.request("lease_mark", timeout=timeout, lease=lease_id, state=state)
+        return bool(reply.get("marked"))
 
     async def lease_list(self, timeout: float = 60.0) -> list[Lease]:
         """The live leases and wants on the host, of every user and cluster, in file name order.

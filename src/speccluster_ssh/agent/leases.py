@@ -27,8 +27,11 @@ Safety
 Files
     Created ``O_CREAT|O_EXCL|O_NOFOLLOW`` (random name), mode 0600 while
     written (no one else can open, hence lock, them), then 0644: others read,
-    and the sticky directory keeps them from changing or deleting them. Never
-    rewritten: a claim makes a file, a release unlinks it.
+    and the sticky directory keeps them from changing or deleting them. A
+    claim makes a file, a release unlinks it; only :func:`lease_mark`
+    (busy or idle) rewrites it, in place (same inode, so its flock stays)
+    under the directory's exclusive lock, which every reader's shared lock
+    excludes: no reader sees it half written.
 Alive
     The holder keeps an exclusive ``flock`` on its open file. A reader
     probes with a shared non-blocking ``flock``: when that succeeds the lease
@@ -59,7 +62,9 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 if __name__ != "speccluster_agent":  # a plain module of the head; shipped, these are globals already
-    from .lease_records import LEASE_MAX_BYTES, LEASE_VERSION, LeaseRefusal, lease_amount, lease_fit, lease_record
+    from .lease_records import (
+        LEASE_MAX_BYTES, LEASE_STATES, LEASE_VERSION, LeaseRefusal, lease_amount, lease_fit, lease_record,
+    )
 
 LEASE_DIR_DEFAULT = "/var/tmp"
 LEASE_LOCK_TIMEOUT = 10.0
@@ -467,6 +472,53 @@ def lease_release(handle: LeaseHandle) -> None:
 
 
 lease_unwant = lease_release
+
+
+def lease_mark(handle: LeaseHandle, state: str, timeout: float = LEASE_LOCK_TIMEOUT) -> bool:
+    """Say whether a held lease is ``"busy"`` or ``"idle"`` (``""``: not said): rewrite its file in place.
+
+    Under the directory's exclusive lock, so no reader (they take it shared) sees the file half
+    written; the same inode keeps its flock, so the lease stays alive throughout. Marking it with
+    the state it has already keeps its ``state_since``.
+
+    Returns
+    -------
+    bool
+        ``False`` when the handle holds nothing any more (released).
+
+    Raises
+    ------
+    LeaseError
+        For a state that is none of :data:`LEASE_STATES`, a want, or a lock that stays taken.
+    """
+    if state not in LEASE_STATES:
+        raise LeaseError(f"bad lease state {state!r}: it is busy, idle or empty", "this is a bug of speccluster-ssh")
+    if handle.fd < 0:
+        return False
+    if handle.record.get("kind") != "lease":
+        raise LeaseError(f"{handle.name} is a want, which is neither busy nor idle", "this is a bug of speccluster-ssh")
+    if handle.record.get("state", "") == state:
+        return True
+    content = {key: value for key, value in handle.record.items() if key not in ("user", "file")}
+    content.update(v=LEASE_VERSION, state=state, state_since=time.time())
+    checked, why = lease_record(content, "lease")
+    if checked is None:
+        raise LeaseError(f"bad lease record: {why}", "this is a bug of speccluster-ssh")
+    data = json.dumps(content, sort_keys=True).encode()
+    dir_fd = lease_open_dir(handle.path)
+    try:
+        _lease_lock(dir_fd, handle.path, exclusive=True, timeout=timeout)
+        # Written from the start, then cut: the same inode, so the flock held on it stays.
+        view, offset = memoryview(data), 0
+        while offset < len(data):
+            offset += os.pwrite(handle.fd, view[offset:], offset)
+        os.ftruncate(handle.fd, len(data))
+    except OSError as exc:
+        raise _lease_failed(handle.path, "write", exc) from None
+    finally:
+        os.close(dir_fd)  # drops the lock
+    handle.record.update(state=state, state_since=content["state_since"])
+    return True
 
 
 def lease_touch(handle: LeaseHandle) -> None:

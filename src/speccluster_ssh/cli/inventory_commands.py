@@ -1,6 +1,7 @@
 """The commands that look at an inventory without starting a cluster:
-``inventory`` (what was read), ``plan`` (where workers would go; the work is
-:mod:`speccluster_ssh.planning`) and ``check`` (can every host be reached and
+``inventory`` (what was read), ``plan`` (where workers would go, and what is
+free now; the work is :mod:`speccluster_ssh.planning` and
+:mod:`speccluster_ssh.labview`) and ``check`` (can every host be reached and
 run workers; the work is :mod:`speccluster_ssh.preflight`).
 """
 
@@ -22,6 +23,7 @@ from .common import (
     _prepare_up,
     main,
 )
+from ..messages import PROG
 from .display import _bytes, _console, _echo_json, _reach_line, _table
 
 
@@ -82,21 +84,27 @@ def inventory(
 # Taken so that an 'up' command line works with 'plan' in its place; they only concern the start.
 @click.option("--detach", "-d", is_flag=True, hidden=True)
 @click.option("--timeout", type=click.FloatRange(min=1), default=None, hidden=True)
-@click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None, hidden=True)
+@click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None,
+              help="Host key policy when asking the hosts what is free (default: each host's speccluster_known_hosts).")
 @click.option("--dashboard-address", "dashboard_address", default=None, metavar="HOST[:PORT]",
               help="Checked as 'up' checks it.")
+@click.option("--offline", is_flag=True,
+              help="Contact no host: leave out what is free now (the other clusters' leases).")
 @_group_options
 @_json_option
 def plan(
     inventory: str | None, name: str | None, workers: int | None, adapt_range: str | None, placement: str | None,
     no_tls: bool, scheduler_reach: str | None, min_workers: str | None, detach: bool, timeout: float | None,
     known_hosts: str | None, scheduler_group: str, worker_group: str, as_json: bool,
-    dashboard_address: str | None = None,
+    dashboard_address: str | None = None, offline: bool = False,
 ) -> None:
-    """Show what 'up' would start on each host, touching no host.
+    """Show what 'up' would start on each host, starting nothing.
 
     Per host: the spec entries, the exact remote command of the host agent
-    (shell-quoted), the prologue and the environment of the dask processes.
+    (shell-quoted), the prologue and the environment of the dask processes,
+    and what is free there now: 'plan' asks every host (as 'hosts' does)
+    which leases other clusters hold; a host that cannot be reached says
+    so, and the plan is shown all the same. --offline contacts no host.
     When a cluster of that name runs, a table first lists the hosts it
     cannot use now (down or put aside) and why. 'plan' makes every check
     'up' makes before it starts, so it fails where 'up' would, with the
@@ -105,7 +113,7 @@ def plan(
     \b
     Example:
       speccluster-ssh plan lab.yml --workers 8
-      speccluster-ssh plan lab.yml --json | jq '.hosts[].command_line'
+      speccluster-ssh plan lab.yml --offline --json | jq '.hosts[].command_line'
     """
     from .. import config
     from ..planning import build_plan
@@ -126,10 +134,15 @@ def plan(
     for host in result["hosts"]:
         if host["host"] in seen:
             host["seen"] = seen[host["host"]]
+    now = None if offline else _free_now(inv, known_hosts, timeout)
+    result["now"] = now
     if as_json:
         _echo_json(result)
         return
-    click.echo(f"plan for cluster {cluster_name} (dry run: nothing is started, no host is contacted)")
+    if offline:
+        click.echo(f"plan for cluster {cluster_name} (dry run: nothing is started, no host is contacted)")
+    else:
+        click.echo(f"plan for cluster {cluster_name} (dry run: nothing is started; --offline contacts no host)")
     unusable = {h: v for h, v in seen.items() if v.get("state") in ("down", "aside")}
     if unusable:
         _console().print(_table(
@@ -142,10 +155,15 @@ def plan(
     click.echo(f"  reach: {_plan_reach_line(result['scheduler_reach'])}")
     wanted = "every slot" if workers is None else f"{workers} requested"
     click.echo(f"  workers: {result['workers_planned']} planned ({wanted}; the inventory holds {result['capacity']})")
+    lab = {h["host"]: h for h in now["hosts"]} if now is not None else {}
+    if now is not None:
+        click.echo(f"  free now: {now['summary']}")
     for host in result["hosts"]:
         click.echo("")
         role = " [scheduler]" if host["scheduler"] else ""
         click.echo(f"host {host['host']}{role}: {host['target']}, {host['slots']} slot(s)")
+        if host["host"] in lab:
+            click.echo(f"  free now: {_free_now_line(lab[host['host']])}")
         if not host["started"]:
             click.echo("  nothing placed here: the agent is not started")
             continue
@@ -186,6 +204,7 @@ def check(
 ) -> None:
     """Preflight every host of INVENTORY (default: this machine): SSH, host key, python, distributed, disk.
 
+    Also what is free there now, and who holds the rest (as 'hosts' shows).
     Starts the host agent once per host (nothing else) and stops it again.
     Exit status 1 when any host fails.
 
@@ -207,6 +226,9 @@ def check(
                     "scheduler_reach": choice.as_dict() if choice is not None else None})
     else:
         yes_no = {True: "yes", False: "NO"}
+        from ..labview import free_line, holders_line
+        from .lab import lab_summary
+
         columns = ("host", "address", "via", "result", "python", "version", "distributed", "cpus", "memory",
                    "free disk", "reaches head", "reaches peers", "time", "problems")
         table_rows = [
@@ -224,10 +246,47 @@ def check(
         for r in rows:
             if r.get("unreached_peers"):
                 click.echo(f"{r['host']}: {r['problems'][0]}")
+        read = [r for r in rows if "free" in r]
+        if read:
+            click.echo(f"free now: {lab_summary(read)}")
+        for r in read:
+            if r.get("holders") or r.get("wants"):
+                click.echo(f"{r['host']}: {free_line(r)}; held by {holders_line(r)}")
         if failed:
             click.echo(f"{len(failed)} of {len(rows)} hosts failed", err=True)
     if failed:
         _exit(1)
+
+
+def _free_now(inv: Any, known_hosts: str | None, timeout: float | None) -> dict[str, Any] | None:
+    """What is free on ``inv``'s hosts now (``hosts --json``'s shape plus ``summary``); ``None`` if none could be asked.
+
+    A host that cannot be reached is a row that says why; a failure of the survey itself is one
+    warning line, and the plan goes on without it.
+    """
+    from ..labview import lab_json, survey_lab
+    from .lab import lab_summary
+
+    try:
+        views = survey_lab(inv, known_hosts, min(timeout or 30.0, 30.0))
+    except Exception as exc:  # the plan stands without it
+        click.echo(f"{PROG}: warning: could not ask the hosts what is free now: {exc}", err=True)
+        return None
+    data = lab_json(views)
+    data["summary"] = lab_summary(data["hosts"])
+    return data
+
+
+def _free_now_line(data: dict[str, Any]) -> str:
+    from ..labview import free_line, holders_line
+
+    if not data["reached"]:
+        return f"not known: not reached ({data['error']})"
+    if data["free"] is None:
+        return f"not known: its leases cannot be read ({data['error']})"
+    if not data["holders"] and not data["wants"]:
+        return free_line(data)
+    return f"{free_line(data)}; held by {holders_line(data)}"
 
 
 def _plan_reach_line(reach: dict[str, Any]) -> str:
