@@ -127,7 +127,8 @@ def host_view(host: HostSpec, survey: HostSurvey) -> HostView:
     capacity = inventory_capacity(host, survey.facts)
     if survey.leases is None:
         return HostView(host.name, True, capacity, None, error=survey.error, fix=survey.fix)
-    leases = survey.leases
+    # Capacity is counted per inventory name (see agent/lease_records.py): one machine under two names is two hosts.
+    leases = [lease for lease in survey.leases if lease.host == host.name]
     by_time = sorted(leases, key=lambda lease: (lease.since, lease.cluster, lease.lease_id))
     return HostView(
         host.name, True, capacity, free_capacity(capacity, leases, cluster=""),
