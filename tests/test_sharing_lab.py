@@ -131,6 +131,14 @@ def test_a_second_cluster_waits_for_the_first_and_takes_freed_slots_on_its_own(l
                         assert "held by root (cluster first from" in said, said
                         # Its wants are on the hosts, for everyone to see.
                         await until(lambda: wants_on(lab), DEADLINE, "the second cluster's wants")
+                        # status shows the other holders on the cluster's hosts, and each side sees the other.
+                        holders = second.status_report()["hosts"]["h1"]["holders"]
+                        assert {(h["user"], h["name"]) for h in holders} == {("root", "first")}, holders
+                        await until(lambda: first.status_report()["hosts"]["h1"]["wants"], DEADLINE,
+                                    "the first cluster to see the second's want")
+                        # Its leases are marked idle: no task runs on its workers.
+                        await until(lambda: all(r.get("state") == "idle" for rs in leases_on(lab).values() for r in rs),
+                                    DEADLINE, "the first cluster's leases to be marked idle")
                         first.scale(4)
                         await until(lambda: len(second.scheduler.workers) == 4, DEADLINE,
                                     "the second cluster to reach 4 workers by itself")

@@ -55,6 +55,7 @@ __all__ = [
     "host_view",
     "inventory_capacity",
     "lab_json",
+    "lease_json",
     "lab_views",
     "survey_hosts",
     "survey_lab",
@@ -158,7 +159,7 @@ def amount_text(amount: Amount | None) -> str:
                               "gpus": list(amount.gpus)})  # fmt: skip
 
 
-def _lease_json(lease: Lease) -> dict[str, Any]:
+def lease_json(lease: Lease) -> dict[str, Any]:
     data: dict[str, Any] = {
         "user": lease.user,
         "cluster": lease.cluster,
@@ -185,8 +186,8 @@ def view_json(view: HostView) -> dict[str, Any]:
         "fix": view.fix,
         "capacity": amount_json(view.capacity),
         "free": amount_json(view.free),
-        "holders": [_lease_json(lease) for lease in view.holders],
-        "wants": [_lease_json(lease) for lease in view.wants],
+        "holders": [lease_json(lease) for lease in view.holders],
+        "wants": [lease_json(lease) for lease in view.wants],
     }
 
 

@@ -16,6 +16,7 @@ from distributed.core import Status
 from distributed.utils import Log
 
 from . import entries
+from .labview import lease_json
 from .process import RemoteProcess
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class Reports:
                 "slots": host.slots,
                 "slots_used": used.get(name, 0),
                 **cluster.host_table.states[name].as_dict(),
+                **others_on(cluster.host_table.leases.get(name, ()), name, cluster.cluster_id),
             }
         healer = cluster.healer
         for key, spec in cluster.worker_spec.items():
@@ -187,3 +189,12 @@ def summary_line(summary: dict[str, Any]) -> str:
     for name, why in summary.get("drained_hosts", {}).items():
         parts.append(f"{name} drained: {' '.join(why.split())}")
     return line + ("; " + "; ".join(parts) if parts else "")
+
+
+def others_on(leases: Sequence[Any], host: str, cluster_id: str) -> dict[str, Any]:
+    """The other clusters on a host, as its agent last listed them: ``holders`` and ``wants`` (``hosts --json``'s shape)."""
+    others = [lease for lease in leases if lease.cluster != cluster_id and lease.host == host]
+    return {
+        "holders": [lease_json(lease) for lease in others if lease.held],
+        "wants": [lease_json(lease) for lease in others if not lease.held],
+    }

@@ -333,9 +333,6 @@ class LeaseWatcher:
         idle = self._idle_workers()
         now = time.monotonic()
         self._idle_since = {name: self._idle_since.get(name, now) for name in idle}
-        mark = getattr(type(next(iter(self.table.agents.values()), None)), "lease_mark", None)
-        if mark is None:
-            return  # agents of this release cannot mark leases
         for host, held in self.table.held.items():
             agent = self.table.agents.get(host)
             if agent is None or not agent.alive:

@@ -182,6 +182,13 @@ def _render_status(report: Mapping[str, Any]) -> None:
          for h, v in hosts.items()],
         title="hosts",
     ))
+    others = {h: v for h, v in hosts.items() if v.get("holders") or v.get("wants")}
+    if others:
+        from ..labview import holders_line
+
+        click.echo("other clusters on these hosts:")
+        for host, data in others.items():
+            click.echo(f"  {host}: {holders_line(data)}")
     if report.get("summary"):
         from ..reporting import summary_line
 
