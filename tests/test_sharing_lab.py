@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from speccluster_ssh.cluster import SSHSpecCluster
-from test_peer import captured, holds_for, inventory, processes_besides_sshd, run, until
+from test_peer import captured, holds_for, inventory, processes_besides_sshd, run, slowinc, until
 
 pytestmark = pytest.mark.lab
 
@@ -214,5 +214,33 @@ def test_two_clusters_started_together_never_hold_more_than_the_lab(lab: Any, tm
         finally:
             await asyncio.gather(a.close(), b.close(), return_exceptions=True)
         await until(lambda: not processes_besides_sshd(lab), 30, "every process on the lab hosts to end")
+
+    run(main(), timeout=300)
+
+
+def test_an_idle_adaptive_cluster_yields_to_a_waiting_one_and_no_result_is_lost(lab: Any, tmp_path: Path) -> None:
+    """4 slots: an adaptive cluster holding them idle gives a waiting cluster the 2 it waits for after yield_after."""
+    from distributed import Client, wait
+
+    path = inventory(lab, tmp_path, {h.name: {"speccluster_slots": 1} for h in lab.hosts},
+                     group_vars={"all": {"speccluster_yield_after": 2}})
+
+    async def main() -> None:
+        async with cluster_on(lab, path, n_workers=4, name="holder") as first:
+            async with Client(first, asynchronous=True) as client:
+                futures = client.map(slowinc, range(40), delay=0.01)
+                await wait(futures)
+                # Spread over the 4 workers: a yield that lost data would lose results.
+                assert len({w for ws in (await client.who_has(futures)).values() for w in ws}) > 1
+                # Adapt would keep them (its own scale-down waits a long time): only yielding frees them.
+                first.adapt(minimum=1, maximum=4, interval="500ms", wait_count=100000)
+                async with cluster_on(lab, path, n_workers=2, min_workers=0, name="waiter") as second:
+                    with Sampler(lab, 1, first, second):
+                        assert len(second.scheduler.workers) == 0
+                        await until(lambda: len(second.scheduler.workers) == 2, DEADLINE,
+                                    "the waiting cluster to get the 2 slots it waits for")
+                        # No more than was waited for was given back.
+                        await holds_for(lambda: len(first.scheduler.workers) == 2, 3.0, "the holder keeps 2")
+                    assert await client.gather(futures) == [i + 1 for i in range(40)]
 
     run(main(), timeout=300)

@@ -293,15 +293,22 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         return slot_limits(self.host_table, self.cluster_id)
 
     # -- sharing the lab (the lease watcher's hooks) ------------------------
-    def regrow(self) -> bool:
-        """Grow back towards the last target where slots are free now; whether the cluster is still short."""
-        if self.status != Status.running or self.capacity.target is None:
-            return False
+    def regrow(self) -> int:
+        """Grow back towards the last target where slots are free now; the entries the cluster is still short of."""
+        target = self.capacity.target
+        if self.status != Status.running or target is None:
+            return 0
         before = set(self.worker_spec)
         self.capacity.refill()
         if set(self.worker_spec) != before:
             self._reconcile_in_background("reconcile after slots were freed")
-        return bool(self.capacity.note)
+        if not self.capacity.note:
+            return 0
+        if not target.workers:  # short of cores or memory: as many entries as the inventory could add
+            return max(self.total_slots - len(self.worker_spec), 1)
+        have = sum(len(entries.member_names(k, s)) for k, s in self.worker_spec.items())
+        per_entry = max((h.nworkers for h in self.worker_hosts.values()), default=1)
+        return max(math.ceil((target.workers - have) / per_entry), 1)
 
     def member_names_of(self, entry: str) -> list[str]:
         """The dask worker names of spec entry ``entry`` (by its name); none once it left the spec."""

@@ -242,7 +242,7 @@ class LeaseWatcher:
                 return
             try:
                 short = await self.watch_once()
-            except Exception as exc:  # keep watching; said once per pass in the log
+            except Exception as exc:  # keep watching; the log says why each time
                 logger.warning("lease watcher: %s: %s", type(exc).__name__, exc, exc_info=exc)
                 short = True
             interval = SHORT_INTERVAL if short else IDLE_INTERVAL
@@ -257,7 +257,7 @@ class LeaseWatcher:
         await self.mark_states()
         waited_for = await self.yield_idle()
         # Looked at often while it waits, or while others wait for its hosts (it may yield).
-        return short or waited_for
+        return bool(short) or waited_for
 
     async def refresh(self, hosts: Collection[str] | None = None) -> None:
         """List the leases of the worker hosts that have an agent (all of them, or ``hosts``)."""
@@ -272,24 +272,31 @@ class LeaseWatcher:
                 continue
             self.table.see_leases(name, result, now)
 
-    def wanted_here(self) -> dict[str, int]:
-        """Slots to want on each usable worker host that other clusters fill (while the cluster is short)."""
+    def wanted_here(self, short: int) -> dict[str, int]:
+        """Slots to want on the usable worker hosts that other clusters fill: ``short`` in all, in placement order.
+
+        No more than the cluster lacks, so a cluster that yields slots to it
+        yields no more than it waits for.
+        """
         used: dict[str, int] = {}
         for spec in self.cluster.worker_spec.values():
             host = spec.get("options", {}).get("host")
             used[host] = used.get(host, 0) + 1
         unavailable = self.table.unavailable()
         limits = self.limits()
-        return {
-            name: spec.slots - used.get(name, 0)
-            for name, spec in self.table.workers.items()
-            if name not in unavailable and name in limits and limits[name] < spec.slots
-            and used.get(name, 0) < spec.slots
-        }
+        wants: dict[str, int] = {}
+        for name, spec in self.table.workers.items():
+            room = spec.slots - used.get(name, 0)
+            if short <= 0:
+                break
+            if name not in unavailable and name in limits and limits[name] < spec.slots and room > 0:
+                wants[name] = min(room, short)
+                short -= wants[name]
+        return wants
 
-    async def tend_wants(self, short: bool) -> None:
-        """Record a want where others hold what the cluster waits for; remove them once it waits no more."""
-        wanted = self.wanted_here() if short else {}
+    async def tend_wants(self, short: int) -> None:
+        """Record wants for the ``short`` entries the cluster waits for, where others hold slots; none once it waits no more."""
+        wanted = self.wanted_here(short) if short else {}
         current = self.table.wanting()
         for name, want in current.items():
             if wanted.get(name) != want.lease.amount.slots:
@@ -351,7 +358,9 @@ class LeaseWatcher:
         """
         ours = self.pool.cluster_id
         mine = {host for host, held in self.table.held.items() if held}
-        waited_for = {le.host for le in self.table.lab_leases() if not le.held and le.cluster != ours} & mine
+        wants = [le for le in self.table.lab_leases() if not le.held and le.cluster != ours and le.host in mine]
+        waited_for = {le.host for le in wants}
+        asked = sum(max(le.amount.slots, 1) for le in wants)  # slots: no more is given back than is waited for
         adaptive = self.cluster.running_adaptive()
         if adaptive is None or not waited_for:
             return bool(waited_for)
@@ -363,9 +372,10 @@ class LeaseWatcher:
             return True
         idle = self._idle_workers()
         chosen: list[str] = []
+        given = 0
         for key, spec in list(self.cluster.worker_spec.items()):
             host = spec.get("options", {}).get("host")
-            if host not in waited_for:
+            if host not in waited_for or given >= asked:
                 continue
             after = self.table.specs[host].yield_after if host in self.table.specs else math.inf
             members = self.cluster.member_names_of(key)
@@ -373,6 +383,7 @@ class LeaseWatcher:
                 continue
             if all(m in idle and now - self._idle_since.get(m, now) >= after for m in members):
                 chosen.extend(members)
+                given += 1
         if chosen:
             message = f"yielding {len(chosen)} idle worker(s) to a waiting cluster: {', '.join(chosen)}"
             logger.info("%s", message)
