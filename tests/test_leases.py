@@ -15,6 +15,10 @@ from speccluster_ssh.agent.lease_records import lease_amount, lease_fit
 from speccluster_ssh.leases import (
     Amount,
     Lease,
+    entries_fit,
+    entry_amount,
+    fair_grants,
+    fair_limits,
     fair_order,
     free_capacity,
     host_capacity,
@@ -214,3 +218,39 @@ def test_the_host_accepts_what_the_head_sees_free(held: list[Any], asked: dict[s
         and all(g in free.gpus and all(g not in m.amount.gpus for m in mine) for g in amount["gpus"])
     )
     assert fits == (not short), (short, free)
+
+
+# -- what one cluster may place ------------------------------------------------------------------------
+
+
+def test_entry_amount_and_what_fits() -> None:
+    capacity = Amount(slots=2, cores=8, memory=16 * GiB, gpus=("0", "1", "2", "3"))
+    per_entry = entry_amount(2, capacity, gpus=2)
+    assert per_entry == Amount(1, 4, 8 * GiB, ("0", "1"))
+    assert entries_fit(capacity, per_entry) == 2
+    assert entries_fit(Amount(2, 8, 16 * GiB, ("3",)), per_entry) == 0  # one device left: no entry of two
+    assert entries_fit(Amount(2, 3, 16 * GiB, ()), entry_amount(2, Amount(2))) == 2  # cores not given: not counted
+
+
+def test_slots_freed_on_several_hosts_at_once_are_shared_between_the_waiting_users() -> None:
+    # 4 hosts freed at the same moment, two users waiting everywhere: not all four to the earliest want.
+    hosts = ("h1", "h2", "h3", "h4")
+    lab = [want("a", "alice", 1.0, h) for h in hosts] + [want("b", "bob", 2.0, h) for h in hosts]
+    grants = fair_grants(lab, {h: 1 for h in hosts})
+    given = [c for h in hosts for c in grants[h]]
+    assert sorted(given) == ["a", "a", "b", "b"]
+    assert grants == {"h1": ["a"], "h2": ["b"], "h3": ["a"], "h4": ["b"]}  # ties: earliest want, then host order
+
+
+def test_fair_limits_follow_fair_share_only_where_others_wait() -> None:
+    one_slot = (Amount(slots=1), Amount(slots=1))
+    hosts = {h: one_slot for h in ("h1", "h2", "h3")}
+    # h1: root's holder; h2 free, bob waits; h3 free, no one waits.
+    lab = [lease("holder", "root", host="h1"), want("mine", "alice", 5.0, "h2"), want("bobs", "bob", 1.0, "h2")]
+    # h2: alice and bob hold nothing, bob waited first; h3: no one else waits, so it is alice's to take.
+    assert fair_limits(hosts, lab, "mine") == {"h1": 0, "h2": 0, "h3": 1}
+    assert fair_limits(hosts, lab, "bobs") == {"h1": 0, "h2": 1, "h3": 1}
+    # Bob at his quota: the slot goes to alice.
+    assert fair_limits(hosts, lab, "mine", {"bob": 0}) == {"h1": 0, "h2": 1, "h3": 1}
+    # Its own lease counts towards what it may have.
+    assert fair_limits({"h1": one_slot}, [lease("mine", "alice")], "mine") == {"h1": 1}

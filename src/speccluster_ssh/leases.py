@@ -57,7 +57,8 @@ __all__ = [
     "parse_user_quota",
     "quota_of",
     "quota_refusal",
-    "slot_limit",
+    "fair_grants",
+    "fair_limits",
     "slots_held",
     "waiting_clusters",
 ]
@@ -351,44 +352,83 @@ def entries_fit(free: Amount, per_entry: Amount) -> int:
     return max(min(fits), 0)
 
 
-def slot_limit(
-    capacity: Amount,
-    per_entry: Amount,
-    lab: Iterable[Lease],
-    host: str,
-    cluster: str,
-    quota: Mapping[str, int] | None = None,
-) -> int:
-    """How many entries ``cluster`` may have on ``host`` now, beside the other clusters of the lab.
+def fair_grants(
+    leases: Iterable[Lease], free_slots: Mapping[str, int], quota: Mapping[str, int] | None = None
+) -> dict[str, list[str]]:
+    """Who gets the free slots of several hosts at once: one cluster id per slot, per host.
 
-    Its own live leases there, plus what is free of the other clusters'
-    (:func:`free_capacity`). While other clusters wait for the host, the free
-    part goes by fair share instead: ``cluster`` takes only the slots
-    :func:`fair_order` gives it (none unless it waits there too), so every
-    deployer that reads the same records lets the same cluster claim.
+    :func:`fair_order` across the hosts together: each slot goes to the waiting
+    cluster whose user holds the fewest slots on the lab, counting every slot
+    given so far on any host, so slots freed on two hosts at the same moment do
+    not both go to the same user. Ties: earliest want, then cluster id, then the
+    host's name, so every deployer that reads the same records gives the same
+    answer.
 
     Parameters
     ----------
-    capacity
-        The host's capacity as the inventory gives it (:func:`host_capacity`).
-    per_entry
-        What one entry uses (:func:`entry_amount`).
+    leases
+        The live records of every host of the lab.
+    free_slots
+        Free slots per host.
+    quota
+        The parsed ``speccluster_user_quota``, or ``None``.
+    """
+    leases = list(leases)
+    held = slots_held(leases)
+    waiting = {host: waiting_clusters(leases, host) for host in free_slots}
+    remaining = {(host, w.cluster): w.slots for host, ws in waiting.items() for w in ws}
+    left = {host: max(n, 0) for host, n in free_slots.items()}
+    grants: dict[str, list[str]] = {host: [] for host in free_slots}
+    for _ in range(sum(left.values())):
+        candidates = [
+            (held.get(w.user, 0), w.since, w.cluster, host, w.user)
+            for host in sorted(left) if left[host] > 0
+            for w in waiting[host] if remaining[(host, w.cluster)] > 0 and _below_quota(quota, w.user, held)
+        ]
+        if not candidates:
+            break
+        _, _, cluster, host, user = min(candidates)
+        grants[host].append(cluster)
+        held[user] = held.get(user, 0) + 1
+        remaining[(host, cluster)] -= 1
+        left[host] -= 1
+    return grants
+
+
+def fair_limits(
+    hosts: Mapping[str, tuple[Amount, Amount]],
+    lab: Iterable[Lease],
+    cluster: str,
+    quota: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """How many entries ``cluster`` may have on each host now, beside the other clusters of the lab.
+
+    On a host no other cluster waits for: its own live leases plus what is
+    free of the other clusters' (:func:`free_capacity`). Where others wait,
+    the free part goes by fair share over all those hosts at once
+    (:func:`fair_grants`): ``cluster`` takes only the slots given to it (none
+    unless it waits there too), so every deployer that reads the same records
+    lets the same cluster claim.
+
+    Parameters
+    ----------
+    hosts
+        Per host: its capacity as the inventory gives it (:func:`host_capacity`)
+        and what one entry uses (:func:`entry_amount`).
     lab
         The live records of every host of the lab.
-    host
-        The host.
     cluster
         The id of the cluster asking.
     quota
         The parsed ``speccluster_user_quota``, or ``None``.
     """
     lab = list(lab)
-    here = [lease for lease in lab if lease.host == host]
-    own = sum(1 for lease in here if lease.held and lease.cluster == cluster)
-    free = free_capacity(capacity, here, cluster)
-    room = entries_fit(free, per_entry)  # entries it may hold here, its own leases included
-    others_wait = any(w.cluster != cluster for w in waiting_clusters(lab, host))
-    if not others_wait:
-        return room
-    free_now = max(room - own, 0)
-    return own + fair_order(lab, host, free_now, quota).count(cluster)
+    room: dict[str, int] = {}
+    own: dict[str, int] = {}
+    for host, (capacity, per_entry) in hosts.items():
+        here = [lease for lease in lab if lease.host == host]
+        own[host] = sum(1 for lease in here if lease.held and lease.cluster == cluster)
+        room[host] = entries_fit(free_capacity(capacity, here, cluster), per_entry)  # its own leases included
+    contested = {host for host in hosts if any(w.cluster != cluster for w in waiting_clusters(lab, host))}
+    grants = fair_grants(lab, {host: max(room[host] - own[host], 0) for host in contested}, quota)
+    return {host: own[host] + grants[host].count(cluster) if host in contested else room[host] for host in hosts}

@@ -13,7 +13,7 @@ cluster:
   short of its target, less often otherwise);
 - while the cluster is short, it records a *want* on the hosts other clusters
   fill, and grows the spec again as soon as a slot is free for it (fair
-  share decides, :func:`~speccluster_ssh.leases.slot_limit`), without anyone
+  share decides, :func:`~speccluster_ssh.leases.fair_limits`), without anyone
   calling ``scale``; once the target is met it removes its wants;
 - it marks each lease busy or idle, for ``hosts`` (when the agent can);
 - an adaptive cluster whose idle workers above its minimum have been idle for
@@ -37,7 +37,7 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import HostError
-from .leases import Amount, entry_amount, host_capacity, quota_refusal, slot_limit
+from .leases import Amount, entry_amount, fair_limits, host_capacity, quota_refusal
 
 if TYPE_CHECKING:
     from .agent import HeldLease, HostAgent, LeaseRefused
@@ -104,16 +104,13 @@ def lab_quota(table: HostTable) -> dict[str, int] | None:
 
 def slot_limits(table: HostTable, cluster: str) -> dict[str, int]:
     """Entries ``cluster`` may have on each worker host whose leases are known (the others: its slots)."""
-    lab = table.lab_leases()
-    quota = lab_quota(table)
-    limits = {}
+    hosts = {}
     for name, spec in table.workers.items():
-        if name not in table.leases:
-            continue
-        facts = table.agents[name].facts if name in table.agents else {}
-        limits[name] = min(spec.slots, slot_limit(host_capacity_of(spec, facts), per_entry_of(spec, facts), lab,
-                                                  name, cluster, quota))
-    return limits
+        if name in table.leases:
+            facts = table.agents[name].facts if name in table.agents else {}
+            hosts[name] = (host_capacity_of(spec, facts), per_entry_of(spec, facts))
+    limits = fair_limits(hosts, table.lab_leases(), cluster, lab_quota(table))
+    return {name: min(table.workers[name].slots, limit) for name, limit in limits.items()}
 
 
 def lab_user(table: HostTable, cluster: str, spec: HostSpec) -> str:
