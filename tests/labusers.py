@@ -142,7 +142,7 @@ class LabUser:
             ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` on the head as the user, in its home; its output is captured as text."""
         return subprocess.run(
-            ["runuser", "-u", self.name, "--", *argv], env=self.env(env), cwd=self.home, capture_output=True,
+            [_runuser(), "-u", self.name, "--", *argv], env=self.env(env), cwd=self.home, capture_output=True,
             text=True, timeout=timeout, stdin=subprocess.DEVNULL,
         )
 
@@ -210,6 +210,14 @@ class LabUser:
                 kill_tree(proc.pid)
             time.sleep(0.1)
         return killed
+
+
+def _runuser() -> str:
+    """The path of ``runuser`` (in an sbin directory, which the user's PATH leaves out)."""
+    found = shutil.which("runuser", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if found is None:
+        raise RuntimeError("runuser (util-linux) is missing; install util-linux")
+    return found
 
 
 def _remove_files_of(uid: int, directories: Sequence[Path]) -> None:
