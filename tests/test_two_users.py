@@ -164,3 +164,39 @@ def test_a_user_cannot_stop_signal_or_read_another_users_cluster(
 
     _ok(lab_user.cli("down", "--name", "mine", timeout=90))
     cli.ok("down", "--name", "shared")
+
+
+def test_the_python_api_runs_as_the_user_with_its_own_key_and_scratch(lab: Lab, lab_user: LabUser) -> None:
+    """The user's script starts a cluster on its own: processes of the user, scratch in /tmp/speccluster-ssh-<user>.
+
+    The user's key logs in as the user only: not as root.
+    """
+    import asyncio
+
+    import asyncssh
+
+    async def login(username: str) -> str:
+        async with asyncssh.connect(lab.hosts[0].ip, username=username, client_keys=[str(lab_user.key)],
+                                    known_hosts=str(lab.known_hosts)) as conn:
+            return str((await conn.run("id -un", check=True)).stdout).strip()
+
+    assert asyncio.run(login(lab_user.name)) == lab_user.name
+    with pytest.raises(asyncssh.PermissionDenied):
+        asyncio.run(login("root"))
+
+    inventory = lab_user.write_inventory("api", ["h4"], speccluster_slots=1)
+    result = lab_user.python_script(f"""
+import json, os
+from distributed import Client
+from speccluster_ssh.cluster import SSHSpecCluster
+with SSHSpecCluster(inventory={str(inventory)!r}, n_workers=1) as cluster, Client(cluster) as client:
+    seen = client.run(lambda dask_worker: (os.getuid(), dask_worker.local_directory))
+    print(json.dumps(list(seen.values())))
+""", timeout=120)
+    _ok(result)
+    [[uid, local_directory]] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert uid == lab_user.uid
+    scratch = Path(tempfile.gettempdir()) / f"speccluster-ssh-{lab_user.name}"
+    assert Path(local_directory).is_relative_to(scratch), local_directory
+    cluster_dirs = list(scratch.iterdir())
+    assert not cluster_dirs, cluster_dirs  # gone with the cluster
