@@ -53,6 +53,32 @@ _hypothesis_settings.load_profile(
 )
 
 # ---------------------------------------------------------------------------
+# Temporary files of child processes
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _children_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Child processes (local host agents and their dask processes) keep temporary files under pytest's base.
+
+    Scratch directories go with their cluster, but a test that SIGKILLs an
+    agent in a private base directory leaves its scratch for a sweep that
+    never comes; there it goes with pytest's old runs. This process keeps
+    its own (cached) temporary directory; lab hosts get theirs from sshd.
+    """
+    path = tmp_path_factory.mktemp("children-tmp")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old
+
+
+# ---------------------------------------------------------------------------
 # SSH lab
 # ---------------------------------------------------------------------------
 
