@@ -2,16 +2,21 @@
 
 SSH lab fixtures come first: ``lab`` (one lab of network-namespace hosts for
 the whole session) and ``lab_reset`` (puts the lab back in shape after every
-test that used it).  See ``tests/sshlab.py``.
+test that used it).  See ``tests/sshlab.py``.  Then ordinary users for lab
+tests: ``lab_user`` (one account) and ``make_lab_user`` (as many as a test
+needs), see ``tests/labusers.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import shutil
 import sys
+import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,8 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
+from labusers import LabUser, build_user_python  # noqa: E402
+from labusers import lab_user as _new_lab_user  # noqa: E402
 from sshlab import Lab  # noqa: E402
 
 # ---------------------------------------------------------------------------
@@ -44,6 +51,32 @@ _hypothesis_settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE")
     or ("ci" if os.environ.get("CI", "").lower() == "true" else "default")
 )
+
+# ---------------------------------------------------------------------------
+# Temporary files of child processes
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _children_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Child processes (local host agents and their dask processes) keep temporary files under pytest's base.
+
+    Scratch directories go with their cluster, but a test that SIGKILLs an
+    agent in a private base directory leaves its scratch for a sweep that
+    never comes; there it goes with pytest's old runs. This process keeps
+    its own (cached) temporary directory; lab hosts get theirs from sshd.
+    """
+    path = tmp_path_factory.mktemp("children-tmp")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old
+
 
 # ---------------------------------------------------------------------------
 # SSH lab
@@ -111,6 +144,34 @@ def lab_reset(request: pytest.FixtureRequest) -> Iterator[None]:
         if os.environ.get("SCLAB_STRICT_RESET") == "1":
             pytest.fail(message)
         warnings.warn(message, stacklevel=1)
+
+
+# ---------------------------------------------------------------------------
+# Ordinary users of the lab
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def lab_user_python(lab: Lab) -> Iterator[str]:
+    """A python every user may run, with what the head needs and this checkout (built once a session)."""
+    root = Path(tempfile.mkdtemp(prefix=f"{lab.prefix}-users-"))
+    try:
+        yield build_user_python(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def make_lab_user(lab: Lab, lab_user_python: str) -> Iterator[Callable[[], LabUser]]:
+    """Makes fresh ordinary accounts (see ``labusers.py``); each is removed, with all it left, after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(_new_lab_user(lab, lab_user_python))
+
+
+@pytest.fixture
+def lab_user(make_lab_user: Callable[[], LabUser]) -> LabUser:
+    """One ordinary account with its own SSH key, a home and a python (see ``labusers.py``)."""
+    return make_lab_user()
 
 
 # ---------------------------------------------------------------------------

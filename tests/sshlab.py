@@ -633,7 +633,9 @@ class LabHost:
             f"ListenAddress {self.ip}",
             f"Port {_SSH_PORT}",
             f"HostKey {self.host_key_path}",
-            f"AuthorizedKeysFile {lab.authorized_keys}",
+            # The shared file (the lab key, for every account), then one per
+            # account: a lab user's own key (labusers.py) logs in as that user only.
+            f"AuthorizedKeysFile {lab.authorized_keys} {lab.workdir}/authorized_keys.%u",
             "PermitRootLogin prohibit-password",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
@@ -1131,6 +1133,10 @@ class Lab:
     def authorized_keys(self) -> Path:
         """The authorized_keys file shared by every sshd."""
         return self.workdir / "authorized_keys"
+
+    def user_authorized_keys(self, user: str) -> Path:
+        """The authorized_keys file of account ``user`` alone (sshd reads it as that user)."""
+        return self.workdir / f"authorized_keys.{user}"
 
     @property
     def known_hosts(self) -> Path:

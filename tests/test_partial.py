@@ -9,24 +9,20 @@ many workers a start needs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import pwd
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import distributed
 import psutil
 import pytest
 from distributed import Client
 
+from labusers import LabUser
 from proctools import kill_tree
 from speccluster_ssh.cluster import SSHSpecCluster
 from speccluster_ssh.errors import SpecClusterError
@@ -145,58 +141,6 @@ def test_every_host_down_fails_within_the_connect_timeout(lab: Any, tmp_path: Pa
 # -- an ordinary user --------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def readable_by_all(path: Path) -> Iterator[None]:
-    """Let every user read ``path`` (a public key file) and enter its folders, for a while."""
-    chain = [path, *[p for p in path.parents if p != Path("/")]]
-    modes = {p: p.stat().st_mode & 0o7777 for p in chain}
-    try:
-        path.chmod(modes[path] | 0o044)
-        for folder in chain[1:]:
-            folder.chmod(modes[folder] | 0o011)
-        yield
-    finally:
-        for p, mode in modes.items():
-            p.chmod(mode)
-
-
-@pytest.fixture
-def lab_user(lab: Any, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """An ordinary account on the machine (so on every lab host), with a python that has distributed.
-
-    The lab's sshd reads one authorized_keys file for every user, so the lab
-    key logs in as this user too, once the user may read that file. Removed,
-    with its processes, afterwards.
-    """
-    if os.geteuid() != 0:
-        pytest.fail("the non-root lab test creates a user and needs root")
-    user = f"scuser{os.getpid() % 100000}"
-    home = Path("/home") / user
-    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh", user], check=True, timeout=30)
-    # No password, but not locked: sshd without PAM refuses locked accounts.
-    subprocess.run(["usermod", "--password", "*", user], check=True, timeout=30)
-    keys = contextlib.ExitStack()
-    try:
-        keys.enter_context(readable_by_all(Path(lab.authorized_keys)))
-        # The head's python lives under /root; the user gets Debian's python
-        # with the head's distributed release from pip's cache.
-        venv = home / "venv"
-        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True, timeout=120)
-        subprocess.run(
-            [str(venv / "bin/python"), "-m", "pip", "install", "-q", f"distributed=={distributed.__version__}"],
-            check=True, timeout=600, capture_output=True,
-        )
-        subprocess.run(["chown", "-R", f"{user}:{user}", str(home)], check=True, timeout=60)
-        yield user, str(venv / "bin/python")
-    finally:
-        keys.close()
-        for proc in psutil.process_iter(["uids"]):
-            if proc.info["uids"] and proc.info["uids"].real == pwd.getpwnam(user).pw_uid:
-                kill_tree(proc.pid)
-        subprocess.run(["userdel", "--remove", user], check=False, timeout=60, capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
-
-
 def _user_processes(user: str) -> list[str]:
     uid = pwd.getpwnam(user).pw_uid
     return [
@@ -207,10 +151,10 @@ def _user_processes(user: str) -> list[str]:
 
 
 def test_ordinary_user_with_tls_leaves_nothing_after_the_head_is_killed(
-    lab: Any, tmp_path: Path, lab_user: tuple[str, str]
+    lab: Any, tmp_path: Path, lab_user: LabUser
 ) -> None:
     """``ansible_user`` an ordinary account, TLS on: kill the head, and nothing of the user's is left."""
-    user, python = lab_user
+    user, python = lab_user.name, lab_user.python
     chosen = lab.hosts[:2]
     path = inventory(
         lab, tmp_path, {h.name: {"ansible_user": user, "speccluster_python": python} for h in chosen},

@@ -21,7 +21,10 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # shipped, a global already: host.py runs first in the same namespace
+    from .host import _scratch_dir
 
 PR_SET_PDEATHSIG = 1
 
@@ -160,8 +163,12 @@ def _addresses(server: Any) -> tuple[str | None, str | None]:
     return address, address
 
 
-def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
-    """Body of a forked child: run one dask server until it finishes."""
+def _run_child(request: dict[str, Any], status_fd: int, log_path: str, where: tuple[str, str] = ("", "")) -> None:
+    """Body of a forked child: run one dask server until it finishes.
+
+    ``where`` is the cluster id and the host's label, which name its scratch
+    directory (:func:`_use_scratch`).
+    """
     import asyncio
 
     import dask
@@ -200,6 +207,8 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
             pass
 
     async def serve() -> None:
+        if where[0]:
+            _use_scratch(role, options, where, report)
         # First, so that every thread of the server and the worker a nanny forks inherit it.
         _pin_to_cpus(host_vars.get("cpu_affinity"))
         if role == "scheduler":
@@ -246,6 +255,28 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _use_scratch(role: str, options: dict[str, Any], where: tuple[str, str], report: Any) -> None:
+    """Put this server's scratch and spill files in its user's and cluster's own directory (``_scratch_dir``).
+
+    Both dask's ``temporary-directory`` (what the server and libraries in it
+    use when given no directory) and a ``local_directory`` option (from
+    ``speccluster_local_directory``) point there; the agent learns the
+    directory first, so that it goes when the cluster ends, even if this
+    process is killed.
+    """
+    import tempfile
+
+    import dask
+
+    configured = options.get("local_directory") if role != "scheduler" else None
+    temporary = dask.config.get("temporary-directory", None) or tempfile.gettempdir()
+    path = _scratch_dir(str(configured) if configured else None, str(temporary), where[0], where[1])
+    report({"event": "scratch", "path": path})
+    dask.config.set({"temporary-directory": path})
+    if configured:
+        options["local_directory"] = path
 
 
 def _default_signals_in_child() -> None:

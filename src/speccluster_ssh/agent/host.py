@@ -1,8 +1,9 @@
 """What the host agent learns about and sets up on its host. A shipped source (see ``remote.py``).
 
 Facts for the agent's hello (cpus, memory, the address facing the head,
-GPUs), the reach probe it runs before its import (scheduler_reach auto), and
-the private directories it keeps logs and files in. Runs in the
+GPUs), the reach probe it runs before its import (scheduler_reach auto), the
+private directories it keeps logs and files in, and the scratch directory of
+the dask processes (:func:`_scratch_dir`). Runs in the
 agent's namespace after ``logs.py``; imports only the standard library (and
 ``distributed`` for its version).
 """
@@ -52,6 +53,97 @@ def _probe_writable(directory: str) -> None:
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+def _user_name() -> str:
+    """This process's user name, usable in a path (its uid when the account has no name)."""
+    import pwd
+
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        name = ""
+    return _path_part(name) if name else str(os.getuid())
+
+
+def _path_part(text: str) -> str:
+    """``text`` as one path component: only letters, digits, ``-``, ``_`` and ``.``, never ``.``/``..``."""
+    part = "".join(c if c.isalnum() or c in "-_." else "_" for c in text).lstrip(".")
+    return part or "_"
+
+
+def _own_dir(path: str) -> None:
+    """Make ``path`` a directory only we can enter, or check that it is one of ours (never a symlink)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path} is not a plain directory")
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to uid {st.st_uid}")
+    os.chmod(path, 0o700)
+
+
+def _scratch_dir(configured: str | None, temporary: str, cluster: str, label: str) -> str:
+    """Create and return the scratch (and spill) directory of this user's dask processes of one cluster here.
+
+    Parameters
+    ----------
+    configured
+        ``speccluster_local_directory`` (or ``local_directory`` of the worker
+        options): the directory becomes ``<configured>/<user>/<cluster>/<label>``,
+        so that users and clusters sharing it never meet. It is created
+        when missing, as dask would; a ``<user>`` directory that is not ours
+        is refused with the fix.
+    temporary
+        Where the scratch goes otherwise (dask's ``temporary-directory``, else
+        the system's): ``<temporary>/speccluster-ssh-<user>/<cluster>/<label>``.
+        A ``speccluster-ssh-<user>`` that someone else planted there is
+        passed over for a fresh private directory beside it.
+    cluster, label
+        The cluster id and the host's label (lab hosts may share one filesystem).
+
+    Raises
+    ------
+    PermissionError
+        One line naming the directory, the reason and the fix.
+    """
+    import tempfile
+
+    user = _user_name()
+    tail = (_path_part(cluster), _path_part(label))
+    if configured:
+        base = os.path.abspath(os.path.expanduser(configured))
+        top = os.path.join(base, user)
+    else:
+        base = os.path.abspath(temporary)
+        top = os.path.join(base, f"speccluster-ssh-{user}")
+    try:
+        os.makedirs(base, exist_ok=True)
+        try:
+            _own_dir(top)
+        except PermissionError:
+            if configured:
+                raise
+            top = tempfile.mkdtemp(prefix=f"speccluster-ssh-{user}-", dir=base)
+        path = top
+        for part in tail:
+            path = os.path.join(path, part)
+            _own_dir(path)
+        _probe_writable(path)
+    except OSError as exc:
+        where = getattr(exc, "filename", None) or top
+        reason = exc.strerror or str(exc)
+        fix = (
+            f"make {base} writable by every user of the lab (chmod 1777, as /tmp is), or create {top} for "
+            f"{user}, or set speccluster_local_directory to a directory of {user}'s own"
+            if configured
+            else f"set speccluster_local_directory to a directory {user} may write"
+        )
+        raise PermissionError(f"cannot use {where} for the scratch files of {user}'s dask processes ({reason}); {fix}") from None
+    return path
 
 
 def _detect_gpus() -> dict[str, Any]:

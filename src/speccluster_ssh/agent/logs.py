@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 TAIL_BYTES = 16384
@@ -196,6 +196,10 @@ class LogPipe:
 # ENDED_NAME. Any agent, when it starts, sweeps the other clusters' directories
 # whose lock is free: their TLS keys go at once, their logs once their
 # retention has passed since they ended. A held lock is never touched.
+# The lock file's text says the retention and the scratch directories of the
+# agent's processes (host.py's _scratch_dir, outside <base>, often in /tmp):
+# the last agent to leave removes them, and so does a sweep that finds the
+# agent gone, so spilled data never outlives its cluster.
 
 LOCK_NAME = "agent.lock"
 ENDED_NAME = "ended.json"
@@ -268,16 +272,24 @@ def _hold_lock(directory: str, retention: float) -> int:
     uses when the agent died before it could write its end marker.
     """
     import fcntl
-    import json
 
     fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_SH)
     with contextlib.suppress(FileNotFoundError):  # alive again (a host back after a crash): not ended
         os.unlink(os.path.join(directory, ENDED_NAME))
-    with contextlib.suppress(OSError):  # only the marker's text: the lock is what counts
-        os.lseek(fd, 0, os.SEEK_SET)
-        _write_all(fd, json.dumps({"retention": retention, "pid": os.getpid()}).encode().ljust(64) + b"\n")
+    note_lock(fd, {"retention": retention, "pid": os.getpid()})
     return fd
+
+
+def note_lock(fd: int, note: dict[str, Any]) -> None:
+    """Write ``note`` as the text of the lock file ``fd`` (what a sweep reads when its agent died)."""
+    import json
+
+    with contextlib.suppress(OSError):  # only the marker's text: the lock is what counts
+        data = json.dumps(note).encode().ljust(64) + b"\n"
+        os.lseek(fd, 0, os.SEEK_SET)
+        _write_all(fd, data)
+        os.ftruncate(fd, len(data))
 
 
 def _lock_free(directory: str, markers: Callable[[], set[str]]) -> int:
@@ -375,9 +387,15 @@ def _sweep_one(directory: str, now: float) -> None:
     import shutil
 
     ended = _read_json(os.path.join(directory, ENDED_NAME))
+    note = _read_json(os.path.join(directory, LOCK_NAME))
+    # Its agent is gone: so are its processes, and their scratch files go now, whatever the retention.
+    scratch = note.get("scratch")
+    for path in scratch if isinstance(scratch, list) else []:
+        if isinstance(path, str) and os.path.isabs(path):
+            _remove_scratch(path)
     retention = _retention_of(ended)
     if retention is None:
-        retention = _retention_of(_read_json(os.path.join(directory, LOCK_NAME)))
+        retention = _retention_of(note)
     retention = DEFAULT_RETENTION if retention is None else retention
     ended_at = ended.get("ended") if isinstance(ended.get("ended"), (int, float)) else None
     action = sweep_action(now=now, lock_free=True, ended_at=ended_at, retention=retention)
@@ -396,12 +414,15 @@ def _retention_of(data: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _leave(directory: str, root: str, lock_fd: int, *, keep_tls: bool, remove: bool, retention: float) -> None:
+def _leave(directory: str, root: str, lock_fd: int, *, keep_tls: bool, remove: bool, retention: float,
+           scratch: Iterable[str] = ()) -> None:
     """At the agent's end: TLS keys go (unless a newer agent of the cluster uses them), logs stay.
 
     The last agent of the directory (its lock can be taken exclusively) writes
-    the end marker that the retention counts from; a directory without any
-    log (``check``'s agents) or asked ``remove`` goes at once.
+    the end marker that the retention counts from, and removes the
+    ``scratch`` directories of its processes (a newer agent of the cluster
+    uses the same ones); a directory without any log (``check``'s agents) or
+    asked ``remove`` goes at once.
     """
     import fcntl
     import shutil
@@ -417,6 +438,8 @@ def _leave(directory: str, root: str, lock_fd: int, *, keep_tls: bool, remove: b
         except OSError:
             last = False
     if last:
+        for path in scratch:
+            _remove_scratch(path)
         logs = os.path.join(directory, "logs")
         try:
             empty = not any(name.endswith(".log") for name in os.listdir(logs))
@@ -432,6 +455,22 @@ def _leave(directory: str, root: str, lock_fd: int, *, keep_tls: bool, remove: b
     if lock_fd >= 0:
         with contextlib.suppress(OSError):
             os.close(lock_fd)
+
+
+def _remove_scratch(path: str) -> None:
+    """Remove a scratch directory of ours (``_scratch_dir`` of ``host.py``) and its cluster's directory when empty."""
+    import shutil
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return  # not ours, whatever a record says
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))  # the cluster's, when no other host label uses it
 
 
 def _kept_logs(config: dict[str, Any]) -> dict[str, Any]:

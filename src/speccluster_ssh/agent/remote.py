@@ -89,7 +89,7 @@ if TYPE_CHECKING:  # shipped, these are globals already: the other sources run f
     )
     from .logs import (
         DEFAULT_RETENTION, TAIL_BYTES, LogFile, LogPipe, _base_dir, _hold_lock, _kept_logs, _leave, _sweep, _tail_of,
-        widen_pipe,
+        note_lock, widen_pipe,
     )
 
 MAX_OUTBUF = 16 * 1024 * 1024
@@ -149,6 +149,7 @@ class Agent:
         self.keep_tls = False
         self.probe_listener: socket.socket | None = None  # see _reach_probe
         self.class_facts: dict[str, str] = {}  # see worker_class_facts, for the hello
+        self.scratch: list[str] = []  # scratch directories of the children (their "scratch" events), see logs.py
         # speccluster_lease_dir; waiting for its lock blocks this loop, so less than the head's patience.
         self.leases = LeaseKeeper(self.cluster, config.get("lease_dir"), min(LEASE_LOCK_TIMEOUT, self.silence / 3))
         os.environ[MARKER_ENV] = self.cluster
@@ -217,7 +218,7 @@ class Agent:
                 os.chdir(_private_dir(cwd) if cwd.startswith(self.dir) else cwd)
                 sys.stdout = os.fdopen(1, "w", buffering=1)
                 sys.stderr = os.fdopen(2, "w", buffering=1)
-                _run_child(request, write_fd, log_path)
+                _run_child(request, write_fd, log_path, (self.cluster, str(self.config["host_label"])))
             finally:
                 os._exit(1)
         os.close(write_fd)
@@ -292,10 +293,21 @@ class Agent:
                 message = json.loads(line)
             except ValueError:
                 continue
+            if message.get("event") == "scratch":  # the agent's own business: recorded, not sent
+                self._note_scratch(message.get("path"))
+                continue
             if message.get("event") == "failed":
                 self._flush_log(child)
                 message["tail"] = _tail_of(child.log_path)
             self.send(message)
+
+    def _note_scratch(self, path: Any) -> None:
+        """Record a child's scratch directory in the lock file, so that it goes when the cluster ends."""
+        if not isinstance(path, str) or not os.path.isabs(path) or path in self.scratch:
+            return
+        self.scratch.append(path)
+        if self.lock_fd >= 0:
+            note_lock(self.lock_fd, {"retention": self.retention, "pid": os.getpid(), "scratch": self.scratch})
 
     def _reap(self) -> None:
         for _ in range(10000):
@@ -534,7 +546,7 @@ class Agent:
         # restart's old agent leaves the keys to the new agent of the host (keep_tls).
         if self.dir:
             _leave(self.dir, self.root_dir, self.lock_fd, keep_tls=self.keep_tls, remove=self.remove_dir,
-                   retention=self.retention)
+                   retention=self.retention, scratch=self.scratch)
         if self.shutdown_reply is not None:
             self.send({"id": self.shutdown_reply, "ok": True, "left": sorted(c.name for c in self.by_pid.values())})
         self._finish_output()

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -270,10 +271,25 @@ def _check_bytes(value: str | None, option: str) -> str | None:
     return value
 
 
+def _named_state(name: str) -> tuple[Path, st.ClusterState | None]:
+    """The state directory of cluster ``name`` and its state (``None`` without one).
+
+    A directory this user may not read is another user's (state
+    directories are 0700): one line, exit 2, nothing read or touched.
+    """
+    directory = st.cluster_dir(name)
+    try:
+        return directory, st.read_state(directory) if directory.is_dir() else None
+    except PermissionError:
+        raise UserError(
+            f"cluster {name!r} in {directory.parent} is not yours (permission denied); use your own "
+            "state directory (unset speccluster-ssh.state-dir and XDG_STATE_HOME)"
+        ) from None
+
+
 def _resolve(name: str | None, *, allow_stale: bool = False) -> st.KnownCluster:
     if name is not None:
-        directory = st.cluster_dir(name)
-        found = st.read_state(directory) if directory.is_dir() else None
+        directory, found = _named_state(name)
         if found is None:
             raise UserError(f"no cluster named {name!r} on this machine; '{PROG} list' shows the known ones")
         return st.KnownCluster(found, directory, st.head_alive(directory))
@@ -293,7 +309,10 @@ def _resolve(name: str | None, *, allow_stale: bool = False) -> st.KnownCluster:
 def _hosts_seen_by_running_cluster(name: str) -> dict[str, dict[str, Any]]:
     """Host name -> state, reason and fix, as a running cluster called ``name`` sees them; ``{}`` if none runs."""
     directory = st.cluster_dir(name)
-    found = st.read_state(directory) if directory.is_dir() else None
+    try:
+        found = st.read_state(directory) if directory.is_dir() else None
+    except PermissionError:  # another user's
+        return {}
     if found is None or found.phase != "running" or not st.head_alive(directory):
         return {}
     try:

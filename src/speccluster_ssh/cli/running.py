@@ -15,7 +15,7 @@ from .. import state as st
 from ..control import Op
 from ..errors import SpecClusterError
 from ..messages import PROG
-from .common import _ask, _check_bytes, _json_option, _name_option, _resolve, main
+from .common import _ask, _check_bytes, _json_option, _name_option, _named_state, _resolve, main
 from .display import _echo_json, _new_text, _render_status, workers_text
 
 
@@ -186,8 +186,7 @@ def _kept_source(name: str | None) -> postmortem.EndedCluster | None:
     if name is None:
         return None
     postmortem.purge_records()
-    directory = st.cluster_dir(name)
-    state = st.read_state(directory) if directory.is_dir() else None
+    directory, state = _named_state(name)
     if state is not None:
         if st.head_alive(directory) or not state.cluster_id:
             return None  # a live head answers; without an id there is nothing to look for on the hosts

@@ -425,7 +425,9 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         prologue, None, "Shell lines run before starting dask (a string or a list of strings)."
     ),
     "speccluster_local_directory": VarSpec(
-        optional_str, None, "Scratch directory of the dask processes on the host."
+        optional_str, None,
+        "Where the dask processes keep scratch and spill files: <dir>/<user>/<cluster>/<host>; default "
+        "<dask temporary-directory, else /tmp>/speccluster-ssh-<user>/<cluster>/<host>. Removed when the cluster ends.",
     ),
     "speccluster_interface": VarSpec(
         optional_str, None, "Network interface the dask processes listen on and advertise (e.g. eth0)."
