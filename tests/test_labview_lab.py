@@ -23,7 +23,6 @@ import pytest
 from speccluster_ssh.agent import HeldLease, HostAgent
 from speccluster_ssh.connection import ConnectSettings, HostConnection
 from speccluster_ssh.inventory import load_inventory
-from test_partial import lab_user  # noqa: F401  (the ordinary user's fixture)
 
 pytestmark = pytest.mark.lab
 
@@ -45,8 +44,8 @@ def table_rows(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
 
 
-def test_hosts_and_check_show_two_users_leases(lab: Any, tmp_path: Path, lab_user: tuple[str, str]) -> None:  # noqa: F811
-    user, user_python = lab_user
+def test_hosts_and_check_show_two_users_leases(lab: Any, tmp_path: Path, lab_user: Any) -> None:
+    user, user_python = lab_user.name, lab_user.python  # an ordinary account (tests/labusers.py)
     names = [h.name for h in lab.hosts[:3]]  # h1, h2, h3
     common = {"speccluster_slots": SLOTS}
     view = lab.write_inventory(tmp_path / "view.yml", host_vars={n: dict(common) for n in names},
