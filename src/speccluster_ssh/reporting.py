@@ -97,7 +97,8 @@ class Reports:
             "hosts": hosts,
             "workers": workers,
             "capacity_note": cluster.capacity_note,
-            "summary": summarize(hosts, workers, cluster.min_workers),
+            "summary": {**summarize(hosts, workers, cluster.min_workers), "held_elsewhere": held_elsewhere(hosts)
+                        if cluster.capacity_note else ""},
         }
 
     def readiness(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -188,6 +189,8 @@ def summary_line(summary: dict[str, Any]) -> str:
         parts.append(f"{name} {host['state']}: {reason} ({then})")
     for name, why in summary.get("drained_hosts", {}).items():
         parts.append(f"{name} drained: {' '.join(why.split())}")
+    if summary.get("held_elsewhere"):
+        parts.append(f"waiting for slots held by {summary['held_elsewhere']}")
     return line + ("; " + "; ".join(parts) if parts else "")
 
 
@@ -198,3 +201,15 @@ def others_on(leases: Sequence[Any], host: str, cluster_id: str) -> dict[str, An
         "holders": [lease_json(lease) for lease in others if lease.held],
         "wants": [lease_json(lease) for lease in others if not lease.held],
     }
+
+
+def held_elsewhere(hosts: dict[str, Any]) -> str:
+    """``root (alpha from vm) on h1, h2``: who holds the hosts of a status report that other clusters fill."""
+    where: dict[str, list[str]] = {}
+    for name, host in hosts.items():
+        if host.get("slots_used", 0) >= host.get("slots", 0):
+            continue
+        for lease in host.get("holders") or ():
+            who = f"{lease['user']} ({lease['name'] or lease['cluster']} from {lease['head'] or '?'})"
+            where.setdefault(who, []).append(name)
+    return "; ".join(f"{who} on {', '.join(dict.fromkeys(names))}" for who, names in where.items())

@@ -188,6 +188,13 @@ class Capacity:
         # Only what was asked for: scale(3) asked for no cores or memory.
         asked = [f"{v} {unit}" for v, unit in ((target.workers, "workers"), (target.cores, "cores"),
                                                (target.memory, "bytes")) if v]
+        limits = cluster.slot_limits()
+        if any(limit < cluster.worker_hosts[name].slots for name, limit in limits.items() if name in cluster.worker_hosts):
+            self._say_shortfall(
+                f"asked for {', '.join(asked) or '0 workers'}; {sum(s.workers for s in shapes.values())} workers "
+                "fit now: other clusters hold the rest of the lab, and slots are taken as they are freed"
+            )
+            return
         self._say_shortfall(
             f"asked for {', '.join(asked) or '0 workers'}; "
             f"the inventory's usable capacity is {sum(s.workers for s in shapes.values())} workers"

@@ -33,7 +33,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import HostError
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .cluster_protocols import SharingCluster
     from .hosts import HostTable
     from .inventory import HostSpec
+    from .leases import Lease
     from .pool import AgentPool
 
 logger = logging.getLogger("speccluster_ssh.cluster")  # the messages users know from the cluster's log
@@ -121,6 +122,20 @@ def lab_user(table: HostTable, cluster: str, spec: HostSpec) -> str:
     return spec.user or getpass.getuser()
 
 
+def holders_text(leases: Iterable[Lease]) -> str:
+    """``2 slots held by root (cluster alpha from vm, since 12:52)``: the live leases of a host, by holder."""
+    groups: dict[tuple[str, str, str], list[Lease]] = {}
+    for lease in leases:
+        if lease.held:
+            groups.setdefault((lease.user, lease.name or lease.cluster, lease.head or "?"), []).append(lease)
+    parts = []
+    for (user, name, head), held in groups.items():
+        slots = sum(lease.amount.slots for lease in held)
+        since = time.strftime("%H:%M", time.localtime(min(lease.since for lease in held)))
+        parts.append(f"{slots} slot{'' if slots == 1 else 's'} held by {user} (cluster {name} from {head}, since {since})")
+    return "; ".join(parts) or "no one holds it (the host's capacity is smaller than one entry)"
+
+
 def display_name(cluster_id: str) -> str:
     """The name a cluster was given (its id without the random suffix)."""
     return cluster_id.rsplit("-", 1)[0] if "-" in cluster_id else cluster_id
@@ -160,7 +175,7 @@ async def claim_entry(pool: AgentPool, agent: HostAgent, entry: str, gpus: int =
                                     entry=entry)
     if isinstance(reply, LeaseRefused):
         table.see_leases(host, reply.holders)
-        raise LeaseShort(host, f"no room for entry {entry}: {reply.why}", reply)
+        raise LeaseShort(host, f"no room for entry {entry}: {holders_text(reply.holders)}", reply)
     table.hold(host, entry, agent, reply)
     return reply
 
@@ -314,12 +329,12 @@ class LeaseWatcher:
 
     def _say_holders(self, host: str) -> None:
         """Say once who holds the host this cluster waits for."""
-        others = [le for le in self.table.leases.get(host, ()) if le.held and le.cluster != self.pool.cluster_id]
-        text = "; ".join(sorted({f"{le.user} (cluster {le.name or le.cluster} from {le.head or '?'})"
-                                 for le in others}))
+        others = [le for le in self.table.leases.get(host, ())
+                  if le.held and le.cluster != self.pool.cluster_id and le.host == host]
+        text = holders_text(others) if others else ""
         if text and self._told.get(host) != text:
             self._told[host] = text
-            message = f"waiting for a slot on {host}, held by {text}"
+            message = f"waiting for a slot on {host}: {text}"
             logger.warning("%s", message)
             self.cluster.log_event(message, echo=False)
 
