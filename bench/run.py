@@ -51,7 +51,7 @@ class Case:
     name: str
     hosts: int
     nworkers: int
-    kind: str = "start"  # start | ops | headcrash | plain | idle
+    kind: str = "start"  # start | ops | headcrash | plain | idle | release
     tools: tuple[str, ...] = WITH_FLOOR
     end: str = "close"  # close | crash: how an ops session ends
     security: bool = True
@@ -61,6 +61,7 @@ class Case:
     pair: str = ""  # cases of one pair swap their order from run to run, like the tools
     topology: str = ""  # "" (the usual hosts) | flat | bastion: hosts 2.. behind host 1 or not
     cap_scale: float = 1.0  # times the start-up cap (many hosts importing distributed at once)
+    slots: int = 2  # speccluster_slots of each host (2: room to scale up on warm hosts)
 
     @property
     def workers(self) -> int:
@@ -120,10 +121,27 @@ def growth_cases(hosts: tuple[int, ...] = GROWTH_HOSTS) -> list[Case]:
     return [Case(f"{n}x1", n, 1, cap_scale=2.0 if n >= 24 else 1.0) for n in hosts if n != 4]
 
 
+def lease_cases() -> list[Case]:
+    """Issue 23's rows: what a lease claim adds to a start-up, and how soon a freed slot is taken.
+
+    ``lease-16x1`` starts 16 hosts × 1 worker with each entry's lease
+    claimed (``ours``) and with the claims skipped in the head (``nolease``,
+    a bench-only patch: the product has no switch). ``release-4x1`` fills a
+    4-host lab of 1 slot each with one cluster, starts a second that waits
+    (``min_workers=0``), scales the first down by one and times the release
+    until the waiting cluster's first worker is registered.
+    """
+    return [
+        Case("lease-16x1", 16, 1, tools=("ours", "nolease")),
+        Case("release-4x1", 4, 1, kind="release", tools=("ours",), slots=1),
+    ]
+
+
 # Names that stand for several cases in --cases.
 CASE_GROUPS = {
     "growth": ["4x1", *(c.name for c in growth_cases())],
     "targets": ["4x2", "ops-4x2", "8x4", "16x1", "32x1", "48x1"],
+    "leases": [c.name for c in lease_cases()],
 }
 
 
@@ -131,9 +149,10 @@ def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
     """The cases of one run, in the order they are run.
 
     Quick mode keeps the smoke test short: 4 × 1 runs for ours alone (its
-    target is the plain ssh worker, not SSHCluster), and one 4 × 2 session
-    per tool scales, loses a worker and then loses its head. The idle
-    healing on/off pair is in the full plan only (``--cases`` picks it).
+    target is the plain ssh worker, not SSHCluster), one 4 × 2 session
+    per tool scales, loses a worker and then loses its head, and one
+    release on 4 hosts (about 12 s). The idle healing on/off pair and the
+    16-host lease claim are in the full plan only (``--cases`` picks them).
     """
     if quick:
         return [
@@ -142,6 +161,7 @@ def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
             Case("4x2", 4, 2, idle=1.0, settle=1.0),
             Case("4x2-notls", 4, 2, tools=("ours",), security=False),
             Case("ops-4x2", 4, 2, kind="ops", end="crash", tools=TOOLS),
+            *(c for c in lease_cases() if c.kind == "release"),
         ]
     return [
         Case("plain-1", 1, 1, kind="plain", tools=("plain",)),
@@ -156,6 +176,7 @@ def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
         *growth_cases(),
         *idle_pair(8, 4, idle),
         *bastion_pair(24),
+        *lease_cases(),
     ]
 
 
@@ -404,7 +425,7 @@ class Bench:
         # The last host runs SSHCluster's scheduler; the others are worker hosts for both tools.
         self.sched_host = lab.hosts[-1]
         self.worker_hosts = lab.hosts[:-1]
-        self._inventories: dict[tuple[int, int, bool], str] = {}
+        self._inventories: dict[tuple[int, int, bool, int], str] = {}
         self._ssh_config: Path | None = None
 
     def hosts_of(self, case: Case) -> list[Any]:
@@ -414,10 +435,10 @@ class Bench:
         return self.worker_hosts[: case.hosts]
 
     def inventory(self, case: Case) -> str:
-        key = (case.hosts, case.nworkers, bool(case.topology))
+        key = (case.hosts, case.nworkers, bool(case.topology), case.slots)
         if key not in self._inventories:
             names = [h.name for h in self.hosts_of(case)]
-            tag = "-behind" if case.topology else ""
+            tag = ("-behind" if case.topology else "") + (f"-{case.slots}slots" if case.slots != 2 else "")
             path = self.workdir / f"inventory-{case.hosts}x{case.nworkers}{tag}.yml"
             self._inventories[key] = str(
                 self.lab.write_inventory(
@@ -427,8 +448,9 @@ class Bench:
                         # The lab writes its known_hosts path here, but the
                         # inventory reads this variable as the host-key policy.
                         "all": {"speccluster_known_hosts": "strict"},
-                        # Two slots per host leave room to scale up on warm hosts.
-                        "workers": {"speccluster_nworkers": case.nworkers, "speccluster_nthreads": 1, "speccluster_slots": 2},
+                        # Two slots per host (the default) leave room to scale up on warm hosts.
+                        "workers": {"speccluster_nworkers": case.nworkers, "speccluster_nthreads": 1,
+                                    "speccluster_slots": case.slots},
                     },
                 )
             )
@@ -437,8 +459,10 @@ class Bench:
     def config(self, case: Case, tool: str) -> dict[str, Any]:
         cap = self.settings.start_cap * (1 if case.workers <= 32 else 2) * case.cap_scale
         return {
-            "tool": tool,
-            "inventory": self.inventory(case) if tool in ("ours", "floor") else None,
+            # nolease: ours with each entry's lease claim skipped in the head (bench.driver.instrument_leases).
+            "tool": "ours" if tool == "nolease" else tool,
+            "leases": tool != "nolease",
+            "inventory": self.inventory(case) if tool in ("ours", "nolease", "floor") else None,
             "known_hosts": str(self.lab.known_hosts),
             "client_key": str(self.lab.client_key),
             "hosts": [h.ip for h in (self.hosts_of(case) if case.topology else self.worker_hosts)],
@@ -518,6 +542,8 @@ class Bench:
                 self._plain(case, tool, record)
             elif tool == "floor":
                 self._floor(case, tool, record)
+            elif case.kind == "release":
+                self._release(case, record)
             else:
                 with self.topology(case):
                     self._cluster(case, tool, record)
@@ -686,6 +712,82 @@ class Bench:
         else:
             record["head_crash"] = done - t_kill
 
+    def wants(self, case: Case) -> int:
+        """Wants recorded in the lease directories (each host's own /var/tmp) of ``case``'s hosts."""
+        return sum(len(list(Path(h.var_tmp).glob("speccluster-want.*.json"))) for h in self.hosts_of(case))
+
+    def _release(self, case: Case, record: dict[str, Any]) -> None:
+        """A full lab, a cluster waiting for it; one slot freed: release → the waiter's first worker registered.
+
+        The holder fills every slot of ``case``'s hosts; the waiter asks for
+        as many with ``min_workers=0`` and starts with none. Once its wants
+        are on the hosts (it waits, not timed), the holder scales down by one.
+        The release is timed in the holder's head, around the release of the
+        entry's lease (after its processes stopped); the first worker the
+        waiter's scheduler lists, by the waiter's poll (every 25 ms).
+        """
+        s = self.settings
+        holder_cfg = {**self.config(case, "ours"), "name": "holder"}
+        waiter_cfg = {**self.config(case, "ours"), "name": "waiter", "min_workers": 0, "await_workers": 0}
+        holder = Driver(holder_cfg, self.workdir / f"{case.name}-holder.log")
+        waiter: Driver | None = None
+        try:
+            started = holder.expect("started", "start_failed", timeout=holder_cfg["cap"] + 120)
+            if started["event"] == "start_failed" or not started.get("ok"):
+                record["errors"].append(f"holder did not start: {started.get('error') or started.get('workers')}")
+                return
+            record["holder_startup"] = started["startup"]
+            waiter = Driver(waiter_cfg, self.workdir / f"{case.name}-waiter.log")
+            began = waiter.expect("started", "start_failed", timeout=waiter_cfg["cap"] + 120)
+            if began["event"] == "start_failed":
+                record["errors"].append(f"waiter did not start: {began.get('error')}")
+                return
+            record["waiter_workers_at_start"] = began["workers"]
+            # Its watcher records wants on the full hosts within a pass or two (every 2 s while short).
+            if wait_for(lambda: self.wants(case) >= case.hosts, 30.0) is None:
+                record["errors"].append(f"the waiter recorded {self.wants(case)} wants on {case.hosts} full hosts")
+                return
+            holder.send(cmd="scale_down", k=1)
+            down = holder.expect("scaled_down", "error", timeout=60)
+            if down["event"] == "error":
+                record["errors"].append(f"holder scale down: {down['error']}")
+                return
+            waiter.send(cmd="await_first", n=1, cap=s.start_cap)
+            first = waiter.expect("first", "error", timeout=s.start_cap + 60)
+            holder.send(cmd="released")
+            released = holder.expect("released", timeout=60)["releases"]
+            if not released:
+                record["errors"].append("the holder released no lease")
+                return
+            t_release = released[0]["t_end"]
+            record["release_seconds"] = released[0]["t_end"] - released[0]["t_begin"]
+            record["scale_down_to_release"] = t_release - down["t0"]
+            if first["event"] == "error" or not first.get("ok"):
+                record["release_to_registered"] = f"no worker of the waiter within {s.start_cap:g} s"
+                return
+            record["release_to_registered"] = first["t_first"] - t_release
+            # The waiter's stamps meanwhile (its lease claim, start request, ...), in seconds after the release.
+            record["waiter_timeline"] = [{**e, "t": round(e["t"] - t_release, 4)} for e in first["timeline"]]
+        finally:
+            for driver in (waiter, holder):
+                if driver is None:
+                    continue
+                if driver.proc.poll() is None:
+                    try:
+                        self._close_quietly(driver, record)
+                    except Exception as exc:  # noqa: BLE001 - the other still closes; leftovers are counted
+                        record["errors"].append(f"close: {type(exc).__name__}: {exc}")
+                        driver.kill()
+                driver.stop()
+
+    def _close_quietly(self, driver: Driver, record: dict[str, Any]) -> None:
+        """Close one of several clusters on the same hosts (the hosts empty only once all are closed)."""
+        driver.send(cmd="close")
+        driver.expect("closing", timeout=30)
+        closed = driver.expect("closed", timeout=120)
+        if closed.get("error"):
+            record["errors"].append(f"close: {closed['error']}")
+
     def _close(self, driver: Driver, record: dict[str, Any], measure: bool) -> None:
         driver.send(cmd="close")
         closing = driver.expect("closing", timeout=30)
@@ -784,7 +886,8 @@ def run_bench(settings: Settings, log: Callable[[str], None] = print) -> dict[st
         bench = Bench(lab, settings, workdir)
         for run, case, tool in sessions(settings):
             rec = bench.run_session(case, tool, run)
-            shown = {k: rec[k] for k in ("startup", "scale_up", "scale_down", "recover", "head_crash", "teardown", "bastion_peak")
+            shown = {k: rec[k] for k in ("startup", "scale_up", "scale_down", "recover", "head_crash", "teardown", "bastion_peak",
+                                         "release_to_registered")
                      if k in rec}
             if case.kind == "idle" and "cpu_per_s_idle" in rec.get("head", {}):
                 shown["idle_cpu_share"] = rec["head"]["cpu_per_s_idle"]

@@ -30,6 +30,7 @@ EXPECTED_ROWS = (
     "SSH connections per host",
     "head RSS",
     "head RSS growth per additional worker",
+    "release → a waiting cluster's first worker registered, 4 hosts",
 )
 
 
@@ -57,14 +58,17 @@ def test_quick_bench_writes_json_markdown_and_png(tmp_path: Path) -> None:
     assert data["settings"]["quick"] is True
     runs = data["runs"]
     assert {r["tool"] for r in runs} == {"ours", "dask", "plain", "floor"}
-    assert {r["case"] for r in runs} >= {"plain-1", "4x1", "4x2", "4x2-notls", "ops-4x2"}
+    assert {r["case"] for r in runs} >= {"plain-1", "4x1", "4x2", "4x2-notls", "ops-4x2", "release-4x1"}
     for record in runs:
         assert "time" in record and "leftovers" in record
     # Every session of ours started its cluster (a number, whatever its size),
     # and every start-up case measured the floor.
     for record in runs:
-        if record["tool"] in ("ours", "floor"):
+        if record["tool"] in ("ours", "floor") and record["case"] != "release-4x1":
             assert isinstance(record.get("startup"), float), record
+    # A slot freed by one cluster went to the one waiting for it (a number, whatever its size).
+    released = [r for r in runs if r["case"] == "release-4x1"]
+    assert released and isinstance(released[0].get("release_to_registered"), float), released
     # Ours recorded the phases of its start-ups, in order per worker.
     timed = [r for r in runs if r["tool"] == "ours" and r.get("timeline")]
     assert timed
