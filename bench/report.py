@@ -664,8 +664,8 @@ def lease_rows(records: list[dict[str, Any]], cases: dict[str, Any]) -> list[lis
             took = summarize(records, name, "ours", "release_to_registered")
             rows.append([f"release → a waiting cluster's first worker registered, {hosts} hosts × 1 slot held by "
                          "another cluster (its lease watcher looks every 2 s while short, then starts the worker; "
-                         "min – max)", _spread_cell(took, "s"), "—", "—", "reported (≈ ≤ 2 s + a worker start)",
-                         "—"])  # fmt: skip
+                         "the runs release at moments spread evenly over that cycle; min – max)",
+                         _spread_cell(took, "s"), "—", "—", "reported (0–2 s + a worker start)", "—"])  # fmt: skip
             noticed = _summary(records, name, "ours", lambda r: _waiter_phase(r, "lease_claimed"))
             registered = _summary(records, name, "ours", lambda r: _waiter_phase(r, "worker_registered"))
             rows.append([f"of which: release → the waiter's lease claimed (its watcher's next look); "

@@ -543,7 +543,7 @@ class Bench:
             elif tool == "floor":
                 self._floor(case, tool, record)
             elif case.kind == "release":
-                self._release(case, record)
+                self._release(case, record, run)
             else:
                 with self.topology(case):
                     self._cluster(case, tool, record)
@@ -716,12 +716,14 @@ class Bench:
         """Wants recorded in the lease directories (each host's own /var/tmp) of ``case``'s hosts."""
         return sum(len(list(Path(h.var_tmp).glob("speccluster-want.*.json"))) for h in self.hosts_of(case))
 
-    def _release(self, case: Case, record: dict[str, Any]) -> None:
+    def _release(self, case: Case, record: dict[str, Any], run: int) -> None:
         """A full lab, a cluster waiting for it; one slot freed: release → the waiter's first worker registered.
 
         The holder fills every slot of ``case``'s hosts; the waiter asks for
         as many with ``min_workers=0`` and starts with none. Once its wants
-        are on the hosts (it waits, not timed), the holder scales down by one.
+        are on the hosts (it waits, not timed) and a moment of its watcher's
+        cycle has passed (spread evenly over it by the runs), the holder
+        scales down by one.
         The release is timed in the holder's head, around the release of the
         entry's lease (after its processes stopped); the first worker the
         waiter's scheduler lists, by the waiter's poll (every 25 ms).
@@ -747,6 +749,12 @@ class Bench:
             if wait_for(lambda: self.wants(case) >= case.hosts, 30.0) is None:
                 record["errors"].append(f"the waiter recorded {self.wants(case)} wants on {case.hosts} full hosts")
                 return
+            # Released right after the waiter's look, the slot would always wait a whole interval;
+            # a release comes at any moment of the waiter's cycle, so the runs spread evenly over it.
+            from speccluster_ssh.sharing import SHORT_INTERVAL  # how often a waiting cluster looks
+
+            record["release_offset"] = (run + 0.5) / self.settings.runs * SHORT_INTERVAL
+            time.sleep(record["release_offset"])
             holder.send(cmd="scale_down", k=1)
             down = holder.expect("scaled_down", "error", timeout=60)
             if down["event"] == "error":

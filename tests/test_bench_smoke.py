@@ -143,3 +143,45 @@ def test_report_floor_growth_timeline_and_merge(tmp_path: Path) -> None:
     assert "Merged from 2 sittings" in (tmp_path / "m" / "results.md").read_text()
     for name in ("startup.png", "growth.png", "timeline.png"):
         assert (tmp_path / "m" / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_lease_claims_and_release_rows() -> None:
+    """Claim times from made-up stamps: per entry, the last-registered worker's, the longest; a release row."""
+    sys.path.insert(0, str(REPO))
+    from bench.report import claim_summaries, lease_rows
+
+    def start(run: int, slow: float) -> list[dict]:
+        # h1's claim takes 20 ms and its worker registers first; h2's takes ``slow`` and registers last.
+        events = []
+        for host, entry, claim, registered in (("h1", "0", 0.020, 1.5), ("h2", "1", slow, 2.0)):
+            events += [
+                {"t": 1.0, "phase": "agent_ready", "host": host, "item": ""},
+                {"t": 1.01, "phase": "lease_claim", "host": host, "item": entry},
+                {"t": 1.01 + claim, "phase": "lease_claimed", "host": host, "item": entry},
+                {"t": 1.2, "phase": "start_request", "host": host, "item": f"w{entry}"},
+                {"t": registered, "phase": "worker_registered", "host": "", "item": f"w{entry}"},
+            ]
+        return events
+
+    records = []
+    for run, slow in enumerate((0.030, 0.040, 0.090)):
+        base = {"case": "lease-2x1", "run": run, "errors": []}
+        records.append({**base, "tool": "ours", "startup": 2.0, "timeline": start(run, slow)})
+        records.append({**base, "tool": "nolease", "startup": 1.9})
+    records.append({"case": "release-2x1", "run": 0, "errors": [], "tool": "ours", "release_to_registered": 2.5,
+                    "waiter_timeline": [{"t": 2.3, "phase": "lease_claimed", "host": "h1", "item": "3"},
+                                        {"t": 2.5, "phase": "worker_registered", "host": "", "item": "3"}]})
+    found = claim_summaries(records, "lease-2x1")
+    assert found.per_entry.median == pytest.approx(0.025)
+    assert found.critical.median == pytest.approx(0.040)
+    assert found.longest.values == pytest.approx([0.030, 0.040, 0.090])
+    assert found.after_agent.median == pytest.approx(0.035)
+    cases = {"lease-2x1": {"hosts": 2, "nworkers": 1, "tools": ["ours", "nolease"]},
+             "release-2x1": {"hosts": 2, "nworkers": 1, "kind": "release", "tools": ["ours"]}}
+    rows = {r[0].split(",")[0]: r for r in lease_rows(records, cases)}
+    added = rows["lease claim added to one start-up"]
+    assert added[1].startswith("40.0 ms") and added[-1] == "yes"
+    assert rows["upper bound of that: the longest claim of one start-up"][-1] == "yes"
+    assert "difference 100.0 ms" in rows["start-up"][1]
+    assert rows["release → a waiting cluster's first worker registered"][1].startswith("2.50 s")
+    assert next(r for label, r in rows.items() if label.startswith("of which"))[1] == "2.30 s; 2.50 s"
