@@ -148,7 +148,7 @@ def test_report_floor_growth_timeline_and_merge(tmp_path: Path) -> None:
 def test_report_lease_claims_and_release_rows() -> None:
     """Claim times from made-up stamps: per entry, the last-registered worker's, the longest; a release row."""
     sys.path.insert(0, str(REPO))
-    from bench.report import claim_summaries, lease_rows
+    from bench.lease_report import claim_summaries, lease_rows
 
     def start(run: int, slow: float) -> list[dict]:
         # h1's claim takes 20 ms and its worker registers first; h2's takes ``slow`` and registers last.
