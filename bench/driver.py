@@ -16,6 +16,11 @@ Tools
 ``dask``
     ``distributed.deploy.ssh.SSHCluster``; its scheduler runs over SSH on
     the first host given.
+``ours`` with ``leases: false``
+    The same, with each entry's lease claim skipped (the bench's ``nolease``
+    tool): :meth:`RemoteProcess._claim_lease` is replaced by a no-op in this
+    process only, since the product has no switch for it. Only to compare
+    start-ups with and without the claim.
 ``plain``
     One ``ssh host python -m distributed.cli.dask_worker ADDRESS`` against a
     scheduler in this process, as a reference for a single worker start.
@@ -99,6 +104,11 @@ class Session:
 
         from speccluster_ssh import SSHSpecCluster  # noqa: F401
 
+        # Ours: when each entry's lease claim begins, and when each release returned.
+        self.releases: list[dict[str, Any]] = []
+        if self.tool == "ours":
+            instrument_leases(self.releases, claim=config.get("leases", True))
+
     # -- helpers --------------------------------------------------------
     def registered(self) -> dict[str, str]:
         """Registered workers as the scheduler lists them: address -> name."""
@@ -119,6 +129,9 @@ class Session:
                 # Bastion cases: ProxyJump lines for the private hosts.
                 **({"ssh_config": [c["ssh_config"]]} if c.get("ssh_config") else {}),
                 **({"start_timeout": c["start_timeout"]} if c.get("start_timeout") else {}),
+                # Release cases: the waiting cluster starts with what is free (0 allowed) and waits.
+                **({"min_workers": c["min_workers"]} if c.get("min_workers") is not None else {}),
+                **({"name": c["name"]} if c.get("name") else {}),
                 scheduler_options={"dashboard_address": ":0"},
                 # BENCH_LOG=1 keeps the cluster's logs (in the session's .log file).
                 **({"silence_logs": False} if os.environ.get("BENCH_LOG") else {}),
@@ -171,7 +184,8 @@ class Session:
 
     # -- commands -------------------------------------------------------
     def start(self) -> None:
-        want = self.config["entries"] * self.config["nworkers"]
+        # A cluster that starts to wait (min_workers 0) is started once its constructor returned.
+        want = self.config.get("await_workers", self.config["entries"] * self.config["nworkers"])
         before = head_cost()
         from speccluster_ssh import timeline
 
@@ -307,6 +321,23 @@ class Session:
             "workers": len(self.registered()),
         }
 
+    def await_first(self, n: int, cap: float) -> dict[str, Any]:
+        """Wait until the scheduler lists ``n`` workers; the time then, and ours' timeline meanwhile."""
+        from speccluster_ssh import timeline
+
+        recorder = timeline.start()
+        try:
+            done = wait_until(lambda: len(self.registered()) >= n, cap)
+        finally:
+            timeline.stop()
+        return {
+            "event": "first",
+            "ok": done is not None,
+            "t_first": done,
+            "workers": len(self.registered()),
+            "timeline": recorder.as_list(),
+        }
+
     def close(self) -> None:
         emit({"event": "closing", "t": time.monotonic()})
         error = ""
@@ -340,6 +371,10 @@ class Session:
                     emit(self.victim())
                 elif op == "await_replacement":
                     emit(self.await_replacement(list(cmd["gone"]), int(cmd["n"]), float(cmd["cap"])))
+                elif op == "await_first":
+                    emit(self.await_first(int(cmd["n"]), float(cmd["cap"])))
+                elif op == "released":
+                    emit({"event": "released", "releases": list(self.releases)})
                 elif op == "registered":
                     emit({"event": "registered", "workers": self.registered()})
                 else:
@@ -347,6 +382,37 @@ class Session:
             except Exception as exc:
                 emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"[:2000]})
         self.close()
+
+
+def instrument_leases(releases: list[dict[str, Any]], claim: bool = True) -> None:
+    """Measure ours' leases from this head process, without changing what the product does.
+
+    Each entry's claim stamps ``lease_claim`` in the active timeline as it
+    begins (the product stamps ``lease_claimed`` when it is granted), and
+    each release appends its host, entry and monotonic begin/end times to
+    ``releases``. ``claim=False`` skips the claims altogether (the bench's
+    ``nolease`` comparison): an entry without a lease releases nothing.
+    """
+    from speccluster_ssh import process, timeline
+
+    claim_entry, release_entry = process.claim_entry, process.release_entry
+
+    async def timed_claim(pool: Any, agent: Any, entry: str, gpus: int = 0) -> Any:
+        timeline.stamp("lease_claim", agent.host.name, entry)
+        return await claim_entry(pool, agent, entry, gpus)
+
+    async def timed_release(pool: Any, host: str, entry: str) -> None:
+        t_begin = time.monotonic()
+        await release_entry(pool, host, entry)
+        releases.append({"host": host, "entry": entry, "t_begin": t_begin, "t_end": time.monotonic()})
+
+    async def no_claim(self: Any, pool: Any, agent: Any) -> None:
+        return None
+
+    process.claim_entry = timed_claim  # type: ignore[assignment]
+    process.release_entry = timed_release  # type: ignore[assignment]
+    if not claim:
+        process.RemoteProcess._claim_lease = no_claim  # type: ignore[method-assign]
 
 
 async def plain_worker(config: dict[str, Any]) -> dict[str, Any]:

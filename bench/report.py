@@ -20,6 +20,7 @@ PHASES = (
     ("reach_probed", "scheduler reach probed"),
     ("scheduler_ready", "scheduler ready"),
     ("agent_ready", "agent ready (hello, files written)"),
+    ("lease_claimed", "entry's lease claimed on its host"),
     ("start_request", "worker start request sent"),
     ("forked", "worker process forked (agent replied)"),
     ("worker_ready", "worker server ready (reported by its process)"),
@@ -239,6 +240,9 @@ def build_rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
     rows += target_rows(records, cases)
     rows += _idle_rows(records, cases)
     rows += _bastion_rows(records, cases)
+    from .lease_report import lease_rows  # issue 23's rows; it uses this module's helpers
+
+    rows += lease_rows(records, cases)
     growth_rows, slopes = _growth(records, cases)
     so, sd = slopes.get("ours"), slopes.get("dask")
     rows.append(["head RSS growth per additional worker (least squares over the growth series)",
@@ -398,6 +402,7 @@ def _bars(record: dict[str, Any]) -> tuple[list[str], dict[str, list[tuple[float
     segments = (
         ("ssh_connect", "ssh_connected", "SSH connect"),
         ("ssh_connected", "agent_ready", "agent start (imports distributed)"),
+        ("lease_claim", "lease_claimed", "lease claim"),
         ("start_request", "forked", "start request → fork"),
         ("forked", "worker_registered", "worker starts and registers"),
     )
@@ -418,7 +423,8 @@ def plot_timeline(record: dict[str, Any], path: Path) -> None:
 
     hosts, bars, marks = _bars(record)
     colors = {"SSH connect": "tab:blue", "agent start (imports distributed)": "tab:orange",
-              "start request → fork": "tab:red", "worker starts and registers": "tab:green"}  # fmt: skip
+              "start request → fork": "tab:red", "worker starts and registers": "tab:green",
+              "lease claim": "tab:purple"}  # fmt: skip
     fig, ax = plt.subplots(figsize=(9, max(3.0, 0.2 * len(hosts) + 2.0)), dpi=100)
     seen: set[str] = set()
     for row, host in enumerate(hosts):
@@ -658,12 +664,12 @@ def markdown(data: dict[str, Any]) -> str:
 
 def _cleanup_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
-    for tool in ("ours", "dask", "plain"):
+    for tool in ("ours", "nolease", "dask", "plain"):
         recs = [r for r in records if r["tool"] == tool]
         if not recs:
             continue
         rows.append([
-            {"ours": "ours", "dask": "SSHCluster", "plain": "plain ssh worker"}[tool],
+            {"ours": "ours", "nolease": "ours, lease claims skipped", "dask": "SSHCluster", "plain": "plain ssh worker"}[tool],
             str(len(recs)),
             str(sum(1 for r in recs if r.get("leftovers"))),
             str(sum(int(r.get("leftovers") or 0) for r in recs)),

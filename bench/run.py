@@ -51,7 +51,7 @@ class Case:
     name: str
     hosts: int
     nworkers: int
-    kind: str = "start"  # start | ops | headcrash | plain | idle
+    kind: str = "start"  # start | ops | headcrash | plain | idle | release
     tools: tuple[str, ...] = WITH_FLOOR
     end: str = "close"  # close | crash: how an ops session ends
     security: bool = True
@@ -61,6 +61,7 @@ class Case:
     pair: str = ""  # cases of one pair swap their order from run to run, like the tools
     topology: str = ""  # "" (the usual hosts) | flat | bastion: hosts 2.. behind host 1 or not
     cap_scale: float = 1.0  # times the start-up cap (many hosts importing distributed at once)
+    slots: int = 2  # speccluster_slots of each host (2: room to scale up on warm hosts)
 
     @property
     def workers(self) -> int:
@@ -120,10 +121,27 @@ def growth_cases(hosts: tuple[int, ...] = GROWTH_HOSTS) -> list[Case]:
     return [Case(f"{n}x1", n, 1, cap_scale=2.0 if n >= 24 else 1.0) for n in hosts if n != 4]
 
 
+def lease_cases() -> list[Case]:
+    """Issue 23's rows: what a lease claim adds to a start-up, and how soon a freed slot is taken.
+
+    ``lease-16x1`` starts 16 hosts × 1 worker with each entry's lease
+    claimed (``ours``) and with the claims skipped in the head (``nolease``,
+    a bench-only patch: the product has no switch). ``release-4x1`` fills a
+    4-host lab of 1 slot each with one cluster, starts a second that waits
+    (``min_workers=0``), scales the first down by one and times the release
+    until the waiting cluster's first worker is registered.
+    """
+    return [
+        Case("lease-16x1", 16, 1, tools=("ours", "nolease")),
+        Case("release-4x1", 4, 1, kind="release", tools=("ours",), slots=1),
+    ]
+
+
 # Names that stand for several cases in --cases.
 CASE_GROUPS = {
     "growth": ["4x1", *(c.name for c in growth_cases())],
     "targets": ["4x2", "ops-4x2", "8x4", "16x1", "32x1", "48x1"],
+    "leases": [c.name for c in lease_cases()],
 }
 
 
@@ -131,9 +149,10 @@ def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
     """The cases of one run, in the order they are run.
 
     Quick mode keeps the smoke test short: 4 × 1 runs for ours alone (its
-    target is the plain ssh worker, not SSHCluster), and one 4 × 2 session
-    per tool scales, loses a worker and then loses its head. The idle
-    healing on/off pair is in the full plan only (``--cases`` picks it).
+    target is the plain ssh worker, not SSHCluster), one 4 × 2 session
+    per tool scales, loses a worker and then loses its head, and one
+    release on 4 hosts (about 12 s). The idle healing on/off pair and the
+    16-host lease claim are in the full plan only (``--cases`` picks them).
     """
     if quick:
         return [
@@ -142,6 +161,7 @@ def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
             Case("4x2", 4, 2, idle=1.0, settle=1.0),
             Case("4x2-notls", 4, 2, tools=("ours",), security=False),
             Case("ops-4x2", 4, 2, kind="ops", end="crash", tools=TOOLS),
+            *(c for c in lease_cases() if c.kind == "release"),
         ]
     return [
         Case("plain-1", 1, 1, kind="plain", tools=("plain",)),
@@ -156,6 +176,7 @@ def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
         *growth_cases(),
         *idle_pair(8, 4, idle),
         *bastion_pair(24),
+        *lease_cases(),
     ]
 
 
@@ -404,7 +425,7 @@ class Bench:
         # The last host runs SSHCluster's scheduler; the others are worker hosts for both tools.
         self.sched_host = lab.hosts[-1]
         self.worker_hosts = lab.hosts[:-1]
-        self._inventories: dict[tuple[int, int, bool], str] = {}
+        self._inventories: dict[tuple[int, int, bool, int], str] = {}
         self._ssh_config: Path | None = None
 
     def hosts_of(self, case: Case) -> list[Any]:
@@ -414,10 +435,10 @@ class Bench:
         return self.worker_hosts[: case.hosts]
 
     def inventory(self, case: Case) -> str:
-        key = (case.hosts, case.nworkers, bool(case.topology))
+        key = (case.hosts, case.nworkers, bool(case.topology), case.slots)
         if key not in self._inventories:
             names = [h.name for h in self.hosts_of(case)]
-            tag = "-behind" if case.topology else ""
+            tag = ("-behind" if case.topology else "") + (f"-{case.slots}slots" if case.slots != 2 else "")
             path = self.workdir / f"inventory-{case.hosts}x{case.nworkers}{tag}.yml"
             self._inventories[key] = str(
                 self.lab.write_inventory(
@@ -427,8 +448,9 @@ class Bench:
                         # The lab writes its known_hosts path here, but the
                         # inventory reads this variable as the host-key policy.
                         "all": {"speccluster_known_hosts": "strict"},
-                        # Two slots per host leave room to scale up on warm hosts.
-                        "workers": {"speccluster_nworkers": case.nworkers, "speccluster_nthreads": 1, "speccluster_slots": 2},
+                        # Two slots per host (the default) leave room to scale up on warm hosts.
+                        "workers": {"speccluster_nworkers": case.nworkers, "speccluster_nthreads": 1,
+                                    "speccluster_slots": case.slots},
                     },
                 )
             )
@@ -437,8 +459,10 @@ class Bench:
     def config(self, case: Case, tool: str) -> dict[str, Any]:
         cap = self.settings.start_cap * (1 if case.workers <= 32 else 2) * case.cap_scale
         return {
-            "tool": tool,
-            "inventory": self.inventory(case) if tool in ("ours", "floor") else None,
+            # nolease: ours with each entry's lease claim skipped in the head (bench.driver.instrument_leases).
+            "tool": "ours" if tool == "nolease" else tool,
+            "leases": tool != "nolease",
+            "inventory": self.inventory(case) if tool in ("ours", "nolease", "floor") else None,
             "known_hosts": str(self.lab.known_hosts),
             "client_key": str(self.lab.client_key),
             "hosts": [h.ip for h in (self.hosts_of(case) if case.topology else self.worker_hosts)],
@@ -518,6 +542,10 @@ class Bench:
                 self._plain(case, tool, record)
             elif tool == "floor":
                 self._floor(case, tool, record)
+            elif case.kind == "release":
+                from .lease_session import release_session  # issue 23's release case
+
+                release_session(self, case, record, run)
             else:
                 with self.topology(case):
                     self._cluster(case, tool, record)
@@ -784,7 +812,8 @@ def run_bench(settings: Settings, log: Callable[[str], None] = print) -> dict[st
         bench = Bench(lab, settings, workdir)
         for run, case, tool in sessions(settings):
             rec = bench.run_session(case, tool, run)
-            shown = {k: rec[k] for k in ("startup", "scale_up", "scale_down", "recover", "head_crash", "teardown", "bastion_peak")
+            shown = {k: rec[k] for k in ("startup", "scale_up", "scale_down", "recover", "head_crash", "teardown", "bastion_peak",
+                                         "release_to_registered")
                      if k in rec}
             if case.kind == "idle" and "cpu_per_s_idle" in rec.get("head", {}):
                 shown["idle_cpu_share"] = rec["head"]["cpu_per_s_idle"]

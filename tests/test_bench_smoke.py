@@ -30,6 +30,7 @@ EXPECTED_ROWS = (
     "SSH connections per host",
     "head RSS",
     "head RSS growth per additional worker",
+    "release → a waiting cluster's first worker registered, 4 hosts",
 )
 
 
@@ -57,14 +58,17 @@ def test_quick_bench_writes_json_markdown_and_png(tmp_path: Path) -> None:
     assert data["settings"]["quick"] is True
     runs = data["runs"]
     assert {r["tool"] for r in runs} == {"ours", "dask", "plain", "floor"}
-    assert {r["case"] for r in runs} >= {"plain-1", "4x1", "4x2", "4x2-notls", "ops-4x2"}
+    assert {r["case"] for r in runs} >= {"plain-1", "4x1", "4x2", "4x2-notls", "ops-4x2", "release-4x1"}
     for record in runs:
         assert "time" in record and "leftovers" in record
     # Every session of ours started its cluster (a number, whatever its size),
     # and every start-up case measured the floor.
     for record in runs:
-        if record["tool"] in ("ours", "floor"):
+        if record["tool"] in ("ours", "floor") and record["case"] != "release-4x1":
             assert isinstance(record.get("startup"), float), record
+    # A slot freed by one cluster went to the one waiting for it (a number, whatever its size).
+    released = [r for r in runs if r["case"] == "release-4x1"]
+    assert released and isinstance(released[0].get("release_to_registered"), float), released
     # Ours recorded the phases of its start-ups, in order per worker.
     timed = [r for r in runs if r["tool"] == "ours" and r.get("timeline")]
     assert timed
@@ -139,3 +143,45 @@ def test_report_floor_growth_timeline_and_merge(tmp_path: Path) -> None:
     assert "Merged from 2 sittings" in (tmp_path / "m" / "results.md").read_text()
     for name in ("startup.png", "growth.png", "timeline.png"):
         assert (tmp_path / "m" / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_lease_claims_and_release_rows() -> None:
+    """Claim times from made-up stamps: per entry, the last-registered worker's, the longest; a release row."""
+    sys.path.insert(0, str(REPO))
+    from bench.lease_report import claim_summaries, lease_rows
+
+    def start(run: int, slow: float) -> list[dict]:
+        # h1's claim takes 20 ms and its worker registers first; h2's takes ``slow`` and registers last.
+        events = []
+        for host, entry, claim, registered in (("h1", "0", 0.020, 1.5), ("h2", "1", slow, 2.0)):
+            events += [
+                {"t": 1.0, "phase": "agent_ready", "host": host, "item": ""},
+                {"t": 1.01, "phase": "lease_claim", "host": host, "item": entry},
+                {"t": 1.01 + claim, "phase": "lease_claimed", "host": host, "item": entry},
+                {"t": 1.2, "phase": "start_request", "host": host, "item": f"w{entry}"},
+                {"t": registered, "phase": "worker_registered", "host": "", "item": f"w{entry}"},
+            ]
+        return events
+
+    records = []
+    for run, slow in enumerate((0.030, 0.040, 0.090)):
+        base = {"case": "lease-2x1", "run": run, "errors": []}
+        records.append({**base, "tool": "ours", "startup": 2.0, "timeline": start(run, slow)})
+        records.append({**base, "tool": "nolease", "startup": 1.9})
+    records.append({"case": "release-2x1", "run": 0, "errors": [], "tool": "ours", "release_to_registered": 2.5,
+                    "waiter_timeline": [{"t": 2.3, "phase": "lease_claimed", "host": "h1", "item": "3"},
+                                        {"t": 2.5, "phase": "worker_registered", "host": "", "item": "3"}]})
+    found = claim_summaries(records, "lease-2x1")
+    assert found.per_entry.median == pytest.approx(0.025)
+    assert found.critical.median == pytest.approx(0.040)
+    assert found.longest.values == pytest.approx([0.030, 0.040, 0.090])
+    assert found.after_agent.median == pytest.approx(0.035)
+    cases = {"lease-2x1": {"hosts": 2, "nworkers": 1, "tools": ["ours", "nolease"]},
+             "release-2x1": {"hosts": 2, "nworkers": 1, "kind": "release", "tools": ["ours"]}}
+    rows = {r[0].split(",")[0]: r for r in lease_rows(records, cases)}
+    added = rows["lease claim added to one start-up"]
+    assert added[1].startswith("40.0 ms") and added[-1] == "yes"
+    assert rows["upper bound of that: the longest claim of one start-up"][-1] == "yes"
+    assert "difference 100.0 ms" in rows["start-up"][1]
+    assert rows["release → a waiting cluster's first worker registered"][1].startswith("2.50 s")
+    assert next(r for label, r in rows.items() if label.startswith("of which"))[1] == "2.30 s; 2.50 s"

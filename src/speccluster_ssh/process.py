@@ -419,6 +419,7 @@ class RemoteProcess(ProcessInterface):
             raise
         if gpus:
             self.granted_gpus = list(held.lease.amount.gpus)
+        timeline.stamp("lease_claimed", self.host, str(self.name))
 
     def _on_exited(self, starts: _MemberStarts, message: dict[str, Any]) -> None:
         member = message.get("name")

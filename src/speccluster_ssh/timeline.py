@@ -17,6 +17,9 @@ Phases stamped (``host`` is the inventory name, ``item`` a worker's name):
     The ``auto`` scheduler-reach probe is done (head only).
 ``scheduler_ready``
     The scheduler runs (head only).
+``lease_claimed``
+    A worker entry's lease on its host was granted (``item`` is the entry's
+    name); its processes start after this.
 ``start_request`` / ``forked``
     A worker's start request sent to its agent, and the agent's reply with
     its pid (the fork is done).
