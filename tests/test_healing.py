@@ -17,6 +17,7 @@ from speccluster_ssh.healing import (
     ChargeStartFailure,
     DropDeadEntry,
     EntryView,
+    ForgetShortEntry,
     HealingCore,
     HostView,
     MoveEntry,
@@ -360,3 +361,20 @@ def test_a_host_view_is_usable_as_a_host_state_is() -> None:
             if is_drained:
                 state.drain("test")
             assert HostView("h", health, drained=is_drained).usable is state.usable
+
+
+def test_an_entry_that_found_no_room_leaves_the_spec_uncharged() -> None:
+    """Other clusters hold its host: dropped and forgotten (the lease watcher waits for a slot), no host failure."""
+    core = HealingCore()
+    state = Snapshot(
+        hosts=(HostView("h1"), HostView("h2")),
+        worker_hosts=frozenset({"h1", "h2"}),
+        entries=(
+            EntryView("0", "h1", Process.DEAD, "h1", start_error="host h1: no room", lease_short=True),
+            EntryView("1", "h2", Process.RUNNING, "h2", started=True),
+        ),
+    )
+    assert core.plan(state, 0.0) == [DropDeadEntry("0"), ForgetShortEntry("0")]
+    # The same entry failing for a reason of its own is charged to the host.
+    failed = Snapshot(state.hosts, state.worker_hosts, (EntryView("0", "h1", Process.DEAD, "h1", start_error="boom"),))
+    assert isinstance(core.plan(failed, 0.0)[1], ChargeStartFailure)
