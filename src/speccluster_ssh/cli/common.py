@@ -185,6 +185,14 @@ def _group_options(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
+def _survey_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--known-hosts`` and ``--timeout`` of the commands that ask every host of an inventory (check, hosts)."""
+    func = click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+                        help="Seconds for each host's agent to answer.")(func)
+    return click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None,
+                        help="Host key policy (default: each host's speccluster_known_hosts).")(func)
+
+
 def _load_inventory(path: str, scheduler_group: str = "scheduler", worker_group: str = "workers") -> Inventory:
     from ..inventory import load_inventory
 

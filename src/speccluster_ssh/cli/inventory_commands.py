@@ -21,6 +21,7 @@ from .common import (
     _json_option,
     _load_inventory,
     _prepare_up,
+    _survey_options,
     main,
 )
 from ..messages import PROG
@@ -192,10 +193,7 @@ def plan(
 
 @main.command()
 @click.argument("inventory", metavar="[INVENTORY]", required=False)
-@click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None,
-              help="Host key policy (default: each host's speccluster_known_hosts).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
-              help="Seconds for each host's agent to answer.")
+@_survey_options
 @_group_options
 @_json_option
 def check(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import _exit, _group_options, _json_option, _load_inventory, main
+from .common import _exit, _group_options, _json_option, _load_inventory, _survey_options, main
 from .display import _console, _echo_json, _table
 
 if TYPE_CHECKING:
@@ -20,10 +20,7 @@ if TYPE_CHECKING:
 
 @main.command()
 @click.argument("inventory", metavar="INVENTORY")
-@click.option("--known-hosts", "known_hosts", type=click.Choice(["strict", "accept-new"]), default=None,
-              help="Host key policy (default: each host's speccluster_known_hosts).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
-              help="Seconds for each host's agent to answer.")
+@_survey_options
 @_group_options
 @_json_option
 def hosts(
