@@ -86,3 +86,34 @@ def test_freed_slots_alternate_between_two_waiting_users(
                     assert down.returncode == 0, down.stderr[-2000:]
 
     run(main(), timeout=600)
+
+
+def test_an_ordinary_user_s_cluster_waits_for_root_s_and_takes_the_freed_slots(lab: Any, tmp_path: Path, lab_user: LabUser) -> None:
+    """8 slots: root takes 8; the user's cluster starts with 0 of 4 naming root, and reaches 4 when root scales to 4."""
+    path = sharing_inventory(lab, tmp_path, 2)
+
+    async def main() -> None:
+        async with cluster_on(lab, path, n_workers=8, name="first") as first:
+            with Sampler(lab, 2, first):
+                inventory = lab_user.write_inventory("second", [h.name for h in lab.hosts], speccluster_slots=2)
+                up = await asyncio.to_thread(
+                    lab_user.cli, "up", str(inventory), "--detach", "--name", "second", "--workers", "4",
+                    "--min-workers", "0", "--no-tls", "--timeout", "60", timeout=150)
+                try:
+                    assert up.returncode == 0, up.stderr[-3000:]
+                    # It started with none, and says who holds the lab.
+                    assert "0 of 0 workers; waiting for slots held by root (first from" in up.stdout, up.stdout
+                    assert slots_of_users(lab) == {"root": 8}
+                    first.scale(4)
+                    await until(lambda: slots_of_users(lab) == {"root": 4, lab_user.name: 4}, DEADLINE,
+                                "the user's cluster to take the 4 freed slots by itself")
+                    status = await asyncio.to_thread(lab_user.cli, "status", "--name", "second", "--json")
+                    report = json.loads(status.stdout)
+                    assert report["summary"]["workers_running"] == 4, report["summary"]
+                    holders = {(h["user"], h["name"]) for v in report["hosts"].values() for h in v["holders"]}
+                    assert holders == {("root", "first")}, holders
+                finally:
+                    down = await asyncio.to_thread(lab_user.cli, "down", "--name", "second", timeout=120)
+                    assert down.returncode == 0, down.stderr[-2000:]
+
+    run(main(), timeout=400)
