@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 from distributed import Client
 
+from speccluster_ssh.errors import StartError
+
 from test_gpus import stand_in_bin
 from test_peer import captured, inventory, processes_besides_sshd, run, until
 from test_sharing_lab import cluster_on, leases_on
@@ -195,18 +197,23 @@ def test_a_world_writable_lease_dir_without_sticky_bit_is_refused_with_the_fix(l
     path = inventory(lab, tmp_path, {good.name: {}, bad.name: {"speccluster_lease_dir": "/var/tmp/open"}})
     try:
         async def main() -> None:
-            async with cluster_on(lab, path, n_workers=2, min_workers=1, name="picky") as cluster:
-                await until(lambda: cluster.host_table.states[bad.name].fix, DEADLINE, f"{bad.name}'s fix")
-                state = cluster.status_report()["hosts"][bad.name]
-                assert "/var/tmp/open" in state["reason"], state
-                assert "1777" in state["fix"], state
-                ip_of = {h.ip: h.name for h in lab.hosts}
-                hosts = [ip_of.get(a.split("://")[-1].rsplit(":", 1)[0]) for a in cluster.scheduler.workers]
-                assert hosts == [good.name], hosts
+            with captured("speccluster_ssh") as records:
+                async with cluster_on(lab, path, n_workers=2, min_workers=1, name="picky") as cluster:
+                    await until(lambda: not cluster.host_table.states[bad.name].usable, DEADLINE,
+                                f"{bad.name} to be put aside")
+                    state = cluster.status_report()["hosts"][bad.name]
+                    said = [r.getMessage() for r in records if "/var/tmp/open" in r.getMessage()]
+                    ip_of = {h.ip: h.name for h in lab.hosts}
+                    hosts = [ip_of.get(a.split("://")[-1].rsplit(":", 1)[0]) for a in cluster.scheduler.workers]
+                assert hosts == [good.name], hosts  # the other host runs: placement did not crash
                 assert not list(open_dir.iterdir())  # no lease written there
+                # Why, and what to do, in the host's state and in each line the log says of it.
+                assert "/var/tmp/open" in state["reason"] and "sticky" in state["reason"], state
+                assert "1777" in state["reason"] + state["fix"], state
+                assert said and all("fix: " in line and "1777" in line for line in said), said
             # The same host alone: the start fails, and says why and what to do.
             alone = inventory(lab, tmp_path, {bad.name: {"speccluster_lease_dir": "/var/tmp/open"}}, name="alone.yml")
-            with pytest.raises(Exception) as info:
+            with pytest.raises(StartError) as info:
                 async with cluster_on(lab, alone, n_workers=1, name="alone", start_timeout=60):
                     pass
             text = str(info.value)

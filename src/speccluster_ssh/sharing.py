@@ -171,8 +171,15 @@ async def claim_entry(pool: AgentPool, agent: HostAgent, entry: str, gpus: int =
     holds = {"slots": 1, "cores": per_entry.cores or 0, "memory": per_entry.memory or 0, "gpus": gpus}
     limit = {"slots": capacity.slots, "cores": capacity.cores or 0, "memory": capacity.memory or 0,
              "gpus": list(capacity.gpus)}
-    reply = await agent.lease_claim(holds, limit, name=display_name(pool.cluster_id), head=socket.gethostname(),
-                                    entry=entry)
+    try:
+        reply = await agent.lease_claim(holds, limit, name=display_name(pool.cluster_id), head=socket.gethostname(),
+                                        entry=entry)
+    except HostError as exc:
+        if not exc.fix or exc.fix in exc.reason:
+            raise
+        # A failed entry start is known by its message alone (the healer's log, a put-aside host's
+        # reason, the start error): the fix goes in it, or the user never sees it.
+        raise HostError(host, f"{exc.reason}; fix: {exc.fix}", exc.tail, fix=exc.fix) from exc
     if isinstance(reply, LeaseRefused):
         table.see_leases(host, reply.holders)
         raise LeaseShort(host, f"no room for entry {entry}: {holders_text(reply.holders)}", reply)
