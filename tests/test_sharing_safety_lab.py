@@ -214,7 +214,7 @@ def test_a_world_writable_lease_dir_without_sticky_bit_is_refused_with_the_fix(l
             # The same host alone: the start fails, and says why and what to do.
             alone = inventory(lab, tmp_path, {bad.name: {"speccluster_lease_dir": "/var/tmp/open"}}, name="alone.yml")
             with pytest.raises(StartError) as info:
-                async with cluster_on(lab, alone, n_workers=1, name="alone", start_timeout=60):
+                async with cluster_on(lab, alone, n_workers=1, name="alone", start_timeout=20):
                     pass
             text = str(info.value)
             assert bad.name in text and "/var/tmp/open" in text and "1777" in text, text
@@ -222,9 +222,59 @@ def test_a_world_writable_lease_dir_without_sticky_bit_is_refused_with_the_fix(l
 
         run(main(), timeout=300)
     finally:
-        for p in open_dir.iterdir():
-            p.unlink()
-        open_dir.rmdir()
+        remove_open_dir(open_dir)
+
+
+@pytest.mark.xfail(strict=True, reason="an entry start that fails with a fix (HostError.fix) is charged as a plain "
+                   "failure: the host is put aside after 3 tries with the fix only inside its reason, and its "
+                   "state's fix field stays empty (healer.py/health.py, unlike a failed agent start)")
+def test_an_unsafe_lease_dir_fills_the_host_state_s_fix(lab: Any, tmp_path: Path) -> None:
+    """The host's state says the fix in its own field, as a failed agent start's does."""
+    good, bad = lab.hosts[0], lab.hosts[1]
+    open_dir = Path(bad.var_tmp) / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    path = inventory(lab, tmp_path, {good.name: {}, bad.name: {"speccluster_lease_dir": "/var/tmp/open"}})
+    try:
+        async def main() -> None:
+            async with cluster_on(lab, path, n_workers=2, min_workers=1, name="picky") as cluster:
+                await until(lambda: not cluster.host_table.states[bad.name].usable, DEADLINE,
+                            f"{bad.name} to be put aside")
+                state = cluster.status_report()["hosts"][bad.name]
+            assert "1777" in state["fix"], state
+
+        run(main(), timeout=300)
+    finally:
+        remove_open_dir(open_dir)
+
+
+@pytest.mark.xfail(strict=True, reason="a start whose only host's claims fail with a fix waits out start_timeout "
+                   "('only 0 of 1 workers started within N s') instead of ending as soon as the host is known "
+                   "unable to run workers (startup.wait_for_min_workers / healer, not sharing.py)")
+def test_a_start_on_an_unsafe_lease_dir_alone_ends_saying_the_host_cannot_run_workers(lab: Any, tmp_path: Path) -> None:
+    """The only host's lease dir is unsafe: the start error is the "cannot run workers" one, not a timeout."""
+    bad = lab.hosts[1]
+    open_dir = Path(bad.var_tmp) / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    path = inventory(lab, tmp_path, {bad.name: {"speccluster_lease_dir": "/var/tmp/open"}})
+    try:
+        async def main() -> None:
+            with pytest.raises(StartError) as info:
+                async with cluster_on(lab, path, n_workers=1, name="alone", start_timeout=20):
+                    pass
+            assert "within" not in info.value.summary, info.value.summary
+
+        run(main(), timeout=300)
+    finally:
+        remove_open_dir(open_dir)
+
+
+def remove_open_dir(open_dir: Path) -> None:
+    """Remove a test's lease directory and what is in it (the lab's /var/tmp outlives each test)."""
+    for p in open_dir.iterdir():
+        p.unlink()
+    open_dir.rmdir()
 
 
 # -- 3. the user quota ---------------------------------------------------------------------------------
@@ -237,14 +287,31 @@ def test_a_user_quota_caps_a_cluster_and_says_so(lab: Any, tmp_path: Path) -> No
     async def main() -> None:
         with captured("speccluster_ssh") as records:
             async with cluster_on(lab, path, n_workers=4, min_workers=0, name="capped") as cluster:
-                await until(lambda: len(cluster.scheduler.workers) == 2, DEADLINE, "2 workers")
+                await until(lambda: len(cluster.scheduler.workers) >= 2, DEADLINE, "2 workers")
                 passes = cluster.lease_watcher.passes
                 await until(lambda: cluster.lease_watcher.passes >= passes + 2, DEADLINE, "2 more watcher passes")
-                assert len(cluster.scheduler.workers) == 2
-                assert sum(len(r) for r in leases_on(lab).values()) == 2
+                # The watcher grows the cluster back into free slots: never past the quota.
+                assert len(cluster.scheduler.workers) == 2, leases_on(lab)
+                assert sum(len(r) for r in leases_on(lab).values()) == 2, leases_on(lab)
         said = "\n".join(r.getMessage() for r in records)
         assert "speccluster_user_quota" in said, said
         await until(lambda: not processes_besides_sshd(lab), 30, "every process on the lab hosts to end")
+
+    run(main(), timeout=300)
+
+
+@pytest.mark.xfail(strict=True, reason="startup.say_held_elsewhere says every LeaseShort entry waits for slots "
+                   "'that other clusters hold', also when the user quota refused it (startup.py, not sharing.py)")
+def test_a_quota_start_does_not_blame_other_clusters(lab: Any, tmp_path: Path) -> None:
+    """Alone on the lab, capped by the quota: the start's line names the quota, not other clusters."""
+    path = inventory(lab, tmp_path, {h.name: {} for h in lab.hosts}, group_vars={"all": {"speccluster_user_quota": 1}})
+
+    async def main() -> None:
+        with captured("speccluster_ssh") as records:
+            async with cluster_on(lab, path, n_workers=2, min_workers=0, name="alone"):
+                pass
+        said = [r.getMessage() for r in records if "speccluster_user_quota" in r.getMessage()]
+        assert said and not any("other clusters" in line for line in said), said
 
     run(main(), timeout=300)
 
@@ -262,8 +329,9 @@ def test_auto_memory_limit_divides_the_host_among_its_slots(lab: Any, tmp_path: 
         async with cluster_on(lab, path, n_workers=1, name="sized") as cluster:
             async with Client(cluster, asynchronous=True) as client:
                 await client.wait_for_workers(1, timeout=60)
-                limits = [w["memory_limit"] for w in (await client.scheduler_info())["workers"].values()]
-                on_worker = list((await client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)).values())
+                limits = [ws.memory_limit for ws in cluster.scheduler.workers.values()]
+                on_worker = list((await client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit))
+                                 .values())
         assert limits == [total // 2], (limits, total)
         assert on_worker == [total // 2], (on_worker, total)
         await until(lambda: not processes_besides_sshd(lab), 30, "every process on the lab hosts to end")
