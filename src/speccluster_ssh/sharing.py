@@ -33,6 +33,7 @@ import logging
 import math
 import socket
 import time
+import weakref
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +144,10 @@ def display_name(cluster_id: str) -> str:
 
 # -- claims and releases ------------------------------------------------------------------------------
 
+#: Claims each host table has on their way to their hosts: counted against the user quota, since
+#: the entries of a start claim on all their hosts at once and none sees the others' leases yet.
+_claiming: weakref.WeakKeyDictionary[HostTable, int] = weakref.WeakKeyDictionary()
+
 
 async def claim_entry(pool: AgentPool, agent: HostAgent, entry: str, gpus: int = 0) -> HeldLease:
     """Claim the lease of one entry on ``agent``'s host before its processes start.
@@ -163,21 +168,40 @@ async def claim_entry(pool: AgentPool, agent: HostAgent, entry: str, gpus: int =
     quota = lab_quota(table)
     if quota:
         user = lab_user(table, pool.cluster_id, spec)
-        refusal = quota_refusal(quota, user, table.lab_leases(), 1)
+        pending = _claiming.get(table, 0)
+        refusal = quota_refusal(quota, user, table.lab_leases(), 1 + pending)
         if refusal:
-            raise LeaseShort(host, refusal)
-    capacity = host_capacity_of(spec, agent.facts)
-    per_entry = per_entry_of(spec, agent.facts)
-    holds = {"slots": 1, "cores": per_entry.cores or 0, "memory": per_entry.memory or 0, "gpus": gpus}
-    limit = {"slots": capacity.slots, "cores": capacity.cores or 0, "memory": capacity.memory or 0,
-             "gpus": list(capacity.gpus)}
-    reply = await agent.lease_claim(holds, limit, name=display_name(pool.cluster_id), head=socket.gethostname(),
-                                    entry=entry)
+            claiming = f" (counting the {pending} this cluster is claiming now)" if pending else ""
+            raise LeaseShort(host, refusal + claiming)
+    _claiming[table] = _claiming.get(table, 0) + 1
+    try:
+        reply = await _claim(agent, spec, entry, display_name(pool.cluster_id), gpus)
+    finally:
+        _claiming[table] -= 1
     if isinstance(reply, LeaseRefused):
         table.see_leases(host, reply.holders)
         raise LeaseShort(host, f"no room for entry {entry}: {holders_text(reply.holders)}", reply)
     table.hold(host, entry, agent, reply)
     return reply
+
+
+async def _claim(agent: HostAgent, spec: HostSpec, entry: str, name: str, gpus: int
+                 ) -> HeldLease | LeaseRefused:  # fmt: skip
+    """The claim request of one entry: what it holds, against the host's capacity."""
+    host = agent.host.name
+    capacity = host_capacity_of(spec, agent.facts)
+    per_entry = per_entry_of(spec, agent.facts)
+    holds = {"slots": 1, "cores": per_entry.cores or 0, "memory": per_entry.memory or 0, "gpus": gpus}
+    limit = {"slots": capacity.slots, "cores": capacity.cores or 0, "memory": capacity.memory or 0,
+             "gpus": list(capacity.gpus)}
+    try:
+        return await agent.lease_claim(holds, limit, name=name, head=socket.gethostname(), entry=entry)
+    except HostError as exc:
+        if not exc.fix or exc.fix in exc.reason:
+            raise
+        # A failed entry start is known by its message alone (the healer's log, a put-aside host's
+        # reason, the start error): the fix goes in it, or the user never sees it.
+        raise HostError(host, f"{exc.reason}; fix: {exc.fix}", exc.tail, fix=exc.fix) from exc
 
 
 async def release_entry(pool: AgentPool, host: str, entry: str) -> None:
