@@ -122,6 +122,23 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(autouse=True)
+def own_lease_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local agents of a test that is not a lab test keep their leases in a directory of the test's own.
+
+    This machine's /var/tmp is shared with other test sessions, and with the
+    agents of an earlier test whose head was killed (they hold their leases
+    until their silence timeout): either would take the local hosts' slots.
+    Lab hosts have their own /var/tmp (tests/sshlab.py).
+    """
+    if "lab" in request.fixturenames:
+        return
+    directory = tmp_path_factory.mktemp("leases")
+    directory.chmod(0o755)
+    monkeypatch.setenv("SPECCLUSTER_SSH_LEASE_DIR", str(directory))
+
+
+@pytest.fixture(autouse=True)
 def lab_reset(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test that used ``lab``: kill leftovers, heal links, restart sshd.
 

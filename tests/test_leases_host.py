@@ -89,11 +89,14 @@ def valid(kind: str = "lease", uid: int = 0, cluster: str = "other", **extra: An
 # -- the directory ---------------------------------------------------------------------------------
 
 
-def test_the_default_directory_is_accepted_here() -> None:
-    """A stock host's /var/tmp (root, 1777) passes every check."""
+def test_the_default_directory_is_accepted_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stock host's /var/tmp (root, 1777) passes every check; the agent's environment may name another."""
+    monkeypatch.delenv("SPECCLUSTER_SSH_LEASE_DIR", raising=False)
     assert L.lease_dir_path() == "/var/tmp" and L.lease_dir_path("/srv/x") == "/srv/x"
     fd = L.lease_open_dir(L.lease_dir_path())
     os.close(fd)
+    monkeypatch.setenv("SPECCLUSTER_SSH_LEASE_DIR", "/srv/y")
+    assert L.lease_dir_path() == "/srv/y" and L.lease_dir_path("/srv/x") == "/srv/x"
 
 
 def test_a_shared_and_a_private_directory_are_accepted(tmp_path: Path) -> None:

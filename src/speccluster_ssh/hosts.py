@@ -121,6 +121,8 @@ class HostTable:
     ) -> None:
         self._records: dict[str, HostRecord] = {}
         self._inventory = inventory
+        # This cluster's lease claims not answered yet: the user quota counts them (a start claims all at once).
+        self.claims_in_flight = 0
         for spec in specs:
             self.add(spec, worker=workers is None or spec.name in workers)
         self.specs: Mapping[str, HostSpec] = _View(self._records, lambda r: r.spec)

@@ -216,6 +216,14 @@ class AgentPool:
         if problem:
             await agent.close(**refuse)
             raise HostError(name, problem[0], fix=problem[1])
+        try:
+            # Who holds the host: placement sees it from the start, and an unusable lease
+            # directory makes the host unusable here, with its fix, like a wrong release.
+            leases = await agent.lease_list(timeout=self.agent_timeout)
+        except HostError as exc:
+            await agent.close(**refuse)
+            raise HostError(name, exc.reason, fix=exc.fix or "set speccluster_lease_dir to a safe directory") from None
+        self.table.see_leases(name, leases)
         for path, data in self.files.items():
             await agent.write_file(path, data)
         timeline.stamp("agent_ready", name)

@@ -33,7 +33,6 @@ import logging
 import math
 import socket
 import time
-import weakref
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -57,15 +56,17 @@ LIST_TIMEOUT = 10.0
 
 
 class LeaseShort(HostError):
-    """An entry's claim did not fit on its host: other clusters hold the rest (no failure of the host).
+    """An entry's claim did not fit on its host: other clusters hold the rest, or the user's quota is reached.
 
-    ``refusal`` is the host's answer; the entry is dropped and the cluster
-    waits for a free slot.
+    No failure of the host: the entry is dropped and the cluster waits for a
+    free slot. ``refusal`` is the host's answer; ``quota`` says the head
+    refused it for ``speccluster_user_quota``.
     """
 
-    def __init__(self, host: str, reason: str, refusal: LeaseRefused | None = None) -> None:
+    def __init__(self, host: str, reason: str, refusal: LeaseRefused | None = None, *, quota: bool = False) -> None:
         super().__init__(host, reason)
         self.refusal = refusal
+        self.quota = quota
 
 
 # -- pure: what a host gives, and what this cluster may place ---------------------------------------
@@ -144,9 +145,6 @@ def display_name(cluster_id: str) -> str:
 
 # -- claims and releases ------------------------------------------------------------------------------
 
-#: Claims each host table has on their way to their hosts: counted against the user quota, since
-#: the entries of a start claim on all their hosts at once and none sees the others' leases yet.
-_claiming: weakref.WeakKeyDictionary[HostTable, int] = weakref.WeakKeyDictionary()
 
 
 async def claim_entry(pool: AgentPool, agent: HostAgent, entry: str, gpus: int = 0) -> HeldLease:
@@ -168,16 +166,16 @@ async def claim_entry(pool: AgentPool, agent: HostAgent, entry: str, gpus: int =
     quota = lab_quota(table)
     if quota:
         user = lab_user(table, pool.cluster_id, spec)
-        pending = _claiming.get(table, 0)
+        pending = table.claims_in_flight
         refusal = quota_refusal(quota, user, table.lab_leases(), 1 + pending)
         if refusal:
             claiming = f" (counting the {pending} this cluster is claiming now)" if pending else ""
-            raise LeaseShort(host, refusal + claiming)
-    _claiming[table] = _claiming.get(table, 0) + 1
+            raise LeaseShort(host, refusal + claiming, quota=True)
+    table.claims_in_flight += 1
     try:
         reply = await _claim(agent, spec, entry, display_name(pool.cluster_id), gpus)
     finally:
-        _claiming[table] -= 1
+        table.claims_in_flight -= 1
     if isinstance(reply, LeaseRefused):
         table.see_leases(host, reply.holders)
         raise LeaseShort(host, f"no room for entry {entry}: {holders_text(reply.holders)}", reply)

@@ -254,14 +254,17 @@ def workers_possible(cluster: StartupCluster) -> int:
 
 
 def say_held_elsewhere(cluster: StartupCluster) -> None:
-    """The start met ``min_workers`` without some entries: say who holds their hosts (the cluster waits for them)."""
+    """The start met ``min_workers`` without some entries: say why (other clusters, or the quota); the cluster waits."""
     short = held_elsewhere(cluster)
-    if short:
-        missing = sum(len(entries.member_names(k, cluster.worker_spec[k])) for k in short if k in cluster.worker_spec)
-        hosts = sorted({str(cluster.worker_spec[k]["options"]["host"]) for k in short if k in cluster.worker_spec})
-        why = next(iter(short.values()))
-        logger.warning("%d workers wait for slots that other clusters hold (%s); they start as slots are freed. %s",
-                       missing, ", ".join(hosts), why)
+    quota = {k for k, w in cluster.workers.items() if getattr(getattr(w, "lease_short", None), "quota", False)}
+    for keys, what in (([k for k in short if k not in quota], "slots that other clusters hold"),
+                       ([k for k in short if k in quota], "room under speccluster_user_quota")):
+        keys = [k for k in keys if k in cluster.worker_spec]
+        if keys:
+            missing = sum(len(entries.member_names(k, cluster.worker_spec[k])) for k in keys)
+            hosts = sorted({str(cluster.worker_spec[k]["options"]["host"]) for k in keys})
+            logger.warning("%d workers wait for %s (%s); they start as slots are freed. %s",
+                           missing, what, ", ".join(hosts), short[keys[0]])
 
 
 def start_error(cluster: StartupCluster, registered: int, elapsed: float) -> StartError:
@@ -285,8 +288,10 @@ def start_error(cluster: StartupCluster, registered: int, elapsed: float) -> Sta
             if name in cluster.worker_hosts and state.reason:
                 why.setdefault(name, f"{state.state}: {state.reason}")
     elif held_elsewhere(cluster):
+        quota = any(getattr(getattr(w, "lease_short", None), "quota", False) for w in cluster.workers.values())
         summary = (
-            f"only {registered} of {wanted} workers can start: other clusters hold the rest of the lab "
+            f"only {registered} of {wanted} workers can start: "
+            f"{'speccluster_user_quota or ' if quota else ''}other clusters hold the rest of the lab "
             f"(at least {cluster.min_workers} needed; --min-workers 0 starts and waits for free slots)"
         )
     else:

@@ -122,8 +122,14 @@ class LeaseHandle:
 
 
 def lease_dir_path(configured: Optional[str] = None) -> str:
-    """The lease directory: ``speccluster_lease_dir`` when set, else :data:`LEASE_DIR_DEFAULT`."""
-    return configured or LEASE_DIR_DEFAULT
+    """The lease directory: ``speccluster_lease_dir`` when set, else ``$SPECCLUSTER_SSH_LEASE_DIR``, else :data:`LEASE_DIR_DEFAULT`.
+
+    The environment variable is the agent's own: hosts reached over SSH start
+    it with a clean environment, so in practice it serves local hosts (the
+    head's machine), such as a test session's, which must not see another
+    session's leases.
+    """
+    return configured or os.environ.get("SPECCLUSTER_SSH_LEASE_DIR") or LEASE_DIR_DEFAULT
 
 
 def _lease_check_component(path: str, st: os.stat_result, uid: int, what: str) -> None:
