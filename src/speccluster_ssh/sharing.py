@@ -374,6 +374,8 @@ class LeaseWatcher:
         idle = self._idle_workers()
         now = time.monotonic()
         self._idle_since = {name: self._idle_since.get(name, now) for name in idle}
+        live = {lease.lease_id for held in self.table.held.values() for lease in held.values()}
+        self._marked = {lease_id: state for lease_id, state in self._marked.items() if lease_id in live}
         for host, held in self.table.held.items():
             agent = self.table.agents.get(host)
             if agent is None or not agent.alive:
@@ -400,7 +402,7 @@ class LeaseWatcher:
             return bool(waited_for)
         now = time.monotonic()
         minimum = int(getattr(adaptive, "minimum", 0) or 0)
-        running = sum(len(self.cluster.member_names_of(k)) for k in self.cluster.worker_spec)
+        running = sum(len(self.cluster.member_names_of(str(k))) for k in self.cluster.worker_spec)
         spare = running - minimum
         if spare <= 0:
             return True
@@ -412,7 +414,7 @@ class LeaseWatcher:
             if host not in waited_for or given >= asked:
                 continue
             after = self.table.specs[host].yield_after if host in self.table.specs else math.inf
-            members = self.cluster.member_names_of(key)
+            members = self.cluster.member_names_of(str(key))
             if not members or len(members) > spare - len(chosen):
                 continue
             if all(m in idle and now - self._idle_since.get(m, now) >= after for m in members):
