@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import textwrap
 import time
@@ -119,7 +120,10 @@ def test_crashed_lab_is_cleaned_by_next_start() -> None:
         """
     )
     res = subprocess.run(
-        [sys.executable, "-c", crash], capture_output=True, text=True, timeout=280
+        # Its work dir where the next lab looks for crashed ones: this process's temporary directory
+        # (the test session points its children's TMPDIR elsewhere).
+        [sys.executable, "-c", crash], capture_output=True, text=True, timeout=280,
+        env={**os.environ, "TMPDIR": tempfile.gettempdir()},
     )
     assert res.returncode == -signal.SIGKILL, res.stderr
     crashed = json.loads(res.stdout)

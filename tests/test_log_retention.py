@@ -329,10 +329,12 @@ def test_logs_after_down_and_after_a_crash_on_the_lab(lab: Any, cli: Any, tmp_pa
     """
     from test_cli_lab import agent_dir, all_pids, cluster_tree, poll as lab_poll, settle, write_inventory
 
-    inventory = write_inventory(lab, tmp_path / "keep.yml", ["h1", "h2"])
-    short = write_inventory(lab, tmp_path / "short.yml", ["h1", "h2"], speccluster_log_retention="60s")
-    live = cli.up_detached(inventory, "live")
-    dead = cli.up_detached(short, "dead")
+    # Two slots a host: the clusters share them (issue 23: a cluster takes only what the other left free).
+    inventory = write_inventory(lab, tmp_path / "keep.yml", ["h1", "h2"], speccluster_slots=2)
+    short = write_inventory(lab, tmp_path / "short.yml", ["h1", "h2"], speccluster_slots=2,
+                            speccluster_log_retention="60s")
+    live = cli.up_detached(inventory, "live", "--workers", "2")
+    dead = cli.up_detached(short, "dead", "--workers", "2")
     settle(cli, lab, "live", live["cluster_id"], 2)
     report = settle(cli, lab, "dead", dead["cluster_id"], 2)
     dead_workers = sorted(w["name"] for w in report["workers"])

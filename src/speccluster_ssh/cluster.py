@@ -184,6 +184,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         self.healer = Healer(self, self.pool, self.tasks)
         # Other clusters' leases on the hosts: fair waiting for slots, and yielding idle ones.
         self.lease_watcher = LeaseWatcher(self, self.pool)
+        self._found_no_room = False  # an entry left the spec for lack of room: regrow looks again
         self.operations = operations.Operations(self)  # restart, drain, undrain and reload, one at a time
         sec, files = make_security(sc_config.get("tls") if security is None else security, self.cluster_id)
         self.pool.files.update(files)  # sent to each host's cluster directory by its agent
@@ -294,10 +295,18 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
 
     # -- sharing the lab (the lease watcher's hooks) ------------------------
     def regrow(self) -> int:
-        """Grow back towards the last target where slots are free now; the entries the cluster is still short of."""
+        """Grow back towards the last target where slots are free now; the entries the cluster is still short of.
+
+        Only while it is short because of the lab (a shortfall said, or an entry
+        that found no room), and never under a restart, drain or reload: those
+        take entries out of the spec on purpose, for a moment.
+        """
         target = self.capacity.target
-        if self.status != Status.running or target is None:
+        if self.status != Status.running or target is None or self.operations.lock.locked():
             return 0
+        if not (self.capacity.note or self._found_no_room):
+            return 0
+        self._found_no_room = False
         before = set(self.worker_spec)
         self.capacity.refill()
         if set(self.worker_spec) != before:
@@ -325,6 +334,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         """Entry ``key`` found no room on its host (other clusters hold it): it leaves the spec and is waited for."""
         self.capacity.remember_target()
         self.worker_spec.pop(key, None)
+        self._found_no_room = True
         self.lease_watcher.wake()
 
     def take_entry_name(self, taken: Collection[str] = ()) -> str:
