@@ -199,7 +199,7 @@ def test_a_world_writable_lease_dir_without_sticky_bit_is_refused_with_the_fix(l
         async def main() -> None:
             async with cluster_on(lab, path, n_workers=2, min_workers=1, name="picky") as cluster:
                 await until(lambda: not cluster.host_table.states[bad.name].usable, DEADLINE,
-                            f"{bad.name} to be put aside")
+                            f"{bad.name} to be unusable")
                 state = cluster.status_report()["hosts"][bad.name]
                 ip_of = {h.ip: h.name for h in lab.hosts}
                 hosts = [ip_of.get(a.split("://")[-1].rsplit(":", 1)[0]) for a in cluster.scheduler.workers]
@@ -215,46 +215,8 @@ def test_a_world_writable_lease_dir_without_sticky_bit_is_refused_with_the_fix(l
                     pass
             text = str(info.value)
             assert bad.name in text and "/var/tmp/open" in text and "1777" in text, text
+            assert "within" not in info.value.summary, info.value.summary  # it ended at once: no timeout waited out
             await until(lambda: not processes_besides_sshd(lab), 30, "every process on the lab hosts to end")
-
-        run(main(), timeout=300)
-    finally:
-        remove_open_dir(open_dir)
-
-
-def test_an_unsafe_lease_dir_fills_the_host_state_s_fix(lab: Any, tmp_path: Path) -> None:
-    """The host's state says the fix in its own field, as a failed agent start's does."""
-    good, bad = lab.hosts[0], lab.hosts[1]
-    open_dir = Path(bad.var_tmp) / "open"
-    open_dir.mkdir()
-    os.chmod(open_dir, 0o777)
-    path = inventory(lab, tmp_path, {good.name: {}, bad.name: {"speccluster_lease_dir": "/var/tmp/open"}})
-    try:
-        async def main() -> None:
-            async with cluster_on(lab, path, n_workers=2, min_workers=1, name="picky") as cluster:
-                await until(lambda: not cluster.host_table.states[bad.name].usable, DEADLINE,
-                            f"{bad.name} to be put aside")
-                state = cluster.status_report()["hosts"][bad.name]
-            assert "1777" in state["fix"], state
-
-        run(main(), timeout=300)
-    finally:
-        remove_open_dir(open_dir)
-
-
-def test_a_start_on_an_unsafe_lease_dir_alone_ends_saying_the_host_cannot_run_workers(lab: Any, tmp_path: Path) -> None:
-    """The only host's lease dir is unsafe: the start error is the "cannot run workers" one, not a timeout."""
-    bad = lab.hosts[1]
-    open_dir = Path(bad.var_tmp) / "open"
-    open_dir.mkdir()
-    os.chmod(open_dir, 0o777)
-    path = inventory(lab, tmp_path, {bad.name: {"speccluster_lease_dir": "/var/tmp/open"}})
-    try:
-        async def main() -> None:
-            with pytest.raises(StartError) as info:
-                async with cluster_on(lab, path, n_workers=1, name="alone", start_timeout=20):
-                    pass
-            assert "within" not in info.value.summary, info.value.summary
 
         run(main(), timeout=300)
     finally:
