@@ -143,8 +143,7 @@ class LeaseRequests:
         bool
             Whether the agent held it (``False``: released already, or never held).
         """
-        reply = await self.request("lease_release", timeout=timeout, lease=lease_id)
-        return bool(reply.get("released"))
+        return await self._give_back("lease_release", lease_id, timeout)
 
     async def lease_unwant(self, want_id: str, timeout: float = 60.0) -> bool:
         """Stop waiting: remove a want (see :meth:`lease_want`); ``False`` when the agent did not hold it.
@@ -156,7 +155,10 @@ class LeaseRequests:
         timeout
             Seconds to wait for the agent's answer.
         """
-        reply = await self.request("lease_unwant", timeout=timeout, lease=want_id)
+        return await self._give_back("lease_unwant", want_id, timeout)
+
+    async def _give_back(self, op: str, lease_id: str, timeout: float) -> bool:
+        reply = await self.request(op, timeout=timeout, lease=lease_id)
         return bool(reply.get("released"))
 
     async def lease_mark(self, lease_id: str, state: str, timeout: float = 60.0) -> bool:
