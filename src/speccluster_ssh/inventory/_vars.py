@@ -503,6 +503,18 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         "the host's slots, before they are retired and the slots given back: a number, or e.g. '5m'.",
         compare=False,
     ),
+    "speccluster_environment": VarSpec(
+        _choice("host", "head"), "host",
+        "Which environment the host's dask processes run in: 'host' (the host's python as it is) or 'head' (the "
+        "head ships its own distributed, dask and speccluster_packages as wheels; the host builds a venv of them "
+        "with its python3, 3.10 or newer, once per fingerprint).",
+    ),
+    "speccluster_env_dir": VarSpec(
+        optional_str, None,
+        "Where the host keeps the environments the head ships (speccluster_environment: head), one directory per "
+        "fingerprint plus a wheel store; null: ~/.cache/speccluster-ssh/envs.",
+        compare=False,
+    ),
 }
 
 
