@@ -104,7 +104,7 @@ def test_target_then_build_then_ready_without_shipping(python: str, house: Any, 
     script, ready = build(python, tmp_path, house)
     assert ready["event"] == "ready" and ready["built"], script.events
     steps = [e.get("step") for e in script.events if e["event"] == "progress"]
-    assert steps == ["venv", "pip install", "check"]
+    assert list(dict.fromkeys(steps)) == ["venv", "pip install", "check"]  # heartbeats repeat a step
     script.bye(keep=house.fingerprint)
     env = tmp_path / house.fingerprint
     assert ready["python"] == str(env / "bin" / "python") and ready["lock"] == str(env) + ".lock"

@@ -50,6 +50,7 @@ MARKER = "speccluster-env.json"  # written last into a complete environment
 LAST_USED = ".last-used"  # touched each time the environment is handed out
 WHEELS = "wheels"  # the wheel store, shared by the environments, files named <sha256>.whl
 TAIL_LINES = 40
+HEARTBEAT = 5.0  # seconds between progress events while waiting or building
 _FINGERPRINT = re.compile(r"^[0-9a-f]{8,128}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _WHEEL_NAME = re.compile(r"^[A-Za-z0-9_.+!-]+\.whl$")
@@ -171,16 +172,16 @@ class EnvSession:
     def lock_exclusive(self, path: str) -> int:
         """Take the exclusive lock at ``path``; while another holds it, say so, and give up if the head goes."""
         fd = open_lock(path)
-        said = False
+        said = 0.0
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return fd
             except OSError:
                 pass
-            if not said:
+            if time.monotonic() - said > HEARTBEAT:  # again and again: the head knows we are alive
                 self.send("progress", phase="waiting", why="another build of this environment holds its lock")
-                said = True
+                said = time.monotonic()
             # Nothing is expected from the head meanwhile; only its end matters.
             if self.eof or (select.select([0], [], [], 0.5)[0] and not self._fill(0)):
                 os.close(fd)
@@ -317,7 +318,10 @@ def _build_in(session: EnvSession, tmp: str, need: Dict[str, Any]) -> Optional[t
     session.send("progress", phase="building", step="venv")
     # pip runs from python's own bundled wheel when there is one: seconds faster than installing it in the venv.
     pip_wheel = _pip_wheel()
-    code, out = _run([sys.executable, "-m", "venv"] + (["--without-pip"] if pip_wheel else []) + [tmp])
+    def beat(step: str) -> Callable[[], None]:
+        return lambda: session.send("progress", phase="building", step=step)
+
+    code, out = _run([sys.executable, "-m", "venv"] + (["--without-pip"] if pip_wheel else []) + [tmp], beat("venv"))
     if code:
         return "python -m venv failed (exit %d)" % code, _tail(out)
     links = os.path.join(tmp, ".speccluster-wheels")  # pip finds wheels by file name: link them under theirs
@@ -329,11 +333,12 @@ def _build_in(session: EnvSession, tmp: str, need: Dict[str, Any]) -> Optional[t
     pins = [str(p) for p in need.get("pins") or []]
     pip = [python, os.path.join(pip_wheel, "pip")] if pip_wheel else [python, "-m", "pip"]
     code, out = _run(pip + ["install", "--no-index", "--find-links", links, "--no-input",
-                      "--disable-pip-version-check", "--no-warn-script-location", "--"] + pins)
+                      "--disable-pip-version-check", "--no-warn-script-location", "--no-compile", "--"] + pins,
+                     beat("pip install"))
     if code:
         return "pip install --no-index failed (exit %d)" % code, _tail(out)
     session.send("progress", phase="building", step="check")
-    code, out = _run([python, "-c", "import distributed; print(distributed.__version__)"])
+    code, out = _run([python, "-c", "import distributed; print(distributed.__version__)"], beat("check"))
     if code:
         return "the new environment cannot import distributed", _tail(out)
     shutil.rmtree(links)
@@ -364,15 +369,22 @@ def _pip_wheel() -> str:
     return ""
 
 
-def _run(argv: List[str]) -> tuple:
+def _run(argv: List[str], beat: Optional[Callable[[], None]] = None) -> tuple:
     env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PYTHONNOUSERSITE="1", PIP_NO_INPUT="1")
     env.pop("PYTHONPATH", None)
     env.pop("PYTHONHOME", None)
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     except OSError as exc:
         return 127, str(exc).encode()
-    return proc.returncode, proc.stdout
+    with proc:
+        while True:
+            try:
+                out, _ = proc.communicate(timeout=HEARTBEAT)  # a retry loses none of the output
+                return proc.returncode, out or b""
+            except subprocess.TimeoutExpired:
+                if beat is not None:
+                    beat()
 
 
 def _tail(out: bytes) -> str:
