@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from distributed import Client
 from envfakes import FakeWheel, bare_python, fake_wheelhouse, make_wheel
 
@@ -20,7 +21,9 @@ from speccluster_ssh.cluster import SSHSpecCluster
 from speccluster_ssh.connection import ConnectSettings, HostConnection
 from speccluster_ssh.environments import EnvRequest, EnvTarget
 from speccluster_ssh.errors import HostError
-from speccluster_ssh.inventory import Inventory
+from speccluster_ssh.cli import main
+from speccluster_ssh.inventory import Inventory, load_inventory
+from speccluster_ssh.preflight import check_hosts
 from speccluster_ssh.shipping import Wheelhouses, _usable_target, ensure_environment, env_lock_of
 
 
@@ -151,6 +154,10 @@ def test_a_local_cluster_runs_on_the_heads_environment(python: str, tmp_path: Pa
         f"      speccluster_python: {python}\n      speccluster_env_dir: {tmp_path / 'envs'}\n"
         "      speccluster_nthreads: 1\n"
     )
+    # check and plan only look: missing, and what it takes.
+    [row] = check_hosts(load_inventory(inventory), None, 30)
+    assert row["result"] == "warn" and row["environment"]["state"] == "missing", row
+    assert "it will be built" in row["environment"]["detail"] and "python" not in row
     with SSHSpecCluster.from_inventory(inventory) as cluster, Client(cluster) as client:
         client.wait_for_workers(1, timeout=60)
         versions = client.run(lambda: (distributed.__version__, sys.executable))
@@ -158,3 +165,8 @@ def test_a_local_cluster_runs_on_the_heads_environment(python: str, tmp_path: Pa
         assert version == distributed.__version__
         assert executable.startswith(str(tmp_path / "envs"))
         assert cluster.pool.wheelhouses.stats.builds == 1
+    [row] = check_hosts(load_inventory(inventory), None, 30)
+    assert row["environment"]["state"] == "ready" and row["distributed"] == distributed.__version__, row
+    assert row["python"].startswith(str(tmp_path / "envs"))
+    out = CliRunner().invoke(main, ["plan", str(inventory)], catch_exceptions=False).output
+    assert "the head's environment: " + row["environment"]["fingerprint"][:12] + ": ready" in out, out

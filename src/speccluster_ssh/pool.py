@@ -28,7 +28,7 @@ from .errors import HostError
 from .hosts import HostTable, HostView
 from .inventory import HostSpec
 from .placement import uneven_gpus
-from .shipping import Wheelhouses, ensure_environment, env_lock_of
+from .shipping import Wheelhouses, ensure_environment, env_lock_of, inspect_environment
 from .tasks import TaskSet, log_failures
 
 logger = logging.getLogger("speccluster_ssh.process")  # the messages users know from the process log
@@ -98,6 +98,9 @@ class AgentPool:
         # what each host's environment is doing while its agent waits (shown by up's progress).
         self.wheelhouses = Wheelhouses()
         self.env_progress: dict[str, str] = {}
+        # False for pools that only look (check, plan, hosts): a host whose environment is not ready is
+        # not shipped or built, it fails with what it would take.
+        self.ship_environments = True
 
     # The table's live, read-only views (status and tests read them through the pool).
     states: Mapping[str, HostView] = property(lambda self: self.table.states)  # type: ignore[assignment]
@@ -245,6 +248,13 @@ class AgentPool:
         def progress(host: str, label: str) -> None:
             self.env_progress[host] = label
 
+        if not self.ship_environments:
+            found = await inspect_environment(self.connection(name), self.table.specs[name], cluster_id=self.cluster_id,
+                                              timeout=self.agent_timeout)
+            if found.state != "ready":
+                raise HostError(name, f"the head's environment {found.fingerprint[:12]} is {found.detail}",
+                                fix="'speccluster-ssh up' ships and builds it")
+            return found.python
         return await ensure_environment(
             self.connection(name), self.table.specs[name], self.wheelhouses, progress=progress,
             cluster_id=self.cluster_id, timeout=self.agent_timeout,

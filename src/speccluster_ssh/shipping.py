@@ -34,7 +34,7 @@ from .errors import HostError, SpecClusterError
 from .tasks import TaskSet
 
 if TYPE_CHECKING:
-    from .connection import Channel, HostConnection
+    from .connection import Channel, ConnectSettings, HostConnection
     from .environments import EnvRequest, EnvTarget, WheelFile, Wheelhouse
     from .inventory import HostSpec
 
@@ -279,19 +279,14 @@ async def ensure_environment(
     HostError
         With the fix: no usable python3 (3.10 or newer with venv), a broken wheel, a failed build.
     """
-    from .environments import EnvRequest, EnvTarget
+    from .environments import EnvRequest
 
     name = host_spec.name
     say = (lambda label: progress(name, label)) if progress is not None else (lambda label: None)
     say("checking environment")
-    await connection.open()
-    config = {"env_dir": getattr(host_spec, "env_dir", None), "gc_days": GC_DAYS}
-    channel = await connection.open_channel(agent_argv(host_spec, cluster_id), host_spec.prologue)
-    shipment = Shipment(name, channel, progress, timeout)
+    channel, shipment, target = await _open_script(connection, host_spec, cluster_id, timeout, progress,
+                                                   wheelhouses.extra_sources)
     try:
-        channel.write(env_payload(config, wheelhouses.extra_sources))
-        target_facts = await _first_event(shipment, host_spec)
-        target = _usable_target(host_spec, target_facts)
         try:
             wheelhouse = await wheelhouses.get(EnvRequest.from_host(host_spec), target)
         except SpecClusterError as exc:
@@ -316,6 +311,120 @@ async def ensure_environment(
         if shipment.bytes_sent:
             wheelhouses.stats.shipped[name] = wheelhouses.stats.shipped.get(name, 0) + shipment.bytes_sent
         await channel.close()
+
+
+async def _open_script(
+    connection: HostConnection, host_spec: HostSpec, cluster_id: str, timeout: float, progress: Progress | None,
+    extra_sources: Sequence[str] = (),
+) -> tuple[Channel, Shipment, EnvTarget]:
+    """Start the environment script on the host; its channel, the shipment over it, and the host's target."""
+    await connection.open()
+    config = {"env_dir": host_spec.env_dir, "gc_days": GC_DAYS}
+    channel = await connection.open_channel(agent_argv(host_spec, cluster_id), host_spec.prologue)
+    shipment = Shipment(host_spec.name, channel, progress, timeout)
+    try:
+        channel.write(env_payload(config, extra_sources))
+        target = _usable_target(host_spec, await _first_event(shipment, host_spec))
+    except BaseException:
+        await channel.close()
+        raise
+    return channel, shipment, target
+
+
+@dataclass(frozen=True)
+class EnvState:
+    """What ``check`` and ``plan`` say of a host's environment (see :func:`inspect_environment`).
+
+    Attributes
+    ----------
+    state
+        ``ready``, ``missing``, or ``another python`` (missing, and the host's python minor is not the head's).
+    detail
+        One line, e.g. ``missing (it will be built, 12.3 MB to ship)``.
+    fingerprint
+        The environment's fingerprint for this host.
+    python
+        The environment's python on the host (there once it is ready).
+    to_ship
+        Bytes the head would send (``None`` when its wheels are not gathered yet).
+    """
+
+    state: str
+    detail: str
+    fingerprint: str
+    python: str
+    to_ship: int | None = None
+
+
+async def inspect_environment(
+    connection: HostConnection, host_spec: HostSpec, *, cluster_id: str = "", timeout: float = 60.0,
+    cache_dir: str | None = None,
+) -> EnvState:
+    """Look at the head's environment on the host: ready, or what it would take; ships and builds nothing.
+
+    Raises
+    ------
+    HostError
+        The host has no usable python3 (with the fix).
+    """
+    from pathlib import Path
+
+    from .environments import EnvRequest, EnvTarget, cached_wheelhouse, describe_need, fingerprint, resolve_pins
+
+    channel, shipment, target = await _open_script(connection, host_spec, cluster_id, timeout, None)
+    try:
+        request = EnvRequest.from_host(host_spec)
+        cache = Path(cache_dir) if cache_dir else None
+        fp = await asyncio.to_thread(lambda: fingerprint(resolve_pins(request, target), target))
+        house = await asyncio.to_thread(cached_wheelhouse, request, target, cache)
+        wheels = house.manifest()["wheels"] if house is not None else []
+        shipment.send({"op": "inspect", "fingerprint": fp, "wheels": wheels})
+        found = await shipment.receive()
+        shipment.send({"op": "bye", "collect": False})
+    finally:
+        await channel.close()
+    if found.get("event") != "state":
+        raise HostError(host_spec.name, f"the environment script said {found}")
+    python = str(found.get("python") or "")
+    if found.get("ready"):
+        return EnvState("ready", "ready", fp, python, 0)
+    head = EnvTarget.of_head().python
+    other = target.python != head
+    state = "another python" if other else "missing"
+    if house is None:
+        detail = "missing (it will be built; the head gathers its wheels first)"
+        to_ship = None
+    else:
+        have = set(found.get("have") or ())
+        detail = describe_need(house, have)
+        to_ship = sum(w.size for w in house.wheels if w.sha256 not in have)
+    if other:
+        detail += f"; python {target.python} there, {head} on the head: its wheels are downloaded"
+    return EnvState(state, detail, fp, python, to_ship)
+
+
+async def survey_environments(
+    hosts: Sequence[HostSpec], settings: ConnectSettings, timeout: float = 30.0
+) -> dict[str, EnvState | str]:
+    """:func:`inspect_environment` on every host of ``hosts`` at once: its state, or why it could not be asked."""
+    from .connection import HostConnection
+
+    async def ask(host: HostSpec) -> EnvState | str:
+        connection = HostConnection(host, settings)
+        try:
+            return await asyncio.wait_for(inspect_environment(connection, host, timeout=timeout),
+                                          timeout + float(host.connect_timeout) + 5)
+        except HostError as exc:
+            return exc.reason + (f"; fix: {exc.fix}" if exc.fix else "")
+        except (asyncio.TimeoutError, TimeoutError):
+            return f"no answer within {timeout:g} s"
+        except OSError as exc:
+            return str(exc.strerror or exc)
+        finally:
+            await connection.close()
+
+    results = await asyncio.gather(*(ask(h) for h in hosts))
+    return {h.name: r for h, r in zip(hosts, results)}
 
 
 async def _first_event(shipment: Shipment, host: HostSpec) -> dict[str, Any]:

@@ -23,7 +23,10 @@ Protocol: JSON lines both ways; a wheel travels as one line
    --no-index``, ``import distributed``, marker written last, rename into
    place (``ready``); a failure removes the temp dir (``failed`` with the
    output's tail).
-5. Head ``bye`` (or EOF): environments unused for ``gc_days`` that no live
+Head ``inspect`` (for ``check`` and ``plan``) only looks: ``state`` says
+whether the environment is ready and which of its wheels the store holds.
+
+5. Head ``bye`` (or EOF; ``collect`` false skips this): environments unused for ``gc_days`` that no live
    agent holds (a shared lock on their ``.lock``) are removed, then the
    script exits.
 
@@ -212,6 +215,26 @@ def handle_need(session: EnvSession, message: Dict[str, Any]) -> None:
     session.need = message
     missing = [w for w in wheels if not _have_wheel(session.store, w)]
     session.send("missing", wheels=[w["sha256"] for w in missing], bytes=sum(int(w["size"]) for w in missing))
+
+
+def handle_inspect(session: EnvSession, message: Dict[str, Any]) -> None:
+    """Whether the environment is ready, and which of its wheels the store holds: no lock, nothing changed."""
+    fingerprint = str(message.get("fingerprint") or "")
+    wheels = [w for w in message.get("wheels") or [] if _good_wheel(w)]
+    if not _FINGERPRINT.match(fingerprint):
+        session.send("error", error="a malformed fingerprint")
+        return
+    env = os.path.join(session.env_dir, fingerprint)
+    have = [w["sha256"] for w in wheels if os.path.isfile(wheel_path(session.store, w["sha256"]))]
+    session.send("state", ready=is_ready(env), python=env_python(env), have=have,
+                 others=sorted(n for n in _listdir(session.env_dir) if _FINGERPRINT.match(n) and n != fingerprint))
+
+
+def _listdir(path: str) -> List[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _good_wheel(wheel: Any) -> bool:
@@ -504,7 +527,7 @@ def main(config: Dict[str, Any]) -> None:
     """Say the target, then answer the head's requests until ``bye`` or EOF, then collect garbage."""
     session = EnvSession(config)
     session.send("target", env_dir=session.env_dir, **target_facts())
-    handlers = dict(OPS, need=handle_need, wheel=receive_wheel, build=handle_build)
+    handlers = dict(OPS, need=handle_need, wheel=receive_wheel, build=handle_build, inspect=handle_inspect)
     while True:
         message = session.read_message()
         if message is None or message.get("op") == "bye":
@@ -516,7 +539,9 @@ def main(config: Dict[str, Any]) -> None:
         handler(session, message)
     session.unlock()
     keep = str((message or {}).get("keep") or "")
-    if session.gc_days > 0 and os.path.isdir(session.env_dir):
+    if session.gc_days > 0 and os.path.isdir(session.env_dir) and (message or {}).get("collect", True):
         removed = collect_garbage(session.env_dir, session.gc_days, keep)
         if message is not None:
             session.send("bye", removed=removed)
+    elif message is not None:
+        session.send("bye", removed=[])
