@@ -117,6 +117,22 @@ def test_a_python_without_venv_or_too_old_is_refused_with_the_fix(tmp_path: Path
     assert "install python3" in missing.value.fix
 
 
+def test_the_script_runs_under_python_38_which_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """The host script keeps to Python 3.8 (a host's old python must get the fix, not a SyntaxError)."""
+    import shutil
+    import subprocess
+
+    found = [shutil.which("python3.8"), *map(str, Path.home().glob(".pyenv/versions/3.8*/bin/python3.8"))]
+    works = [p for p in found if p and subprocess.run([p, "-c", "pass"], capture_output=True).returncode == 0]
+    if not works:
+        pytest.skip("no python3.8 on this machine")
+    old = works[0]
+    with pytest.raises(HostError) as info:
+        asyncio.run(ensure(local_host(old, tmp_path), Wheelhouses()))
+    assert "environments need 3.10 or newer" in info.value.reason and "python 3.8" in info.value.reason
+    assert "speccluster_python" in info.value.fix
+
+
 def test_wheelhouses_gather_once_per_fingerprint_and_resolve_again_each_time(house: Any) -> None:
     """Concurrent hosts share one gathering; a later start with other pins (a restart after an upgrade) gets a new one."""
     built: list[str] = []
