@@ -246,7 +246,6 @@ class Shipment:
                 sent += len(chunk)
                 self.bytes_sent += len(chunk)
                 await self.drain()
-                self.say(f"shipping {megabytes(self.bytes_sent)} of {megabytes(self.to_ship)}")
 
 
 async def ensure_environment(
