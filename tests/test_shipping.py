@@ -7,6 +7,8 @@ test, where a whole local cluster runs on the head's real environment.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sys
 import threading
 from pathlib import Path
@@ -181,8 +183,52 @@ def test_a_local_cluster_runs_on_the_heads_environment(python: str, tmp_path: Pa
         assert version == distributed.__version__
         assert executable.startswith(str(tmp_path / "envs"))
         assert cluster.pool.wheelhouses.stats.builds == 1
+        # The agent holds its environment's lock shared: the host script's collection cannot take it.
+        fd = os.open(env_lock_of(executable), os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
     [row] = check_hosts(load_inventory(inventory), None, 30)
     assert row["environment"]["state"] == "ready" and row["distributed"] == distributed.__version__, row
     assert row["python"].startswith(str(tmp_path / "envs"))
     out = CliRunner().invoke(main, ["plan", str(inventory)], catch_exceptions=False).output
     assert "the head's environment: " + row["environment"]["fingerprint"][:12] + ": ready" in out, out
+
+
+def test_a_renewed_agent_moves_to_the_new_environment(python: str, tmp_path: Path) -> None:
+    """What a rolling restart does per host (pool.renew): the new agent resolves again and runs on the new environment."""
+    from speccluster_ssh.environments import build_wheelhouse
+    from speccluster_ssh.pool import AgentPool
+
+    extra = make_wheel(tmp_path, "tinyextra", "1.0")
+    version = {"n": 0}
+
+    def builder(request: Any, target: Any, cache: Any) -> Any:
+        real = build_wheelhouse(request, target, None)
+        if not version["n"]:
+            return real
+        # The head's packages changed: one more package, another fingerprint.
+        return type(real)("f" * 16, target, (*real.pins, "tinyextra==1.0"),
+                          (*real.wheels, type(real.wheels[0])(extra.filename, extra.sha256, extra.size, extra.path)))
+
+    host = local_host(python, tmp_path / "envs")
+
+    async def main() -> None:
+        pool = AgentPool("envrenew", {"here": host}, ConnectSettings())
+        pool.wheelhouses = Wheelhouses(builder=builder, fingerprint_of=lambda r, t: "f" * 16 if version["n"] else "e" * 16)
+        try:
+            first = await pool.agent("here")
+            version["n"] = 1
+            old, _ = await pool.renew("here", new_connection=False)
+            assert old is first
+            if old is not None:
+                await old.close()
+            new = pool.agents["here"]
+            assert first.facts["python"] != new.facts["python"]
+            assert new.facts["python"].startswith(str(tmp_path / "envs" / ("f" * 16)))
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
