@@ -104,6 +104,14 @@ def test_a_failed_build_fails_with_pips_tail(python: str, tmp_path: Path) -> Non
     assert not [p for p in env_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_an_env_dir_that_cannot_be_written_fails_with_the_fix(python: str, house: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    with pytest.raises(HostError) as info:
+        asyncio.run(ensure(local_host(python, blocker / "envs"), fixed(house)))
+    assert "cannot write" in info.value.reason and "speccluster_env_dir" in info.value.fix
+
+
 def test_a_python_without_venv_or_too_old_is_refused_with_the_fix(tmp_path: Path) -> None:
     host = local_host("/usr/bin/python3", tmp_path)
     facts = {"python": "3.11", "machine": "x86_64", "libc": "glibc 2.36", "venv": True, "ensurepip": True}

@@ -62,11 +62,14 @@ class WheelSource(Protocol):
     """Gets wheels onto one host (see :attr:`Wheelhouses.source_for`)."""
 
     async def deliver(self, shipment: Shipment, wheels: Sequence[WheelFile]) -> None:
-        """Bring ``wheels`` into the host's wheel store.
+        """Bring ``wheels`` into the host's wheel store; return once every one is there, else raise.
 
-        The host answers each wheel with ``got`` or ``bad_wheel``, whoever
-        delivered it; the caller reads those answers, so a source only sends
-        (:meth:`Shipment.send`, :meth:`Shipment.send_wheel`) and never reads.
+        A source owns the channel until it returns: it sends requests
+        (:meth:`Shipment.send`, :meth:`Shipment.send_wheel`) and reads the
+        host script's answers (:meth:`Shipment.receive`), such as ``got`` and
+        ``bad_wheel`` for a wheel frame, or those of an op a shipped source
+        of its own adds (a fetch from a peer). It may hand what a peer could
+        not deliver to :class:`FromHead`.
         """
 
 
@@ -74,8 +77,23 @@ class FromHead:
     """The default source: every wheel from the head, as frames over the host's channel."""
 
     async def deliver(self, shipment: Shipment, wheels: Sequence[WheelFile]) -> None:
-        for wheel in wheels:
-            await shipment.send_wheel(wheel)
+        # The host answers each wheel; read while sending, so its answers never back up.
+        answers = asyncio.ensure_future(_wheel_answers(shipment, len(wheels)))
+        try:
+            for wheel in wheels:
+                await shipment.send_wheel(wheel)
+            bad = await answers
+        finally:
+            if not answers.done():
+                answers.cancel()
+                await asyncio.gather(answers, return_exceptions=True)
+        if bad:
+            wheel = next((w for w in wheels if w.sha256 == bad.get("sha256")), None)
+            where = str(wheel.path) if wheel is not None else "the head's wheel cache"
+            raise HostError(
+                shipment.host, f"a broken wheel: {bad.get('filename')}: {bad.get('why')}",
+                fix=f"remove {where} from the head's wheel cache (it is gathered again at the next start)",
+            )
 
 
 @dataclass
@@ -296,6 +314,10 @@ async def ensure_environment(
         answer = await shipment.receive()
         if answer.get("event") == "missing":
             answer = await _ship_and_build(shipment, wheelhouses, wheelhouse, answer, build_timeout)
+        if answer.get("event") == "failed" and answer.get("unwritable"):
+            raise HostError(name, f"the environment directory: {answer.get('reason')}", fix=(
+                f"make {answer['unwritable']} on {name} writable for {host_spec.user or 'the login user'}, "
+                "or set speccluster_env_dir to a directory that is"))
         if answer.get("event") != "ready":
             raise HostError(name, f"the environment script said {answer}", channel.stderr_tail())
         wheelhouses.on_delivered(name, wheelhouse)
@@ -481,23 +503,7 @@ async def _ship_and_build(
     if wheels:
         shipment.to_ship = sum(w.size for w in wheels)
         shipment.say(f"shipping {megabytes(shipment.to_ship)}")
-        source = wheelhouses.source_for(name, wheelhouse)
-        # The host answers each wheel; read while sending, so its answers never back up.
-        answers = asyncio.ensure_future(_wheel_answers(shipment, len(wheels)))
-        try:
-            await source.deliver(shipment, wheels)
-            bad = await answers
-        finally:
-            if not answers.done():
-                answers.cancel()
-                await asyncio.gather(answers, return_exceptions=True)
-        if bad:
-            wheel = next((w for w in wheels if w.sha256 == bad.get("sha256")), None)
-            where = str(wheel.path) if wheel is not None else "the head's wheel cache"
-            raise HostError(
-                name, f"a broken wheel: {bad.get('filename')}: {bad.get('why')}",
-                fix=f"remove {where} from the head's wheel cache (it is gathered again at the next start)",
-            )
+        await wheelhouses.source_for(name, wheelhouse).deliver(shipment, wheels)
     shipment.say("building")
     shipment.send({"op": "build"})
     answer = await shipment.receive(build_timeout)

@@ -536,7 +536,13 @@ def main(config: Dict[str, Any]) -> None:
         if handler is None:
             session.send("error", error="unknown op %r" % message.get("op"))
             continue
-        handler(session, message)
+        try:
+            handler(session, message)
+        except OSError as exc:  # an env dir we cannot write: one clear answer, not a traceback
+            session.unlock()
+            where = exc.filename or session.env_dir
+            session.send("failed", reason="cannot write %s: %s" % (where, exc.strerror or exc), tail="",
+                         unwritable=str(session.env_dir))
     session.unlock()
     keep = str((message or {}).get("keep") or "")
     if session.gc_days > 0 and os.path.isdir(session.env_dir) and (message or {}).get("collect", True):
