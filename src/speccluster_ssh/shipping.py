@@ -54,7 +54,7 @@ def env_lock_of(python: str) -> str:
     return posixpath.dirname(posixpath.dirname(python)) + ".lock"
 
 
-def megabytes(n: int) -> str:
+def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
@@ -244,6 +244,8 @@ class Shipment:
             if not isinstance(message, dict):
                 raise HostError(self.host, f"the environment script said {line[:200]!r}", self.channel.stderr_tail())
             if message.get("event") == "progress":
+                if message.get("phase") == "receiving":
+                    continue  # a wheel still arriving: the label already says shipping
                 step = message.get("step")
                 self.say("waiting for another build" if message.get("phase") == "waiting"
                          else f"building ({step})" if step else str(message.get("phase")))  # fmt: skip
@@ -502,7 +504,7 @@ async def _ship_and_build(
     wheels = [w for w in wheelhouse.wheels if w.sha256 in lacking]
     if wheels:
         shipment.to_ship = sum(w.size for w in wheels)
-        shipment.say(f"shipping {megabytes(shipment.to_ship)}")
+        shipment.say(f"shipping {_megabytes(shipment.to_ship)}")
         await wheelhouses.source_for(name, wheelhouse).deliver(shipment, wheels)
     shipment.say("building")
     shipment.send({"op": "build"})

@@ -275,8 +275,12 @@ def receive_wheel(session: EnvSession, message: Dict[str, Any]) -> None:
     except OSError as exc:
         problem = "cannot write %s: %s" % (tmp, exc.strerror or exc)
     left = size
+    beat = time.monotonic()
     try:
         while left:
+            if time.monotonic() - beat > HEARTBEAT:  # a big wheel on a slow link: still arriving
+                session.send("progress", phase="receiving", left=left)
+                beat = time.monotonic()
             chunk = session.read_bytes(min(left, 1 << 20))
             if not chunk:
                 sys.exit(3)  # the head went away mid-wheel; the finally removes the temp file
@@ -460,6 +464,9 @@ def collect_garbage(env_dir: str, days: float, keep: str = "") -> List[str]:
         return removed
     for name in names:
         path = os.path.join(env_dir, name)
+        if name.startswith(".tmp-gc-"):  # a removal cut short: nobody uses it
+            shutil.rmtree(path, ignore_errors=True)
+            continue
         if name == keep or not _FINGERPRINT.match(name) or os.path.islink(path) or not os.path.isdir(path):
             continue
         if _last_used(path) > cutoff:
