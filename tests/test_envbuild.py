@@ -197,3 +197,28 @@ def test_gc_removes_old_unheld_environments_only(python: str, house: Any, tmp_pa
     assert Script(python, tmp_path).bye(keep=house.fingerprint)["removed"] == []
     assert Script(python, tmp_path).bye()["removed"] == [house.fingerprint]
     assert not env.exists() and not list((tmp_path / "wheels").iterdir()) and not leftovers(tmp_path)
+
+
+def test_a_waiter_sees_the_environment_ready_while_an_agent_holds_its_lock(python: str, house: Any,
+                                                                           tmp_path: Path) -> None:
+    """The builder's lock passes to its agent, held shared: a waiter must not wait for it to end."""
+    env = tmp_path / house.fingerprint
+    fd = os.open(str(env) + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a build in progress
+    try:
+        script = Script(python, tmp_path)
+        script.event()
+        script.send(op="need", **house.manifest())
+        assert script.proc.stdout is not None
+        waiting = json.loads(script.proc.stdout.readline())
+        assert waiting["event"] == "progress" and waiting["phase"] == "waiting"
+        # The build ends: the environment is complete, and its agent holds the lock shared.
+        (env / "bin").mkdir(parents=True)
+        (env / "bin" / "python").symlink_to(python)
+        (env / "speccluster-env.json").write_text("{}")
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        ready = script.event()
+        assert ready["event"] == "ready" and not ready["built"]
+        script.bye()
+    finally:
+        os.close(fd)

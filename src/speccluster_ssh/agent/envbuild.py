@@ -172,8 +172,13 @@ class EnvSession:
         return data
 
     # -- locks ----------------------------------------------------------
-    def lock_exclusive(self, path: str) -> int:
-        """Take the exclusive lock at ``path``; while another holds it, say so, and give up if the head goes."""
+    def lock_exclusive(self, path: str, done: Callable[[], bool]) -> int:
+        """Take the exclusive lock at ``path`` (its fd), or -1 once ``done()`` holds; give up if the head goes.
+
+        While another holds the lock, say so. ``done`` matters: the builder
+        that held it starts an agent that holds it *shared* as long as it
+        runs, so a waiter must see the environment ready, not wait for the lock.
+        """
         fd = open_lock(path)
         said = 0.0
         while True:
@@ -182,6 +187,9 @@ class EnvSession:
                 return fd
             except OSError:
                 pass
+            if done():
+                os.close(fd)
+                return -1
             if time.monotonic() - said > HEARTBEAT:  # again and again: the head knows we are alive
                 self.send("progress", phase="waiting", why="another build of this environment holds its lock")
                 said = time.monotonic()
@@ -207,7 +215,7 @@ def handle_need(session: EnvSession, message: Dict[str, Any]) -> None:
         _say_ready(session, env, built=False)
         return
     os.makedirs(session.store, exist_ok=True)
-    session.lock_fd = session.lock_exclusive(env + ".lock")
+    session.lock_fd = session.lock_exclusive(env + ".lock", lambda: is_ready(env))
     if is_ready(env):  # built by whoever held the lock
         session.unlock()
         _say_ready(session, env, built=False)
