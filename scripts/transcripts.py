@@ -41,7 +41,7 @@ import yaml  # noqa: E402
 from sshlab import Lab  # noqa: E402
 
 OUT_DIR = REPO / "docs" / "transcripts"
-WORK = Path("/tmp/speccluster-transcripts")
+WORK = Path(os.environ.get("SPECCLUSTER_TRANSCRIPTS_WORK", "/tmp/speccluster-transcripts"))
 PROG = "speccluster-ssh"
 COLUMNS = 160  # wide enough for every table but check's
 WIDE = {"check": 250}  # a command's own width: check's table has a column per fact
@@ -368,6 +368,29 @@ def scenario_bastion(env: dict[str, str], lab: Lab) -> Scenario:
     return s
 
 
+def scenario_envs(env: dict[str, str], lab: Lab) -> Scenario:
+    s = Scenario("envs", "h1..h3 have only a bare python (a venv with no packages at all); "
+                         "speccluster_environment: head, each host with its own speccluster_env_dir.")
+    bare = WORK / "bare-python"
+    if not (bare / "bin" / "python").exists():
+        subprocess.run([sys.base_prefix + "/bin/python3", "-m", "venv", "--without-pip", str(bare)], check=True)
+    envs = WORK / "envs"
+    subprocess.run(["rm", "-rf", str(envs)], check=True)  # cold hosts, every time
+    lab.write_inventory(WORK / "envs.yml", groups={"workers": ["h1", "h2", "h3"]}, python=str(bare / "bin" / "python"),
+                        host_vars={h: {"speccluster_env_dir": str(envs / h)} for h in ("h1", "h2", "h3")},
+                        group_vars={"all": {"speccluster_slots": 2, "speccluster_nthreads": 2,
+                                            "speccluster_environment": "head"}})
+    s.steps = [
+        cmd("check", f"{PROG} check envs.yml"),
+        cmd("up", f"{PROG} up envs.yml --detach --name envs --workers 3"),
+        cmd("down", f"{PROG} down --name envs", wait_workers("envs", 3, env)),
+        cmd("again", f"{PROG} up envs.yml --detach --name envs --workers 3"),
+        cmd("check2", f"{PROG} check envs.yml", wait_workers("envs", 3, env)),
+        cmd("down2", f"{PROG} down --name envs"),
+    ]
+    return s
+
+
 # -- driver --------------------------------------------------------------------------------------
 
 
@@ -425,7 +448,8 @@ def lab_if(needed: bool) -> Iterator[Lab | None]:
     if not needed:
         yield None
         return
-    with Lab(5, prefix="scdoc", subnet_base="10.250.40") as lab:
+    with Lab(5, prefix=os.environ.get("SCLAB_PREFIX", "scdoc"),
+             subnet_base=os.environ.get("SCLAB_SUBNET", "10.250.40")) as lab:
         yield lab
 
 
@@ -435,6 +459,7 @@ LOCAL_SCENARIOS: dict[str, Callable[[dict[str, str]], Scenario]] = {
 }
 LAB_SCENARIOS: dict[str, Callable[[dict[str, str], Lab], Scenario]] = {
     "lab": scenario_lab, "off": scenario_off, "ops": scenario_ops, "gpu": scenario_gpu, "bastion": scenario_bastion,
+    "envs": scenario_envs,
 }
 
 

@@ -22,6 +22,7 @@ SECTIONS = [
     "Install",
     "Quick start",
     "A first real lab",
+    "Hosts with only Python",
     "Provision your lab",
     "Operating a running cluster",
     "Labs behind a bastion or a firewall",

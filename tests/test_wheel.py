@@ -45,6 +45,11 @@ def test_package_data_is_installed() -> None:
     for name, source in sources:
         compile(source, f"speccluster_agent/{name}", "exec")
     assert b"def main(" in sources[-1][1]
+    # So is the environment script (speccluster_environment: head), run before the agent.
+    from speccluster_ssh.shipping import env_sources
+
+    for name, source in env_sources():
+        compile(source, f"speccluster_agent/{name}", "exec")
 
 
 def test_installed_from_site_packages_when_asked() -> None:

@@ -117,6 +117,10 @@ class _StreamChannel:
     def write(self, data: bytes) -> None:
         self._stdin.write(data)
 
+    async def drain(self) -> None:
+        """Wait until what was written has gone out (flow control for bulk data, such as wheels)."""
+        await self._stdin.drain()
+
     async def readline(self) -> bytes:
         return await self._stdout.readline()
 

@@ -369,7 +369,8 @@ class Head:
             elif conn == "up":
                 label = "starting"
             else:
-                label = "connecting"
+                # The head's environment on its way there (shipping, building) before the agent starts.
+                label = (cluster.pool.env_progress.get(host) if cluster is not None else None) or "connecting"
             if label in ("ready", "idle"):
                 self.ready_at.setdefault(host, now)
             else:

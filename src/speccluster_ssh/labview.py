@@ -345,6 +345,7 @@ async def survey_hosts(
     from .tasks import log_failures
 
     pool = AgentPool(f"survey-{secrets.token_hex(4)}", hosts, settings, agent_timeout=timeout)
+    pool.ship_environments = False  # a survey only looks
 
     async def ask(name: str) -> HostSurvey:
         limit = timeout + float(hosts[name].connect_timeout) + 5

@@ -28,6 +28,7 @@ from .errors import HostError
 from .hosts import HostTable, HostView
 from .inventory import HostSpec
 from .placement import uneven_gpus
+from .shipping import Wheelhouses, ensure_environment, env_lock_of, inspect_environment
 from .tasks import TaskSet, log_failures
 
 logger = logging.getLogger("speccluster_ssh.process")  # the messages users know from the process log
@@ -93,6 +94,13 @@ class AgentPool:
         self._probe_server: asyncio.AbstractServer | None = None
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
+        # speccluster_environment: head: the wheels, gathered once per fingerprint for every host;
+        # what each host's environment is doing while its agent waits (shown by up's progress).
+        self.wheelhouses = Wheelhouses()
+        self.env_progress: dict[str, str] = {}
+        # False for pools that only look (check, plan, hosts): a host whose environment is not ready is
+        # not shipped or built, it fails with what it would take.
+        self.ship_environments = True
 
     # The table's live, read-only views (status and tests read them through the pool).
     states: Mapping[str, HostView] = property(lambda self: self.table.states)  # type: ignore[assignment]
@@ -192,14 +200,18 @@ class AgentPool:
                 probe.set_result(result)
 
         try:
+            # A host that runs the head's environment gets it first (shipped and built when missing).
+            python = await self._environment(name) if self.table.specs[name].environment == "head" else None
             port = await self._probe_port() if probe is not None and self.agent_probes else None
             agent = HostAgent(
                 self.connection(name), self.cluster_id, silence=self.silence, base_dir=self.base_dir,
                 probe_port=port, on_probe=probed, lease_dir=self.table.specs[name].lease_dir,
+                python=python, env_lock=env_lock_of(python) if python else None,
             )
             facts = await agent.start(timeout=self.agent_timeout)
         finally:
             probed(None)  # no answer (whatever failed first): the host is left out of the probe
+            self.env_progress.pop(name, None)
         remote_version = str(facts.get("distributed", "?"))
         # Refused while another agent of the cluster runs on the host (a restart's new agent):
         # its directory, TLS files and live logs are that agent's and stay.
@@ -229,6 +241,24 @@ class AgentPool:
         timeline.stamp("agent_ready", name)
         agent.on_lost(lambda reason, host=name, a=agent: self._lost(host, a, reason))
         return agent
+
+    async def _environment(self, name: str) -> str:
+        """The python of the head's environment on host ``name``, made ready there first (see :mod:`.shipping`)."""
+
+        def progress(host: str, label: str) -> None:
+            self.env_progress[host] = label
+
+        if not self.ship_environments:
+            found = await inspect_environment(self.connection(name), self.table.specs[name], cluster_id=self.cluster_id,
+                                              timeout=self.agent_timeout)
+            if found.state != "ready":
+                raise HostError(name, f"the head's environment {found.fingerprint[:12]} is {found.detail}",
+                                fix="'speccluster-ssh up' ships and builds it")
+            return found.python
+        return await ensure_environment(
+            self.connection(name), self.table.specs[name], self.wheelhouses, progress=progress,
+            cluster_id=self.cluster_id, timeout=self.agent_timeout,
+        )
 
     def _gpu_problem(self, name: str, facts: Mapping[str, Any]) -> tuple[str, str] | None:
         """Why the GPUs that ``speccluster_gpus: auto`` found on ``name`` cannot be shared, and the fix."""
@@ -333,6 +363,7 @@ class AgentPool:
         log_failures(results[: len(closing)], [a.host.name for a in closing], logger, "stopping agents")
         self._stopping.clear()
         await self.stop_probing()
+        await self.wheelhouses.close()
         for name in list(self.table.agents):
             self.table.drop_agent(name)
         self._starting.clear()

@@ -78,11 +78,15 @@ def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[
         # Like up: a --known-hosts flag wins, else each host's speccluster_known_hosts.
         settings = ConnectSettings(known_hosts_policy=policy)
         pool = AgentPool(f"check-{secrets.token_hex(4)}", hosts, settings, agent_timeout=timeout)
+        pool.ship_environments = False  # check only looks
         async def probe(name: str) -> dict[str, Any]:
             host = hosts[name]
             row: dict[str, Any] = {"host": name, "address": host.address, "connection": host.connection}
             t0 = time.monotonic()
             try:
+                if host.environment == "head" and not await _environment(pool, host, row, timeout):
+                    row["seconds"] = round(time.monotonic() - t0, 1)
+                    return row  # not there yet: up ships and builds it (no agent can run before)
                 agent = await asyncio.wait_for(pool.agent(name), timeout + host.connect_timeout + 5)
             except HostError as exc:
                 row.update(ok=False, result="FAIL", problems=[exc.reason], seconds=round(time.monotonic() - t0, 1))
@@ -154,6 +158,25 @@ def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[
 
     setting = reach_setting(inv)
     return asyncio.run(probe_all())
+
+
+async def _environment(pool: Any, host: HostSpec, row: dict[str, Any], timeout: float) -> bool:
+    """Put the state of the head's environment on ``host`` into ``row``; True when it is ready (the agent can start).
+
+    Raises :class:`HostError` when the host has no usable python3.
+    """
+    from .shipping import inspect_environment
+
+    found = await asyncio.wait_for(
+        inspect_environment(pool.connection(host.name), host, cluster_id=pool.cluster_id, timeout=timeout),
+        timeout + host.connect_timeout + 5,
+    )
+    row["environment"] = {"state": found.state, "detail": found.detail, "fingerprint": found.fingerprint,
+                          "to_ship": found.to_ship}
+    if found.state == "ready":
+        return True
+    row.update(ok=True, result="warn", problems=[f"environment {found.fingerprint[:12]}: {found.detail}"])
+    return False
 
 
 def _add_reach(row: dict[str, Any], found: ReachProbe, choice: ReachChoice, peers: int) -> None:

@@ -87,8 +87,8 @@ MARKER_ENV = "SPECCLUSTER_SSH_CLUSTER"
 PROBE_CONNECT_TIMEOUT = 5.0
 
 
-def agent_argv(host: HostSpec, cluster_id: str = "") -> list[str]:
-    """The argv that starts the agent bootstrap on ``host``.
+def agent_argv(host: HostSpec, cluster_id: str = "", python: str | None = None) -> list[str]:
+    """The argv that starts the agent bootstrap on ``host`` (under ``python`` when given: a shipped environment's).
 
     ``env`` puts the cluster marker in the agent's initial environment, so
     that it shows in ``/proc/PID/environ`` of the agent and of every child it
@@ -96,7 +96,8 @@ def agent_argv(host: HostSpec, cluster_id: str = "") -> list[str]:
     the default ``python3`` uses the head's own interpreter, which is known
     to have ``distributed``.
     """
-    python = sys.executable if host.is_local and host.python == "python3" else host.python
+    if python is None:
+        python = sys.executable if host.is_local and host.python == "python3" else host.python
     if python.startswith("~/"):
         # Quoted, "~" would not expand; a remote command starts in $HOME anyway.
         python = os.path.expanduser(python) if host.is_local else python[2:]
@@ -118,6 +119,10 @@ class HostAgent(LeaseRequests):
     lease_dir
         The host's lease directory (``speccluster_lease_dir``; the agent's default when ``None``).
         Lease requests (see :class:`LeaseRequests`) end with the agent, which releases them all.
+    python
+        Run under this python instead of the host's (an environment the head shipped there).
+    env_lock
+        The lock file of that environment: the agent holds it shared while it runs, so it is never collected.
     """
 
     def __init__(
@@ -130,8 +135,12 @@ class HostAgent(LeaseRequests):
         probe_port: int | None = None,
         on_probe: Callable[[dict[str, str]], None] | None = None,
         lease_dir: str | None = None,
+        python: str | None = None,
+        env_lock: str | None = None,
     ) -> None:
         self.connection = connection
+        self.python = python
+        self.env_lock = env_lock
         # A port the head listens on: the agent probes the network before its import (scheduler_reach auto).
         self.probe_port = probe_port
         self._on_probe = on_probe
@@ -168,7 +177,7 @@ class HostAgent(LeaseRequests):
     async def start(self, timeout: float = 30.0) -> dict[str, Any]:
         """Start the agent and return the facts it reports (versions, cpus, memory)."""
         await self.connection.open()
-        channel = await self.connection.open_channel(agent_argv(self.host, self.cluster_id), self.host.prologue)
+        channel = await self.connection.open_channel(agent_argv(self.host, self.cluster_id, self.python), self.host.prologue)
         self._channel = channel
         config = {
             "cluster": self.cluster_id,
@@ -181,6 +190,8 @@ class HostAgent(LeaseRequests):
             "detect_gpus": self.host.gpus == "auto",
             "lease_dir": self.lease_dir,
         }
+        if self.env_lock:
+            config["env_lock"] = self.env_lock
         if self.host.worker_class_path:
             # Imported by the agent before its hello: a class the host lacks is one line here.
             config.update(worker_class=self.host.worker_class_path, pythonpath=self.host.env.get("PYTHONPATH"))

@@ -175,6 +175,26 @@ def _detect_gpus() -> dict[str, Any]:
     return {"gpus": ids}
 
 
+def _hold_env(config: dict[str, Any]) -> int:
+    """Hold the shipped environment's lock (``env_lock``) shared for this process's life; its fd, or -1.
+
+    The environment script removes only environments whose lock it can take
+    exclusively, so one that a live agent (or its forked children) runs
+    under is never collected.
+    """
+    path = config.get("env_lock")
+    if not path:
+        return -1
+    import fcntl
+
+    try:
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        return -1  # the environment's script touched its last use just now; it is 30 days from collection anyway
+    return fd
+
+
 def _listen_address(config: dict[str, Any]) -> str | None:
     """The address of this host that faces the head: the server end of our SSH link."""
     fields = os.environ.get("SSH_CONNECTION", "").split()

@@ -596,6 +596,7 @@ def main(config: dict[str, Any]) -> None:
     if config.get("read_logs"):
         os.write(1, (json.dumps({"event": "kept_logs", **_kept_logs(config)}) + "\n").encode())
         return
+    _hold_env(config)  # a shipped environment we run under is in use until we exit
     # Under scheduler_reach auto the head decides where the scheduler runs
     # from this, while the import below runs.
     listener = _reach_probe(config)

@@ -137,6 +137,11 @@ def plan(
             host["seen"] = seen[host["host"]]
     now = None if offline else _free_now(inv, known_hosts, timeout)
     result["now"] = now
+    shipped = _environments_now(inv, known_hosts, timeout, offline)  # speccluster_environment: head
+    if shipped:
+        for host in result["hosts"]:
+            if host["host"] in shipped:
+                host["shipped_environment"] = shipped[host["host"]]
     if as_json:
         _echo_json(result)
         return
@@ -168,6 +173,8 @@ def plan(
         if not host["started"]:
             click.echo("  nothing placed here: the agent is not started")
             continue
+        if "shipped_environment" in host:
+            click.echo(f"  the head's environment: {host['shipped_environment']}")
         for entry in host["entries"]:
             opts = ", ".join(f"{k}={v}" for k, v in entry["options"].items())
             gpus = entry.get("gpus")
@@ -244,6 +251,10 @@ def check(
         for r in rows:
             if r.get("unreached_peers"):
                 click.echo(f"{r['host']}: {r['problems'][0]}")
+        for r in rows:
+            if r.get("environment"):  # speccluster_environment: head
+                env = r["environment"]
+                click.echo(f"{r['host']}: the head's environment {env['fingerprint'][:12]}: {env['detail']}")
         read = [r for r in rows if "free" in r]
         if read:
             click.echo(f"free now: {lab_summary(read)}")
@@ -273,6 +284,23 @@ def _free_now(inv: Any, known_hosts: str | None, timeout: float | None) -> dict[
     data = lab_json(views)
     data["summary"] = lab_summary(data["hosts"])
     return data
+
+
+def _environments_now(inv: Any, known_hosts: str | None, timeout: float | None, offline: bool) -> dict[str, str]:
+    """Per host with ``speccluster_environment: head``: its environment there now, or what 'up' would ship."""
+    import asyncio
+
+    from ..labview import survey_settings
+    from ..shipping import survey_environments
+
+    hosts = [h for h in inv.worker_hosts if h.environment == "head"]
+    if not hosts:
+        return {}
+    if offline:
+        return {h.name: "shipped by the head, built there when missing (--offline: the host is not asked)" for h in hosts}
+    found = asyncio.run(survey_environments(hosts, survey_settings(known_hosts), min(timeout or 30.0, 30.0)))
+    return {name: (f"{state.fingerprint[:12]}: {state.detail}" if not isinstance(state, str) else f"not known: {state}")
+            for name, state in found.items()}
 
 
 def _free_now_line(data: dict[str, Any]) -> str:
