@@ -286,7 +286,8 @@ def _wheelpeer_receive(tls: ssl.SSLSocket, directory: str, name: str, sha256: st
         raise WheelPeerError("peer refused %s: %s" % (name, header["error"]))
     if header.get("size") != size:
         raise WheelPeerError("peer offers %s with %s bytes, the manifest says %d" % (name, header.get("size"), size))
-    fd, temp = tempfile.mkstemp(prefix=".wheelpeer-", suffix=".part", dir=directory)
+    # ".tmp-": the environment script's collection removes what a killed fetch left.
+    fd, temp = tempfile.mkstemp(prefix=".tmp-wheelpeer-", suffix=".part", dir=directory)
     try:
         digest = hashlib.sha256()
         got = 0
@@ -373,3 +374,72 @@ def wheelpeer_fetch(host: str, port: int, files: Sequence[Tuple[str, str, int]],
     finally:
         sock.close()
     return {"bytes": received, "files": done}
+
+
+# -- ops of the environment script (envbuild.py), when this runs in its namespace ---------------------------------
+# Requests of the head (JSON lines, see shipping.py and peerwheels.py on the head):
+#   {"op": "peer_fetch", "host", "port", "wheels": [{"sha256", "size"}], "pems", "timeout"}
+#       -> {"event": "fetched", "got": [sha256...], "bytes": N, "error": "" or why}
+#   {"op": "serve", "wheels": [sha256...], "pems", "bind" (optional), "lifetime"}
+#       -> {"event": "serving", "address": [host, port]} or {"event": "serve_failed", "why"}
+#   {"op": "stop_serving"} -> {"event": "stopped", "bytes_sent", "files_sent", "refused"}
+# The wheel store names each file <sha256>.whl, so those are the names served and fetched.
+
+_WHEELPEER_SERVERS: List[WheelPeerServer] = []
+
+
+def _wheelpeer_store_name(sha256: Any) -> str:
+    name = "%s.whl" % (sha256,)
+    if not _wheelpeer_name_ok(name) or len(str(sha256)) != 64:
+        raise ValueError("not a sha256: %r" % (sha256,))
+    return name
+
+
+def _wheelpeer_op_fetch(session: Any, message: Dict[str, Any]) -> None:
+    files = [(_wheelpeer_store_name(w["sha256"]), str(w["sha256"]), int(w["size"])) for w in message["wheels"]]
+    os.makedirs(session.store, exist_ok=True)
+    error = ""
+    received = 0
+    try:
+        received = wheelpeer_fetch(str(message["host"]), int(message["port"]), files, session.store,
+                                   message["pems"], timeout=float(message.get("timeout", 300.0)))["bytes"]
+    except WheelPeerError as exc:
+        error = str(exc)
+    # What the store holds now (the files before a failure stay, checked): the head sends the rest itself.
+    got = [sha for name, sha, size in files if os.path.isfile(os.path.join(session.store, name))]
+    session.send("fetched", got=got, bytes=received, error=error)
+
+
+def _wheelpeer_op_serve(session: Any, message: Dict[str, Any]) -> None:
+    _wheelpeer_stop_all()
+    bind = message.get("bind") or wheelpeer_lab_address()
+    if bind in ("0.0.0.0", "::"):
+        session.send("serve_failed", why="no address facing the cluster (not reached over SSH)")
+        return
+    try:
+        allowed = [_wheelpeer_store_name(sha) for sha in message["wheels"]]
+        server = wheelpeer_serve(session.store, allowed, message["pems"], bind=bind,
+                                 lifetime=float(message.get("lifetime", 900.0)))
+    except (OSError, ValueError, KeyError) as exc:  # ssl.SSLError is an OSError
+        session.send("serve_failed", why=str(exc))
+        return
+    _WHEELPEER_SERVERS.append(server)
+    session.send("serving", address=list(server.address))
+
+
+def _wheelpeer_stop_all() -> Dict[str, Any]:
+    totals = {"bytes_sent": 0, "files_sent": 0, "refused": 0}
+    while _WHEELPEER_SERVERS:
+        server = _WHEELPEER_SERVERS.pop()
+        server.stop()
+        for key, value in server.stats().items():
+            totals[key] += value
+    return totals
+
+
+def _wheelpeer_op_stop(session: Any, message: Dict[str, Any]) -> None:
+    session.send("stopped", **_wheelpeer_stop_all())
+
+
+if isinstance(globals().get("OPS"), dict):
+    globals()["OPS"].update(peer_fetch=_wheelpeer_op_fetch, serve=_wheelpeer_op_serve, stop_serving=_wheelpeer_op_stop)
