@@ -73,6 +73,7 @@ class PeerFanout:
         self.cluster_id = cluster_id
         self.plans: dict[str, FanoutCoordinator] = {}  # fingerprint -> its fan-out
         self.peer_bytes: dict[str, int] = {}  # host -> bytes it fetched from peers
+        self.sizes: dict[str, int] = {}  # fingerprint -> the wheelhouse's size (what a cold host needs)
         self.served: dict[str, dict[str, Any]] = {}  # host -> what its server did (once stopped)
         self._pems: dict[str, str] | None = None
         self.serving: dict[str, str] = {}  # host -> the fingerprint its server offers
@@ -108,6 +109,7 @@ class PeerFanout:
 
     def source_for(self, name: str, wheelhouse: Wheelhouse) -> PeerSource:
         """Where host ``name`` gets the wheels of ``wheelhouse`` (``Wheelhouses.source_for``)."""
+        self.sizes[wheelhouse.fingerprint] = wheelhouse.size
         return PeerSource(self, wheelhouse)
 
     def hold(self, name: str, shipment: Shipment, fingerprint: str) -> bool:
