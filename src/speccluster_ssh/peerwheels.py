@@ -135,15 +135,15 @@ class PeerFanout:
         """Stop every server, end the scripts kept for them, and forget the plans (the phase is over)."""
         held, self._held = self._held, {}
         self.plans.clear()
-        self.serving.clear()
-        await asyncio.gather(*(self._stop(name, shipment) for name, shipment in held.items()))
+        serving, self.serving = self.serving, {}
+        await asyncio.gather(*(self._stop(name, shipment, serving.get(name, "")) for name, shipment in held.items()))
 
-    async def _stop(self, name: str, shipment: Shipment) -> None:
+    async def _stop(self, name: str, shipment: Shipment, fingerprint: str) -> None:
         try:
             shipment.send({"op": "stop_serving"})
             answer = await shipment.receive(STOP_TIMEOUT)
             self.served[name] = {k: v for k, v in answer.items() if k != "event"}
-            shipment.send({"op": "bye"})
+            shipment.send({"op": "bye", "keep": fingerprint})
             await shipment.receive(STOP_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - the script ends with its channel anyway
             logger.debug("host %s: stopping its wheel server: %s", name, exc)
