@@ -99,6 +99,9 @@ def _start_and_close(bench: Bench, case: Case, config: dict[str, Any], record: d
             driver.kill()
             return
         record["startup"] = started["startup"]
+        if started.get("timeline"):
+            # The phases of this start-up (SSH connect, agent ready, ...), in seconds after the constructor was called.
+            record["timeline"] = [{**e, "t": round(e["t"] - started["t0"], 4)} for e in started["timeline"]]
         if started.get("env") is not None:
             record["env"] = started["env"]
         bench._close(driver, record, measure=False)
