@@ -217,8 +217,26 @@ class Session:
                 "pids": self._pids(),
                 "entry_hosts": self._entry_hosts(),
                 "timeline": recorder.as_list() if recorder is not None else None,
+                "env": self._env_stats(),
             }
         )
+
+    def _env_stats(self) -> dict[str, Any] | None:
+        """Ours with ``speccluster_environment: head``: what the environments cost (issue 24), else None."""
+        pool = getattr(self.cluster, "pool", None) if self.tool == "ours" else None
+        wheelhouses = getattr(pool, "wheelhouses", None)
+        if wheelhouses is None or not wheelhouses.stats.ready:
+            return None
+        stats, fanout = wheelhouses.stats, getattr(pool, "fanout", None)
+        sizes = getattr(fanout, "sizes", {}) or {}
+        return {
+            "head_bytes": stats.bytes_shipped,
+            "shipped_to": sorted(stats.shipped),
+            "builds": stats.builds,
+            "ready": len(stats.ready),
+            "peer_bytes": sum(getattr(fanout, "peer_bytes", {}).values()),
+            "wheelhouse_bytes": max(sizes.values()) if sizes else None,
+        }
 
     def healer_passes(self) -> int | None:
         """Ours only: healing passes made so far (``None`` for other tools)."""

@@ -243,6 +243,9 @@ def build_rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
     from .lease_report import lease_rows  # issue 23's rows; it uses this module's helpers
 
     rows += lease_rows(records, cases)
+    from .env_session import env_rows  # issue 24's rows
+
+    rows += env_rows(records, cases)
     growth_rows, slopes = _growth(records, cases)
     so, sd = slopes.get("ours"), slopes.get("dask")
     rows.append(["head RSS growth per additional worker (least squares over the growth series)",

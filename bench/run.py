@@ -51,7 +51,7 @@ class Case:
     name: str
     hosts: int
     nworkers: int
-    kind: str = "start"  # start | ops | headcrash | plain | idle | release
+    kind: str = "start"  # start | ops | headcrash | plain | idle | release | env
     tools: tuple[str, ...] = WITH_FLOOR
     end: str = "close"  # close | crash: how an ops session ends
     security: bool = True
@@ -62,6 +62,7 @@ class Case:
     topology: str = ""  # "" (the usual hosts) | flat | bastion: hosts 2.. behind host 1 or not
     cap_scale: float = 1.0  # times the start-up cap (many hosts importing distributed at once)
     slots: int = 2  # speccluster_slots of each host (2: room to scale up on warm hosts)
+    env: str = ""  # kind "env": cold | warm | host (issue 24, see bench/env_session.py)
 
     @property
     def workers(self) -> int:
@@ -142,6 +143,7 @@ CASE_GROUPS = {
     "growth": ["4x1", *(c.name for c in growth_cases())],
     "targets": ["4x2", "ops-4x2", "8x4", "16x1", "32x1", "48x1"],
     "leases": [c.name for c in lease_cases()],
+    "envs": ["env-cold-4", "env-cold-16", "env-warm-4", "env-host-4"],  # issue 24 (bench/env_session.py)
 }
 
 
@@ -177,7 +179,14 @@ def plan(quick: bool, idle: float = IDLE_SECONDS) -> list[Case]:
         *idle_pair(8, 4, idle),
         *bastion_pair(24),
         *lease_cases(),
+        *_env_cases(),
     ]
+
+
+def _env_cases() -> list[Case]:
+    from .env_session import env_cases  # issue 24's rows
+
+    return env_cases()
 
 
 # -- the lab ----------------------------------------------------------------
@@ -542,6 +551,10 @@ class Bench:
                 self._plain(case, tool, record)
             elif tool == "floor":
                 self._floor(case, tool, record)
+            elif case.kind == "env":
+                from .env_session import env_session  # issue 24's environment cases
+
+                env_session(self, case, record, run)
             elif case.kind == "release":
                 from .lease_session import release_session  # issue 23's release case
 

@@ -28,6 +28,7 @@ from .errors import HostError
 from .hosts import HostTable, HostView
 from .inventory import HostSpec
 from .placement import uneven_gpus
+from .peerwheels import PeerFanout
 from .shipping import Wheelhouses, ensure_environment, env_lock_of, inspect_environment
 from .tasks import TaskSet, log_failures
 
@@ -97,6 +98,9 @@ class AgentPool:
         # speccluster_environment: head: the wheels, gathered once per fingerprint for every host;
         # what each host's environment is doing while its agent waits (shown by up's progress).
         self.wheelhouses = Wheelhouses()
+        # Hosts fetch the wheels from each other; the head sends them to a few (issue 24's fan-out).
+        self.fanout = PeerFanout(lambda: self.files, cluster_id=cluster_id)
+        self.fanout.install(self.wheelhouses)
         self.env_progress: dict[str, str] = {}
         # False for pools that only look (check, plan, hosts): a host whose environment is not ready is
         # not shipped or built, it fails with what it would take.
@@ -255,10 +259,11 @@ class AgentPool:
                 raise HostError(name, f"the head's environment {found.fingerprint[:12]} is {found.detail}",
                                 fix="'speccluster-ssh up' ships and builds it")
             return found.python
-        return await ensure_environment(
-            self.connection(name), self.table.specs[name], self.wheelhouses, progress=progress,
-            cluster_id=self.cluster_id, timeout=self.agent_timeout,
-        )
+        async with self.fanout.step(name):  # the last step to end stops the hosts' wheel servers
+            return await ensure_environment(
+                self.connection(name), self.table.specs[name], self.wheelhouses, progress=progress,
+                cluster_id=self.cluster_id, timeout=self.agent_timeout,
+            )
 
     def _gpu_problem(self, name: str, facts: Mapping[str, Any]) -> tuple[str, str] | None:
         """Why the GPUs that ``speccluster_gpus: auto`` found on ``name`` cannot be shared, and the fix."""
@@ -363,6 +368,7 @@ class AgentPool:
         log_failures(results[: len(closing)], [a.host.name for a in closing], logger, "stopping agents")
         self._stopping.clear()
         await self.stop_probing()
+        await self.fanout.close()
         await self.wheelhouses.close()
         for name in list(self.table.agents):
             self.table.drop_agent(name)

@@ -151,6 +151,9 @@ class Wheelhouses:
         self.on_delivered: Callable[[str, Wheelhouse], None] = lambda name, wheelhouse: None
         #: More ``agent/`` sources run before ``envbuild.py``'s main, in its namespace (they may add to its OPS).
         self.extra_sources: tuple[str, ...] = ()
+        #: ``hold(name, shipment, fingerprint)`` after a host's ``ready``: True when it keeps the host script
+        #: running (a fan-out's peer that serves the others), and ends it itself later.
+        self.hold: Callable[[str, Shipment, str], bool] = lambda name, shipment, fingerprint: False
 
     def _fingerprint(self, request: EnvRequest, target: EnvTarget) -> str:
         if self._fingerprint_of is not None:
@@ -305,6 +308,7 @@ async def ensure_environment(
     say("checking environment")
     channel, shipment, target = await _open_script(connection, host_spec, cluster_id, timeout, progress,
                                                    wheelhouses.extra_sources)
+    held = False
     try:
         try:
             wheelhouse = await wheelhouses.get(EnvRequest.from_host(host_spec), target)
@@ -327,13 +331,16 @@ async def ensure_environment(
         if answer.get("built"):
             wheelhouses.stats.built[name] = wheelhouses.stats.built.get(name, 0) + 1
         wheelhouses.stats.ready[name] = python
-        shipment.send({"op": "bye", "keep": wheelhouse.fingerprint})
+        held = wheelhouses.hold(name, shipment, wheelhouse.fingerprint)
+        if not held:
+            shipment.send({"op": "bye", "keep": wheelhouse.fingerprint})
         say("environment ready")
         return python
     finally:
         if shipment.bytes_sent:
             wheelhouses.stats.shipped[name] = wheelhouses.stats.shipped.get(name, 0) + shipment.bytes_sent
-        await channel.close()
+        if not held:
+            await channel.close()
 
 
 async def _open_script(
