@@ -40,6 +40,7 @@ from speccluster_ssh.environments import (
     fingerprint,
     resolve_pins,
 )
+from speccluster_ssh.envstate import DEFAULT_ENV_DIR, describe_state, plan_environments
 from speccluster_ssh.errors import UserError
 from speccluster_ssh.inventory import InventoryError, load_inventory
 
@@ -435,21 +436,25 @@ def test_describe_need() -> None:
 # -- inventory -----------------------------------------------------------------------------------
 
 
-def inventory(tmp_path: Path, host_vars: str) -> Path:
+def write_inventory(tmp_path: Path, hosts: dict[str, str]) -> Path:
     path = tmp_path / "inv.yml"
-    path.write_text("all:\n  hosts:\n    h1:\n" + "".join(f"      {line}\n" for line in host_vars.splitlines()))
+    lines = ["all:", "  hosts:"]
+    for name, text in hosts.items():
+        lines.append(f"    {name}:")
+        lines += [f"      {line}" for line in text.splitlines()]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def test_inventory_vars_make_the_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    spec = load_inventory(str(inventory(tmp_path, "speccluster_environment: HEAD\n"
+    spec = load_inventory(str(write_inventory(tmp_path, {"h1": "speccluster_environment: HEAD\n"
                                                   "speccluster_packages: ['pandas>=2', pyarrow]\n"
                                                   "speccluster_requirements: req.txt\n"
-                                                  "speccluster_env_dir: /scratch/envs\n"))).hosts["h1"]
+                                                  "speccluster_env_dir: /scratch/envs\n"}))).hosts["h1"]
     assert spec.environment == "head" and spec.env_dir == "/scratch/envs"
     assert EnvRequest.from_host(spec) == EnvRequest(("pandas>=2", "pyarrow"), str(tmp_path / "req.txt"))
-    plain = load_inventory(str(inventory(tmp_path, "speccluster_nworkers: 1\n"))).hosts["h1"]
+    plain = load_inventory(str(write_inventory(tmp_path, {"h1": "speccluster_nworkers: 1\n"}))).hosts["h1"]
     assert (plain.environment, plain.packages, plain.requirements, plain.env_dir) == ("host", (), None, None)
     assert EnvRequest.from_host(plain) == EnvRequest()
 
@@ -466,5 +471,45 @@ def test_inventory_vars_make_the_request(tmp_path: Path, monkeypatch: pytest.Mon
 )
 def test_bad_inventory_values(tmp_path: Path, line: str, message: str) -> None:
     with pytest.raises(InventoryError, match=message) as caught:
-        load_inventory(str(inventory(tmp_path, line + "\n")))
+        load_inventory(str(write_inventory(tmp_path, {"h1": line})))
     assert "inv.yml:4" in str(caught.value) and "; write" in str(caught.value)
+
+
+# -- what plan and check show ---------------------------------------------------------------------
+
+
+def test_plan_environments(built: tuple[Path, Wheelhouse], tmp_path: Path) -> None:
+    cache, house = built
+    inv = load_inventory(str(write_inventory(tmp_path, {
+        "h1": "speccluster_environment: head\nspeccluster_env_dir: /scratch/envs\n",
+        "h2": "speccluster_environment: head\n",
+        "h3": "speccluster_nworkers: 1\n",
+    })))
+    plans = plan_environments(inv.worker_hosts, cache)
+    assert sorted(plans) == ["h1", "h2"]
+    assert plans["h1"]["env_dir"] == "/scratch/envs" and plans["h2"]["env_dir"] == DEFAULT_ENV_DIR
+    plan = plans["h2"]
+    assert plan["fingerprint"] == house.fingerprint and plan["cached"] is True
+    assert (plan["wheels"], plan["bytes"], plan["pins"]) == (len(house.wheels), house.size, list(house.pins))
+    assert f"{house.size / 1e6:.1f} MB to ship" in plan["summary"] and house.fingerprint in plan["summary"]
+    cold = plan_environments(inv.worker_hosts, tmp_path / "empty-cache")["h1"]
+    assert cold["cached"] is False and cold["bytes"] is None and "not gathered yet" in cold["summary"]
+    assert not (tmp_path / "empty-cache").exists()  # plan never builds
+
+
+def test_describe_state() -> None:
+    wheels = (WheelFile("a-1-py3-none-any.whl", "aa" * 32, 2_500_000, Path("/c/a")),)
+    house = Wheelhouse("0123456789abcdef", HEAD, ("a==1",), wheels)
+    assert describe_state(ready=True, wheelhouse=house, host_has=set(), target=HEAD) == "ready"
+    assert describe_state(ready=False, wheelhouse=house, host_has=set(), target=HEAD) == (
+        "missing (it will be built, 2.5 MB to ship)"
+    )
+    assert describe_state(ready=False, wheelhouse=None, host_has=set(), target=HEAD) == (
+        "missing (it will be built; the head gathers its wheels first)"
+    )
+    other = EnvTarget("3.99", HEAD.machine, HEAD.libc)
+    assert describe_state(ready=False, wheelhouse=house, host_has=set(), target=other).startswith(
+        f"another python (3.99, the head runs {HEAD.python}): missing"
+    )
+    assert describe_state(ready=False, wheelhouse=house, host_has=set(), target=HEAD,
+                          unusable="python 3.8 is older than 3.10") == "no usable python: python 3.8 is older than 3.10"

@@ -266,7 +266,7 @@ def resolve_pins(request: EnvRequest, target: EnvTarget) -> tuple[str, ...]:
     while todo:
         req, dependency = todo.pop()
         name = canonicalize_name(req.name)
-        if not _applies(req, env, ()) or (dependency and name in HEAD_ONLY and name not in ROOTS):
+        if not _applies(req, env, ()) or (dependency and name in HEAD_ONLY):
             continue
         dist = _installed(name)
         if dist is None or not req.specifier.contains(dist.version, prereleases=True):
@@ -417,7 +417,8 @@ def _gather(pins: tuple[str, ...], target: EnvTarget, dest: Path, made: dict[str
         name, version = parsed
         exact[canonicalize_name(name)] = pin
         dist = _installed(name)
-        if dist is not None and dist.version == version and (same or wheelbuild.is_pure(wheelbuild.installed_tags(dist))):
+        fits = dist is not None and (same or wheelbuild.is_pure(wheelbuild.installed_tags(dist)))
+        if dist is not None and fits and dist.version == version:
             try:
                 made[wheelbuild.repack(dist, dest).name] = "repacked"
                 continue
@@ -426,9 +427,10 @@ def _gather(pins: tuple[str, ...], target: EnvTarget, dest: Path, made: dict[str
         need_pip.append(pin)
     if need_pip:
         before = set(os.listdir(dest))
+        listed = ", ".join(need_pip[:3]) + (", ..." if len(need_pip) > 3 else "")
         wheelbuild.pip_download(
             wheelbuild.pip_download_argv(sys.executable, dest, need_pip, platform_args),
-            f"{len(need_pip)} wheels for {target.describe()} ({', '.join(need_pip[:3])}{', ...' if len(need_pip) > 3 else ''})",
+            f"{len(need_pip)} wheels for {target.describe()} ({listed})",
         )
         made.update({name: "pip" for name in set(os.listdir(dest)) - before})
     if loose:
