@@ -13,9 +13,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import time
 import venv
 import zipfile
 from importlib import metadata
@@ -93,7 +95,7 @@ class FakeDist:
 
 def test_markers_are_evaluated_for_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
     fakes = {
-        "distributed": FakeDist("1.0", ["a>=1", "b; python_version < '3.12'", "d[x]", "pip", "wheel>=0.40"]),
+        "distributed": FakeDist("1.0", ["a>=1", "b; python_version < '3.12'", "d[x]", "pip", "setuptools>=60"]),
         "dask": FakeDist("1.0", ["c; extra == 'y'"]),  # an extra nobody names
         "a": FakeDist("2.0", []),
         "b": FakeDist("3.0", []),
@@ -102,12 +104,17 @@ def test_markers_are_evaluated_for_the_target(monkeypatch: pytest.MonkeyPatch) -
                               "f; extra == 'z'"]),
         "e": FakeDist("6.0", []),
         "f": FakeDist("7.0", []),
+        "pip": FakeDist("24.0", []),
+        "setuptools": FakeDist("80.0", []),
     }
     monkeypatch.setattr(environments, "_installed", lambda name: fakes.get(canonicalize_name(name)))
     x86 = resolve_pins(EnvRequest(), EnvTarget("3.11", "x86_64", "glibc 2.36"))
-    assert x86 == ("a==2.0", "b==3.0", "c==4.0", "d==5.0", "dask==1.0", "distributed==1.0", "f==7.0")
+    # pip is the venv's own; setuptools, required, is shipped like any package
+    assert x86 == ("a==2.0", "b==3.0", "c==4.0", "d==5.0", "dask==1.0", "distributed==1.0", "f==7.0",
+                   "setuptools==80.0")
     arm = resolve_pins(EnvRequest(), EnvTarget("3.12", "aarch64", "glibc 2.36"))
-    assert arm == ("a==2.0", "c==4.0", "d==5.0", "dask==1.0", "distributed==1.0", "e==6.0", "f==7.0")
+    assert arm == ("a==2.0", "c==4.0", "d==5.0", "dask==1.0", "distributed==1.0", "e==6.0", "f==7.0",
+                   "setuptools==80.0")
 
 
 def test_user_packages_are_pinned_when_the_head_has_them(tmp_path: Path) -> None:
@@ -329,8 +336,6 @@ def test_a_second_build_reuses_the_cache(built: tuple[Path, Wheelhouse], monkeyp
 
 def copy_cache(built: tuple[Path, Wheelhouse], tmp_path: Path) -> tuple[Path, Path]:
     cache, house = built
-    import shutil
-
     shutil.copytree(cache / house.fingerprint, tmp_path / house.fingerprint)
     return tmp_path, tmp_path / house.fingerprint
 
@@ -417,6 +422,30 @@ def test_two_builders_at_once_build_once(tmp_path: Path, monkeypatch: pytest.Mon
         thread.join(timeout=120)
     assert len(results) == 2 and results[0] == results[1]
     assert counter.calls.count("distributed") == 1
+
+
+def test_unused_wheelhouses_are_pruned(built: tuple[Path, Wheelhouse], tmp_path: Path) -> None:
+    cache, old = copy_cache(built, tmp_path)
+    month = 31 * 86400
+    stale = time.time() - month
+    os.utime(old, (stale, stale))
+    recent = cache / "0123456789abcdef"
+    recent.mkdir()
+    busy = cache / "fedcba9876543210"
+    busy.mkdir()
+    os.utime(busy, (stale, stale))
+    scratch = cache / ".tmp-0123456789abcdef-x"
+    scratch.mkdir()
+    os.utime(scratch, (stale, stale))
+    holder = environments._Locked(cache / "fedcba9876543210.lock")
+    with holder:  # being built or read by another head: left alone
+        assert environments.prune_cache(cache) == [old.name]
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [recent.name, busy.name]
+    # a wheelhouse in use is touched when loaded, so it is not pruned
+    cache2, used = copy_cache(built, tmp_path / "second")
+    os.utime(used, (stale, stale))
+    assert cached_wheelhouse(EnvRequest(), HEAD, cache2) is not None
+    assert environments.prune_cache(cache2) == []
 
 
 # -- display -------------------------------------------------------------------------------------
