@@ -325,6 +325,22 @@ def test_build_makes_every_pinned_wheel(built: tuple[Path, Wheelhouse]) -> None:
     assert cached_wheelhouse(EnvRequest(), HEAD, cache) == house
 
 
+def test_the_wheelhouse_installs_offline_and_imports_distributed(
+    built: tuple[Path, Wheelhouse], tmp_path: Path
+) -> None:
+    """What a host does with it: a venv without packages, pip install --no-index of the pins, import distributed."""
+    house = built[1]
+    target = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(target)
+    python = target / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index",
+                    "--no-compile", "--find-links", str(house.wheels[0].path.parent), *house.pins],
+                   env=clean_pip_env(), check=True, timeout=300)
+    out = subprocess.run([str(python), "-c", "import distributed, dask; print(distributed.__version__, dask.__file__)"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout.split()
+    assert out[0] == metadata.version("distributed") and out[1].startswith(str(target))
+
+
 def test_a_second_build_reuses_the_cache(built: tuple[Path, Wheelhouse], monkeypatch: pytest.MonkeyPatch) -> None:
     cache, house = built
     counter = Counter(monkeypatch)
@@ -524,6 +540,32 @@ def test_plan_environments(built: tuple[Path, Wheelhouse], tmp_path: Path) -> No
     cold = plan_environments(inv.worker_hosts, tmp_path / "empty-cache")["h1"]
     assert cold["cached"] is False and cold["bytes"] is None and "not gathered yet" in cold["summary"]
     assert not (tmp_path / "empty-cache").exists()  # plan never builds
+
+
+def test_plan_shows_the_shipped_environment(
+    built: tuple[Path, Wheelhouse], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from speccluster_ssh.cli import main
+
+    cache, house = built
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shutil.copytree(cache / house.fingerprint, environments.default_cache_dir() / house.fingerprint)
+    path = write_inventory(tmp_path, {
+        "h1": "ansible_connection: local\nspeccluster_environment: head\n",
+        "h2": "ansible_connection: local\n",
+    })
+    result = CliRunner().invoke(main, ["plan", str(path), "--offline", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    hosts = {h["host"]: h for h in json.loads(result.stdout)["hosts"]}
+    assert "shipped_environment" not in hosts["h2"]
+    assert hosts["h1"]["shipped_environment"]["fingerprint"] == house.fingerprint
+    assert hosts["h1"]["shipped_environment"]["bytes"] == house.size
+    human = CliRunner().invoke(main, ["plan", str(path), "--offline"], catch_exceptions=False)
+    assert f"environment {house.fingerprint} shipped from the head" in human.output
+    assert f"the host builds it in {DEFAULT_ENV_DIR}/{house.fingerprint}" in human.output
 
 
 def test_describe_state() -> None:
