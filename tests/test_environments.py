@@ -153,6 +153,15 @@ def test_pip_options_in_a_requirements_file_are_refused(tmp_path: Path) -> None:
         resolve_pins(EnvRequest(requirements_file=str(requirements)), HEAD)
 
 
+def test_targets_from_host_reports_match_the_head() -> None:
+    import platform
+
+    assert EnvTarget.parse(platform.python_version(), platform.machine(), platform.libc_ver()) == HEAD
+    assert EnvTarget.parse("3.12.1", "aarch64", ("glibc", "2.28")) == EnvTarget("3.12", "aarch64", "glibc 2.28")
+    assert EnvTarget.parse("3.12", "x86_64", ("", "")) == EnvTarget("3.12", "x86_64", "")
+    assert EnvTarget("3.12", "aarch64", "glibc 2.28").describe() == "python 3.12 on aarch64 (glibc 2.28)"
+
+
 # -- fingerprint ---------------------------------------------------------------------------------
 
 

@@ -100,6 +100,23 @@ class EnvTarget:
         return cls(f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine(),
                    " ".join(part for part in platform.libc_ver() if part))
 
+    @classmethod
+    def parse(cls, python: str, machine: str, libc: str | Iterable[str] = "") -> EnvTarget:
+        """A target from what a host reports, in the spelling :meth:`of_head` uses.
+
+        Parameters
+        ----------
+        python
+            ``platform.python_version()`` (``"3.11.7"``) or the minor (``"3.11"``).
+        machine
+            ``platform.machine()``.
+        libc
+            ``platform.libc_ver()`` as a pair (``("glibc", "2.36")``) or joined by a space.
+        """
+        minor = ".".join(str(python).strip().split(".")[:2])
+        parts = libc.split() if isinstance(libc, str) else [str(part) for part in libc]
+        return cls(minor, str(machine).strip(), " ".join(part for part in parts if part))
+
     def describe(self) -> str:
         """E.g. ``python 3.11 on x86_64 (glibc 2.36)``."""
         return f"python {self.python} on {self.machine}" + (f" ({self.libc})" if self.libc else "")
