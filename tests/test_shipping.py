@@ -202,7 +202,7 @@ def test_a_local_cluster_runs_on_the_heads_environment(python: str, tmp_path: Pa
     assert row["environment"]["state"] == "ready" and row["distributed"] == distributed.__version__, row
     assert row["python"].startswith(str(tmp_path / "envs"))
     out = CliRunner().invoke(main, ["plan", str(inventory)], catch_exceptions=False).output
-    assert "the head's environment: " + row["environment"]["fingerprint"][:12] + ": ready" in out, out
+    assert "the head's environment there now: " + row["environment"]["fingerprint"][:12] + ": ready" in out, out
 
 
 def test_a_renewed_agent_moves_to_the_new_environment(python: str, tmp_path: Path) -> None:

@@ -399,7 +399,8 @@ async def inspect_environment(
     """
     from pathlib import Path
 
-    from .environments import EnvRequest, EnvTarget, cached_wheelhouse, describe_need, fingerprint, resolve_pins
+    from .environments import EnvRequest, EnvTarget, cached_wheelhouse, fingerprint, resolve_pins
+    from .envstate import describe_state
 
     channel, shipment, target = await _open_script(connection, host_spec, cluster_id, timeout, None)
     try:
@@ -418,18 +419,10 @@ async def inspect_environment(
     python = str(found.get("python") or "")
     if found.get("ready"):
         return EnvState("ready", "ready", fp, python, 0)
-    head = EnvTarget.of_head().python
-    other = target.python != head
-    state = "another python" if other else "missing"
-    if house is None:
-        detail = "missing (it will be built; the head gathers its wheels first)"
-        to_ship = None
-    else:
-        have = set(found.get("have") or ())
-        detail = describe_need(house, have)
-        to_ship = sum(w.size for w in house.wheels if w.sha256 not in have)
-    if other:
-        detail += f"; python {target.python} there, {head} on the head: its wheels are downloaded"
+    have = set(found.get("have") or ())
+    detail = describe_state(ready=False, wheelhouse=house, host_has=have, target=target)
+    state = "another python" if target.python != EnvTarget.of_head().python else "missing"
+    to_ship = sum(w.size for w in house.wheels if w.sha256 not in have) if house is not None else None
     return EnvState(state, detail, fp, python, to_ship)
 
 

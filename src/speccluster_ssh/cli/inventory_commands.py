@@ -137,11 +137,10 @@ def plan(
             host["seen"] = seen[host["host"]]
     now = None if offline else _free_now(inv, known_hosts, timeout)
     result["now"] = now
-    shipped = _environments_now(inv, known_hosts, timeout, offline)  # speccluster_environment: head
-    if shipped:
-        for host in result["hosts"]:
-            if host["host"] in shipped:
-                host["shipped_environment"] = shipped[host["host"]]
+    there = {} if offline else _environments_now(inv, known_hosts, timeout)  # speccluster_environment: head
+    for host in result["hosts"]:
+        if host["host"] in there:
+            host["environment_now"] = there[host["host"]]
     if as_json:
         _echo_json(result)
         return
@@ -173,8 +172,8 @@ def plan(
         if not host["started"]:
             click.echo("  nothing placed here: the agent is not started")
             continue
-        if "shipped_environment" in host:
-            click.echo(f"  the head's environment: {host['shipped_environment']}")
+        if "environment_now" in host:
+            click.echo(f"  the head's environment there now: {host['environment_now']}")
         for entry in host["entries"]:
             opts = ", ".join(f"{k}={v}" for k, v in entry["options"].items())
             gpus = entry.get("gpus")
@@ -289,8 +288,8 @@ def _free_now(inv: Any, known_hosts: str | None, timeout: float | None) -> dict[
     return data
 
 
-def _environments_now(inv: Any, known_hosts: str | None, timeout: float | None, offline: bool) -> dict[str, str]:
-    """Per host with ``speccluster_environment: head``: its environment there now, or what 'up' would ship."""
+def _environments_now(inv: Any, known_hosts: str | None, timeout: float | None) -> dict[str, str]:
+    """Per host with ``speccluster_environment: head``: its environment there now (ready, or what 'up' ships)."""
     import asyncio
 
     from ..labview import survey_settings
@@ -299,8 +298,6 @@ def _environments_now(inv: Any, known_hosts: str | None, timeout: float | None, 
     hosts = [h for h in inv.worker_hosts if h.environment == "head"]
     if not hosts:
         return {}
-    if offline:
-        return {h.name: "shipped by the head, built there when missing (--offline: the host is not asked)" for h in hosts}
     found = asyncio.run(survey_environments(hosts, survey_settings(known_hosts), min(timeout or 30.0, 30.0)))
     return {name: (f"{state.fingerprint[:12]}: {state.detail}" if not isinstance(state, str) else f"not known: {state}")
             for name, state in found.items()}
