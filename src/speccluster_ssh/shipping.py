@@ -492,7 +492,7 @@ def _usable_target(host: HostSpec, facts: dict[str, Any]) -> EnvTarget:
             fix=f"install the venv module for {where} on {host.name} (Debian/Ubuntu: apt install python3-venv), "
             "or set speccluster_python to a python3 that has it",
         )
-    return EnvTarget(version, str(facts.get("machine") or ""), str(facts.get("libc") or ""))
+    return EnvTarget.parse(version, str(facts.get("machine") or ""), str(facts.get("libc") or ""))
 
 
 async def _ship_and_build(
