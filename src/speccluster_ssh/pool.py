@@ -134,6 +134,8 @@ class AgentPool:
             agent = await asyncio.shield(task)
         except HostError as exc:
             if self._first_to_record(name, task):  # one failed start is one failure, however many waited
+                # Said once here, so a host that later looks merely "moved" or "down" has its cause in the log.
+                logger.info("host %s: the agent did not start: %s", name, exc.reason)
                 self.table.mark_lost(name, exc.reason, fix=exc.fix, tail=exc.tail)
             raise
         if self._first_to_record(name, task):
