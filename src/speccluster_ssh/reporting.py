@@ -67,6 +67,7 @@ class Reports:
                 "slots_used": used.get(name, 0),
                 **cluster.host_table.states[name].as_dict(),
                 **others_on(cluster.host_table.leases.get(name, ()), name, cluster.cluster_id),
+                **cluster.power.report(name),  # asleep, waking, awake (woken) or on; "" for a host that never sleeps
             }
         healer = cluster.healer
         for key, spec in cluster.worker_spec.items():
