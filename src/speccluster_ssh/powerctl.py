@@ -124,6 +124,7 @@ class PowerKeeper:
         self.passes = 0  # looks at the idle hosts so far (tests wait on it)
         self._tasks = tasks
         self._task: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._off_retry: dict[str, tuple[float, float]] = {}  # host -> (retry at, backoff) after a failed power-off
         pool.power = self
@@ -249,16 +250,36 @@ class PowerKeeper:
 
     # -- sleeping ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start watching for idle hosts (once), when some host may be powered off."""
+        """Start watching for idle hosts (once), when some host may be powered off; find which hosts sleep."""
         if self._task is None and self._rules():
             self._task = self._tasks.start(self._run(), name="power keeper")
+        unknown = [n for n, spec in self.table.workers.items()
+                   if spec.power_on is not None and self.book.state(n) == Power.UNKNOWN and n not in self.table.agents]
+        if unknown and self._probe is None:
+            self._probe = self._tasks.start(self.probe(unknown), name="find the hosts that sleep")
+
+    async def probe(self, names: Sequence[str]) -> None:
+        """Connect to hosts ``names`` (no agent, no wake): ``on`` when they answer, ``asleep`` when they do not."""
+        async def one(name: str) -> None:
+            try:
+                await self.pool.connection(name).open()
+            except HostError as exc:
+                if no_answer(exc) and self.book.state(name) == Power.UNKNOWN:
+                    self.book.no_answer(name, time.monotonic())
+                return
+            if self.book.state(name) == Power.UNKNOWN:
+                self.book.answered(name, time.monotonic())
+
+        await asyncio.gather(*(one(n) for n in names))
 
     async def stop(self) -> None:
-        """Stop watching and wait until it ended."""
-        task, self._task = self._task, None
-        if task is not None and not task.done():
+        """Stop watching (and finding which hosts sleep) and wait until it ended."""
+        tasks = [t for t in (self._task, self._probe) if t is not None and not t.done()]
+        self._task = None
+        for task in tasks:
             task.cancel()
-            await asyncio.wait([task])
+        if tasks:
+            await asyncio.wait(tasks)
 
     def _rules(self) -> dict[str, tuple[float, bool]]:
         """Host -> (idle seconds, manage always), for the worker hosts that may be powered off."""
