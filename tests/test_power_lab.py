@@ -22,6 +22,7 @@ import pytest
 from distributed import Client, Event
 
 from speccluster_ssh.power import Power
+from test_cli_lab import Cli, cli, write_inventory  # noqa: F401  (cli is a fixture)
 from test_peer import DEADLINE, inventory, lab_cluster, lab_host, names, run, until
 
 pytestmark = pytest.mark.lab
@@ -50,6 +51,11 @@ class PowerStandIn:
         self.script = directory / "power.py"
         self.script.write_text(STAND_IN.format(log=str(self.log), socket=str(self.socket_path)))
         self.failing: set[str] = set()
+        # When set, a power-on answers at once and the host's sshd starts only once the test says
+        # so (``booted.set()``), as a machine woken by Wake-on-LAN answers later.
+        self.slow_boot = False
+        self.booted = threading.Event()
+        self._boots: list[threading.Thread] = []
         self._server = socket.socket(socket.AF_UNIX)
         self._server.bind(str(self.socket_path))
         self._server.listen()
@@ -83,15 +89,28 @@ class PowerStandIn:
         if name in self.failing:
             return {"status": 1, "stderr": BMC_ERROR + "\n"}
         host = lab_host(self.lab, name)
-        if action == "on":
+        if action == "on" and self.slow_boot:
+            # As Wake-on-LAN does: the command returns at once, the machine answers later.
+            boot = threading.Thread(target=self._boot, args=(host,), name=f"boot {name}", daemon=True)
+            self._boots.append(boot)
+            boot.start()
+        elif action == "on":
             host.restart_sshd()
         else:
             host.kill_all()
         return {"status": 0, "stderr": ""}
 
+    def _boot(self, host: Any) -> None:
+        self.booted.wait(DEADLINE)
+        if not self._stop.is_set():
+            host.restart_sshd()
+
     def close(self) -> None:
         self._stop.set()
+        self.booted.set()
         self._thread.join(10)
+        for boot in self._boots:
+            boot.join(20)
         self._server.close()
 
 
@@ -197,3 +216,46 @@ def test_a_failing_power_command_is_one_clear_error_and_placeholders_cannot_inje
         assert not marker.exists()
 
     run(main())
+
+
+def test_status_and_hosts_show_the_power_states(lab: Any, tmp_path: Path, power: PowerStandIn, cli: Cli) -> None:
+    """``hosts`` says asleep without waking; ``status`` shows on, waking (N s), awake (woken), then asleep again."""
+    h1, h2, h3 = (h.name for h in lab.hosts[:3])
+    path = write_inventory(lab, tmp_path / "lab.yml", [h1, h2, h3],
+                           host_vars={n: host_vars(power, n, speccluster_idle_poweroff="3s") for n in (h1, h2, h3)})
+    lab_host(lab, h2).kill_all()
+    lab_host(lab, h3).kill_all()
+    power.slow_boot = True
+
+    def show(*args: str) -> dict[str, Any]:
+        print(f"$ speccluster-ssh {' '.join(args)}")
+        print(cli.ok(*args).stdout)
+        return cli.json("status", "--name", "nap") if args[0] == "status" else {}
+
+    def wait_power(host: str, state: str) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while cli.json("status", "--name", "nap")["hosts"][host]["power"] != state:
+            assert time.monotonic() < deadline, f"{host} never became {state}"
+            time.sleep(0.2)
+
+    surveyed = cli.run("hosts", str(path))
+    print(f"$ speccluster-ssh hosts {path.name}\n{surveyed.stdout}")
+    assert surveyed.returncode == 0, (surveyed.stdout, surveyed.stderr)  # asleep is no failure
+    assert power.calls() == []  # a survey never wakes a host
+    data = cli.json("hosts", str(path))
+    assert [h["power"] for h in data["hosts"]] == ["on", "asleep", "asleep"], data
+    cli.ok("up", str(path), "--detach", "--name", "nap", "--workers", "1", "--timeout", "60")
+    wait_power(h3, "asleep")
+    cli.ok("scale", "2", "--name", "nap")
+    wait_power(h2, "waking")
+    report = show("status", "--name", "nap")
+    assert report["hosts"][h2]["power_label"].startswith("waking ("), report["hosts"][h2]
+    power.booted.set()
+    wait_power(h2, "awake")
+    report = show("status", "--name", "nap")
+    assert [report["hosts"][n]["power_label"] for n in (h1, h2, h3)] == ["on", "awake (woken)", "asleep"]
+    cli.ok("scale", "1", "--name", "nap")
+    wait_power(h2, "asleep")
+    show("status", "--name", "nap")
+    cli.ok("down", "--name", "nap", timeout=120)
+    assert [c[:2] for c in power.calls()] == [["on", h2], ["off", h2]]
