@@ -107,6 +107,7 @@ def test_power_variables_are_read_and_checked() -> None:
      "speccluster_power_on on host h1 uses {speccluster_mac}, but speccluster_mac is not set for that host"),
     ({"speccluster_power_on": "wakeonlan 52:54:00:12:34:56"}, "must be a list of arguments"),
     ({"speccluster_power_off": ["ssh"]}, "[ssh] alone runs nothing"),
+    ({"speccluster_power_on": ["ipmitool", "chassis", "power", True]}, "quote on, off, yes and no: 'on'"),
     ({"speccluster_idle_poweroff": "soon"}, "must be a duration greater than 0"),
     ({"speccluster_power_manage": "sometimes"}, "must be one of 'woken' or 'always'"),
 ])
@@ -205,3 +206,19 @@ def test_summary_counts_sleeping_hosts_apart() -> None:
              "h3": {"state": "waking", "power": "waking"}}
     summary = summarize(hosts, [{"status": "running"}], 1)
     assert summary_line(summary) == "1 of 3 hosts up (2 asleep), 1 of 1 workers"
+
+
+def test_the_readme_inventory_of_machines_that_sleep_is_read_as_it_says(tmp_path: Path) -> None:
+    from speccluster_ssh.inventory import load_inventory
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Machines that sleep"):]
+    example = section[section.index("```yaml\n") + 8:section.index("```\n", section.index("```yaml\n") + 8)]
+    (tmp_path / "sleep.yml").write_text(example)
+    hosts = {h.name: h for h in load_inventory(tmp_path / "sleep.yml").worker_hosts}
+    pc = hosts["pc02.lab.example.org"]
+    assert fill_command(pc.power_on, pc.vars, pc.name) == ["wakeonlan", "52:54:00:12:34:02"]
+    assert on_host(pc.power_off) and pc.idle_poweroff == 1800.0 and pc.boot_timeout == 180.0
+    srv = hosts["srv01.lab.example.org"]
+    assert fill_command(srv.power_on, srv.vars, srv.name) == [
+        "ipmitool", "-I", "lanplus", "-H", "srv01-bmc.lab.example.org", "-U", "power", "-E", "chassis", "power", "on"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import dask.config
 
@@ -30,10 +30,17 @@ from .inventory import HostSpec
 from .placement import uneven_gpus
 from .tasks import TaskSet, log_failures
 
-if TYPE_CHECKING:
-    from .powerctl import PowerKeeper
-
 logger = logging.getLogger("speccluster_ssh.process")  # the messages users know from the process log
+
+
+class HostWaker(Protocol):
+    """What the pool asks of the cluster's power keeper (:class:`~speccluster_ssh.powerctl.PowerKeeper`)."""
+
+    async def reach(self, name: str) -> None:
+        """Make sure host ``name`` answers SSH, waking it when it sleeps; raise ``HostError`` when it cannot."""
+
+    def not_awake(self) -> set[str]:
+        """The hosts asleep or waking."""
 
 
 def same_release(a: str, b: str) -> bool:
@@ -97,7 +104,7 @@ class AgentPool:
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
         # Wakes a sleeping host before its agent starts (speccluster_power_on); the cluster sets it.
-        self.power: PowerKeeper | None = None
+        self.power: HostWaker | None = None
 
     # The table's live, read-only views (status and tests read them through the pool).
     states: Mapping[str, HostView] = property(lambda self: self.table.states)  # type: ignore[assignment]

@@ -397,12 +397,15 @@ def power_command(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
     expected = "a list of arguments (the command runs without a shell)"
-    fix = "write e.g. [wakeonlan, '{speccluster_mac}'] or [ipmitool, -H, '{bmc_host}', chassis, power, on]"
+    fix = "write e.g. [wakeonlan, '{speccluster_mac}'] or [ipmitool, -H, '{bmc_host}', chassis, power, 'on']"
     if not isinstance(value, list) or not value:
         raise BadValue(expected, fix)
     argv: list[str] = []
     for item in value:
-        if isinstance(item, bool) or not isinstance(item, (str, int, float)) or str(item) == "":
+        if isinstance(item, bool):
+            # YAML reads a bare on, off, yes or no as a boolean.
+            raise BadValue(expected + f" (an argument is the boolean {item!r})", "quote on, off, yes and no: 'on'")
+        if not isinstance(item, (str, int, float)) or str(item) == "":
             raise BadValue(expected + f" (bad argument {item!r})", fix)
         argv.append(str(item))
     if argv[0] == "ssh" and len(argv) < 2:
