@@ -95,7 +95,8 @@ def test_as_few_sleeping_hosts_are_woken_as_give_the_workers(needed: int, sleepi
 # -- the inventory ------------------------------------------------------------------------------------
 def test_power_variables_are_read_and_checked() -> None:
     host = Inventory.from_hosts([{
-        "name": "h1", "speccluster_mac": "52:54:00:12:34:56", "speccluster_power_on": ["wakeonlan", "{speccluster_mac}"],
+        "name": "h1", "speccluster_mac": "52:54:00:12:34:56",
+        "speccluster_power_on": ["wakeonlan", "{speccluster_mac}"],
         "speccluster_power_off": ["ssh", "sudo", "systemctl", "suspend"], "speccluster_idle_poweroff": "30min",
     }]).hosts["h1"]
     assert host.power_on == ("wakeonlan", "{speccluster_mac}") and host.power_off[0] == "ssh"

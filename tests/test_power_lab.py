@@ -137,8 +137,10 @@ def host_vars(power: PowerStandIn, name: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def test_a_host_off_at_start_wakes_joins_and_sleeps_again_when_idle(lab: Any, tmp_path: Path, power: PowerStandIn) -> None:
-    """h2 is off at start: woken once, its worker joins with no scale; idle, it is drained and powered off; h1 was on and stays on."""
+def test_a_host_off_at_start_wakes_joins_and_sleeps_again_when_idle(
+    lab: Any, tmp_path: Path, power: PowerStandIn
+) -> None:
+    """h2 is off at start: woken once, it joins with no scale; idle, drained and powered off; h1 was on and stays on."""
     h1, h2 = lab.hosts[0].name, lab.hosts[1].name
     path = inventory(lab, tmp_path, {n: host_vars(power, n, speccluster_idle_poweroff="2s") for n in (h1, h2)})
     lab_host(lab, h2).kill_all()
@@ -176,7 +178,7 @@ def test_adapt_wakes_exactly_the_hosts_the_load_needs(lab: Any, tmp_path: Path, 
 
     async def main() -> None:
         async with lab_cluster(lab, path, n_workers=1, connect_timeout=5) as (cluster, _):
-            await until(lambda: cluster.power.book.state(h3) == Power.ASLEEP, DEADLINE, "the sleeping hosts to be found")
+            await until(lambda: cluster.power.book.state(h3) == Power.ASLEEP, DEADLINE, "h3 to be found asleep")
             assert power.calls() == []
             cluster.adapt(minimum=1, maximum=3, interval="200ms", target_duration="0.1s")
             async with Client(cluster, asynchronous=True) as client:
@@ -197,7 +199,7 @@ def test_adapt_wakes_exactly_the_hosts_the_load_needs(lab: Any, tmp_path: Path, 
 def test_a_failing_power_command_is_one_clear_error_and_placeholders_cannot_inject(
     lab: Any, tmp_path: Path, power: PowerStandIn
 ) -> None:
-    """The BMC refuses: the host is down with the command's stderr; a MAC of ``$(touch x)`` reached it as one argument."""
+    """The BMC refuses: the host is down with the command's stderr; a MAC of ``$(touch x)`` is one argument."""
     h1, h2 = lab.hosts[0].name, lab.hosts[1].name
     marker = tmp_path / "injected"
     evil = f"$(touch {marker})"
@@ -258,3 +260,32 @@ def test_status_and_hosts_show_the_power_states(lab: Any, tmp_path: Path, power:
     assert report["summary"]["hosts_asleep"] == 2 and report["hosts"][h2]["state"] == "asleep", report["summary"]
     cli.ok("down", "--name", "nap", timeout=120)
     assert [c[:2] for c in power.calls()] == [["on", h2], ["off", h2]]
+
+
+def test_a_power_off_starting_with_ssh_runs_on_the_host_and_always_powers_off_a_host_that_was_on(
+    lab: Any, tmp_path: Path, power: PowerStandIn
+) -> None:
+    """``speccluster_power_manage: always``: h1 was on and idle; its ``[ssh, ...]`` power-off runs there, as an argv."""
+    h1, h2 = lab.hosts[0].name, lab.hosts[1].name
+    record = tmp_path / "suspended"
+    marker = tmp_path / "injected"
+    evil = f"$(touch {marker}) 'x'"
+    script = "import socket, sys; open(sys.argv[1], 'a').write(socket.gethostname() + ' ' + sys.argv[2])"
+    suspend = ["ssh", sys.executable, "-c", script, str(record), "{speccluster_mac}"]
+    path = inventory(lab, tmp_path, {
+        h2: {},  # first: the one entry goes there, and h1 stays idle
+        h1: host_vars(power, h1, speccluster_power_off=suspend, speccluster_power_manage="always",
+                      speccluster_idle_poweroff="1s", speccluster_mac=evil),
+    })
+
+    async def main() -> None:
+        async with lab_cluster(lab, path, n_workers=1, connect_timeout=5) as (cluster, _):
+            assert cluster.worker_spec["0"]["options"]["host"] == h2
+            await until(lambda: cluster.power.book.state(h1) == Power.ASLEEP, DEADLINE, f"{h1} to be powered off")
+            assert record.read_text() == f"{h1} {evil}"  # ran on h1, the value as one argument
+            assert not marker.exists()
+            log = str((await cluster.get_logs(cluster=True, scheduler=False, workers=False))["Cluster"])
+            assert f"host {h1}: power off: {sys.executable} on {h1} exited 0" in log, log
+            assert power.calls() == []  # nothing ran on the head
+
+    run(main())

@@ -233,7 +233,7 @@ class PowerBook:
         record.state, record.since, record.idle_since = Power.ASLEEP, now, None
 
     def see_use(self, busy: Collection[str], now: float) -> None:
-        """Hosts ``busy`` run workers now (of any cluster); every other host that answers is idle from now on, or earlier."""
+        """Hosts ``busy`` run workers now (any cluster's); every other host that answers is idle, from now or before."""
         for name, record in self._hosts.items():
             if record.state not in (Power.ON, Power.AWAKE):
                 continue

@@ -78,7 +78,7 @@ def no_answer(exc: HostError) -> bool:
 
 async def run_command(argv: Sequence[str], *, timeout: float = COMMAND_TIMEOUT,
                       connection: HostConnection | None = None) -> tuple[int, str, str]:
-    """Run ``argv`` without a shell: on the head, or on the host of ``connection``. Exit status, stdout and stderr tails.
+    """Run ``argv`` without a shell, on the head or on the host of ``connection``: its exit status and output tails.
 
     Raises
     ------
@@ -230,9 +230,7 @@ class PowerKeeper:
         connection = None
         if on_host(argv):
             argv = argv[1:]
-            connection = self.table.connections.get(name)
-            if connection is None:
-                raise HostError(name, f"{what}: {argv[0]} runs over the host's connection, and it has none")
+            connection = self.pool.connection(name)  # the cluster's own; opened if the host had none yet
         where = f" on {name}" if connection is not None else ""
         try:
             status, out, err = await run_command(argv, connection=connection)
@@ -243,7 +241,8 @@ class PowerKeeper:
             self.cluster.log_event(f"host {name}: {what}: cannot run {argv[0]}: {exc.strerror or exc}")
             raise HostError(name, f"{what} command {argv[0]} cannot be run: {exc.strerror or exc}") from None
         output = "; ".join(filter(None, (f"stdout: {out}" if out else "", f"stderr: {err}" if err else "")))
-        self.cluster.log_event(f"host {name}: {what}: {argv[0]}{where} exited {status}" + (f"; {output}" if output else ""))
+        said = f"; {output}" if output else ""
+        self.cluster.log_event(f"host {name}: {what}: {argv[0]}{where} exited {status}{said}")
         if status != 0:
             last = err.splitlines()[-1] if err else (out.splitlines()[-1] if out else "no output")
             raise HostError(name, f"{what} command {argv[0]} failed with exit status {status}: {last}", err or out)
@@ -378,7 +377,8 @@ class PowerKeeper:
         retry_at, backoff = next_retry(backoff, False, time.monotonic())
         self._off_retry[name] = (retry_at, backoff)
         logger.warning("host %s: %s; tried again in %.0f s", name, exc.reason, retry_at - time.monotonic())
-        self.cluster.log_event(f"host {name}: {exc.reason}; tried again in {retry_at - time.monotonic():.0f} s", echo=False)
+        self.cluster.log_event(f"host {name}: {exc.reason}; tried again in {retry_at - time.monotonic():.0f} s",
+                               echo=False)  # said by the warning
 
     def wake_loop(self) -> None:
         """Look at the idle hosts soon (the spec changed)."""
