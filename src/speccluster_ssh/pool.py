@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import dask.config
 
@@ -31,6 +31,16 @@ from .placement import uneven_gpus
 from .tasks import TaskSet, log_failures
 
 logger = logging.getLogger("speccluster_ssh.process")  # the messages users know from the process log
+
+
+class HostWaker(Protocol):
+    """What the pool asks of the cluster's power keeper (:class:`~speccluster_ssh.powerctl.PowerKeeper`)."""
+
+    async def reach(self, name: str) -> None:
+        """Make sure host ``name`` answers SSH, waking it when it sleeps; raise ``HostError`` when it cannot."""
+
+    def not_awake(self) -> set[str]:
+        """The hosts asleep or waking."""
 
 
 def same_release(a: str, b: str) -> bool:
@@ -93,6 +103,8 @@ class AgentPool:
         self._probe_server: asyncio.AbstractServer | None = None
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
+        # Wakes a sleeping host before its agent starts (speccluster_power_on); the cluster sets it.
+        self.power: HostWaker | None = None
 
     # The table's live, read-only views (status and tests read them through the pool).
     states: Mapping[str, HostView] = property(lambda self: self.table.states)  # type: ignore[assignment]
@@ -194,6 +206,8 @@ class AgentPool:
                 probe.set_result(result)
 
         try:
+            if self.power is not None:
+                await self.power.reach(name)  # a host that sleeps is woken first
             port = await self._probe_port() if probe is not None and self.agent_probes else None
             agent = HostAgent(
                 self.connection(name), self.cluster_id, silence=self.silence, base_dir=self.base_dir,
