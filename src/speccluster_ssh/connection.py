@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import shlex
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from . import timeline
+from . import families, timeline
+from .addresses import family as addresses_family
+from .addresses import format_hostport
 from .errors import HostError, UserError
 from .inventory import HostSpec, JumpHop, parse_jump_list
 from .jump import JumpContext, JumpLease, JumpPool, expand_chain, login_options
@@ -226,6 +229,9 @@ class HostConnection:
             options["tunnel"] = self._lease.conn
             label = self._lease.label
         try:
+            if not chain:
+                # A dual-stack name: connect to the family that answers (see families.py).
+                options["sock"] = await self._first_answering(options, timeout)
             conn = await asyncio.wait_for(
                 asyncssh.connect(host.address, **options), timeout=timeout + 5
             )
@@ -235,6 +241,42 @@ class HostConnection:
                 raise self._failure(exc, checker, timeout, label) from exc
             raise
         return conn
+
+    async def _first_answering(self, options: dict[str, Any], timeout: float) -> socket.socket | None:
+        """A connected socket to the first of the host's addresses that answers, when it has several families.
+
+        ``None`` leaves connecting to asyncssh: a literal, a name of one
+        family, a name ssh_config gives a ``HostName``, or one the head
+        cannot resolve (asyncssh reports that). An address family the head
+        has no route to at all is a :class:`HostError` with its fix.
+        """
+        from .jump import _ssh_config
+
+        host = self.host
+        port = int(options.get("port") or host.port or 22)
+        if options.get("config") and _ssh_config(options["config"], host.address, host.port, host.user).get("Hostname"):
+            return None
+        try:
+            addresses = await families.resolve(host.address, port)
+        except OSError:
+            return None
+        why = families.no_route_reason(host.name, addresses)
+        if why is not None:
+            raise HostError(
+                host.name, why,
+                fix=f"give the head an address and route of that family, or give {host.name} an ansible_host "
+                "of a family the head has",
+            )
+        if len({addresses_family(a) for a in addresses}) < 2:
+            return None
+        try:
+            sock = await families.connect_first(addresses, port, timeout)
+        except TimeoutError:
+            raise HostError(host.name, f"did not answer within {timeout:g} s at {host.address} ({', '.join(addresses)})") from None
+        except OSError as exc:
+            raise HostError(host.name, f"cannot connect to {host.address} ({', '.join(addresses)}): {exc.strerror or exc}") from None
+        logger.info("%s answered at %s of %s", host.name, sock.getpeername()[0], ", ".join(addresses))
+        return sock
 
     def _failure(self, exc: Exception, checker: Any, timeout: float, jumps: str) -> Exception:
         """The :class:`HostError` that says why connecting failed; other errors as they are."""
@@ -319,7 +361,7 @@ class HostConnection:
             return await self._conn.forward_local_port("127.0.0.1", 0, remote_host, remote_port)
         except OSError as exc:
             raise HostError(
-                self.host.name, f"cannot open an SSH forward to {remote_host}:{remote_port}: {exc.strerror or exc}"
+                self.host.name, f"cannot open an SSH forward to {format_hostport(remote_host, remote_port)}: {exc.strerror or exc}"
             ) from exc
 
     async def open_channel(self, argv: Sequence[str], shell_prefix: str | None = None) -> Channel:

@@ -482,7 +482,9 @@ def local_scheduler_entry(
         default the head's loopback.
     """
     local_options: dict[str, Any] = {
-        "host": "0.0.0.0",
+        # Every address of both families ("" binds one socket per family on one port): hosts
+        # reached over IPv6 connect to the head's IPv6 address. dask still advertises its IPv4 one.
+        "host": "",
         "port": int(port),
         "dashboard_address": dashboard_bind(dashboard_address, dashboard_port),
         "security": security,

@@ -21,6 +21,7 @@ from typing import Any
 import dask.config
 
 from . import config, timeline
+from .addresses import url
 from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
 from .entries import HEAD_ONLY_CONFIG, forwarded_dask_config
@@ -293,9 +294,7 @@ class AgentPool:
         address = self.head_address_for(name)
         if not address:
             return None
-        if ":" in address:
-            address = f"[{address}]"
-        return f"{protocol}://{address}:{port}"
+        return url(protocol, address, port)
 
     def stop_agents(self, names: Iterable[str]) -> None:
         """Begin shutting down the agents of hosts ``names`` (and every process they run); :meth:`close` awaits it.
