@@ -1540,7 +1540,8 @@ class Lab:
                     raise LabError(
                         f"sshd on {host.name} exited ({code}); log:\n{host.log_tail()}"
                     )
-                if _tcp_accepts(host.ip, _SSH_PORT, 0.5):
+                # Without IPv4 (ipv4=False, once applied) sshd answers on IPv6 alone.
+                if _tcp_accepts(host.ip if self.ipv4 else str(host.ip6), _SSH_PORT, 0.5):
                     pending.remove(host)
             if not pending:
                 return

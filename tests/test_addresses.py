@@ -189,3 +189,20 @@ def test_listen_socket_takes_both_families() -> None:
             socket.create_connection((host, port), 2).close()
     finally:
         sock.close()
+
+
+def test_a_host_with_no_address_of_a_family_the_head_can_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head has no route to the host's only family: one HostError with its fix, nothing sent."""
+    from speccluster_ssh import families
+    from speccluster_ssh.connection import ConnectSettings, HostConnection
+    from speccluster_ssh.errors import HostError
+    from speccluster_ssh.inventory import load_inventory
+
+    path = tmp_path / "inv.yml"
+    path.write_text("all:\n  hosts:\n    far:\n      ansible_host: fd00:250:99::11\n")
+    host = load_inventory(path).worker_hosts[0]
+    monkeypatch.setattr(families, "route_source", lambda address: None)  # a head without IPv6
+    with pytest.raises(HostError) as caught:
+        asyncio.run(HostConnection(host, ConnectSettings()).open())
+    assert caught.value.reason == "far has only IPv6 addresses (fd00:250:99::11), and the head has no route to it"
+    assert "ansible_host of a family the head has" in (caught.value.fix or "")

@@ -69,6 +69,18 @@ def dashboard_bind(address: str | None, port: int | str | None) -> str:
     return format_hostport(host, chosen if chosen is not None else LOCAL_PORT)
 
 
+def dask_dashboard_address(address: str) -> str | list[tuple[str, int]]:
+    """``address`` as dask's ``dashboard_address`` takes it: an IPv6 host as ``[(host, port)]``.
+
+    dask splits a string on ``":"``, so ``"[fd00::1]:8787"`` would fail
+    there; a list of ``(host, port)`` pairs is its other accepted form.
+    """
+    host, port = split_dashboard_address(address)
+    if ":" in host:
+        return [(host, port or 0)]
+    return address
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or ``localhost``) is its machine's loopback."""
     if host == "localhost":

@@ -237,6 +237,11 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str, where: tu
         # First, so that every thread of the server and the worker a nanny forks inherit it.
         _pin_to_cpus(host_vars.get("cpu_affinity"))
         _interface_host(options)
+        dashboard = options.get("dashboard_address")
+        if isinstance(dashboard, str) and dashboard.startswith("["):
+            # dask splits the string on ":": an IPv6 host goes as a (host, port) pair.
+            host, _, port = dashboard.rpartition(":")
+            options["dashboard_address"] = [(host.strip("[]"), int(port or 0))]
         if role == "scheduler":
             server = Scheduler(**options)
         elif worker_class:
