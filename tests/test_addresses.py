@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import types
 import socket
 
 import pytest
@@ -206,3 +207,27 @@ def test_a_host_with_no_address_of_a_family_the_head_can_use(tmp_path: Path, mon
         asyncio.run(HostConnection(host, ConnectSettings()).open())
     assert caught.value.reason == "far has only IPv6 addresses (fd00:250:99::11), and the head has no route to it"
     assert "ansible_host of a family the head has" in (caught.value.fix or "")
+
+
+def test_an_interface_with_ipv6_only_becomes_a_bracketed_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dask reads ``interface`` for IPv4 alone; the agent's child turns an IPv6-only one into ``host``."""
+    import psutil
+
+    from speccluster_ssh.agent.child import _interface_host
+
+    def addr(family_: int, address: str) -> object:
+        return types.SimpleNamespace(family=family_, address=address)
+
+    interfaces = {
+        "v6": [addr(socket.AF_INET6, "fe80::1%v6"), addr(socket.AF_INET6, "fd00:250:71::11")],
+        "both": [addr(socket.AF_INET, "10.0.0.1"), addr(socket.AF_INET6, "fd00::1")],
+        "linklocal": [addr(socket.AF_INET6, "fe80::2%linklocal")],
+    }
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: interfaces)
+    options = {"interface": "v6"}
+    _interface_host(options)
+    assert options == {"host": "[fd00:250:71::11]"}
+    for name in ("both", "linklocal", "missing"):
+        options = {"interface": name}
+        _interface_host(options)
+        assert options == {"interface": name}  # left to dask (and its own error)
