@@ -21,7 +21,6 @@ from typing import Any, Protocol
 import asyncssh
 
 from . import families, timeline
-from .addresses import family as addresses_family
 from .addresses import format_hostport
 from .errors import HostError, UserError
 from .inventory import HostSpec, JumpHop, parse_jump_list
@@ -243,39 +242,34 @@ class HostConnection:
         return conn
 
     async def _first_answering(self, options: dict[str, Any], timeout: float) -> socket.socket | None:
-        """A connected socket to the first of the host's addresses that answers, when it has several families.
+        """A connected socket to the first of the host's addresses that answers, when they are of both families.
 
-        ``None`` leaves connecting to asyncssh: a literal, a name of one
-        family, a name ssh_config gives a ``HostName``, or one the head
-        cannot resolve (asyncssh reports that). An address family the head
-        has no route to at all is a :class:`HostError` with its fix.
+        ``None`` leaves connecting to asyncssh (see
+        :func:`~speccluster_ssh.families.dual_stack_socket`). ssh_config's
+        ``HostName`` is what is resolved, when it gives one. An address family
+        the head has no route to at all is a :class:`HostError` with its fix.
         """
         from .jump import _ssh_config
 
         host = self.host
         port = int(options.get("port") or host.port or 22)
-        if options.get("config") and _ssh_config(options["config"], host.address, host.port, host.user).get("Hostname"):
-            return None
+        address = host.address
+        if options.get("config"):
+            address = str(_ssh_config(options["config"], host.address, host.port, host.user).get("Hostname", address))
         try:
-            addresses = await families.resolve(host.address, port)
-        except OSError:
-            return None
-        why = families.no_route_reason(host.name, addresses)
-        if why is not None:
+            sock = await families.dual_stack_socket(host.name, address, port, timeout)
+        except families.NoRouteError as exc:
             raise HostError(
-                host.name, why,
+                host.name, str(exc),
                 fix=f"give the head an address and route of that family, or give {host.name} an ansible_host "
                 "of a family the head has",
-            )
-        if len({addresses_family(a) for a in addresses}) < 2:
-            return None
-        try:
-            sock = await families.connect_first(addresses, port, timeout)
+            ) from None
         except TimeoutError:
-            raise HostError(host.name, f"did not answer within {timeout:g} s at {host.address} ({', '.join(addresses)})") from None
+            raise HostError(host.name, f"did not answer within {timeout:g} s at {host.address}") from None
         except OSError as exc:
-            raise HostError(host.name, f"cannot connect to {host.address} ({', '.join(addresses)}): {exc.strerror or exc}") from None
-        logger.info("%s answered at %s of %s", host.name, sock.getpeername()[0], ", ".join(addresses))
+            raise HostError(host.name, f"cannot connect to {host.address}: {exc.strerror or exc}") from None
+        if sock is not None:
+            logger.info("%s answered at %s", host.name, sock.getpeername()[0])
         return sock
 
     def _failure(self, exc: Exception, checker: Any, timeout: float, jumps: str) -> Exception:

@@ -29,7 +29,10 @@ from collections.abc import Sequence
 
 from .addresses import family, family_name
 
-__all__ = ["HAPPY_EYEBALLS_DELAY", "connect_first", "listen_socket", "no_route_reason", "resolve", "route_source"]
+__all__ = [
+    "HAPPY_EYEBALLS_DELAY", "NoRouteError", "connect_first", "dual_stack_socket", "listen_socket", "no_route_reason",
+    "resolve", "route_source",
+]
 
 #: Seconds a preferred address may still answer after a later one did (RFC 8305 suggests 0.25).
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -114,6 +117,36 @@ def listen_socket(port: int = 0) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class NoRouteError(OSError):
+    """The head has no route to any address of a host (its message is :func:`no_route_reason`'s line)."""
+
+
+async def dual_stack_socket(label: str, address: str, port: int, timeout: float) -> socket.socket | None:
+    """A connected socket to ``address`` when it names both families (see :func:`connect_first`), else ``None``.
+
+    ``None`` leaves connecting to the caller as before: a literal, a name of
+    one family, or one the head cannot resolve (the caller's own connect
+    reports that).
+
+    Raises
+    ------
+    NoRouteError
+        When the head has no route to any of its addresses.
+    OSError, TimeoutError
+        From :func:`connect_first`, when no address answered.
+    """
+    try:
+        addresses = await resolve(address, port)
+    except OSError:
+        return None
+    why = no_route_reason(label, addresses)
+    if why is not None:
+        raise NoRouteError(why)
+    if len({family(a) for a in addresses}) < 2:
+        return None
+    return await connect_first(addresses, port, timeout)
 
 
 async def _connect_one(address: str, port: int) -> socket.socket:

@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncssh
 
+from . import families
 from .errors import HostError
 from .inventory import HostSpec, JumpHop, parse_jump_list
 from .inventory._jumps import MAX_CHAIN
@@ -270,7 +271,12 @@ class JumpPool:
             return HostError(host.name, f"cannot connect through jump host {hop.label} ({address}): {reason}")
 
         try:
+            if parent is None:
+                # A dual-stack first hop: connect to the family that answers (see families.py).
+                options["sock"] = await families.dual_stack_socket(hop.label, address, port, timeout)
             conn = await asyncio.wait_for(asyncssh.connect(hop.address, **options), timeout + 5)
+        except families.NoRouteError as exc:
+            raise fail(str(exc)) from exc
         except (asyncio.TimeoutError, TimeoutError) as exc:
             raise fail(f"it did not answer within {timeout:g} s") from exc
         except asyncssh.HostKeyNotVerifiable as exc:
