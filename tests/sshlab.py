@@ -28,6 +28,11 @@ of the developer's machine.  A process belongs to a host when
 through a pidfd re-checked against the namespace, so a recycled PID is
 never hit.
 
+``Lab(ipv6=True)`` also gives the head and each host an IPv6 address in a
+ULA /64 made from the subnet (``10.250.0`` -> ``fd00:250:0::/64``);
+``ipv4=False`` (or :meth:`Lab.drop_ipv4`) then drops every IPv4 packet
+inside the hosts' namespaces: an IPv6-only lab.
+
 Inside a host (SSH sessions and :meth:`LabHost.exec` alike) the hostname
 is ``hN`` and ``/etc/hosts`` maps ``localhost``, ``head`` and every
 ``hN``; ``/etc/resolv.conf`` points at 127.0.0.1 so that other lookups
@@ -590,6 +595,8 @@ class LabHost:
         1-based position in the lab.
     ip : str
         IPv4 address of ``eth0`` inside the namespace.
+    ip6 : str or None
+        IPv6 address of ``eth0`` in an ``ipv6`` lab, else None.
     netns : str
         Name of the network namespace (``ip netns`` name).
     dir : pathlib.Path
@@ -1305,7 +1312,7 @@ class Lab:
             if self.check_mesh:
                 self.verify_mesh()
             if not self.ipv4:
-                self._drop_ipv4()
+                self.drop_ipv4()
         except BaseException:
             with contextlib.suppress(Exception):
                 self.stop()
@@ -1437,12 +1444,23 @@ class Lab:
                         f"subnet {net}; remove it or pick another subnet_base"
                     )
 
-    def _drop_ipv4(self) -> None:
-        """Drop every IPv4 packet of the hosts but loopback's, both ways (their own nftables only)."""
+    def drop_ipv4(self) -> None:
+        """Drop every IPv4 packet of the hosts but loopback's, both ways (their own nftables only).
+
+        An ``ipv6`` lab becomes IPv6-only; ``reset()`` keeps this, :meth:`restore_ipv4` undoes it.
+        """
+        if not self.ipv6:
+            raise LabError("dropping IPv4 leaves nothing: make the lab with ipv6=True")
         for host in self.hosts:
             host.base_rules = ['iifname != "lo" meta nfproto ipv4 drop']
             host.base_output_rules = ['oifname != "lo" meta nfproto ipv4 drop']
             host.firewall([])
+
+    def restore_ipv4(self) -> None:
+        """Undo :meth:`drop_ipv4` (and any other firewall of the hosts)."""
+        for host in self.hosts:
+            host.base_rules, host.base_output_rules = [], []
+            host.clear_firewall()
 
     def _make_files(self) -> None:
         self._workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
@@ -1540,8 +1558,8 @@ class Lab:
                     raise LabError(
                         f"sshd on {host.name} exited ({code}); log:\n{host.log_tail()}"
                     )
-                # Without IPv4 (ipv4=False, once applied) sshd answers on IPv6 alone.
-                if _tcp_accepts(host.ip if self.ipv4 else str(host.ip6), _SSH_PORT, 0.5):
+                # With IPv4 dropped (drop_ipv4) sshd answers on IPv6 alone.
+                if _tcp_accepts(str(host.ip6) if host.base_rules else host.ip, _SSH_PORT, 0.5):
                     pending.remove(host)
             if not pending:
                 return
