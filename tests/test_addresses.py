@@ -231,3 +231,12 @@ def test_an_interface_with_ipv6_only_becomes_a_bracketed_host(monkeypatch: pytes
         options = {"interface": name}
         _interface_host(options)
         assert options == {"interface": name}  # left to dask (and its own error)
+
+
+def test_a_dashboard_on_an_ipv6_host_goes_to_dask_as_a_pair() -> None:
+    """dask splits a dashboard_address string on ":"; an IPv6 host goes as [(host, port)]."""
+    from speccluster_ssh.dashboards import dask_dashboard_address
+
+    assert dask_dashboard_address("[fd00::1]:8787") == [("fd00::1", 8787)]
+    assert dask_dashboard_address("127.0.0.1:0") == "127.0.0.1:0"
+    assert dask_dashboard_address(":8787") == ":8787"
