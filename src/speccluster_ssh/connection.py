@@ -249,13 +249,11 @@ class HostConnection:
         ``HostName`` is what is resolved, when it gives one. An address family
         the head has no route to at all is a :class:`HostError` with its fix.
         """
-        from .jump import _ssh_config
+        from .jump import config_hostname
 
         host = self.host
         port = int(options.get("port") or host.port or 22)
-        address = host.address
-        if options.get("config"):
-            address = str(_ssh_config(options["config"], host.address, host.port, host.user).get("Hostname", address))
+        address = config_hostname(options.get("config") or [], host.address, host.port, host.user)
         try:
             sock = await families.dual_stack_socket(host.name, address, port, timeout)
         except families.NoRouteError as exc:

@@ -49,6 +49,13 @@ def _ssh_config(paths: Sequence[str], host: str, port: int | None, user: str | N
     )
 
 
+def config_hostname(paths: Sequence[str], host: str, port: int | None, user: str | None) -> str:
+    """The address ssh_config ``paths`` send ``host`` to: its ``HostName``, else ``host`` itself."""
+    if not paths:
+        return host
+    return str(_ssh_config(paths, host, port, user).get("Hostname", host))
+
+
 def config_jumps(paths: Sequence[str], host: str, port: int | None, user: str | None) -> tuple[JumpHop, ...] | None:
     """The ``ProxyJump`` chain ssh_config ``paths`` give ``host``; ``None`` when they give none.
 
