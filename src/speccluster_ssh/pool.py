@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 import dask.config
 
-from . import config, timeline
+from . import config, families, timeline
+from .addresses import url
 from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
 from .entries import HEAD_ONLY_CONFIG, forwarded_dask_config
@@ -264,7 +265,8 @@ class AgentPool:
     async def _probe_port(self) -> int:
         """The port of the head's stand-in listener that agents' reach probes connect to."""
         if self._probe_server is None:
-            self._probe_server = await asyncio.start_server(lambda r, w: w.close(), host="0.0.0.0", port=0)
+            # Both families on one port: a host reached over IPv6 probes the head over IPv6.
+            self._probe_server = await asyncio.start_server(lambda r, w: w.close(), sock=families.listen_socket())
         return int(self._probe_server.sockets[0].getsockname()[1])
 
     async def stop_probing(self) -> None:
@@ -309,9 +311,7 @@ class AgentPool:
         address = self.head_address_for(name)
         if not address:
             return None
-        if ":" in address:
-            address = f"[{address}]"
-        return f"{protocol}://{address}:{port}"
+        return url(protocol, address, port)
 
     def stop_agents(self, names: Iterable[str]) -> None:
         """Begin shutting down the agents of hosts ``names`` (and every process they run); :meth:`close` awaits it.
