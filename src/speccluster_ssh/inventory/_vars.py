@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import keyword
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -366,6 +367,32 @@ def user_quota(value: Any) -> dict[str, int] | None:
         raise BadValue(str(exc), "write e.g. 8, or {alice: 16, '*': 4}") from None
 
 
+def requirements_list(value: Any) -> tuple[str, ...]:
+    """Validate a list of pip requirement strings (one string is a list of one), kept as written."""
+    from packaging.requirements import InvalidRequirement, Requirement  # a dependency of distributed
+
+    expected = "a list of requirement strings"
+    fix = "write e.g. ['pandas>=2', 'pyarrow']"
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise BadValue(expected, fix)
+    for item in items:
+        try:
+            Requirement(item)
+        except InvalidRequirement as exc:
+            raise BadValue(expected + f" ({item!r} is not one: {str(exc).splitlines()[0]})", fix) from None
+    return tuple(item.strip() for item in items)
+
+
+def head_path(value: Any) -> str | None:
+    """Validate a path on the head, or null: ``~`` expanded, made absolute (from the current directory)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise BadValue("a path on this machine, or null", "write e.g. ~/lab/requirements.txt")
+    return os.path.abspath(os.path.expanduser(value.strip()))
+
+
 _MAX_CPU = 65535  # a bound, so that a typo cannot make a list of millions
 _CPU_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 
@@ -566,6 +593,28 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
     "speccluster_mac": VarSpec(
         optional_str, None, "The host's MAC address, for a power-on command such as [wakeonlan, '{speccluster_mac}'].",
         compare=False,
+    ),
+    "speccluster_environment": VarSpec(
+        _choice("host", "head"), "host",
+        "Which environment the host's dask processes run in: 'host' (its own python, speccluster_python or "
+        "speccluster_venv) or 'head' (one the head ships: its own distributed and dask, and speccluster_packages, "
+        "built in a venv on the host from wheels sent over SSH).",
+    ),
+    "speccluster_packages": VarSpec(
+        requirements_list, (),
+        "With speccluster_environment: head, more packages for the host's environment: a list of requirement "
+        "strings such as ['pandas>=2', 'pyarrow'] (the head's installed version when it fits).",
+    ),
+    "speccluster_requirements": VarSpec(
+        head_path, None,
+        "With speccluster_environment: head, a requirements file on the head (relative to the current directory) "
+        "whose lines are added to speccluster_packages.",
+    ),
+    "speccluster_env_dir": VarSpec(
+        optional_str, None,
+        "With speccluster_environment: head, where the host keeps its shipped environments and wheels; null uses "
+        "~/.cache/speccluster-ssh/envs.",
+        compare=False,  # read when the host's agent starts
     ),
 }
 
