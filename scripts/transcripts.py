@@ -368,6 +368,24 @@ def scenario_bastion(env: dict[str, str], lab: Lab) -> Scenario:
     return s
 
 
+def scenario_ipv6(env: dict[str, str], lab: Lab) -> Scenario:
+    s = Scenario("ipv6", "IPv6-only: h1..h3 drop every IPv4 packet (nftables in their own namespaces); the "
+                         "inventory gives each host's IPv6 address as ansible_host; 2 slots and 2 threads each.")
+    lab.write_inventory(WORK / "lab6.yml", groups={"workers": ["h1", "h2", "h3"]}, family=6,
+                        group_vars={"all": {"speccluster_slots": 2, "speccluster_nthreads": 2}})
+    data = yaml.safe_load((WORK / "lab6.yml").read_text())
+    data["all"].pop("hosts", None)
+    (WORK / "lab6.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    s.steps = [
+        cmd("check", f"{PROG} check lab6.yml", lab.drop_ipv4),
+        cmd("up", f"{PROG} up lab6.yml --detach --name lab6 --workers 3"),
+        cmd("status", f"{PROG} status --name lab6", wait_workers("lab6", 3, env)),
+        cmd("down", f"{PROG} down --name lab6"),
+    ]
+    s.cleanup = lab.restore_ipv4
+    return s
+
+
 def scenario_envs(env: dict[str, str], lab: Lab) -> Scenario:
     s = Scenario("envs", "h1..h3 have only a bare python (a venv with no packages at all); "
                          "speccluster_environment: head, each host with its own speccluster_env_dir.")
@@ -448,8 +466,9 @@ def lab_if(needed: bool) -> Iterator[Lab | None]:
     if not needed:
         yield None
         return
+    # IPv6 too (fd00:250:40::/64), for the ipv6 scenario; the others reach the hosts over IPv4 as before.
     with Lab(5, prefix=os.environ.get("SCLAB_PREFIX", "scdoc"),
-             subnet_base=os.environ.get("SCLAB_SUBNET", "10.250.40")) as lab:
+             subnet_base=os.environ.get("SCLAB_SUBNET", "10.250.40"), ipv6=True) as lab:
         yield lab
 
 
@@ -459,6 +478,7 @@ LOCAL_SCENARIOS: dict[str, Callable[[dict[str, str]], Scenario]] = {
 }
 LAB_SCENARIOS: dict[str, Callable[[dict[str, str], Lab], Scenario]] = {
     "lab": scenario_lab, "off": scenario_off, "ops": scenario_ops, "gpu": scenario_gpu, "bastion": scenario_bastion,
+    "ipv6": scenario_ipv6,
     "envs": scenario_envs,
 }
 

@@ -28,6 +28,11 @@ of the developer's machine.  A process belongs to a host when
 through a pidfd re-checked against the namespace, so a recycled PID is
 never hit.
 
+``Lab(ipv6=True)`` also gives the head and each host an IPv6 address in a
+ULA /64 made from the subnet (``10.250.0`` -> ``fd00:250:0::/64``);
+``ipv4=False`` (or :meth:`Lab.drop_ipv4`) then drops every IPv4 packet
+inside the hosts' namespaces: an IPv6-only lab.
+
 Inside a host (SSH sessions and :meth:`LabHost.exec` alike) the hostname
 is ``hN`` and ``/etc/hosts`` maps ``localhost``, ``head`` and every
 ``hN``; ``/etc/resolv.conf`` points at 127.0.0.1 so that other lookups
@@ -590,6 +595,8 @@ class LabHost:
         1-based position in the lab.
     ip : str
         IPv4 address of ``eth0`` inside the namespace.
+    ip6 : str or None
+        IPv6 address of ``eth0`` in an ``ipv6`` lab, else None.
     netns : str
         Name of the network namespace (``ip netns`` name).
     dir : pathlib.Path
@@ -601,6 +608,8 @@ class LabHost:
         self.index = index
         self.name = f"h{index}"
         self.ip = f"{lab.subnet_base}.{10 + index}"
+        # IPv6 address on eth0 when the lab is IPv6-capable (``Lab(ipv6=True)``), else None.
+        self.ip6: str | None = f"{lab.prefix6}::{10 + index}" if lab.ipv6 else None
         self.netns = f"{lab.prefix}-h{index}"
         self.dir = lab.workdir / self.name
         self.port_name = self.name  # bridge port in the switch namespace
@@ -617,6 +626,9 @@ class LabHost:
         # sshd_config settings a test changed (see set_sshd_option); reset() drops them.
         self.sshd_overrides: dict[str, str] = {}
         self.firewalled = False
+        # Rules the lab itself keeps in the host (``Lab(ipv4=False)``): firewall() and reset() keep them.
+        self.base_rules: list[str] = []
+        self.base_output_rules: list[str] = []
 
     def __repr__(self) -> str:
         return f"<LabHost {self.name} {self.ip} netns={self.netns}>"
@@ -631,6 +643,7 @@ class LabHost:
         lab = self.lab
         lines = [
             f"ListenAddress {self.ip}",
+            *([f"ListenAddress {self.ip6}"] if self.ip6 else []),
             f"Port {_SSH_PORT}",
             f"HostKey {self.host_key_path}",
             # The shared file (the lab key, for every account), then one per
@@ -943,16 +956,28 @@ class LabHost:
             nftables rule statements, e.g. ``"tcp dport 22 drop"``.
         """
         body = "\n".join(f"    {rule}" for rule in rules)
+        # The lab's own rules (no IPv4) come before anything is accepted, established traffic included.
+        base = "".join(f"    {rule}\n" for rule in self.base_rules)
+        output = ""
+        if self.base_output_rules:
+            output = (
+                "  chain output {\n"
+                "    type filter hook output priority 0; policy accept;\n"
+                + "".join(f"    {rule}\n" for rule in self.base_output_rules)
+                + "  }\n"
+            )
         script = (
             "table inet sclab\n"
             "delete table inet sclab\n"
             "table inet sclab {\n"
             "  chain input {\n"
             "    type filter hook input priority 0; policy accept;\n"
+            f"{base}"
             "    ct state established,related accept\n"
             '    iifname "lo" accept\n'
             f"{body}\n"
             "  }\n"
+            f"{output}"
             "}\n"
         )
         self.firewalled = True
@@ -961,6 +986,9 @@ class LabHost:
     def clear_firewall(self) -> None:
         """Remove what :meth:`firewall` loaded (nothing when it loaded nothing)."""
         if not self.firewalled:
+            return
+        if self.base_rules or self.base_output_rules:
+            self.firewall([])  # back to the lab's own rules
             return
         _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"],
              input="table inet sclab\ndelete table inet sclab\n")
@@ -974,7 +1002,7 @@ class LabHost:
         for line in out.splitlines():
             fields = line.split()
             if len(fields) >= 4:
-                peers.append(fields[-1].rsplit(":", 1)[0])
+                peers.append(fields[-1].rsplit(":", 1)[0].strip("[]"))
         return peers
 
 
@@ -1051,6 +1079,16 @@ class Lab:
         Keep the work dir (keys, configs, sshd logs) after :meth:`stop`.
     check_mesh : bool
         On start, check that hosts reach each other through the switch.
+    ipv6 : bool
+        Also give the head and every host an IPv6 address (``nodad``) in
+        the ULA /64 made from the subnet (``10.250.71`` -> ``fd00:250:71::/64``;
+        head ``::1``, host ``i`` ``::(10+i)``), listed in known_hosts, the
+        hosts' /etc/hosts and the lab's ssh_config; sshd listens on both.
+    ipv4 : bool
+        ``False`` (needs ``ipv6``) drops every IPv4 packet in and out of
+        each host's namespace except on loopback (nftables, in the hosts'
+        own namespaces only), after start: an IPv6-only lab. The hosts keep
+        their IPv4 addresses, so a dual-stack name still resolves to both.
 
     Attributes
     ----------
@@ -1080,6 +1118,8 @@ class Lab:
         lock_timeout: float | None = None,
         keep_workdir: bool = False,
         check_mesh: bool = True,
+        ipv6: bool = False,
+        ipv4: bool = True,
     ) -> None:
         if not 1 <= n_hosts <= _MAX_HOSTS:
             raise ValueError(f"n_hosts must be between 1 and {_MAX_HOSTS}, got {n_hosts}")
@@ -1091,6 +1131,15 @@ class Lab:
             raise ValueError(f"subnet_base must be three octets, got {subnet_base!r}") from exc
         if not net.is_private:
             raise ValueError(f"subnet {net} is not private")
+        if not ipv4 and not ipv6:
+            raise ValueError("a lab without IPv4 needs ipv6=True")
+        self.ipv6 = ipv6
+        self.ipv4 = ipv4
+        # The octets as written become hex groups: 10.250.71 -> fd00:250:71::/64 (valid hex, easy to read).
+        o2, o3 = subnet_base.split(".")[1:3]
+        self.prefix6 = f"fd00:{o2}:{o3}"
+        self.subnet6 = f"fd00:{o2}:{o3}::/64"
+        self.head_ip6: str | None = f"{self.prefix6}::1" if ipv6 else None
         self.n_hosts = n_hosts
         self.prefix = prefix
         self.subnet_base = subnet_base
@@ -1170,7 +1219,7 @@ class Lab:
         LabHost
         """
         for host in self.hosts:
-            if key in (host.name, host.ip, host.netns):
+            if key in (host.name, host.ip, host.netns) or (host.ip6 and key == host.ip6):
                 return host
         raise KeyError(key)
 
@@ -1262,6 +1311,8 @@ class Lab:
             self._wait_ready(self.hosts, self.start_timeout)
             if self.check_mesh:
                 self.verify_mesh()
+            if not self.ipv4:
+                self.drop_ipv4()
         except BaseException:
             with contextlib.suppress(Exception):
                 self.stop()
@@ -1378,17 +1429,38 @@ class Lab:
     # -- building ------------------------------------------------------------
 
     def _check_subnet_free(self) -> None:
-        out = _run(["ip", "-o", "-4", "addr", "show"])
-        net = ipaddress.IPv4Network(self.subnet)
+        out = _run(["ip", "-o", "addr", "show"])
+        nets = [ipaddress.ip_network(self.subnet)] + ([ipaddress.ip_network(self.subnet6)] if self.ipv6 else [])
         for line in out.splitlines():
             fields = line.split()
-            if len(fields) > 3 and fields[2] == "inet":
-                iface = ipaddress.IPv4Interface(fields[3])
+            if len(fields) > 3 and fields[2] in ("inet", "inet6"):
+                iface = ipaddress.ip_interface(fields[3])
+                net = next((n for n in nets if n.version == iface.version), None)
+                if net is None:
+                    continue
                 if iface.network.overlaps(net):
                     raise LabError(
                         f"{fields[1]} already has {fields[3]}, which overlaps the lab "
-                        f"subnet {self.subnet}; remove it or pick another subnet_base"
+                        f"subnet {net}; remove it or pick another subnet_base"
                     )
+
+    def drop_ipv4(self) -> None:
+        """Drop every IPv4 packet of the hosts but loopback's, both ways (their own nftables only).
+
+        An ``ipv6`` lab becomes IPv6-only; ``reset()`` keeps this, :meth:`restore_ipv4` undoes it.
+        """
+        if not self.ipv6:
+            raise LabError("dropping IPv4 leaves nothing: make the lab with ipv6=True")
+        for host in self.hosts:
+            host.base_rules = ['iifname != "lo" meta nfproto ipv4 drop']
+            host.base_output_rules = ['oifname != "lo" meta nfproto ipv4 drop']
+            host.firewall([])
+
+    def restore_ipv4(self) -> None:
+        """Undo :meth:`drop_ipv4` (and any other firewall of the hosts)."""
+        for host in self.hosts:
+            host.base_rules, host.base_output_rules = [], []
+            host.clear_firewall()
 
     def _make_files(self) -> None:
         self._workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
@@ -1408,6 +1480,8 @@ class Lab:
             "::1 localhost ip6-localhost ip6-loopback",
             f"{self.head_ip} head",
         ] + [f"{h.ip} {h.name}" for h in self.hosts]
+        if self.ipv6:
+            hosts_lines += [f"{self.head_ip6} head"] + [f"{h.ip6} {h.name}" for h in self.hosts]
         known_lines = []
         config_lines = []
         for host in self.hosts:
@@ -1421,7 +1495,8 @@ class Lab:
             _write_private(host.dir / "ssh_host_ed25519_key.orig", host.host_key_path.read_text())
             host.hosts_path.write_text("\n".join(hosts_lines) + "\n")
             host._write_sshd_config()
-            known_lines.append(f"{host.ip},{host.name} {host.host_public_key}")
+            v6 = f",{host.ip6}" if host.ip6 else ""
+            known_lines.append(f"{host.ip}{v6},{host.name} {host.host_public_key}")
             config_lines += [
                 *self._ssh_config_stanza(host),
                 "",
@@ -1449,6 +1524,7 @@ class Lab:
             )
         root += [
             f"addr add {self.head_ip}/24 dev {self.head_link}",
+            *([f"addr add {self.head_ip6}/64 dev {self.head_link} nodad"] if self.ipv6 else []),
             f"link set {self.head_link} up",
         ]
         _ip_batch(root)
@@ -1465,6 +1541,7 @@ class Lab:
                 [
                     "link set lo up",
                     f"addr add {h.ip}/24 dev eth0",
+                    *([f"addr add {h.ip6}/64 dev eth0 nodad"] if h.ip6 else []),
                     "link set eth0 up",
                 ],
                 netns=h.netns,
@@ -1481,7 +1558,8 @@ class Lab:
                     raise LabError(
                         f"sshd on {host.name} exited ({code}); log:\n{host.log_tail()}"
                     )
-                if _tcp_accepts(host.ip, _SSH_PORT, 0.5):
+                # With IPv4 dropped (drop_ipv4) sshd answers on IPv6 alone.
+                if _tcp_accepts(str(host.ip6) if host.base_rules else host.ip, _SSH_PORT, 0.5):
                     pending.remove(host)
             if not pending:
                 return
@@ -1520,7 +1598,8 @@ class Lab:
         )
         first = self.hosts[0]
         res = first.exec(
-            [sys.executable, "-I", "-S", "-c", probe, *(h.ip for h in self.hosts[1:])],
+            [sys.executable, "-I", "-S", "-c", probe,
+             *(ip for h in self.hosts[1:] for ip in (h.ip, h.ip6) if ip)],
             timeout=timeout,
         )
         if res.returncode != 0:
@@ -1576,16 +1655,28 @@ class Lab:
         rules = [f"tcp dport {_SSH_PORT} ip saddr != {{ {allowed} }} drop"]
         if from_head == "all":
             rules.append(f"ip saddr {self.head_ip} drop")
+        if self.ipv6:  # an "ip saddr" rule matches IPv4 packets only
+            allowed6 = ", ".join(str(b.ip6) for b in bastions)
+            rules.append(f"tcp dport {_SSH_PORT} ip6 saddr != {{ {allowed6} }} drop")
+            if from_head == "all":
+                rules.append(f"ip6 saddr {self.head_ip6} drop")
         for host in hosts:
             host.firewall(rules)
 
     def make_ssh_only(self, hosts: Sequence[LabHost]) -> None:
         """Let the head open only SSH connections to ``hosts`` (other ports are dropped)."""
         for host in hosts:
-            host.firewall([f"ip saddr {self.head_ip} tcp dport != {_SSH_PORT} drop",
-                           f"ip saddr {self.head_ip} meta l4proto != tcp drop"])
+            rules = [f"ip saddr {self.head_ip} tcp dport != {_SSH_PORT} drop",
+                     f"ip saddr {self.head_ip} meta l4proto != tcp drop"]
+            if self.ipv6:
+                rules += [f"ip6 saddr {self.head_ip6} tcp dport != {_SSH_PORT} drop",
+                          f"ip6 saddr {self.head_ip6} meta l4proto != {{ tcp, ipv6-icmp }} drop"]
+            host.firewall(rules)
 
-    def write_ssh_config(self, path: str | os.PathLike[str], jumps: Mapping[str, str] | None = None) -> Path:
+    def write_ssh_config(
+        self, path: str | os.PathLike[str], jumps: Mapping[str, str] | None = None, *, family: int = 4,
+        names: Mapping[str, str] | None = None,
+    ) -> Path:
         """Write an ssh_config like :attr:`ssh_config`, with ``ProxyJump`` lines.
 
         Parameters
@@ -1594,11 +1685,21 @@ class Lab:
             File to write.
         jumps : mapping, optional
             Host name -> ``ProxyJump`` value (e.g. ``{"h2": "h1"}``).
+        family : int
+            4 or 6: which address of each host ``HostName`` gives.
+        names : mapping, optional
+            Host name -> another name the stanza also answers to (e.g.
+            ``{"h1": "h1-v6"}``): with ``family=6``, a name that resolves
+            (through this file) to the host's IPv6 address alone.
         """
         jumps = dict(jumps or {})
+        names = dict(names or {})
         lines = []
         for host in self.hosts:
-            lines += self._ssh_config_stanza(host)
+            stanza = self._ssh_config_stanza(host, family)
+            if host.name in names:
+                stanza[0] += f" {names[host.name]}"
+            lines += stanza
             if host.name in jumps:
                 lines.append(f"    ProxyJump {jumps[host.name]}")
             lines.append("")
@@ -1608,11 +1709,15 @@ class Lab:
 
     # -- inventory -----------------------------------------------------------
 
-    def _ssh_config_stanza(self, host: LabHost) -> list[str]:
-        """The ``Host`` block of an ssh_config that reaches ``host`` with the lab's key, strictly."""
+    def _ssh_config_stanza(self, host: LabHost, family: int = 4) -> list[str]:
+        """The ``Host`` block of an ssh_config that reaches ``host`` with the lab's key, strictly.
+
+        ``family=6`` makes ``HostName`` the host's IPv6 address (an ``ipv6`` lab).
+        """
+        aliases = " ".join([host.name, host.ip] + ([host.ip6] if host.ip6 else []))
         return [
-            f"Host {host.name} {host.ip}",
-            f"    HostName {host.ip}",
+            f"Host {aliases}",
+            f"    HostName {host.ip6 if family == 6 else host.ip}",
             "    User root",
             f"    IdentityFile {self.client_key}",
             "    IdentitiesOnly yes",
@@ -1631,6 +1736,7 @@ class Lab:
         host_vars: Mapping[str, Mapping[str, Any]] | None = None,
         group_vars: Mapping[str, Mapping[str, Any]] | None = None,
         python: str = sys.executable,
+        family: int = 4,
     ) -> Path:
         """Write an Ansible YAML inventory describing the lab.
 
@@ -1654,6 +1760,8 @@ class Lab:
             Group name -> vars; the group ``all`` updates ``all.vars``.
         python : str
             Interpreter path for ``speccluster_python``.
+        family : int
+            4 or 6: ``ansible_host`` is each host's IPv4 or IPv6 address.
 
         Returns
         -------
@@ -1682,7 +1790,7 @@ class Lab:
 
         def entry(host: LabHost) -> dict[str, Any]:
             values: dict[str, Any] = {
-                "ansible_host": host.ip,
+                "ansible_host": host.ip6 if family == 6 else host.ip,
                 "ansible_user": "root",
                 "ansible_ssh_private_key_file": str(self.client_key),
                 "speccluster_python": python,

@@ -101,6 +101,10 @@ def test_close_reports_an_agent_killed_before_it(inventory: Path, caplog: pytest
     caplog.set_level(logging.INFO, logger="speccluster_ssh")
     cluster = SSHSpecCluster.from_inventory(inventory, n_workers=2, scheduler_options=NO_DASHBOARD_PORT)
     pids = pids_of(cluster)
+    # When node02's agent did not start, the log says why (pool.agent logs it).
+    if "node02" not in cluster.pool.agents:
+        cluster.close()
+        pytest.fail(f"node02's agent did not start:\n{caplog.text}")
     os.kill(int(cluster.pool.agents["node02"].facts["pid"]), signal.SIGKILL)
     cluster.close()
     warnings = [r for r in close_records(caplog) if " WARNING " in r and "node02" in r]

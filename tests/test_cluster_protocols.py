@@ -19,6 +19,7 @@ from speccluster_ssh import cluster_protocols as cp
 from speccluster_ssh.cluster import SSHSpecCluster
 from speccluster_ssh.healer import Healer
 from speccluster_ssh.operations import Operations
+from speccluster_ssh.powerctl import PowerKeeper
 from speccluster_ssh.reporting import Reports
 from speccluster_ssh.scaling import Capacity
 
@@ -27,6 +28,7 @@ PROTOCOL_OF = {
     "day2": cp.Day2Cluster,
     "healer": cp.HealerCluster,
     "operations": cp.OperationsCluster,
+    "powerctl": cp.PowerCluster,
     "reconcile": cp.ReconcileCluster,
     "reload": cp.ReloadCluster,
     "reporting": cp.ReportsCluster,
@@ -34,7 +36,8 @@ PROTOCOL_OF = {
     "sharing": cp.SharingCluster,
     "startup": cp.StartupCluster,
 }
-PARTS = {cp.HealerPart: Healer, cp.CapacityPart: Capacity, cp.LogKeeper: Reports, cp.OperationsLock: Operations}
+PARTS = {cp.HealerPart: Healer, cp.CapacityPart: Capacity, cp.LogKeeper: Reports, cp.OperationsLock: Operations,
+         cp.PowerPart: PowerKeeper}
 
 
 def own_members(protocol: type) -> set[str]:

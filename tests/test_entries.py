@@ -313,7 +313,7 @@ def test_local_scheduler_entry() -> None:
     assert entries.local_scheduler_entry(Scheduler, sec, 0, 8787, {"port": 9000}) == {
         "cls": Scheduler,
         "options": {
-            "host": "0.0.0.0", "port": 9000, "dashboard_address": "127.0.0.1:8787", "security": sec, "protocol": "tcp",
+            "host": "", "port": 9000, "dashboard_address": "127.0.0.1:8787", "security": sec, "protocol": "tcp",
         },
     }
 

@@ -53,6 +53,7 @@ from .hosts import HostTable
 from .inventory import HostSpec, Inventory, load_inventory
 from .placement import Target
 from .pool import AgentPool
+from .powerctl import PowerKeeper
 from .process import RemoteNanny, RemoteProcess, RemoteScheduler, RemoteWorker
 from .reporting import Reports
 from .scaling import Capacity, SSHAdaptive, UnknownMemoryError, to_bytes
@@ -184,6 +185,8 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         self.healer = Healer(self, self.pool, self.tasks)
         # Other clusters' leases on the hosts: fair waiting for slots, and yielding idle ones.
         self.lease_watcher = LeaseWatcher(self, self.pool)
+        # Wakes sleeping hosts when they are needed and powers idle woken ones off (speccluster_power_*).
+        self.power = PowerKeeper(self, self.pool, self.tasks)
         self._found_no_room = False  # an entry left the spec for lack of room: regrow looks again
         self.operations = operations.Operations(self)  # restart, drain, undrain and reload, one at a time
         sec, files = make_security(sc_config.get("tls") if security is None else security, self.cluster_id)
@@ -277,17 +280,23 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
 
     def next_entry(self) -> dict[str, Any] | None:
         """The next entry ``{name: spec}`` on a host with a free slot; ``None`` when there is none."""
-        entry, self._entry_counter = entries.next_entry(
-            self.entry_settings,
-            self.worker_hosts,
-            self.worker_spec,
-            self._entry_counter,
-            unavailable=self.unavailable_hosts(),
-            policy=self.placement_policy,
-            new_spec=self.new_spec,
-            limits=self.slot_limits(),
-        )
-        return entry
+        # Hosts that answer first; sleeping ones only when they have no room, one at a time.
+        for unavailable, wakes in self.power.placement_rounds(self.unavailable_hosts()):
+            entry, self._entry_counter = entries.next_entry(
+                self.entry_settings,
+                self.worker_hosts,
+                self.worker_spec,
+                self._entry_counter,
+                unavailable=unavailable,
+                policy=self.placement_policy,
+                new_spec=self.new_spec,
+                limits=self.slot_limits(),
+            )
+            if entry is not None:
+                if wakes is not None:
+                    self.healer.wake(f"an entry was placed on the sleeping host {wakes}")
+                return entry
+        return None
 
     def slot_limits(self) -> dict[str, int]:
         """Entries the cluster may have on each worker host beside other clusters (see :func:`sharing.slot_limits`)."""
@@ -448,6 +457,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
             self.healer.start()
         if self.status == Status.running:
             self.lease_watcher.start()
+            self.power.start()
 
     def _reconcile_in_background(self, why: str) -> None:
         """Start a reconcile as a task of the cluster (called in the event loop)."""
@@ -475,6 +485,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
             reconcile.stop_hosts(self, CLOSE_GRACE)
         await self.healer.stop()
         await self.lease_watcher.stop()
+        await self.power.stop()
         try:
             if whole:
                 adaptive = self.running_adaptive()

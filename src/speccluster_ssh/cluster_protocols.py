@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CapacityCluster", "CapacityPart", "Day2Cluster", "HealerCluster", "HealerPart", "LogKeeper", "OperationsCluster",
-    "OperationsLock", "ReconcileCluster", "ReloadCluster", "ReportsCluster", "SpecState", "StartupCluster",
+    "OperationsLock", "PowerCluster", "PowerPart", "ReconcileCluster", "ReloadCluster", "ReportsCluster", "SpecState",
+    "StartupCluster",
 ]
 
 
@@ -67,6 +68,12 @@ class LogKeeper(Protocol):
     """The reports (:class:`~speccluster_ssh.reporting.Reports`): they keep a gone process's logs."""
 
     def keep_logs(self, worker: Any) -> None: ...
+
+
+class PowerPart(Protocol):
+    """The power keeper (:class:`~speccluster_ssh.powerctl.PowerKeeper`), as the other modules use it."""
+
+    def report(self, name: str) -> dict[str, Any]: ...
 
 
 class OperationsLock(Protocol):
@@ -155,6 +162,8 @@ class ReportsCluster(SpecState, Protocol):
     def host_table(self) -> HostTable: ...
     @property
     def healer(self) -> HealerPart: ...
+    @property
+    def power(self) -> PowerPart: ...
     min_workers: int
 
     @property
@@ -243,3 +252,7 @@ class SharingCluster(SpecState, Protocol):
     def member_names_of(self, entry: str) -> list[str]: ...
     async def yield_workers(self, names: Sequence[str]) -> None: ...
     def running_adaptive(self) -> Any: ...
+
+
+class PowerCluster(OperationsCluster, Protocol):
+    """The cluster, as :mod:`speccluster_ssh.powerctl` uses it: it drains a host (:mod:`speccluster_ssh.operations`) before powering it off."""

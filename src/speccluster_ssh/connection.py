@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import shlex
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from . import timeline
+from . import families, timeline
+from .addresses import format_hostport
 from .errors import HostError, UserError
 from .inventory import HostSpec, JumpHop, parse_jump_list
 from .jump import JumpContext, JumpLease, JumpPool, expand_chain, login_options
@@ -230,6 +232,9 @@ class HostConnection:
             options["tunnel"] = self._lease.conn
             label = self._lease.label
         try:
+            if not chain:
+                # A dual-stack name: connect to the family that answers (see families.py).
+                options["sock"] = await self._first_answering(options, timeout)
             conn = await asyncio.wait_for(
                 asyncssh.connect(host.address, **options), timeout=timeout + 5
             )
@@ -239,6 +244,35 @@ class HostConnection:
                 raise self._failure(exc, checker, timeout, label) from exc
             raise
         return conn
+
+    async def _first_answering(self, options: dict[str, Any], timeout: float) -> socket.socket | None:
+        """A connected socket to the first of the host's addresses that answers, when they are of both families.
+
+        ``None`` leaves connecting to asyncssh (see
+        :func:`~speccluster_ssh.families.dual_stack_socket`). ssh_config's
+        ``HostName`` is what is resolved, when it gives one. An address family
+        the head has no route to at all is a :class:`HostError` with its fix.
+        """
+        from .jump import config_hostname
+
+        host = self.host
+        port = int(options.get("port") or host.port or 22)
+        address = config_hostname(options.get("config") or [], host.address, host.port, host.user)
+        try:
+            sock = await families.dual_stack_socket(host.name, address, port, timeout)
+        except families.NoRouteError as exc:
+            raise HostError(
+                host.name, str(exc),
+                fix=f"give the head an address and route of that family, or give {host.name} an ansible_host "
+                "of a family the head has",
+            ) from None
+        except TimeoutError:
+            raise HostError(host.name, f"did not answer within {timeout:g} s at {host.address}") from None
+        except OSError as exc:
+            raise HostError(host.name, f"cannot connect to {host.address}: {exc.strerror or exc}") from None
+        if sock is not None:
+            logger.info("%s answered at %s", host.name, sock.getpeername()[0])
+        return sock
 
     def _failure(self, exc: Exception, checker: Any, timeout: float, jumps: str) -> Exception:
         """The :class:`HostError` that says why connecting failed; other errors as they are."""
@@ -323,7 +357,7 @@ class HostConnection:
             return await self._conn.forward_local_port("127.0.0.1", 0, remote_host, remote_port)
         except OSError as exc:
             raise HostError(
-                self.host.name, f"cannot open an SSH forward to {remote_host}:{remote_port}: {exc.strerror or exc}"
+                self.host.name, f"cannot open an SSH forward to {format_hostport(remote_host, remote_port)}: {exc.strerror or exc}"
             ) from exc
 
     async def open_channel(self, argv: Sequence[str], shell_prefix: str | None = None) -> Channel:

@@ -19,6 +19,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .addresses import bracket, format_hostport, split_url, url
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -65,7 +66,19 @@ def dashboard_bind(address: str | None, port: int | str | None) -> str:
     """A scheduler's ``dashboard_address``: the host of ``address`` (default loopback) and its port, else ``port``."""
     host, own_port = split_dashboard_address(address or LOOPBACK)
     chosen = own_port if own_port is not None else port
-    return f"{_bracketed(host)}:{chosen if chosen is not None else LOCAL_PORT}"
+    return format_hostport(host, chosen if chosen is not None else LOCAL_PORT)
+
+
+def dask_dashboard_address(address: str) -> str | list[tuple[str, int]]:
+    """``address`` as dask's ``dashboard_address`` takes it: an IPv6 host as ``[(host, port)]``.
+
+    dask splits a string on ``":"``, so ``"[fd00::1]:8787"`` would fail
+    there; a list of ``(host, port)`` pairs is its other accepted form.
+    """
+    host, port = split_dashboard_address(address)
+    if ":" in host:
+        return [(host, port or 0)]
+    return address
 
 
 def is_loopback(host: str) -> bool:
@@ -108,15 +121,11 @@ def reach_host(dashboard_address: Any, fallback: str) -> str:
     return host if _any_as_empty(host) else fallback
 
 
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
 def hop_text(hop: JumpHop) -> str:
     """A jump hop as ``ssh -J`` takes it: ``[user@]address[:port]``."""
     user = f"{hop.user}@" if hop.user else ""
     port = f":{hop.port}" if hop.port else ""
-    return f"{user}{_bracketed(hop.address) if port else hop.address}{port}"
+    return f"{user}{bracket(hop.address) if port else hop.address}{port}"
 
 
 def tunnel_argv(
@@ -136,7 +145,7 @@ def tunnel_argv(
     port, jumps, key_file
         The target's SSH port (22 is left out), jump hops first to last, and key.
     """
-    argv = ["ssh", "-N", "-L", f"{local_port}:{_bracketed(remote_host)}:{remote_port}"]
+    argv = ["ssh", "-N", "-L", f"{local_port}:{format_hostport(remote_host, remote_port)}"]
     if jumps:
         argv += ["-J", ",".join(jumps)]
     if port and port != 22:
@@ -227,15 +236,15 @@ def cluster_link(scheduler: Any, default: str, *, remote: bool) -> str:
         return str(forwarded)
     if remote:
         port = scheduler.dashboard_port
-        host = scheduler.address.split("://")[-1].rsplit(":", 1)[0] if scheduler.address else "localhost"
+        host = split_url(scheduler.address)[1] if scheduler.address else "localhost"
         # Loopback only when the scheduler's host is the head: other hosts' are forwarded.
         host = reach_host(scheduler.options.get("dashboard_address"), host)
-        return f"http://{host}:{port}/status" if port else ""
+        return url("http", host, port, "/status") if port else ""
     # The head's scheduler: the address its dashboard listens on, unless that is every interface.
     http_server = getattr(scheduler, "http_server", None)
     host = reach_host(getattr(http_server, "address", None), "")
     if host and default:
         from distributed.utils import format_dashboard_link
 
-        return str(format_dashboard_link(host, http_server.port))
+        return str(format_dashboard_link(bracket(host), http_server.port))
     return default

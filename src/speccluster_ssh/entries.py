@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .dashboards import LOOPBACK, dashboard_bind
+from .dashboards import LOOPBACK, dashboard_bind, dask_dashboard_address
 from .errors import UserError
 from .inventory import HostSpec
 from .placement import choose_host, entry_gpus, group_suffixes, worker_options
@@ -482,9 +482,11 @@ def local_scheduler_entry(
         default the head's loopback.
     """
     local_options: dict[str, Any] = {
-        "host": "0.0.0.0",
+        # Every address of both families ("" binds one socket per family on one port): hosts
+        # reached over IPv6 connect to the head's IPv6 address. dask still advertises its IPv4 one.
+        "host": "",
         "port": int(port),
-        "dashboard_address": dashboard_bind(dashboard_address, dashboard_port),
+        "dashboard_address": dask_dashboard_address(dashboard_bind(dashboard_address, dashboard_port)),
         "security": security,
         "protocol": "tls" if security.require_encryption else "tcp",
     }

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from . import dashboards
+from .addresses import format_hostport, split_url, url
 from .process import RemoteScheduler
 
 if TYPE_CHECKING:
@@ -26,10 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 def split_address(address: str) -> tuple[str, str, int]:
-    """``tls://10.0.0.3:8786`` -> ``("tls", "10.0.0.3", 8786)``."""
-    protocol, _, rest = address.rpartition("://")
-    host, _, port = rest.rpartition(":")
-    return protocol or "tcp", host.strip("[]"), int(port)
+    """``tls://10.0.0.3:8786`` -> ``("tls", "10.0.0.3", 8786)``; ``tls://[fd00::3]:8786`` -> ``("tls", "fd00::3", 8786)``."""
+    return split_url(address)
 
 
 class SchedulerForwards:
@@ -60,14 +59,14 @@ class SchedulerForwards:
         self.listeners.append(listener)
         local = int(listener.get_port())
         self.ports[key] = local
-        logger.info("forwarding 127.0.0.1:%d on the head to %s:%d on %s", local, host, port, self.connection.host.name)
+        logger.info("forwarding 127.0.0.1:%d on the head to %s on %s", local, format_hostport(host, port), self.connection.host.name)
         return local
 
     async def forward(self, address: str) -> str:
         """The head's address for dask ``address`` (``tls://10.0.0.3:8786`` -> ``tls://127.0.0.1:<port>``)."""
         protocol, host, port = split_address(address)
         local = await self.forward_port(host, port)
-        return f"{protocol}://127.0.0.1:{local}"
+        return url(protocol, "127.0.0.1", local)
 
     async def close(self) -> None:
         """Stop listening; connections already carried end with the SSH connection."""

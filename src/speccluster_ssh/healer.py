@@ -234,8 +234,12 @@ class Healer:
             elif worker is not None:
                 view = replace(view, process=Process.RUNNING)
             views.append(view)
+        # A sleeping host is worth retrying (which wakes it) only when an entry waits for it.
+        power = getattr(self.pool, "power", None)  # a pool without a power keeper has no sleeping host
+        asleep = power.not_awake() if power is not None else set()
         return Snapshot(
-            hosts, frozenset(cluster.worker_hosts), tuple(views), cluster.status == Status.running, self._pass_retry_at
+            hosts, frozenset(cluster.worker_hosts) - asleep, tuple(views), cluster.status == Status.running,
+            self._pass_retry_at,
         )
 
     async def carry_out(self, action: Action) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncssh
 
+from . import families
 from .errors import HostError
 from .inventory import HostSpec, JumpHop, parse_jump_list
 from .inventory._jumps import MAX_CHAIN
@@ -46,6 +47,13 @@ def _ssh_config(paths: Sequence[str], host: str, port: int | None, user: str | N
         None, list(paths), False, False, False, local_user,
         user if user is not None else (), host, port if port is not None else (),
     )
+
+
+def config_hostname(paths: Sequence[str], host: str, port: int | None, user: str | None) -> str:
+    """The address ssh_config ``paths`` send ``host`` to: its ``HostName``, else ``host`` itself."""
+    if not paths:
+        return host
+    return str(_ssh_config(paths, host, port, user).get("Hostname", host))
 
 
 def config_jumps(paths: Sequence[str], host: str, port: int | None, user: str | None) -> tuple[JumpHop, ...] | None:
@@ -270,7 +278,12 @@ class JumpPool:
             return HostError(host.name, f"cannot connect through jump host {hop.label} ({address}): {reason}")
 
         try:
+            if parent is None:
+                # A dual-stack first hop: connect to the family that answers (see families.py).
+                options["sock"] = await families.dual_stack_socket(hop.label, address, port, timeout)
             conn = await asyncio.wait_for(asyncssh.connect(hop.address, **options), timeout + 5)
+        except families.NoRouteError as exc:
+            raise fail(str(exc)) from exc
         except (asyncio.TimeoutError, TimeoutError) as exc:
             raise fail(f"it did not answer within {timeout:g} s") from exc
         except asyncssh.HostKeyNotVerifiable as exc:

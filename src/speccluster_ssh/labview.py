@@ -96,6 +96,8 @@ class HostView:
     wants: tuple[Lease, ...] = ()
     error: str = ""
     fix: str = ""
+    # Of a host that sleeps (speccluster_power_on or _off): "asleep" when it did not answer, "on" when it did.
+    power: str = ""
 
 
 # -- pure: rows and JSON ---------------------------------------------------------------------------
@@ -123,11 +125,14 @@ def inventory_capacity(host: HostSpec, facts: Mapping[str, Any] | None = None) -
 
 def host_view(host: HostSpec, survey: HostSurvey) -> HostView:
     """The row of one host: capacity from the inventory and facts, free after every live lease, holders, wants."""
+    sleeps = host.power_on is not None or host.power_off is not None
     if not survey.reached:
-        return HostView(host.name, False, None, None, error=survey.error, fix=survey.fix)
+        # A survey never wakes a host: one that may be asleep is said to be.
+        power = "asleep" if host.power_on is not None and not survey.fix else ""
+        return HostView(host.name, False, None, None, error=survey.error, fix=survey.fix, power=power)
     capacity = inventory_capacity(host, survey.facts)
     if survey.leases is None:
-        return HostView(host.name, True, capacity, None, error=survey.error, fix=survey.fix)
+        return HostView(host.name, True, capacity, None, error=survey.error, fix=survey.fix, power="on" if sleeps else "")
     # Capacity is counted per inventory name (see agent/lease_records.py): one machine under two names is two hosts.
     leases = [lease for lease in survey.leases if lease.host == host.name]
     by_time = sorted(leases, key=lambda lease: (lease.since, lease.cluster, lease.lease_id))
@@ -135,7 +140,7 @@ def host_view(host: HostSpec, survey: HostSurvey) -> HostView:
         host.name, True, capacity, free_capacity(capacity, leases, cluster=""),
         holders=tuple(lease for lease in by_time if lease.held),
         wants=tuple(lease for lease in by_time if not lease.held),
-        error=survey.error, fix=survey.fix,
+        error=survey.error, fix=survey.fix, power="on" if sleeps else "",
     )
 
 
@@ -188,6 +193,7 @@ def view_json(view: HostView) -> dict[str, Any]:
         "free": amount_json(view.free),
         "holders": [lease_json(lease) for lease in view.holders],
         "wants": [lease_json(lease) for lease in view.wants],
+        "power": view.power,
     }
 
 
@@ -258,7 +264,7 @@ def table_rows(views: Iterable[HostView], now: float) -> list[tuple[str, ...]]:
         first = (view.host, amount_text(view.capacity), amount_text(view.free))
         blank = ("", "", "")
         if not view.reached:
-            rows.append((*first, "", "", "", "", "", "not reached"))
+            rows.append((*first, "", "", "", "", "", "asleep" if view.power == "asleep" else "not reached"))
             continue
         if view.free is None:
             rows.append((*first, "", "", "", "", "", "leases unknown"))
@@ -281,6 +287,8 @@ def problem_lines(views: Iterable[HostView]) -> list[str]:
     for view in views:
         if view.error:
             what = "not reached" if not view.reached else "leases not read"
+            if view.power == "asleep":
+                what = "asleep (its power-on command wakes it when a cluster needs it), not reached"
             lines.append(f"{view.host}: {what}: {view.error}" + (f"; fix: {view.fix}" if view.fix else ""))
     return lines
 

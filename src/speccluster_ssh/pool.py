@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import dask.config
 
-from . import config, timeline
+from . import config, families, timeline
+from .addresses import url
 from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
 from .entries import HEAD_ONLY_CONFIG, forwarded_dask_config
@@ -33,6 +34,16 @@ from .shipping import Wheelhouses, ensure_environment, env_lock_of, inspect_envi
 from .tasks import TaskSet, log_failures
 
 logger = logging.getLogger("speccluster_ssh.process")  # the messages users know from the process log
+
+
+class HostWaker(Protocol):
+    """What the pool asks of the cluster's power keeper (:class:`~speccluster_ssh.powerctl.PowerKeeper`)."""
+
+    async def reach(self, name: str) -> None:
+        """Make sure host ``name`` answers SSH, waking it when it sleeps; raise ``HostError`` when it cannot."""
+
+    def not_awake(self) -> set[str]:
+        """The hosts asleep or waking."""
 
 
 def same_release(a: str, b: str) -> bool:
@@ -95,6 +106,8 @@ class AgentPool:
         self._probe_server: asyncio.AbstractServer | None = None
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
+        # Wakes a sleeping host before its agent starts (speccluster_power_on); the cluster sets it.
+        self.power: HostWaker | None = None
         # speccluster_environment: head: the wheels, gathered once per fingerprint for every host;
         # what each host's environment is doing while its agent waits (shown by up's progress).
         self.wheelhouses = Wheelhouses()
@@ -146,6 +159,8 @@ class AgentPool:
             agent = await asyncio.shield(task)
         except HostError as exc:
             if self._first_to_record(name, task):  # one failed start is one failure, however many waited
+                # Said once here, so a host that later looks merely "moved" or "down" has its cause in the log.
+                logger.info("host %s: the agent did not start: %s", name, exc.reason)
                 self.table.mark_lost(name, exc.reason, fix=exc.fix, tail=exc.tail)
             raise
         if self._first_to_record(name, task):
@@ -204,6 +219,8 @@ class AgentPool:
                 probe.set_result(result)
 
         try:
+            if self.power is not None:
+                await self.power.reach(name)  # a host that sleeps is woken first
             # A host that runs the head's environment gets it first (shipped and built when missing).
             python = await self._environment(name) if self.table.specs[name].environment == "head" else None
             port = await self._probe_port() if probe is not None and self.agent_probes else None
@@ -283,7 +300,8 @@ class AgentPool:
     async def _probe_port(self) -> int:
         """The port of the head's stand-in listener that agents' reach probes connect to."""
         if self._probe_server is None:
-            self._probe_server = await asyncio.start_server(lambda r, w: w.close(), host="0.0.0.0", port=0)
+            # Both families on one port: a host reached over IPv6 probes the head over IPv6.
+            self._probe_server = await asyncio.start_server(lambda r, w: w.close(), sock=families.listen_socket())
         return int(self._probe_server.sockets[0].getsockname()[1])
 
     async def stop_probing(self) -> None:
@@ -328,9 +346,7 @@ class AgentPool:
         address = self.head_address_for(name)
         if not address:
             return None
-        if ":" in address:
-            address = f"[{address}]"
-        return f"{protocol}://{address}:{port}"
+        return url(protocol, address, port)
 
     def stop_agents(self, names: Iterable[str]) -> None:
         """Begin shutting down the agents of hosts ``names`` (and every process they run); :meth:`close` awaits it.

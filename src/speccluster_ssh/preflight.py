@@ -15,6 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from .addresses import family, family_name
 from .errors import HostError
 from .reach import ReachChoice, ReachProbe, choose_reach, peer_problem, probe_reach, reach_setting
 from .tasks import log_failures
@@ -51,6 +52,8 @@ def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[
         cpus, memory, free disk, whether the host reaches the head), and how
         the head reached it: ``via`` (the jump hosts as named, ``None`` when
         direct) and ``reach`` (``direct`` or ``through jump host NAME``);
+        ``family``, ``"IPv4"`` or ``"IPv6"``: the address family the host was
+        reached over, which its workers listen on;
         ``reaches_peers`` (whether it can open a connection to a port every
         other host listens on, as dask workers do) and ``unreached_peers``;
         ``capacity``, ``free``, ``holders`` and ``wants`` as ``hosts --json``
@@ -104,6 +107,9 @@ def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[
             # How the head reached the host: directly, or over which jump hosts (as named).
             via = pool.connection(name).via
             row.update(via=via, reach=f"through jump host {via}" if via else "direct")
+            # The family of the host's end of the SSH link: its workers listen and are reached there.
+            listen = str(facts.get("listen_address") or "")
+            row["family"] = family_name(family(listen)) if family(listen) else None
             problems: list[str] = []
             warnings: list[str] = []
             version = str(facts.get("python_version", ""))

@@ -21,6 +21,7 @@ from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
 from . import timeline
+from .addresses import bracket
 from .agent import HostAgent
 from .distributed_internals import set_finished
 from .errors import HostError
@@ -336,7 +337,7 @@ class RemoteProcess(ProcessInterface):
         if "host" not in options and "interface" not in options:
             listen = agent.facts.get("listen_address")
             if listen:
-                options["host"] = listen
+                options["host"] = bracket(listen)  # dask reads an unbracketed IPv6 host as host:port
         return options
 
     def _start_request(self, member: str, agent: HostAgent, pool: AgentPool, scheduler: str | None) -> dict[str, Any]:

@@ -32,7 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import timeline
+from . import families, timeline
+from .addresses import format_hostport
 from .errors import HostError, UserError
 from .pool import AgentPool
 from .tasks import log_failures
@@ -71,7 +72,11 @@ CONNECT_PROBE = (
 # connections until its stdin closes or LISTEN_LIFETIME seconds have passed.
 LISTEN_PROBE = (
     "import select, socket, sys, time\n"
-    "s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(64)\n"
+    "try:\n"
+    "    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(('::', 0))\n"
+    "except OSError:\n"
+    "    s = socket.socket(); s.bind(('0.0.0.0', 0))\n"
+    "s.listen(64)\n"
     "print(s.getsockname()[1], flush=True)\n"
     "end = time.monotonic() + float(sys.argv[1])\n"
     "while time.monotonic() < end:\n"
@@ -318,7 +323,7 @@ def _python(host: HostSpec) -> str:
 
 
 def _target(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return format_hostport(address, port)
 
 
 async def connect_from(pool: AgentPool, name: str, targets: Sequence[str]) -> dict[str, str] | None:
@@ -471,7 +476,8 @@ async def probe_by_channels(
     listener: asyncio.AbstractServer | None = None
     if head_port is None:
         # A stand-in for the scheduler's port: can each host open a connection to the head?
-        listener = await asyncio.start_server(lambda r, w: w.close(), host="0.0.0.0", port=0)
+        # Both families on one port: a host reached over IPv6 probes the head over IPv6.
+        listener = await asyncio.start_server(lambda r, w: w.close(), sock=families.listen_socket())
         head_port = int(listener.sockets[0].getsockname()[1])
     try:
         async def to_head(name: str) -> None:

@@ -67,7 +67,11 @@ class Reports:
                 "slots_used": used.get(name, 0),
                 **cluster.host_table.states[name].as_dict(),
                 **others_on(cluster.host_table.leases.get(name, ()), name, cluster.cluster_id),
+                **cluster.power.report(name),  # asleep, waking, awake (woken) or on; "" for a host that never sleeps
             }
+            if hosts[name]["power"] in ("asleep", "waking") and hosts[name]["state"] in ("up", "new"):
+                # Its agent is gone with it (or never started): the host is not up, it sleeps.
+                hosts[name]["state"] = hosts[name]["power"]
         healer = cluster.healer
         for key, spec in cluster.worker_spec.items():
             host = spec["options"].get("host")
@@ -167,6 +171,8 @@ def summarize(hosts: dict[str, Any], workers: list[dict[str, Any]], min_workers:
     return {
         "hosts": len(hosts),
         "hosts_up": sum(1 for h in hosts.values() if h.get("state") == "up"),
+        # Hosts that sleep (asleep or waking, speccluster_power_on): missing on purpose, woken when needed.
+        "hosts_asleep": sum(1 for h in hosts.values() if h.get("power") in ("asleep", "waking")),
         "workers_wanted": len(workers),
         "workers_running": running,
         "min_workers": min_workers,
@@ -178,8 +184,9 @@ def summarize(hosts: dict[str, Any], workers: list[dict[str, Any]], min_workers:
 
 def summary_line(summary: dict[str, Any]) -> str:
     """One line, e.g. ``3 of 4 hosts up, 6 of 8 workers; h3 down: cannot connect (retrying)``."""
+    asleep = f" ({summary['hosts_asleep']} asleep)" if summary.get("hosts_asleep") else ""
     line = (
-        f"{summary['hosts_up']} of {summary['hosts']} hosts up, "
+        f"{summary['hosts_up']} of {summary['hosts']} hosts up{asleep}, "
         f"{summary['workers_running']} of {summary['workers_wanted']} workers"
     )
     parts = []

@@ -24,6 +24,7 @@ from distributed.scheduler import Scheduler
 
 from . import config as sc_config
 from . import entries, reach, timeline
+from .addresses import split_url
 from .connection import ConnectSettings
 from .errors import HostError, StartError, UserError
 from .forwards import DashboardForwardedScheduler, ForwardedScheduler
@@ -172,8 +173,8 @@ async def start(
         raise
     if isinstance(cluster.scheduler, Scheduler) and cluster.given_scheduler_address is None:
         # Each host finds the head's scheduler at the local end of its own SSH connection.
-        protocol, _, rest = cluster.scheduler.address.partition("://")
-        cluster.pool.head_scheduler = (protocol, int(rest.rsplit(":", 1)[1]))
+        protocol, _, port = split_url(cluster.scheduler.address)
+        cluster.pool.head_scheduler = (protocol, port)
     await wait_for_min_workers(cluster, close)
 
 

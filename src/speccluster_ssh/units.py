@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 
 from dask.utils import format_bytes as _dask_format_bytes
 
-__all__ = ["BYTE_UNITS", "format_bytes", "parse_bytes"]
+__all__ = ["BYTE_UNITS", "DURATION_UNITS", "format_bytes", "parse_bytes", "parse_duration"]
 
 #: Multipliers of the accepted unit suffixes, keyed in lower case.  Decimal
 #: prefixes (kB, MB, ...) are powers of 1000 and binary prefixes (KiB, MiB,
@@ -126,3 +126,58 @@ def format_bytes(n: int) -> str:
         For example ``"4.00 GiB"`` or ``"123 B"``.
     """
     return _dask_format_bytes(int(n))
+
+
+#: Seconds in each duration unit :func:`parse_duration` accepts, keyed in lower case.
+DURATION_UNITS: dict[str, float] = {
+    "": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 7 * 86400, "week": 7 * 86400, "weeks": 7 * 86400,
+}
+
+_DURATION_RE = re.compile(r"^\s*(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[a-zA-Z]*)\s*$")
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Convert a duration to seconds: ``30``, ``"90s"``, ``"30min"``, ``"2h"``, ``"1d"``.
+
+    Parameters
+    ----------
+    value
+        A number of seconds, or a string of a number and an optional unit
+        (s, min or m, h, d, w, and their long names).
+
+    Returns
+    -------
+    float
+        Seconds, 0 or more.
+
+    Raises
+    ------
+    ValueError
+        For a negative, non-finite or unreadable value, or an unknown unit.
+
+    Examples
+    --------
+    >>> parse_duration("30min")
+    1800.0
+    >>> parse_duration(45)
+    45.0
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as '30min', got {value!r}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"a duration must be a finite number of seconds, 0 or more, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration such as '30min', got {value!r}")
+    match = _DURATION_RE.match(value)
+    if match is None:
+        raise ValueError(f"expected a duration such as '30min', '2h' or 90, got {value!r}")
+    unit = match.group("unit").lower()
+    if unit not in DURATION_UNITS:
+        raise ValueError(f"unknown duration unit {match.group('unit')!r} in {value!r}; use s, min, h, d or w")
+    return float(match.group("number")) * DURATION_UNITS[unit]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+from ..addresses import format_hostport
 from ..connection import Channel, HostConnection
 from ..errors import HostError
 from ..inventory import HostSpec
@@ -197,7 +198,7 @@ class HostAgent(LeaseRequests):
             config.update(worker_class=self.host.worker_class_path, pythonpath=self.host.env.get("PYTHONPATH"))
         head = self.connection.local_address
         if self.probe_port is not None and head:
-            config["probe"] = {"head": f"[{head}]:{self.probe_port}" if ":" in head else f"{head}:{self.probe_port}",
+            config["probe"] = {"head": format_hostport(head, self.probe_port),
                                "timeout": PROBE_CONNECT_TIMEOUT}  # fmt: skip
         channel.write(agent_payload(config))
         hello = _parse(await self._first_line(channel, timeout))
@@ -245,7 +246,7 @@ class HostAgent(LeaseRequests):
     async def _probed(self, message: dict[str, Any]) -> dict[str, str]:
         """The agent's reach probe: connect back to the port it opened; both directions, ``""`` where it worked."""
         port, address = message.get("port"), str(message.get("address") or self.host.address)
-        target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        target = format_hostport(address, str(port))
         from_head = ""
         if not port:
             from_head = "no probe listener could be started there"

@@ -145,6 +145,31 @@ def _pin_to_cpus(cpus: list[int] | None) -> None:
     os.sched_setaffinity(0, cpus)
 
 
+def _interface_host(options: dict[str, Any]) -> None:
+    """An ``interface`` with IPv6 addresses only becomes ``host`` (bracketed): dask's own lookup is IPv4 only.
+
+    Link-local addresses (``fe80::/10``) are left out: they need a zone and
+    other hosts cannot use them as they are. An interface with an IPv4
+    address, or none at all, stays for dask to read (and to explain).
+    """
+    name = options.get("interface")
+    if not name or "host" in options:
+        return
+    import ipaddress
+    import socket as _socket
+
+    import psutil
+
+    found = psutil.net_if_addrs().get(str(name), [])
+    if any(a.family == _socket.AF_INET for a in found):
+        return
+    usable = [a.address.split("%", 1)[0] for a in found if a.family == _socket.AF_INET6]
+    usable = [a for a in usable if not ipaddress.ip_address(a).is_link_local]
+    if usable:
+        options.pop("interface")
+        options["host"] = f"[{usable[0]}]"
+
+
 def _addresses(server: Any) -> tuple[str | None, str | None]:
     """The server's own address and that of the dask worker it runs (the same for a bare worker)."""
     from distributed import Nanny, Worker
@@ -211,6 +236,12 @@ def _run_child(request: dict[str, Any], status_fd: int, log_path: str, where: tu
             _use_scratch(role, options, where, report)
         # First, so that every thread of the server and the worker a nanny forks inherit it.
         _pin_to_cpus(host_vars.get("cpu_affinity"))
+        _interface_host(options)
+        dashboard = options.get("dashboard_address")
+        if isinstance(dashboard, str) and dashboard.startswith("["):
+            # dask splits the string on ":": an IPv6 host goes as a (host, port) pair.
+            host, _, port = dashboard.rpartition(":")
+            options["dashboard_address"] = [(host.strip("[]"), int(port or 0))]
         if role == "scheduler":
             server = Scheduler(**options)
         elif worker_class:

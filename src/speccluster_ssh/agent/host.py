@@ -244,8 +244,16 @@ def _reach_probe(config: dict[str, Any]) -> socket.socket | None:
         message["to_head"] = f"cannot reach the head at {target}: {why}"
     listener = None
     try:
-        listener = socket.socket()
-        listener.bind(("0.0.0.0", 0))
+        try:
+            # One port for both families: the head tries the address it reached us at, of either.
+            listener = socket.socket(socket.AF_INET6)
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind(("::", 0))
+        except OSError:
+            if listener is not None:
+                listener.close()
+            listener = socket.socket()
+            listener.bind(("0.0.0.0", 0))
         listener.listen(64)
         message["port"] = listener.getsockname()[1]
     except OSError as exc:

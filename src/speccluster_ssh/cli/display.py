@@ -173,9 +173,11 @@ def _render_status(report: Mapping[str, Any]) -> None:
     for line in lines:
         click.echo(line)
     hosts = report.get("hosts", {})
+    power = any(v.get("power_label") for v in hosts.values())  # a column only where hosts sleep
     console.print(_table(
-        ("host", "address", "state", "slots used", "reason"),
+        ("host", "address", "state", *(("power",) if power else ()), "slots used", "reason"),
         [(h, v.get("address"), f"{v.get('state')}, drained" if v.get("drained") else v.get("state"),
+          *((v.get("power_label") or "-",) if power else ()),
           f"{v.get('slots_used')}/{v.get('slots')}",
           "; ".join(filter(None, (f"drained: {v['drained']}" if v.get("drained") else "", v.get("reason") or "")))
           + (f"; fix: {v['fix']}" if v.get("fix") else ""))

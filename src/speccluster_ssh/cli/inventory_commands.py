@@ -250,6 +250,13 @@ def check(
         if choice is not None:
             where = f"on {choice.scheduler_host}" if choice.scheduler_host else "on the head"
             click.echo(f"up would run the scheduler {where}, mode {choice.mode}: {choice.why}")
+        by_family: dict[str, list[str]] = {}
+        for r in rows:
+            if r.get("family"):
+                by_family.setdefault(r["family"], []).append(r["host"])
+        if by_family:
+            # Which family the hosts answered over, and so the one their workers will use.
+            click.echo("address family: " + "; ".join(f"{fam} ({', '.join(names)})" for fam, names in sorted(by_family.items())))
         for r in rows:
             if r.get("unreached_peers"):
                 click.echo(f"{r['host']}: {r['problems'][0]}")

@@ -32,8 +32,9 @@ def hosts(
     leases every user's clusters hold there, and stops again. Capacity is
     what INVENTORY gives a host; free is that minus every live lease. Each
     holder shows its user, cluster, head host, what it holds, since when,
-    and whether its workers are busy or idle. Exit status 1 when a host
-    could not be reached or its leases not read.
+    and whether its workers are busy or idle. A host with a power-on command
+    that does not answer is shown asleep (the survey never wakes it). Exit
+    status 1 when another host could not be reached or its leases not read.
 
     \b
     Example:
@@ -48,7 +49,8 @@ def hosts(
         _echo_json(lab_json(views))
     else:
         print_lab(views, f"{len(views)} hosts of {inventory}")
-    if any(view.error or not view.reached for view in views):
+    # A host asleep is no failure: a cluster that needs it wakes it.
+    if any((view.error or not view.reached) and view.power != "asleep" for view in views):
         _exit(1)
 
 

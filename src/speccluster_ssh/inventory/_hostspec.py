@@ -301,6 +301,8 @@ def resolve_host(
                 origin,
             ) from None
 
+    _check_power_placeholders(name, spec, variables, var_origin)
+
     # --- ansible connection variables ----------------------------------------
     found = _last(variables, "ansible_host", "ansible_ssh_host")
     address = _connection_str(name, found[0], found[1], var_origin(found[0])) if found else name
@@ -433,3 +435,23 @@ def _ssh_args(name: str, var: str, variables: Mapping[str, Any], var_origin: Any
         f"; write e.g. '-o ProxyJump=bastion'",
         var_origin(var),
     )
+
+
+def _check_power_placeholders(
+    name: str, spec: Mapping[str, Any], variables: Mapping[str, Any], var_origin: Any
+) -> None:
+    """Every ``{variable}`` of the host's power commands names a plain value the host has."""
+    from ..power import PlaceholderError, fill_command  # pure, imports nothing of the package
+
+    for var in ("speccluster_power_on", "speccluster_power_off"):
+        if spec.get(var) is None:
+            continue
+        try:
+            fill_command(spec[var], variables, name)
+        except PlaceholderError as exc:
+            raise InventoryError(
+                f"{var} on host {name} uses {{{exc.variable}}}, but {exc.variable} "
+                + ("is not set for that host" if "not set" in exc.why else "is not a string or a number there")
+                + f"; set {exc.variable} for {name} (on its line or in host_vars/{name}.yml)",
+                var_origin(var),
+            ) from None

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from ..addresses import split_hostport
+
 __all__ = ["JumpHop", "JumpTarget", "parse_hop", "parse_jump_list", "jumps_from_args", "resolve_jump_chain"]
 
 MAX_CHAIN = 8
@@ -60,24 +62,12 @@ def parse_hop(text: str) -> JumpHop:
     if "@" in rest:
         user, rest = rest.rsplit("@", 1)
         user = user or None
-    port: int | None = None
-    if rest.startswith("["):
-        host, sep, tail = rest[1:].partition("]")
-        if not sep:
-            raise ValueError(f"jump host {text!r} has an unclosed '['")
-        port_text = tail[1:] if tail.startswith(":") else ("" if not tail else None)
-        if port_text is None:
-            raise ValueError(f"jump host {text!r} has text after ']' that is not :port")
-    elif rest.count(":") == 1:
-        host, port_text = rest.split(":")
-    else:
-        host, port_text = rest, ""
-    if port_text:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise ValueError(f"jump host {text!r} has port {port_text!r}, not a number from 1 to 65535")
-        port = int(port_text)
-    if not host:
-        raise ValueError(f"jump host {text!r} names no host")
+    try:
+        host, port = split_hostport(rest)
+    except ValueError as exc:
+        raise ValueError(f"jump host {exc}") from None
+    if port == 0:
+        raise ValueError(f"jump host {text!r} has port 0, not a number from 1 to 65535")
     return JumpHop(label=text.strip(), address=host, port=port, user=user)
 
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ..units import parse_bytes
+from ..units import parse_bytes, parse_duration
 
 __all__ = [
     "PREFIX",
@@ -419,6 +419,40 @@ def cpu_list(value: Any) -> tuple[int, ...] | None:
     return tuple(sorted(cpus))
 
 
+def power_command(value: Any) -> tuple[str, ...] | None:
+    """Validate a power command: null, or a list of arguments (strings or numbers), run without a shell."""
+    if value is None:
+        return None
+    expected = "a list of arguments (the command runs without a shell)"
+    fix = "write e.g. [wakeonlan, '{speccluster_mac}'] or [ipmitool, -H, '{bmc_host}', chassis, power, 'on']"
+    if not isinstance(value, list) or not value:
+        raise BadValue(expected, fix)
+    argv: list[str] = []
+    for item in value:
+        if isinstance(item, bool):
+            # YAML reads a bare on, off, yes or no as a boolean.
+            raise BadValue(expected + f" (an argument is the boolean {item!r})", "quote on, off, yes and no: 'on'")
+        if not isinstance(item, (str, int, float)) or str(item) == "":
+            raise BadValue(expected + f" (bad argument {item!r})", fix)
+        argv.append(str(item))
+    if argv[0] == "ssh" and len(argv) < 2:
+        raise BadValue(expected + " ([ssh] alone runs nothing)", "write e.g. [ssh, sudo, systemctl, suspend]")
+    return tuple(argv)
+
+
+def optional_duration(value: Any) -> float | None:
+    """Validate null or a duration (``30min``, ``2h``, a number of seconds) greater than 0; returned in seconds."""
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise BadValue("a duration greater than 0, or null", "write e.g. 30min, 2h or 600")
+    return seconds
+
+
 #: Every variable speccluster-ssh reads from an inventory: name -> (validator, default, doc, request, compare).
 SPECCLUSTER_VARS: dict[str, VarSpec] = {
     "speccluster_nworkers": VarSpec(
@@ -528,6 +562,36 @@ SPECCLUSTER_VARS: dict[str, VarSpec] = {
         log_retention, 300.0,
         "Seconds an adaptive cluster's idle workers above its minimum are kept while another user waits for "
         "the host's slots, before they are retired and the slots given back: a number, or e.g. '5m'.",
+        compare=False,
+    ),
+    "speccluster_power_on": VarSpec(
+        power_command, None,
+        "Command run on the head, without a shell, that switches the host on when it does not answer and the "
+        "cluster needs it, e.g. [wakeonlan, '{speccluster_mac}']; {name} is filled from the host's variables.",
+        compare=False,
+    ),
+    "speccluster_power_off": VarSpec(
+        power_command, None,
+        "Command that puts the host to sleep after speccluster_idle_poweroff: run on the head, or on the host "
+        "over the cluster's connection when it starts with ssh (e.g. [ssh, sudo, systemctl, suspend]).",
+        compare=False,
+    ),
+    "speccluster_boot_timeout": VarSpec(
+        positive_number, 300.0, "Seconds a host gets to answer SSH after its power-on command.", compare=False
+    ),
+    "speccluster_idle_poweroff": VarSpec(
+        optional_duration, None,
+        "Power the host off (speccluster_power_off) after this long with no workers of any cluster on it, "
+        "e.g. 30min; null never does.",
+        compare=False,
+    ),
+    "speccluster_power_manage": VarSpec(
+        _choice("woken", "always"), "woken",
+        "Which hosts speccluster_idle_poweroff powers off: 'woken' (only those this cluster woke) or 'always'.",
+        compare=False,
+    ),
+    "speccluster_mac": VarSpec(
+        optional_str, None, "The host's MAC address, for a power-on command such as [wakeonlan, '{speccluster_mac}'].",
         compare=False,
     ),
     "speccluster_environment": VarSpec(
