@@ -22,12 +22,15 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.utils import canonicalize_name
 
 from . import wheelbuild
 from .errors import UserError
@@ -56,14 +59,21 @@ __all__ = [
     "default_cache_dir",
     "describe_need",
     "fingerprint",
+    "prune_cache",
     "resolve_pins",
 ]
 
+logger = logging.getLogger(__name__)
+
 ROOTS = ("distributed", "dask")
 # Never shipped as dependencies: this package runs on the head only, and the host's venv brings its own pip.
-HEAD_ONLY = frozenset({"speccluster-ssh", "pip", "setuptools", "wheel"})
+# (setuptools and wheel are never walked to unless a package requires them, and then the host needs them too.)
+HEAD_ONLY = frozenset({"speccluster-ssh", "pip"})
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+MAX_UNUSED = 30 * 86400.0  # seconds a wheelhouse of the head's cache is kept unused
+_STALE = 86400.0  # a scratch directory this old belongs to a build that died
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,23 @@ class EnvTarget:
         """The head's own platform."""
         return cls(f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine(),
                    " ".join(part for part in platform.libc_ver() if part))
+
+    @classmethod
+    def parse(cls, python: str, machine: str, libc: str | Iterable[str] = "") -> EnvTarget:
+        """A target from what a host reports, in the spelling :meth:`of_head` uses.
+
+        Parameters
+        ----------
+        python
+            ``platform.python_version()`` (``"3.11.7"``) or the minor (``"3.11"``).
+        machine
+            ``platform.machine()``.
+        libc
+            ``platform.libc_ver()`` as a pair (``("glibc", "2.36")``) or joined by a space.
+        """
+        minor = ".".join(str(python).strip().split(".")[:2])
+        parts = libc.split() if isinstance(libc, str) else [str(part) for part in libc]
+        return cls(minor, str(machine).strip(), " ".join(part for part in parts if part))
 
     def describe(self) -> str:
         """E.g. ``python 3.11 on x86_64 (glibc 2.36)``."""
@@ -266,7 +293,7 @@ def resolve_pins(request: EnvRequest, target: EnvTarget) -> tuple[str, ...]:
     while todo:
         req, dependency = todo.pop()
         name = canonicalize_name(req.name)
-        if not _applies(req, env, ()) or (dependency and name in HEAD_ONLY and name not in ROOTS):
+        if not _applies(req, env, ()) or (dependency and name in HEAD_ONLY):
             continue
         dist = _installed(name)
         if dist is None or not req.specifier.contains(dist.version, prereleases=True):
@@ -367,9 +394,14 @@ def _load(directory: Path, fp: str) -> Wheelhouse | None:
             if info.st_size != item["size"] or _checked_sha256(path, info.st_size, info.st_mtime_ns) != item["sha256"]:
                 raise _Broken(f"{path} does not match the sha256 or size of {MANIFEST}")
             wheels.append(WheelFile(item["filename"], item["sha256"], item["size"], path))
-        return Wheelhouse(fp, target, tuple(manifest["pins"]), tuple(wheels))
+        house = Wheelhouse(fp, target, tuple(manifest["pins"]), tuple(wheels))
     except (KeyError, TypeError) as exc:
         raise _Broken(f"{directory / MANIFEST} lacks {exc}") from None
+    try:
+        os.utime(directory)  # its last use, for prune_cache
+    except OSError:
+        pass  # a read-only cache still serves
+    return house
 
 
 class _Locked:
@@ -379,13 +411,28 @@ class _Locked:
         self.path = path
         self.fd = -1
 
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock, waiting for it unless not ``blocking``; whether it was taken."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        """Let go of the lock (closing the file drops it)."""
+        fd, self.fd = self.fd, -1
+        os.close(fd)
+
     def __enter__(self) -> _Locked:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)  # blocks while another builds the same fingerprint
+        self.acquire()  # blocks while another builds the same fingerprint
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)  # closing drops the lock
+        self.release()
 
 
 def _discard(path: Path) -> None:
@@ -397,59 +444,6 @@ def _discard(path: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _exact_pin(pin: str) -> tuple[str, str] | None:
-    name, sep, version = pin.partition("==")
-    return (name, version) if sep and not any(c in version for c in "=<>!~,; ") else None
-
-
-def _gather(pins: tuple[str, ...], target: EnvTarget, dest: Path, made: dict[str, str]) -> tuple[str, ...]:
-    """Put the wheels of ``pins`` into ``dest``; return the final pins (loose requirements become exact)."""
-    same = target == EnvTarget.of_head()
-    platform_args = None if same else (target.python, target.machine, target.libc)
-    exact: dict[str, str] = {}
-    loose: list[str] = []
-    need_pip: list[str] = []
-    for pin in pins:
-        parsed = _exact_pin(pin)
-        if parsed is None:
-            loose.append(pin)
-            continue
-        name, version = parsed
-        exact[canonicalize_name(name)] = pin
-        dist = _installed(name)
-        if dist is not None and dist.version == version and (same or wheelbuild.is_pure(wheelbuild.installed_tags(dist))):
-            try:
-                made[wheelbuild.repack(dist, dest).name] = "repacked"
-                continue
-            except wheelbuild.CannotRepack:
-                pass  # pip fetches it instead
-        need_pip.append(pin)
-    if need_pip:
-        before = set(os.listdir(dest))
-        wheelbuild.pip_download(
-            wheelbuild.pip_download_argv(sys.executable, dest, need_pip, platform_args),
-            f"{len(need_pip)} wheels for {target.describe()} ({', '.join(need_pip[:3])}{', ...' if len(need_pip) > 3 else ''})",
-        )
-        made.update({name: "pip" for name in set(os.listdir(dest)) - before})
-    if loose:
-        with tempfile.TemporaryDirectory(prefix=".loose-", dir=dest.parent) as scratch:
-            constraints = Path(scratch) / "constraints.txt"
-            constraints.write_text("".join(pin + "\n" for pin in exact.values()))
-            download = Path(scratch) / "wheels"
-            wheelbuild.pip_download(
-                wheelbuild.pip_download_argv(sys.executable, download, loose, platform_args, no_deps=False,
-                                             constraints=constraints, find_links=[dest]),
-                f"{', '.join(loose)} for {target.describe()}",
-            )
-            for wheel in sorted(download.glob("*.whl")):
-                name, version, _, _ = parse_wheel_filename(wheel.name)
-                if name not in exact:
-                    exact[name] = f"{name}=={version}"
-                    os.replace(wheel, dest / wheel.name)
-                    made[wheel.name] = "pip"
-    return tuple(sorted(exact.values()))
-
-
 def _build(pins: tuple[str, ...], target: EnvTarget, fp: str, root: Path) -> Wheelhouse:
     for stale in root.glob(f".tmp-{fp}-*"):
         shutil.rmtree(stale, ignore_errors=True)  # a build that died; we hold the lock, so none runs
@@ -457,7 +451,9 @@ def _build(pins: tuple[str, ...], target: EnvTarget, fp: str, root: Path) -> Whe
     final = root / fp
     try:
         made: dict[str, str] = {}
-        final_pins = _gather(pins, target, tmp, made)
+        same = target == EnvTarget.of_head()
+        platform_args = None if same else (target.python, target.machine, target.libc)
+        final_pins = wheelbuild.gather(pins, tmp, made, platform_args, target.describe())
         wheels = tuple(
             WheelFile(path.name, _sha256(path), path.stat().st_size, final / path.name)
             for path in sorted(tmp.glob("*.whl"))
@@ -520,9 +516,12 @@ def build_wheelhouse(request: EnvRequest, target: EnvTarget, cache_dir: Path | N
             found = _load(root / fp, fp)
             if found is not None:
                 return found  # another thread or head built it while we waited
-        except _Broken:
+        except _Broken as exc:
+            logger.warning("the cached wheelhouse %s is broken (%s); building it again", fp, exc)
             _discard(root / fp)
-        return _build(pins, target, fp, root)
+        house = _build(pins, target, fp, root)
+    prune_cache(root, keep={fp})
+    return house
 
 
 def cached_wheelhouse(request: EnvRequest, target: EnvTarget, cache_dir: Path | None = None) -> Wheelhouse | None:
@@ -533,6 +532,46 @@ def cached_wheelhouse(request: EnvRequest, target: EnvTarget, cache_dir: Path | 
         return _load((Path(cache_dir) if cache_dir is not None else default_cache_dir()) / fp, fp)
     except _Broken:
         return None
+
+
+def prune_cache(cache_dir: Path | None = None, max_unused: float = MAX_UNUSED, keep: Iterable[str] = ()) -> list[str]:
+    """Remove the head's wheelhouses unused for ``max_unused`` seconds (30 days by default).
+
+    A wheelhouse's directory is touched each time it is loaded; one being
+    built or checked (its lock held) is left alone, as are those in ``keep``.
+
+    Returns
+    -------
+    list of str
+        The fingerprints removed.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    keep = set(keep)
+    removed: list[str] = []
+    now = time.time()
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        return removed
+    for path in children:
+        try:
+            if path.name.startswith(".broken-") or (
+                path.name.startswith((".tmp-", ".loose-")) and now - path.stat().st_mtime > _STALE
+            ):
+                shutil.rmtree(path, ignore_errors=True)  # left by a build or a removal that was cut short
+                continue
+            if path.name in keep or not _FINGERPRINT.fullmatch(path.name) or now - path.stat().st_mtime < max_unused:
+                continue
+            lock = _Locked(root / f"{path.name}.lock")
+            if lock.acquire(blocking=False):  # else being built or checked right now: keep it
+                try:
+                    _discard(path)
+                finally:
+                    lock.release()
+                removed.append(path.name)
+        except OSError as exc:
+            logger.warning("cannot prune the old wheelhouse %s: %s", path, exc.strerror or exc)
+    return removed
 
 
 def _megabytes(size: int) -> str:

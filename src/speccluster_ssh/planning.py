@@ -225,6 +225,7 @@ def build_plan(
         The JSON of ``speccluster-ssh plan --json``.
     """
     from .agent import agent_argv
+    from .envstate import plan_environments
 
     marker = f"{name}-<8 random hex digits, chosen by up>"
     by_host: dict[str, list[dict[str, Any]]] = {}
@@ -235,6 +236,7 @@ def build_plan(
     sched = inv.scheduler_host
     if sched is not None and all(h.name != sched.name for h in order):
         order.insert(0, sched)
+    shipped = plan_environments(order)  # hosts with speccluster_environment: head (issue 24)
     for host in order:
         runs_scheduler = sched is not None and sched.name == host.name
         host_entries = by_host.get(host.name, [])
@@ -253,6 +255,7 @@ def build_plan(
             "command_line": shlex.join(argv),
             "prologue": host.prologue,
             "environment": {**host.env, MARKER_ENV: marker},
+            **({"shipped_environment": shipped[host.name]} if host.name in shipped else {}),
         })
     planned = sum(len(e["workers"]) for items in by_host.values() for e in items)
     return {

@@ -189,6 +189,9 @@ def plan(
                        f"({', '.join(entry['workers'])}); {opts}")
         env = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in host["environment"].items())
         click.echo(f"  environment: {env}")
+        if host.get("shipped_environment"):
+            shipped = host["shipped_environment"]
+            click.echo(f"  {shipped['summary']}; the host builds it in {shipped['env_dir']}/{shipped['fingerprint']}")
         if host["prologue"]:
             click.echo("  prologue (run by /bin/sh before the agent):")
             for line in str(host["prologue"]).splitlines():
