@@ -46,9 +46,10 @@ def test_package_data_is_installed() -> None:
         compile(source, f"speccluster_agent/{name}", "exec")
     assert b"def main(" in sources[-1][1]
     # So is the environment script (speccluster_environment: head), run before the agent.
+    from speccluster_ssh.peerwheels import PEER_SOURCE
     from speccluster_ssh.shipping import env_sources
 
-    for name, source in env_sources():
+    for name, source in env_sources((PEER_SOURCE,)):  # with the fan-out's wheel server
         compile(source, f"speccluster_agent/{name}", "exec")
 
 

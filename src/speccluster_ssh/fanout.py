@@ -299,6 +299,11 @@ class FanoutCoordinator:
         self.plan.add_peer(name, address)
         self._dispatch()
 
+    def withdraw(self, name: str) -> None:
+        """``name``'s start was cancelled while it fetched: its slot goes to another, nobody is blamed."""
+        self.plan.withdraw(name)
+        self._dispatch()
+
     def drop_peer(self, name: str) -> None:
         """``name`` no longer serves."""
         self.plan.drop_peer(name)

@@ -169,6 +169,11 @@ class PeerSource:
         self.plan = fanout.plan_of(wheelhouse.fingerprint)
 
     async def deliver(self, shipment: Shipment, wheels: Sequence[WheelFile]) -> None:
+        """Bring ``wheels`` into the host's store (see :class:`~speccluster_ssh.shipping.WheelSource`), then serve.
+
+        Once the store is complete the host serves the whole wheelhouse to
+        the others, if it can; the plan learns either way.
+        """
         name = shipment.host
         remaining = list(wheels)
         while remaining:
@@ -179,6 +184,9 @@ class PeerSource:
                     remaining = []
                 else:
                     remaining = await self._fetch(shipment, source, remaining)
+            except asyncio.CancelledError:
+                self.plan.withdraw(name)  # this start is gone: nobody's fault
+                raise
             except BaseException:
                 self.plan.finished(name, ok=False)
                 raise

@@ -317,7 +317,8 @@ def _wheelpeer_receive(tls: ssl.SSLSocket, directory: str, name: str, sha256: st
 
 
 def wheelpeer_fetch(host: str, port: int, files: Sequence[Tuple[str, str, int]], directory: str,
-                    pems: Dict[str, str], timeout: float = 300.0, io_timeout: float = 30.0) -> Dict[str, Any]:
+                    pems: Dict[str, str], timeout: float = 300.0, io_timeout: float = 30.0,
+                    connect_timeout: float = 5.0) -> Dict[str, Any]:
     """Fetch ``files`` (``(filename, sha256, size)``) from the peer at ``host:port`` into ``directory``.
 
     Each file is checked against its size and sha256 and renamed into place
@@ -337,7 +338,10 @@ def wheelpeer_fetch(host: str, port: int, files: Sequence[Tuple[str, str, int]],
     timeout
         Seconds for the whole fetch.
     io_timeout
-        Seconds one connect, handshake, read or write may take.
+        Seconds one handshake, read or write may take.
+    connect_timeout
+        Seconds the TCP connect may take: a peer behind a firewall that drops
+        packets costs this, then the head sends instead.
 
     Returns
     -------
@@ -358,10 +362,11 @@ def wheelpeer_fetch(host: str, port: int, files: Sequence[Tuple[str, str, int]],
     received = 0
     done: List[str] = []
     try:
-        sock = socket.create_connection((host, port), timeout=min(io_timeout, timeout))
+        sock = socket.create_connection((host, port), timeout=min(connect_timeout, timeout))
     except OSError as exc:
         raise WheelPeerError("cannot connect to peer %s:%d: %s" % (host, port, exc)) from None
     try:
+        _wheelpeer_timeout(sock, deadline, io_timeout)  # for the handshake
         with context.wrap_socket(sock) as tls:
             for name, sha256, size in files:
                 received += _wheelpeer_receive(tls, directory, name, sha256, int(size), deadline, io_timeout)
