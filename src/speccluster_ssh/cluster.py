@@ -43,7 +43,7 @@ from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.cluster import Cluster
 
 from . import config as sc_config
-from . import dashboards, entries, operations, reach, reconcile, startup
+from . import dashboards, entries, idle, operations, reach, reconcile, startup
 from .day2 import Day2Operations
 from .distributed_internals import SpecClusterBridge
 from .entries import EntrySettings
@@ -119,6 +119,11 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         host's loopback (the dashboard has no authentication). ``"0.0.0.0"``
         exposes it; a loopback dashboard on another host is forwarded to the
         head's loopback, which ``dashboard_link`` then names.
+    idle_timeout
+        Seconds, or a duration such as ``"2h"``: after that long with no task
+        running and no client connected, the cluster closes itself, every
+        host cleaned (see :mod:`speccluster_ssh.idle`); default config
+        ``idle-timeout``; ``0`` never. Why it ended is ``idle.reason``.
     name, asynchronous, loop, silence_logs, shutdown_on_close
         As for :class:`distributed.deploy.SpecCluster`.
 
@@ -160,6 +165,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         scheduler_sync_interval: float = 1,
         scheduler_reach: str | None = None,
         dashboard_address: str | None = None,
+        idle_timeout: float | str | None = None,
     ) -> None:
         inventory = startup.resolve_inventory(hosts, inventory)
         self.host_table = HostTable.from_inventory(inventory)  # every host, its health and its agent
@@ -205,6 +211,12 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         self.pool.agent_probes = self.reach_setting == "auto"  # agents probe as they start (reach.probe_reach)
         self.reach: reach.ReachChoice | None = None
         self.scheduler_options = dict(scheduler_options or {})
+        idle_seconds = idle.resolve_idle_timeout(idle_timeout)
+        if idle_seconds > 0 and scheduler is None:
+            # The scheduler's handler the idle watcher reads (tasks and clients).
+            self.scheduler_options = idle.with_activity_preload(self.scheduler_options)
+        # Ends the cluster once idle for idle_timeout, or once distributed's own idle timeout closed the scheduler.
+        self.idle = idle.IdleWatcher(self, idle_seconds, idle.scheduler_idle_timeout(self.scheduler_options))
         if scheduler is None:
             scheduler = startup.scheduler_entry(self, self.scheduler_options, sec)
         else:
@@ -448,6 +460,8 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
     # -- the life cycle, as SpecClusterBridge hands it over -------------
     async def start_cluster(self, start_scheduler: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]) -> None:
         await startup.start(self, start_scheduler, close)
+        if self.status == Status.running:
+            self.idle.start()  # idle time counts from a finished start, however long the start took
 
     async def reconcile_spec(self) -> None:
         await reconcile.reconcile_spec(self)
@@ -486,6 +500,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         await self.healer.stop()
         await self.lease_watcher.stop()
         await self.power.stop()
+        await self.idle.stop()
         try:
             if whole:
                 adaptive = self.running_adaptive()

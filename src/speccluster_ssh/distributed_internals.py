@@ -151,6 +151,13 @@ class SpecClusterBridge(SpecCluster):
         return await self.add_logs(logs, scheduler, workers)
 
     # -- public names for SpecCluster's private state ------------------------
+    async def close_in_loop(self) -> None:
+        """Close the whole cluster from a task of its own event loop (an idle cluster ending itself).
+
+        ``close()`` of a synchronous cluster would block that loop, waiting for itself.
+        """
+        await self._close()
+
     @property
     def spec_lock(self) -> asyncio.Lock:
         """The lock over ``worker_spec`` and ``workers`` that every reconcile holds."""
