@@ -120,10 +120,8 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         exposes it; a loopback dashboard on another host is forwarded to the
         head's loopback, which ``dashboard_link`` then names.
     idle_timeout
-        Seconds, or a duration such as ``"2h"``: after that long with no task
-        running and no client connected, the cluster closes itself, every
-        host cleaned (see :mod:`speccluster_ssh.idle`); default config
-        ``idle-timeout``; ``0`` never. Why it ended is ``idle.reason``.
+        Seconds or a duration (``"2h"``): so long with no task and no client, the cluster
+        closes itself (:mod:`speccluster_ssh.idle`); default config ``idle-timeout``; 0 never.
     name, asynchronous, loop, silence_logs, shutdown_on_close
         As for :class:`distributed.deploy.SpecCluster`.
 
@@ -211,12 +209,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         self.pool.agent_probes = self.reach_setting == "auto"  # agents probe as they start (reach.probe_reach)
         self.reach: reach.ReachChoice | None = None
         self.scheduler_options = dict(scheduler_options or {})
-        idle_seconds = idle.resolve_idle_timeout(idle_timeout)
-        if idle_seconds > 0 and scheduler is None:
-            # The scheduler's handler the idle watcher reads (tasks and clients).
-            self.scheduler_options = idle.with_activity_preload(self.scheduler_options)
-        # Ends the cluster once idle for idle_timeout, or once distributed's own idle timeout closed the scheduler.
-        self.idle = idle.IdleWatcher(self, idle_seconds, idle.scheduler_idle_timeout(self.scheduler_options))
+        self.idle = idle.IdleWatcher.for_cluster(self, idle_timeout, own_scheduler=scheduler is None)
         if scheduler is None:
             scheduler = startup.scheduler_entry(self, self.scheduler_options, sec)
         else:

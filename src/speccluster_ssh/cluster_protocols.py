@@ -262,5 +262,6 @@ class IdleCluster(SpecState, Protocol):
     """The cluster, as :mod:`speccluster_ssh.idle` uses it."""
 
     scheduler_comm: Any
+    scheduler_options: dict[str, Any]
 
     async def close_in_loop(self) -> None: ...

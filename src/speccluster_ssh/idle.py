@@ -244,6 +244,24 @@ class IdleWatcher:
         self._task: asyncio.Task[None] | None = None
         self._told_unreadable = False
 
+    @classmethod
+    def for_cluster(cls, cluster: IdleCluster, idle_timeout: float | str | None, *, own_scheduler: bool) -> IdleWatcher:
+        """The watcher of a cluster being made, given its ``idle_timeout`` argument.
+
+        With a timeout, the cluster's ``scheduler_options`` get the preload
+        the watcher reads (``own_scheduler``: the cluster makes its scheduler's
+        spec; one given whole is left as it is, and then never ends for idleness).
+
+        Raises
+        ------
+        UserError
+            For an ``idle_timeout`` (or config ``idle-timeout``) that is not a duration.
+        """
+        seconds = resolve_idle_timeout(idle_timeout)
+        if seconds > 0 and own_scheduler:
+            cluster.scheduler_options = with_activity_preload(cluster.scheduler_options)
+        return cls(cluster, seconds, scheduler_idle_timeout(cluster.scheduler_options))
+
     @property
     def active(self) -> bool:
         """Whether there is anything to watch for."""
