@@ -156,7 +156,22 @@ class SpecClusterBridge(SpecCluster):
 
         ``close()`` of a synchronous cluster would block that loop, waiting for itself.
         """
+        self.loop_close = asyncio.current_task()
         await self._close()
+
+    def close(self, timeout: float | None = None) -> Any:
+        """Close the cluster (see :meth:`distributed.deploy.Cluster.close`).
+
+        After :meth:`close_in_loop` the cluster says ``closed`` before its
+        hosts are clean (distributed sets it, then our close stops the
+        agents): wait for that close to end first.
+        """
+        running: asyncio.Task[None] | None = getattr(self, "loop_close", None)
+        if self.status == Status.closed and running is not None and not running.done():
+            waited = self.sync(asyncio.wait, [running], callback_timeout=timeout)
+            if self.asynchronous:
+                return waited
+        return super().close(timeout)
 
     @property
     def spec_lock(self) -> asyncio.Lock:

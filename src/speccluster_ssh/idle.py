@@ -274,9 +274,25 @@ class IdleWatcher:
             self._task = self._tasks.start(self._watch(), name="idle watcher")
 
     async def stop(self) -> None:
-        """Stop watching; a no-op from the watcher's own task, which is the one closing the cluster then."""
+        """Stop watching (the cluster closes).
+
+        A no-op from the watcher's own task, which is the one closing the
+        cluster then. Once the watcher ends the cluster, another close waits
+        for that close to finish instead of cancelling it: the cluster says
+        ``closed`` before its hosts are clean.
+        """
+        task = self._task
+        if task is None or task is asyncio.current_task():
+            return
+        if self.reason:
+            await self.wait_closed()  # asyncio.wait: a cancel of ours does not cancel the close
+            return
+        await self._tasks.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the close the watcher started has finished: every host clean."""
         if self._task is not None and self._task is not asyncio.current_task():
-            await self._tasks.close()
+            await asyncio.wait([self._task])
 
     def idle_for(self) -> float | None:
         """Seconds the cluster has been idle, as last seen; ``None`` without an ``idle_timeout``."""
