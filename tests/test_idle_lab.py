@@ -69,6 +69,26 @@ def test_an_idle_cluster_ends_itself_but_not_while_used(lab: Any, tmp_path: Path
     assert_lab_clean(lab)
 
 
+def test_a_scheduler_closed_by_distributed_idle_timeout_ends_the_whole_cluster(lab: Any, tmp_path: Path) -> None:
+    """distributed's own idle timeout closes the scheduler: the cluster follows, every host cleaned, with the same reason."""
+    path = inventory(lab, tmp_path, {"h1": {}})
+    seconds = 10  # distributed counts from the scheduler's start: the workers must be up well before
+
+    async def scenario() -> None:
+        cluster = await SSHSpecCluster(
+            inventory=path, known_hosts=str(lab.known_hosts), asynchronous=True, n_workers=1, security=False,
+            scheduler_options={"idle_timeout": f"{seconds}s"},
+        )
+        try:
+            await until(lambda: cluster.status == Status.closed, 4 * seconds + 30, "the cluster to follow its scheduler")
+            assert cluster.idle.reason == f"idle for {seconds}s"
+        finally:
+            await cluster.close()
+
+    run(scenario())
+    assert_lab_clean(lab)
+
+
 def test_cli_up_idle_timeout_ends_and_list_says_why(lab: Any, cli: Cli, tmp_path: Path) -> None:
     """``up --detach --idle-timeout 5s``: the head closes the cluster, removes its state, and ``list`` says why."""
     path = write_inventory(lab, tmp_path / "lab.yml", ["h1"])

@@ -56,6 +56,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ACTIVITY_HANDLER = "speccluster_activity"
+# Seconds the close of a cluster whose scheduler closed itself tries to reach it (rpc's public timeout).
+GONE_SCHEDULER_TIMEOUT = 1.0
 
 # Run by the scheduler at its start (a preload given as text: distributed
 # writes it to a file and imports it). Public attributes of the scheduler only.
@@ -308,6 +310,8 @@ class IdleWatcher:
             if getattr(cluster.scheduler, "status", None) in (Status.closing, Status.closed, Status.failed):
                 if self.scheduler_timeout > 0:
                     # Closed by distributed's own idle timeout: end every host too, not only the scheduler.
+                    # SpecCluster's close still asks it to terminate: not for the 30 s of a connect timeout.
+                    cluster.scheduler_comm.timeout = GONE_SCHEDULER_TIMEOUT
                     await self._end(idle_reason(self.scheduler_timeout), "its scheduler closed itself (distributed's "
                                     f"idle-timeout, {format_duration(self.scheduler_timeout)})")
                     return
