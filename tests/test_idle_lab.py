@@ -69,9 +69,12 @@ def test_an_idle_cluster_ends_itself_but_not_while_used(lab: Any, tmp_path: Path
     assert_lab_clean(lab)
 
 
-def test_a_scheduler_closed_by_distributed_idle_timeout_ends_the_whole_cluster(lab: Any, tmp_path: Path) -> None:
-    """distributed's own idle timeout closes the scheduler: the cluster follows, every host cleaned, with the same reason."""
-    path = inventory(lab, tmp_path, {"h1": {}})
+@pytest.mark.parametrize("where", ["head", "h2"])
+def test_a_scheduler_closed_by_distributed_idle_timeout_ends_the_whole_cluster(lab: Any, tmp_path: Path, where: str) -> None:
+    """distributed's own idle timeout closes the scheduler (on the head, on a host): the cluster follows, every host
+    cleaned, with the same reason."""
+    groups = {"workers": ["h1"], **({"scheduler": [where]} if where != "head" else {})}
+    path = inventory(lab, tmp_path, {"h1": {}, **({where: {}} if where != "head" else {})}, groups=groups)
     seconds = 10  # distributed counts from the scheduler's start: the workers must be up well before
 
     async def scenario() -> None:
