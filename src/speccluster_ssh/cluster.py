@@ -120,8 +120,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         exposes it; a loopback dashboard on another host is forwarded to the
         head's loopback, which ``dashboard_link`` then names.
     idle_timeout
-        Seconds or a duration (``"2h"``): so long with no task and no client, the cluster
-        closes itself (:mod:`speccluster_ssh.idle`); default config ``idle-timeout``; 0 never.
+        Seconds (or ``"2h"``) with no task and no client after which it closes itself; 0 never; config ``idle-timeout``.
     name, asynchronous, loop, silence_logs, shutdown_on_close
         As for :class:`distributed.deploy.SpecCluster`.
 
@@ -162,8 +161,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         workers: Mapping[str, Any] | None = None,
         scheduler_sync_interval: float = 1,
         scheduler_reach: str | None = None,
-        dashboard_address: str | None = None,
-        idle_timeout: float | str | None = None,
+        dashboard_address: str | None = None, idle_timeout: float | str | None = None,
     ) -> None:
         inventory = startup.resolve_inventory(hosts, inventory)
         self.host_table = HostTable.from_inventory(inventory)  # every host, its health and its agent
@@ -453,8 +451,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
     # -- the life cycle, as SpecClusterBridge hands it over -------------
     async def start_cluster(self, start_scheduler: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]) -> None:
         await startup.start(self, start_scheduler, close)
-        if self.status == Status.running:
-            self.idle.start()  # idle time counts from a finished start, however long the start took
+        self.idle.start()  # idle time counts from a finished start, however long the start took
 
     async def reconcile_spec(self) -> None:
         await reconcile.reconcile_spec(self)
@@ -490,10 +487,8 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         # waiting for entry starts in it.
         if whole:
             reconcile.stop_hosts(self, CLOSE_GRACE)
-        await self.healer.stop()
-        await self.lease_watcher.stop()
-        await self.power.stop()
-        await self.idle.stop()
+        for part in (self.healer, self.lease_watcher, self.power, self.idle):
+            await part.stop()
         try:
             if whole:
                 adaptive = self.running_adaptive()

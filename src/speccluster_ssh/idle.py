@@ -270,8 +270,8 @@ class IdleWatcher:
         return self.timeout > 0 or self.scheduler_timeout > 0
 
     def start(self) -> None:
-        """Start watching (in the cluster's event loop); again is a no-op."""
-        if self.active and self._task is None:
+        """Start watching a running cluster (in its event loop); again is a no-op."""
+        if self.active and self._task is None and self.cluster.status == Status.running:
             self.clock = IdleClock(self.timeout, time.monotonic()) if self.timeout > 0 else None
             self._task = self._tasks.start(self._watch(), name="idle watcher")
 
