@@ -41,7 +41,8 @@ import yaml  # noqa: E402
 from sshlab import Lab  # noqa: E402
 
 OUT_DIR = REPO / "docs" / "transcripts"
-WORK = Path(os.environ.get("SPECCLUSTER_TRANSCRIPTS_WORK", "/tmp/speccluster-transcripts"))
+# SCDOC_WORK, SCDOC_PREFIX, SCDOC_SUBNET: another work directory and lab, for runs side by side.
+WORK = Path(os.environ.get("SCDOC_WORK", "/tmp/speccluster-transcripts"))
 PROG = "speccluster-ssh"
 COLUMNS = 160  # wide enough for every table but check's
 WIDE = {"check": 250}  # a command's own width: check's table has a column per fact
@@ -174,6 +175,18 @@ def scenario_off(env: dict[str, str], lab: Lab) -> Scenario:
         cmd("status", f"{PROG} status --name off"),
         cmd("down", f"{PROG} down --name off"),
         cmd("short", f"{PROG} up off.yml --detach --name off --workers 8 --min-workers 100% --timeout 15"),
+    ]
+    return s
+
+
+def scenario_idle(env: dict[str, str], lab: Lab) -> Scenario:
+    s = Scenario("idle", "Two sshd hosts h1, h2 with 2 slots each; the cluster ends itself after 10 s with no "
+                         "task and no client (up --idle-timeout).")
+    lab_inventory(lab, WORK / "idle.yml", ["h1", "h2"])
+    ended = lambda: poll(lambda: not (WORK / "state" / PROG / "nightly").exists(), "the idle cluster to end")  # noqa: E731
+    s.steps = [
+        cmd("up", f"{PROG} up idle.yml --detach --name nightly --idle-timeout 10s"),
+        cmd("list", f"{PROG} list", ended),
     ]
     return s
 
@@ -467,8 +480,8 @@ def lab_if(needed: bool) -> Iterator[Lab | None]:
         yield None
         return
     # IPv6 too (fd00:250:40::/64), for the ipv6 scenario; the others reach the hosts over IPv4 as before.
-    with Lab(5, prefix=os.environ.get("SCLAB_PREFIX", "scdoc"),
-             subnet_base=os.environ.get("SCLAB_SUBNET", "10.250.40"), ipv6=True) as lab:
+    with Lab(5, prefix=os.environ.get("SCDOC_PREFIX", "scdoc"),
+             subnet_base=os.environ.get("SCDOC_SUBNET", "10.250.40"), ipv6=True) as lab:
         yield lab
 
 
@@ -478,7 +491,7 @@ LOCAL_SCENARIOS: dict[str, Callable[[dict[str, str]], Scenario]] = {
 }
 LAB_SCENARIOS: dict[str, Callable[[dict[str, str], Lab], Scenario]] = {
     "lab": scenario_lab, "off": scenario_off, "ops": scenario_ops, "gpu": scenario_gpu, "bastion": scenario_bastion,
-    "ipv6": scenario_ipv6,
+    "ipv6": scenario_ipv6, "idle": scenario_idle,
     "envs": scenario_envs,
 }
 

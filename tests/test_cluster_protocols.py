@@ -27,6 +27,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "speccluster_ssh"
 PROTOCOL_OF = {
     "day2": cp.Day2Cluster,
     "healer": cp.HealerCluster,
+    "idle": cp.IdleCluster,
     "operations": cp.OperationsCluster,
     "powerctl": cp.PowerCluster,
     "reconcile": cp.ReconcileCluster,

@@ -43,7 +43,7 @@ from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.cluster import Cluster
 
 from . import config as sc_config
-from . import dashboards, entries, operations, reach, reconcile, startup
+from . import dashboards, entries, idle, operations, reach, reconcile, startup
 from .day2 import Day2Operations
 from .distributed_internals import SpecClusterBridge
 from .entries import EntrySettings
@@ -119,6 +119,8 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         host's loopback (the dashboard has no authentication). ``"0.0.0.0"``
         exposes it; a loopback dashboard on another host is forwarded to the
         head's loopback, which ``dashboard_link`` then names.
+    idle_timeout
+        Seconds (or ``"2h"``) with no task and no client after which it closes itself; 0 never; config ``idle-timeout``.
     name, asynchronous, loop, silence_logs, shutdown_on_close
         As for :class:`distributed.deploy.SpecCluster`.
 
@@ -159,7 +161,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         workers: Mapping[str, Any] | None = None,
         scheduler_sync_interval: float = 1,
         scheduler_reach: str | None = None,
-        dashboard_address: str | None = None,
+        dashboard_address: str | None = None, idle_timeout: float | str | None = None,
     ) -> None:
         inventory = startup.resolve_inventory(hosts, inventory)
         self.host_table = HostTable.from_inventory(inventory)  # every host, its health and its agent
@@ -205,6 +207,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         self.pool.agent_probes = self.reach_setting == "auto"  # agents probe as they start (reach.probe_reach)
         self.reach: reach.ReachChoice | None = None
         self.scheduler_options = dict(scheduler_options or {})
+        self.idle = idle.IdleWatcher.for_cluster(self, idle_timeout, own_scheduler=scheduler is None)
         if scheduler is None:
             scheduler = startup.scheduler_entry(self, self.scheduler_options, sec)
         else:
@@ -448,6 +451,7 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
     # -- the life cycle, as SpecClusterBridge hands it over -------------
     async def start_cluster(self, start_scheduler: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]) -> None:
         await startup.start(self, start_scheduler, close)
+        self.idle.start()  # idle time counts from a finished start, however long the start took
 
     async def reconcile_spec(self) -> None:
         await reconcile.reconcile_spec(self)
@@ -483,9 +487,8 @@ class SSHSpecCluster(Day2Operations, SpecClusterBridge):
         # waiting for entry starts in it.
         if whole:
             reconcile.stop_hosts(self, CLOSE_GRACE)
-        await self.healer.stop()
-        await self.lease_watcher.stop()
-        await self.power.stop()
+        for part in (self.healer, self.lease_watcher, self.power, self.idle):
+            await part.stop()
         try:
             if whole:
                 adaptive = self.running_adaptive()

@@ -34,9 +34,9 @@ if TYPE_CHECKING:
     from .tasks import TaskSet
 
 __all__ = [
-    "CapacityCluster", "CapacityPart", "Day2Cluster", "HealerCluster", "HealerPart", "LogKeeper", "OperationsCluster",
-    "OperationsLock", "PowerCluster", "PowerPart", "ReconcileCluster", "ReloadCluster", "ReportsCluster", "SpecState",
-    "StartupCluster",
+    "CapacityCluster", "CapacityPart", "Day2Cluster", "HealerCluster", "HealerPart", "IdleCluster", "LogKeeper",
+    "OperationsCluster", "OperationsLock", "PowerCluster", "PowerPart", "ReconcileCluster", "ReloadCluster",
+    "ReportsCluster", "SpecState", "StartupCluster",
 ]
 
 
@@ -256,3 +256,12 @@ class SharingCluster(SpecState, Protocol):
 
 class PowerCluster(OperationsCluster, Protocol):
     """The cluster, as :mod:`speccluster_ssh.powerctl` uses it: it drains a host (:mod:`speccluster_ssh.operations`) before powering it off."""
+
+
+class IdleCluster(SpecState, Protocol):
+    """The cluster, as :mod:`speccluster_ssh.idle` uses it."""
+
+    scheduler_comm: Any
+    scheduler_options: dict[str, Any]
+
+    async def close_in_loop(self) -> None: ...

@@ -151,6 +151,28 @@ class SpecClusterBridge(SpecCluster):
         return await self.add_logs(logs, scheduler, workers)
 
     # -- public names for SpecCluster's private state ------------------------
+    async def close_in_loop(self) -> None:
+        """Close the whole cluster from a task of its own event loop (an idle cluster ending itself).
+
+        ``close()`` of a synchronous cluster would block that loop, waiting for itself.
+        """
+        self.loop_close = asyncio.current_task()
+        await self._close()
+
+    def close(self, timeout: float | None = None) -> Any:
+        """Close the cluster (see :meth:`distributed.deploy.Cluster.close`).
+
+        After :meth:`close_in_loop` the cluster says ``closed`` before its
+        hosts are clean (distributed sets it, then our close stops the
+        agents): wait for that close to end first.
+        """
+        running: asyncio.Task[None] | None = getattr(self, "loop_close", None)
+        if self.status == Status.closed and running is not None and not running.done():
+            waited = self.sync(asyncio.wait, [running], callback_timeout=timeout)
+            if self.asynchronous:
+                return waited
+        return super().close(timeout)
+
     @property
     def spec_lock(self) -> asyncio.Lock:
         """The lock over ``worker_spec`` and ``workers`` that every reconcile holds."""

@@ -60,6 +60,7 @@ class UpOptions:
     min_workers: str | None = None
     scheduler_reach: str | None = None
     dashboard_address: str | None = None
+    idle_timeout: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -105,6 +106,7 @@ class Head:
         self.ready_at: dict[str, float] = {}
         self.stop_event: asyncio.Event | None = None
         self.stop_reason = ""
+        self.end_reason = ""  # why the cluster ended by itself ("idle for 2h"), kept in its record
         self.closed: asyncio.Future[str] | None = None
         self.server: control.ControlServer | None = None
         self.tasks = TaskSet(f"head {options.name}", logger)
@@ -166,9 +168,15 @@ class Head:
                     loop.remove_signal_handler(sig)
             if self.phase != "failed" or not self.detached:
                 # Its hosts keep the logs: the record (and head.log) lets 'logs --name' find them.
-                postmortem.keep_record(st.KnownCluster(self.state, self.directory, alive=False))
+                postmortem.keep_record(st.KnownCluster(self.state, self.directory, alive=False), reason=self.end_reason)
                 st.remove_cluster_dir(self.directory)
             self.lock.release()
+
+    def end_idle(self, reason: str) -> None:
+        """The cluster has been idle for its idle timeout: close it as ``down`` does, and record why."""
+        if self.stop_event is not None and not self.stop_event.is_set():
+            self.end_reason = reason
+        self.request_stop(reason)
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask the head to close the cluster and end (signal handlers, ``down``)."""
@@ -215,7 +223,10 @@ class Head:
                 kwargs["scheduler_reach"] = options.scheduler_reach
             if options.dashboard_address is not None:
                 kwargs["dashboard_address"] = options.dashboard_address
+            if options.idle_timeout is not None:
+                kwargs["idle_timeout"] = options.idle_timeout
             self.cluster = SSHSpecCluster(**kwargs)
+            self.cluster.idle.on_idle = self.end_idle  # the head closes it, cleans every host and records why
             self.state.cluster_id = self.cluster.cluster_id
             self.state.tls = bool(self.cluster.security.require_encryption)
             st.write_state(self.directory, self.state)

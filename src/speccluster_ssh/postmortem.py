@@ -50,6 +50,8 @@ class EndedCluster:
         Seconds the record (and the hosts' logs) are kept after ``ended``.
     known_hosts
         The host key policy ``up --known-hosts`` gave, if any (reaching the hosts again uses it too).
+    reason
+        Why it ended when nobody asked (``"idle for 2h"``); ``""`` after ``down``.
     directory
         Where the record is (not saved in it).
     """
@@ -62,6 +64,7 @@ class EndedCluster:
     ended: float = 0.0
     retention: float = DEFAULT_RETENTION
     known_hosts: str | None = None
+    reason: str = ""
     directory: Path = field(default=Path(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,8 +105,10 @@ def host_retention(inventory: str, hosts: Sequence[str]) -> float:
     return max(found) if found else DEFAULT_RETENTION
 
 
-def keep_record(known: st.KnownCluster, retention: float | None = None) -> EndedCluster | None:
+def keep_record(known: st.KnownCluster, retention: float | None = None, reason: str = "") -> EndedCluster | None:
     """Keep the record of ``known`` (and its head log) before its state directory goes.
+
+    ``reason`` says why it ended when nobody asked (``"idle for 2h"``).
 
     ``None`` when the state says too little to reach its hosts again (no cluster id).
     """
@@ -113,6 +118,7 @@ def keep_record(known: st.KnownCluster, retention: float | None = None) -> Ended
     if retention is None:
         retention = host_retention(state.inventory, list(state.hosts))
     record = EndedCluster.of(state, time.time(), retention)
+    record.reason = reason
     directory = ended_root() / state.name / state.cluster_id
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)

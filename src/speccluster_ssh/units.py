@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 
 from dask.utils import format_bytes as _dask_format_bytes
 
-__all__ = ["BYTE_UNITS", "DURATION_UNITS", "format_bytes", "parse_bytes", "parse_duration"]
+__all__ = ["BYTE_UNITS", "DURATION_UNITS", "format_bytes", "format_duration", "parse_bytes", "parse_duration"]
 
 #: Multipliers of the accepted unit suffixes, keyed in lower case.  Decimal
 #: prefixes (kB, MB, ...) are powers of 1000 and binary prefixes (KiB, MiB,
@@ -181,3 +181,24 @@ def parse_duration(value: int | float | str) -> float:
     if unit not in DURATION_UNITS:
         raise ValueError(f"unknown duration unit {match.group('unit')!r} in {value!r}; use s, min, h, d or w")
     return float(match.group("number")) * DURATION_UNITS[unit]
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds for humans in the largest unit that divides them: ``"2h"``, ``"90min"``, ``"5s"``.
+
+    Parameters
+    ----------
+    seconds
+        The duration; non-whole seconds keep up to 3 decimals (``"0.5s"``).
+
+    Examples
+    --------
+    >>> format_duration(7200)
+    '2h'
+    >>> format_duration(5400)
+    '90min'
+    """
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and float(seconds) % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{round(float(seconds), 3):g}s"

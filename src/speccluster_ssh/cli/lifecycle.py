@@ -84,13 +84,16 @@ def _clear_stale(directory: Path) -> None:
 @click.option("--dashboard-address", "dashboard_address", default=None, metavar="HOST[:PORT]",
               help="Where the scheduler's dashboard listens on its host (default: config dashboard-address, "
                    "127.0.0.1). It has no authentication: 0.0.0.0 exposes it to every network of the host.")
+@click.option("--idle-timeout", "idle_timeout", default=None, metavar="DURATION",
+              help="End the cluster (every host cleaned, as 'down') after it has had no task running and no "
+                   "client connected for DURATION, e.g. 2h, 30min, 45s; 0: never (default: config idle-timeout).")
 @_group_options
 @_json_option
 def up(
     inventory: str | None, name: str | None, workers: int | None, adapt_range: str | None, detach: bool,
     timeout: float | None, placement: str | None, known_hosts: str | None, no_tls: bool, min_workers: str | None,
     scheduler_reach: str | None, scheduler_group: str, worker_group: str, as_json: bool,
-    dashboard_address: str | None = None,
+    dashboard_address: str | None = None, idle_timeout: str | None = None,
 ) -> None:
     """Start a Dask cluster on the hosts of INVENTORY (default: this machine alone).
 
@@ -112,9 +115,11 @@ def up(
       speccluster-ssh up --detach                # the packaged local inventory
       speccluster-ssh up lab.yml --detach --name lab --workers 8
       speccluster-ssh up lab.yml --detach --min-workers 75%
+      speccluster-ssh up lab.yml --detach --idle-timeout 2h
     """
     from .. import config
 
+    idle_seconds = _idle_seconds(idle_timeout)
     inventory = _inventory_or_local(inventory)
     # The checks 'plan' makes too (one function, so that the two cannot drift).
     request = _prepare_up(
@@ -138,6 +143,7 @@ def up(
         min_workers=min_workers,
         scheduler_reach=scheduler_reach,
         dashboard_address=request.dashboard_address,
+        idle_timeout=idle_seconds,
     )
     directory = st.make_cluster_dir(cluster_name)
     lock = st.HeadLock(directory)
@@ -161,6 +167,18 @@ def up(
         _exit(code)
 
 
+def _idle_seconds(value: str | None) -> float | None:
+    """Seconds of ``--idle-timeout`` (``None`` when not given: the config's applies)."""
+    if value is None:
+        return None
+    from ..units import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc}", param_hint="'--idle-timeout'") from None
+
+
 def _up_foreground(options: UpOptions, directory: Path, lock: st.HeadLock, as_json: bool) -> int:
     _setup_logging(logging.WARNING)
     head = Head(options, directory, lock, detached=False)
@@ -181,7 +199,7 @@ def _up_foreground(options: UpOptions, directory: Path, lock: st.HeadLock, as_js
         _error_line(head.error)
         return head.error_exit
     if code == 0:
-        click.echo(f"cluster {options.name} closed", err=True)
+        click.echo(f"cluster {options.name} closed" + (f": {head.end_reason}" if head.end_reason else ""), err=True)
     else:
         _error_line(f"cluster {options.name} did not close cleanly")
     return code
@@ -370,12 +388,19 @@ def list_clusters(as_json: bool) -> None:
         click.echo(f"no clusters in {st.state_root()}")
         return
     columns = ("name", "status", "pid", "scheduler_address", "dashboard_link", "started", "inventory")
-    # An ended cluster has no head process: its pid column stays empty, not 0.
-    _console().print(_table(columns, [[(r[c] or "") if c == "pid" else r[c] for c in columns] for r in rows]))
+    _console().print(_table(columns, [[_cell(r, c) for c in columns] for r in rows]))
     if any(r["status"] == "stale" for r in rows):
         click.echo(f"stale clusters: their head process is gone; '{PROG} down --name NAME' removes them", err=True)
     if any(r["status"] == "ended" for r in rows):
         click.echo(f"ended clusters: down, their hosts keep the logs; '{PROG} logs --name NAME' prints them", err=True)
+
+
+def _cell(row: dict[str, Any], column: str) -> Any:
+    if column == "pid":
+        return row[column] or ""  # an ended cluster has no head process: empty, not 0
+    if column == "status" and row.get("reason"):
+        return f"{row[column]} ({row['reason']})"  # ended by itself: say why
+    return row[column]
 
 
 def _ended_rows(taken: set[str]) -> list[dict[str, Any]]:
@@ -386,6 +411,7 @@ def _ended_rows(taken: set[str]) -> list[dict[str, Any]]:
             "name": r.name, "status": "ended", "pid": 0, "scheduler_address": "", "dashboard_link": "",
             "started": r.started, "inventory": r.inventory, "directory": str(r.directory),
             "ended": datetime.datetime.fromtimestamp(r.ended).astimezone().isoformat(timespec="seconds"),
+            "reason": r.reason,  # why it ended by itself ("idle for 2h"); "" after down
             "logs_kept_until": datetime.datetime.fromtimestamp(r.ended + r.retention).astimezone().isoformat(
                 timespec="seconds"),
         }
