@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from envfakes import bare_python, fake_wheelhouse, make_wheel
 
+import sshlab
 from sshlab import Lab
 from speccluster_ssh.connection import ConnectSettings, HostConnection
 from speccluster_ssh.fanout import DEFAULT_DIRECT
@@ -26,14 +28,30 @@ from speccluster_ssh.peerwheels import PeerFanout
 from speccluster_ssh.security import make_security
 from speccluster_ssh.shipping import Wheelhouses, ensure_environment
 
-pytestmark = pytest.mark.lab
+# Its own lab of eight hosts on the session lab's prefix and subnet: it runs before the session lab exists.
+pytestmark = [pytest.mark.lab, pytest.mark.lab_first]
 
 HOSTS = 8
 
 
-def test_eight_cold_hosts_cost_the_head_at_most_three_wheelhouses(lab: Lab, tmp_path: Path) -> None:
-    if len(lab.hosts) < HOSTS:
-        pytest.skip(f"needs a lab of {HOSTS} hosts (SCLAB_HOSTS={HOSTS})")
+@pytest.fixture(scope="module")
+def lab8() -> Iterator[Lab]:
+    """Eight hosts, built and torn down by this module."""
+    if sshlab._ACTIVE_KEYS:
+        pytest.fail("this module builds its own lab and must run before the session lab starts")
+    lab = Lab(HOSTS, prefix=os.environ.get("SCLAB_PREFIX", "sclab")[:9] + "8",
+              subnet_base=os.environ.get("SCLAB_SUBNET", "10.250.0"))
+    lab.start()
+    try:
+        yield lab
+    finally:
+        report = lab.reset()
+        lab.stop()
+    assert report.clean, f"the fan-out test left processes on lab hosts:\n{report}"
+
+
+def test_eight_cold_hosts_cost_the_head_at_most_three_wheelhouses(lab8: Lab, tmp_path: Path) -> None:
+    lab = lab8
     names = [h.name for h in lab.hosts[:HOSTS]]
     bare = bare_python(tmp_path / "bare")
     wheels = tmp_path / "wheels"
