@@ -148,3 +148,27 @@ def test_names_cannot_leave_the_directory(tmp_path: Path) -> None:
     path = Path(_scratch_dir(None, str(tmp_path), "../../etc", "a/b"))
     assert path.is_relative_to(tmp_path / f"speccluster-ssh-{USER}")
     assert path.name == "a_b"
+
+
+def test_the_children_of_one_host_probe_its_scratch_directory_at_once(tmp_path: Path) -> None:
+    """Two workers of one host start together: neither's write probe may remove the other's."""
+    import multiprocessing
+
+    def probe_many(errors: Any) -> None:
+        try:
+            for _ in range(300):
+                _scratch_dir(None, str(tmp_path), "speccluster-race", "here")
+        except OSError as exc:
+            errors.put(str(exc))
+
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    workers = [context.Process(target=probe_many, args=(errors,)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    assert errors.empty(), errors.get()
+    directory = tmp_path / f"speccluster-ssh-{pwd.getpwuid(os.getuid()).pw_name}" / "speccluster-race" / "here"
+    assert list(directory.iterdir()) == []  # every probe removed its file

@@ -46,8 +46,9 @@ def _private_dir(path: str) -> str:
 
 def _probe_writable(directory: str) -> None:
     """Raise OSError unless a file can be created and written in ``directory``."""
-    path = os.path.join(directory, ".write-probe")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A name of this process's own: the children of one host probe the same directory at once.
+    path = os.path.join(directory, f".write-probe.{os.getpid()}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         os.write(fd, b"ok\n")
     finally:
