@@ -154,6 +154,7 @@ class _Pool:
     def __init__(self, table: HostTable) -> None:
         self.table = table
         self.power: Any = None
+        self.cluster_id = "nap-1a2b"
 
 
 def _keeper(hosts: list[dict[str, Any]]) -> tuple[PowerKeeper, _Cluster]:

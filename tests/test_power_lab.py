@@ -9,6 +9,7 @@ set to fail answers with exit status 1 and a BMC's message on stderr.
 
 from __future__ import annotations
 
+import getpass
 import json
 import socket
 import sys
@@ -221,7 +222,7 @@ def test_a_failing_power_command_is_one_clear_error_and_placeholders_cannot_inje
 
 
 def test_status_and_hosts_show_the_power_states(lab: Any, tmp_path: Path, power: PowerStandIn, cli: Cli) -> None:
-    """``hosts`` says asleep without waking; ``status`` shows on, waking (N s), awake (woken), then asleep again."""
+    """``hosts`` says asleep without waking; ``status`` and ``hosts`` show on, waking (N s), awake (woken), then asleep."""
     h1, h2, h3 = (h.name for h in lab.hosts[:3])
     path = write_inventory(lab, tmp_path / "lab.yml", [h1, h2, h3],
                            host_vars={n: host_vars(power, n, speccluster_idle_poweroff="3s") for n in (h1, h2, h3)})
@@ -231,13 +232,29 @@ def test_status_and_hosts_show_the_power_states(lab: Any, tmp_path: Path, power:
 
     def show(*args: str) -> dict[str, Any]:
         print(f"$ speccluster-ssh {' '.join(args)}")
-        print(cli.ok(*args).stdout)
-        return cli.json("status", "--name", "nap") if args[0] == "status" else {}
+        text = cli.ok(*args).stdout
+        print(text)
+        return cli.json("status", "--name", "nap") if args[0] == "status" else {"text": text}
 
     def wait_power(host: str, state: str) -> None:
         deadline = time.monotonic() + DEADLINE
         while cli.json("status", "--name", "nap")["hosts"][host]["power"] != state:
             assert time.monotonic() < deadline, f"{host} never became {state}"
+            time.sleep(0.2)
+
+    # The head's waking records go to a directory of this test's own (the agents on the lab hosts
+    # have their own /var/tmp): another session's `hosts` on this machine must not see them.
+    head_dir = tmp_path / "head-leases"
+    head_dir.mkdir(mode=0o755)
+    cli.env["SPECCLUSTER_SSH_LEASE_DIR"] = str(head_dir)
+
+    def wait_hosts(host: str, state: str) -> dict[str, Any]:
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            row = {h["host"]: h for h in cli.json("hosts", str(path))["hosts"]}[host]
+            if row["power"] == state:
+                return row
+            assert time.monotonic() < deadline, f"hosts never said {host} is {state}: {row}"
             time.sleep(0.2)
 
     show("hosts", str(path))  # exit status 0: asleep is no failure
@@ -250,10 +267,18 @@ def test_status_and_hosts_show_the_power_states(lab: Any, tmp_path: Path, power:
     wait_power(h2, "waking")
     report = show("status", "--name", "nap")
     assert report["hosts"][h2]["power_label"].startswith("waking ("), report["hosts"][h2]
+    # `hosts` (another process) sees it too: the cluster says so on the head while the host boots.
+    row = wait_hosts(h2, "waking")
+    assert row["power_by"]["name"] == "nap" and row["power_since"], row
+    show("hosts", str(path))
     power.booted.set()
     wait_power(h2, "awake")
     report = show("status", "--name", "nap")
     assert [report["hosts"][n]["power_label"] for n in (h1, h2, h3)] == ["on", "awake (woken)", "asleep"]
+    # Once woken, the cluster's agent on the host says so there, with the cluster and its user.
+    row = wait_hosts(h2, "awake")
+    assert (row["power_by"]["name"], row["power_by"]["user"]) == ("nap", getpass.getuser()), row
+    assert f"{h2}: awake (woken by nap of {getpass.getuser()}, from " in show("hosts", str(path))["text"]
     show("scale", "1", "--name", "nap")
     wait_power(h2, "asleep")
     report = show("status", "--name", "nap")

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from .agent.lease_records import lease_amount_text
 from .leases import Amount, Lease, free_capacity, host_capacity, slots_held
+from .powermarks import PowerMark, head_power_marks, label_text, power_label
 
 if TYPE_CHECKING:
     from .connection import ConnectSettings
@@ -57,6 +58,7 @@ __all__ = [
     "lab_json",
     "lease_json",
     "lab_views",
+    "power_lines",
     "survey_hosts",
     "survey_lab",
 ]
@@ -82,6 +84,7 @@ class HostSurvey:
     leases: tuple[Lease, ...] | None = None
     error: str = ""
     fix: str = ""
+    power_marks: tuple[PowerMark, ...] = ()  # the power records there: who woke it (powermarks.py)
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,10 @@ class HostView:
     wants: tuple[Lease, ...] = ()
     error: str = ""
     fix: str = ""
-    # Of a host that sleeps (speccluster_power_on or _off): "asleep" when it did not answer, "on" when it did.
+    # Of a host that sleeps (speccluster_power_on or _off): "asleep" or "waking" when it did not answer,
+    # "awake" (woken by power_by) or "on" when it did.
     power: str = ""
+    power_by: PowerMark | None = None
 
 
 # -- pure: rows and JSON ---------------------------------------------------------------------------
@@ -123,16 +128,21 @@ def inventory_capacity(host: HostSpec, facts: Mapping[str, Any] | None = None) -
     )
 
 
-def host_view(host: HostSpec, survey: HostSurvey) -> HostView:
-    """The row of one host: capacity from the inventory and facts, free after every live lease, holders, wants."""
+def host_view(host: HostSpec, survey: HostSurvey, head_marks: Iterable[PowerMark] = ()) -> HostView:
+    """The row of one host: capacity from the inventory and facts, free after every live lease, holders, wants.
+
+    ``head_marks`` are the power records of the head (a cluster waking a host says so there).
+    """
     sleeps = host.power_on is not None or host.power_off is not None
+    marks = (*survey.power_marks, *head_marks)
     if not survey.reached:
-        # A survey never wakes a host: one that may be asleep is said to be.
-        power = "asleep" if host.power_on is not None and not survey.fix else ""
-        return HostView(host.name, False, None, None, error=survey.error, fix=survey.fix, power=power)
+        # A survey never wakes a host: one that may be asleep is said to be (or waking, by a cluster).
+        power, by = power_label("asleep" if host.power_on is not None and not survey.fix else "", marks, host.name)
+        return HostView(host.name, False, None, None, error=survey.error, fix=survey.fix, power=power, power_by=by)
+    power, by = power_label("on" if sleeps else "", marks, host.name)
     capacity = inventory_capacity(host, survey.facts)
     if survey.leases is None:
-        return HostView(host.name, True, capacity, None, error=survey.error, fix=survey.fix, power="on" if sleeps else "")
+        return HostView(host.name, True, capacity, None, error=survey.error, fix=survey.fix, power=power, power_by=by)
     # Capacity is counted per inventory name (see agent/lease_records.py): one machine under two names is two hosts.
     leases = [lease for lease in survey.leases if lease.host == host.name]
     by_time = sorted(leases, key=lambda lease: (lease.since, lease.cluster, lease.lease_id))
@@ -140,13 +150,15 @@ def host_view(host: HostSpec, survey: HostSurvey) -> HostView:
         host.name, True, capacity, free_capacity(capacity, leases, cluster=""),
         holders=tuple(lease for lease in by_time if lease.held),
         wants=tuple(lease for lease in by_time if not lease.held),
-        error=survey.error, fix=survey.fix, power="on" if sleeps else "",
+        error=survey.error, fix=survey.fix, power=power, power_by=by,
     )
 
 
-def lab_views(hosts: Sequence[HostSpec], surveys: Mapping[str, HostSurvey]) -> list[HostView]:
+def lab_views(hosts: Sequence[HostSpec], surveys: Mapping[str, HostSurvey],
+              head_marks: Sequence[PowerMark] = ()) -> list[HostView]:  # fmt: skip
     """:func:`host_view` of every host, in the order given; a host missing from ``surveys`` is unreached."""
-    return [host_view(h, surveys.get(h.name) or HostSurvey(h.name, False, error="not surveyed")) for h in hosts]
+    return [host_view(h, surveys.get(h.name) or HostSurvey(h.name, False, error="not surveyed"), head_marks)
+            for h in hosts]  # fmt: skip
 
 
 def amount_json(amount: Amount | None) -> dict[str, Any] | None:
@@ -194,7 +206,16 @@ def view_json(view: HostView) -> dict[str, Any]:
         "holders": [lease_json(lease) for lease in view.holders],
         "wants": [lease_json(lease) for lease in view.wants],
         "power": view.power,
+        "power_since": view.power_by.since if view.power_by else None,
+        "power_by": power_by_json(view.power_by),
     }
+
+
+def power_by_json(mark: PowerMark | None) -> dict[str, str] | None:
+    """``{"user", "cluster", "name", "head"}`` of the cluster waking or that woke a host; ``None`` when none."""
+    if mark is None:
+        return None
+    return {"user": mark.user, "cluster": mark.cluster, "name": mark.name, "head": mark.head}
 
 
 def lab_json(views: Iterable[HostView]) -> dict[str, Any]:
@@ -210,7 +231,10 @@ def lab_json(views: Iterable[HostView]) -> dict[str, Any]:
         ``name``, ``head`` (the head's host), ``entry``, ``since`` (Unix time), ``id``, ``holds``,
         ``holds_text``, ``state`` (``busy``, ``idle`` or ``""``: not said) and ``state_since``
         (Unix time or ``null``)) and ``wants`` (the same without the state, with ``wants`` and
-        ``wants_text``), each oldest first.
+        ``wants_text``), each oldest first; ``power`` (``asleep``, ``waking``, ``awake``, ``on``,
+        ``""``), ``power_since`` (Unix time the waking cluster's power-on ran, or its agent said it
+        woke the host; ``null`` otherwise) and ``power_by`` (``user``, ``cluster``, ``name``,
+        ``head`` of that cluster, or ``null``).
     """
     views = list(views)
     held = slots_held(lease for view in views for lease in view.holders)
@@ -264,7 +288,8 @@ def table_rows(views: Iterable[HostView], now: float) -> list[tuple[str, ...]]:
         first = (view.host, amount_text(view.capacity), amount_text(view.free))
         blank = ("", "", "")
         if not view.reached:
-            rows.append((*first, "", "", "", "", "", "asleep" if view.power == "asleep" else "not reached"))
+            said = label_text(view.power, view.power_by, now) if view.power in ("asleep", "waking") else "not reached"
+            rows.append((*first, "", "", "", "", "", said))
             continue
         if view.free is None:
             rows.append((*first, "", "", "", "", "", "leases unknown"))
@@ -289,7 +314,20 @@ def problem_lines(views: Iterable[HostView]) -> list[str]:
             what = "not reached" if not view.reached else "leases not read"
             if view.power == "asleep":
                 what = "asleep (its power-on command wakes it when a cluster needs it), not reached"
+            elif view.power == "waking" and view.power_by is not None:
+                what = f"waking (powered on by {view.power_by.who()}), not reached yet"
             lines.append(f"{view.host}: {what}: {view.error}" + (f"; fix: {view.fix}" if view.fix else ""))
+    return lines
+
+
+def power_lines(views: Iterable[HostView], now: float) -> list[str]:
+    """One line per host a cluster woke: ``h2: awake (woken by nap of alice, from head1 at 14:05)``."""
+    lines = []
+    for view in views:
+        mark = view.power_by
+        if view.power == "awake" and mark is not None:
+            lines.append(f"{view.host}: awake (woken by {mark.who()}, from {mark.head or '?'} at "
+                         f"{_clock(mark.since, now)})")  # fmt: skip
     return lines
 
 
@@ -367,10 +405,10 @@ async def survey_hosts(
             return HostSurvey(name, False, error=f"{exc.strerror or exc}")
         facts = dict(agent.facts)
         try:
-            leases = await agent.lease_list(timeout=timeout)
+            leases, marks = await agent.lease_and_power_list(timeout=timeout)
         except HostError as exc:
             return HostSurvey(name, True, facts, None, error=exc.reason, fix=exc.fix)
-        return HostSurvey(name, True, facts, tuple(leases))
+        return HostSurvey(name, True, facts, tuple(leases), power_marks=tuple(marks))
 
     names = list(hosts)
     try:
@@ -397,4 +435,5 @@ def survey_lab(inv: Inventory, known_hosts_policy: str | None = None, timeout: f
     """Survey ``inv``'s hosts (see :func:`survey_hosts`) and return their rows; runs its own event loop."""
     hosts = survey_targets(inv)
     surveys = asyncio.run(survey_hosts(hosts, survey_settings(known_hosts_policy), timeout))
-    return lab_views(list(hosts.values()), surveys)
+    # Read after the survey: a host found not answering may be one a cluster on this head is waking.
+    return lab_views(list(hosts.values()), surveys, head_power_marks())

@@ -45,6 +45,9 @@ class HostWaker(Protocol):
     def not_awake(self) -> set[str]:
         """The hosts asleep or waking."""
 
+    async def started(self, name: str, agent: HostAgent) -> None:
+        """Host ``name``'s agent started (it says there whether this cluster woke the host)."""
+
 
 def same_release(a: str, b: str) -> bool:
     """True when two dask versions share their first two components."""
@@ -257,6 +260,8 @@ class AgentPool:
             await agent.close(**refuse)
             raise HostError(name, exc.reason, fix=exc.fix or "set speccluster_lease_dir to a safe directory") from None
         self.table.see_leases(name, leases)
+        if self.power is not None:
+            await self.power.started(name, agent)
         for path, data in self.files.items():
             await agent.write_file(path, data)
         timeline.stamp("agent_ready", name)

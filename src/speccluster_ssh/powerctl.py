@@ -48,8 +48,11 @@ from . import operations
 from .errors import HostError
 from .health import HOST_BACKOFF_FIRST, next_retry
 from .power import BOOT_POLL, Power, PowerBook, fill_command, on_host
+from .powermarks import WakingMarks
+from .sharing import display_name
 
 if TYPE_CHECKING:
+    from .agent import HostAgent
     from .cluster_protocols import PowerCluster
     from .connection import HostConnection
     from .inventory import HostSpec
@@ -121,6 +124,8 @@ class PowerKeeper:
         self.pool = pool
         self.table = pool.table
         self.book = PowerBook()
+        # What `hosts` (another process) reads of this cluster's waking (see powermarks.py).
+        self.marks = WakingMarks(pool.cluster_id, display_name(pool.cluster_id))
         self.passes = 0  # looks at the idle hosts so far (tests wait on it)
         self._tasks = tasks
         self._task: asyncio.Task[None] | None = None
@@ -193,6 +198,26 @@ class PowerKeeper:
         await self.run_power(spec, "power on", spec.power_on or ())
         started = time.monotonic()
         self.book.waking_up(name, started)
+        self.marks.start(name)
+        try:
+            await self._boot(spec, connection, why, started)
+        finally:
+            self.marks.end(name)
+
+    async def started(self, name: str, agent: HostAgent) -> None:
+        """Host ``name``'s agent started: when this cluster woke the host, say so there, for ``hosts``."""
+        if self.book.state(name) != Power.AWAKE:
+            return
+        import socket
+
+        try:
+            await agent.lease_power(display_name(self.pool.cluster_id), socket.gethostname(), timeout=10.0)
+        except HostError as exc:  # only the display of `hosts` loses it
+            logger.info("host %s: its woken record not written: %s", name, exc.reason)
+
+    async def _boot(self, spec: HostSpec, connection: HostConnection, why: str, started: float) -> None:
+        """Wait up to host ``spec``'s boot timeout for it to answer SSH after its power-on command."""
+        name = spec.name
         deadline = started + spec.boot_timeout
         last = why
         for _ in range(int(spec.boot_timeout / BOOT_POLL) + 2):  # bounded; the deadline ends it first
@@ -275,6 +300,7 @@ class PowerKeeper:
         """Stop watching (and finding which hosts sleep) and wait until it ended."""
         tasks = [t for t in (self._task, self._probe) if t is not None and not t.done()]
         self._task = None
+        self.marks.close()
         for task in tasks:
             task.cancel()
         if tasks:

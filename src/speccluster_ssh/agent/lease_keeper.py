@@ -13,7 +13,10 @@ Requests
     ``capacity``), ``lease_want`` (``record`` with ``wants``),
     ``lease_release`` and ``lease_unwant`` (``lease``: the id a claim or
     want returned), ``lease_mark`` (``lease``, ``state``: ``busy``, ``idle``
-    or ``""``; rewrites the held file in place), ``lease_list``. The cluster of a record is always the
+    or ``""``; rewrites the held file in place), ``lease_power`` (``record``:
+    ``name``, ``head``, ``host``: the cluster woke this host; held until
+    the agent ends), ``lease_list`` (``records``: leases and wants;
+    ``power``: the power records). The cluster of a record is always the
     agent's own: an agent holds leases for its cluster only.
 Replies
     A claim that does not fit is no failure: ``held`` false, with what is
@@ -42,7 +45,7 @@ if __name__ != "speccluster_agent":  # a plain module of the head; shipped, thes
     from .lease_records import LeaseRefusal
     from .leases import (
         LEASE_LOCK_TIMEOUT, LeaseError, LeaseHandle, LeaseWarnings, lease_claim, lease_dir_path, lease_list,
-        lease_mark, lease_release, lease_touch, lease_want,
+        lease_mark, lease_power, lease_release, lease_touch, lease_want,
     )
 
 #: Seconds between refreshes of the held files' times, for an age-based cleaner of ``/var/tmp``.
@@ -74,6 +77,7 @@ class LeaseKeeper:
             "lease_unwant": self._release,
             "lease_mark": self._mark,
             "lease_list": self._list,
+            "lease_power": self._power,
         }  # type: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]
         action = actions.get(op)
         if action is None:
@@ -117,9 +121,16 @@ class LeaseKeeper:
         marked = handle is not None and lease_mark(handle, state, timeout=self.lock_timeout)
         return {"ok": True, "marked": marked, "record": handle.record if marked and handle else None}
 
+    def _power(self, message: Dict[str, Any]) -> Dict[str, Any]:
+        record = self._record(message)
+        record["power"] = "woken"
+        return self._kept(lease_power(self.path, record, self.warnings, timeout=self.lock_timeout))
+
     def _list(self, message: Dict[str, Any]) -> Dict[str, Any]:
         records = lease_list(self.path, self.warnings, timeout=self.lock_timeout)
-        return {"ok": True, "records": records, "mine": sorted(self.handles)}
+        # Power records hold nothing: apart, so no reader counts them as leases or wants.
+        return {"ok": True, "records": [r for r in records if r["kind"] != "power"],
+                "power": [r for r in records if r["kind"] == "power"], "mine": sorted(self.handles)}
 
     def release_all(self) -> None:
         """Give back every lease and want (the agent is stopping, its children have)."""

@@ -41,6 +41,9 @@ _LEASE_AMOUNTS = ("slots", "cores", "memory")
 _LEASE_TEXT_LIMIT = 256
 #: What a holder may say of its lease (``lease_mark``); ``""`` is "not said".
 LEASE_STATES = ("", "busy", "idle")
+#: What a ``power`` record says of its host (see ``leases.py``): a cluster's power-on ran and it is
+#: ``waking`` (written on the head), or the cluster woke it and its agent runs there (``woken``).
+LEASE_POWER_STATES = ("waking", "woken")
 
 
 class LeaseRefusal:
@@ -129,7 +132,7 @@ def lease_record(data: Any, kind: str) -> Tuple[Optional[Dict[str, Any]], str]:
 
     The record has ``kind``, ``uid`` (as written: the reader compares it with the file's owner),
     ``cluster``, ``name``, ``head``, ``entry``, ``pid``, ``since``, ``holds`` (a lease) or ``wants``
-    (a want), ``state`` (one of :data:`LEASE_STATES`, ``""`` when absent) and ``state_since``
+    (a want) or ``power`` (a power record: one of :data:`LEASE_POWER_STATES`), ``state`` (one of :data:`LEASE_STATES`, ``""`` when absent) and ``state_since``
     (``0.0`` when absent).
     """
     if not isinstance(data, dict):
@@ -159,6 +162,12 @@ def lease_record(data: Any, kind: str) -> Tuple[Optional[Dict[str, Any]], str]:
     if state_since is None:
         return None, "its state_since is not a time"
     record["state_since"] = state_since
+    if kind == "power":
+        # No amount: it says who woke the host (a cluster), not what it holds.
+        if data.get("power") not in LEASE_POWER_STATES:
+            return None, "its power is not waking or woken"
+        record["power"] = data["power"]
+        return record, ""
     field = "holds" if kind == "lease" else "wants"
     amount, why = lease_amount(data.get(field))
     if amount is None:

@@ -19,6 +19,7 @@ from ..leases import Lease
 
 if TYPE_CHECKING:
     from ..inventory import HostSpec
+    from ..powermarks import PowerMark
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,28 @@ class LeaseRequests:
         """
         reply = await self.request("lease_list", timeout=timeout)
         return [Lease.from_record(self.host.name, r) for r in reply.get("records") or ()]
+
+    async def lease_and_power_list(self, timeout: float = 60.0) -> tuple[list[Lease], list[PowerMark]]:
+        """:meth:`lease_list`, and the power records there: who woke the host (see :mod:`~speccluster_ssh.powermarks`)."""
+        from ..powermarks import PowerMark
+
+        reply = await self.request("lease_list", timeout=timeout)
+        leases = [Lease.from_record(self.host.name, r) for r in reply.get("records") or ()]
+        return leases, [PowerMark.from_record(r) for r in reply.get("power") or ()]
+
+    async def lease_power(self, name: str, head: str, timeout: float = 60.0) -> str:
+        """Say on the host that this cluster woke it, until the agent ends; the record's id.
+
+        Parameters
+        ----------
+        name, head
+            Shown to other users: the cluster's name and the head's host.
+        timeout
+            Seconds to wait for the agent's answer.
+        """
+        record = {"name": name, "head": head, "host": self.host.name}
+        reply = await self.request("lease_power", timeout=timeout, record=record)
+        return str(reply["lease"])
 
     def _held(self, reply: dict[str, Any]) -> HeldLease:
         return HeldLease(self.host.name, str(reply["lease"]), Lease.from_record(self.host.name, reply["record"]))

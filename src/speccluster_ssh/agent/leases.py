@@ -9,7 +9,7 @@ plain module too. The agent's requests on it are ``lease_keeper.py``'s.
 What is decided, and why
 ------------------------
 Where
-    Files ``speccluster-<lease|want>.<uid>.<16 hex>.json`` directly in
+    Files ``speccluster-<lease|want|power>.<uid>.<16 hex>.json`` directly in
     ``/var/tmp``: on a stock Linux host it exists, is root's, mode 1777 and
     local. A subdirectory would be its first user's, and a sticky
     directory's owner may delete anyone's files in it, so others would have
@@ -63,12 +63,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 if __name__ != "speccluster_agent":  # a plain module of the head; shipped, these are globals already
     from .lease_records import (
-        LEASE_MAX_BYTES, LEASE_STATES, LEASE_VERSION, LeaseRefusal, lease_amount, lease_fit, lease_record,
+        LEASE_MAX_BYTES, LEASE_POWER_STATES, LEASE_STATES, LEASE_VERSION, LeaseRefusal, lease_amount, lease_fit,
+        lease_record,
     )
 
 LEASE_DIR_DEFAULT = "/var/tmp"
 LEASE_LOCK_TIMEOUT = 10.0
-_LEASE_NAME = re.compile(r"^speccluster-(lease|want)\.([0-9]{1,10})\.([0-9a-f]{16})\.json$")
+_LEASE_NAME = re.compile(r"^speccluster-(lease|want|power)\.([0-9]{1,10})\.([0-9a-f]{16})\.json$")
 _LEASE_FIX_SHARED = ("use a directory owned by root with mode 1777, such as the default /var/tmp "
                      "(to make one: sudo install -d -m 1777 -o root -g root DIR), or one only you write to")
 
@@ -387,11 +388,11 @@ def _lease_create(dir_fd: int, path: str, kind: str, content: Dict[str, Any]) ->
     raise LeaseError(f"cannot find a free lease file name in {path}", "try again")
 
 
-def _lease_content(kind: str, record: Dict[str, Any], amount: Dict[str, Any]) -> Dict[str, Any]:
+def _lease_content(kind: str, record: Dict[str, Any], amount: Any) -> Dict[str, Any]:
     content = {"v": LEASE_VERSION, "kind": kind, "uid": os.getuid(), "pid": os.getpid(), "since": time.time()}
     for key in ("cluster", "name", "head", "entry", "host"):
         content[key] = record.get(key) or ""
-    content["holds" if kind == "lease" else "wants"] = amount
+    content[{"lease": "holds", "want": "wants"}.get(kind, kind)] = amount
     checked, why = lease_record(content, kind)
     if checked is None:
         raise LeaseError(f"bad {kind} record: {why}", "this is a bug of speccluster-ssh")
@@ -451,6 +452,28 @@ def lease_want(path: str, record: Dict[str, Any], warnings: Optional[LeaseWarnin
         _lease_lock(dir_fd, path, exclusive=True, timeout=timeout)
         _lease_scan(dir_fd, path, warnings if warnings is not None else LeaseWarnings(), sweep=True)
         return _lease_create(dir_fd, path, "want", _lease_content("want", record, amount))
+    except OSError as exc:
+        raise _lease_failed(path, "write", exc) from None
+    finally:
+        os.close(dir_fd)
+
+
+def lease_power(path: str, record: Dict[str, Any], warnings: Optional[LeaseWarnings] = None,
+                timeout: float = LEASE_LOCK_TIMEOUT) -> LeaseHandle:  # fmt: skip
+    """Record that cluster ``record["cluster"]`` woke host ``record["host"]`` (``record["power"]``: ``waking``, ``woken``).
+
+    Held like a lease, so it ends with its holder; ``speccluster-ssh hosts`` reads it to say who
+    woke a host (``woken``, written on the host by the cluster's agent) or that one is booting
+    (``waking``, written on the head, where the host cannot be asked yet).
+    """
+    power = record.get("power")
+    if power not in LEASE_POWER_STATES:
+        raise LeaseError(f"bad power record: {power!r}", "this is a bug of speccluster-ssh")
+    dir_fd = lease_open_dir(path)
+    try:
+        _lease_lock(dir_fd, path, exclusive=True, timeout=timeout)
+        _lease_scan(dir_fd, path, warnings if warnings is not None else LeaseWarnings(), sweep=True)
+        return _lease_create(dir_fd, path, "power", _lease_content("power", record, power))
     except OSError as exc:
         raise _lease_failed(path, "write", exc) from None
     finally:

@@ -33,7 +33,9 @@ def hosts(
     what INVENTORY gives a host; free is that minus every live lease. Each
     holder shows its user, cluster, head host, what it holds, since when,
     and whether its workers are busy or idle. A host with a power-on command
-    that does not answer is shown asleep (the survey never wakes it). Exit
+    that does not answer is shown asleep (the survey never wakes it), or
+    waking while a cluster on this head powers it on; a host a cluster woke
+    is shown awake, with that cluster and its user. Exit
     status 1 when another host could not be reached or its leases not read.
 
     \b
@@ -49,8 +51,8 @@ def hosts(
         _echo_json(lab_json(views))
     else:
         print_lab(views, f"{len(views)} hosts of {inventory}")
-    # A host asleep is no failure: a cluster that needs it wakes it.
-    if any((view.error or not view.reached) and view.power != "asleep" for view in views):
+    # A host asleep is no failure: a cluster that needs it wakes it (or is waking it).
+    if any((view.error or not view.reached) and view.power not in ("asleep", "waking") for view in views):
         _exit(1)
 
 
@@ -79,11 +81,12 @@ def lab_summary(hosts: Sequence[Mapping[str, Any]]) -> str:
 
 def print_lab(views: Sequence[HostView], title: str) -> None:
     """The ``hosts`` table, its summary line, and one line per host that was not reached or read."""
-    from ..labview import TABLE_COLUMNS, problem_lines, table_rows
+    from ..labview import TABLE_COLUMNS, power_lines, problem_lines, table_rows
 
-    _console().print(_table(TABLE_COLUMNS, table_rows(views, time.time()), title=title))
+    now = time.time()
+    _console().print(_table(TABLE_COLUMNS, table_rows(views, now), title=title))
     from ..labview import view_json
 
     click.echo(lab_summary([view_json(view) for view in views]))
-    for line in problem_lines(views):
+    for line in power_lines(views, now) + problem_lines(views):
         click.echo(line)
