@@ -34,7 +34,12 @@ class Detached:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = dict(os.environ, XDG_STATE_HOME=str(root / "state"), XDG_CACHE_HOME=str(root / "cache"))
+        # The module's clusters keep their leases apart from this machine's /var/tmp, where another test
+        # session's clusters would take the local host's slots (own_lease_dir is per test, too late for them).
+        leases = root / "leases"
+        leases.mkdir(mode=0o755)
+        self.env = dict(os.environ, XDG_STATE_HOME=str(root / "state"), XDG_CACHE_HOME=str(root / "cache"),
+                        SPECCLUSTER_SSH_LEASE_DIR=str(leases))
         self.inventory = root / "local.yml"
         self.inventory.write_text(
             "all:\n  hosts:\n    here:\n      ansible_connection: local\n"
