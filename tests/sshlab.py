@@ -609,7 +609,8 @@ class LabHost:
         self.name = f"h{index}"
         self.ip = f"{lab.subnet_base}.{10 + index}"
         # IPv6 address on eth0 when the lab is IPv6-capable (``Lab(ipv6=True)``), else None.
-        self.ip6: str | None = f"{lab.prefix6}::{10 + index}" if lab.ipv6 else None
+        # Canonical form (fd00:250:0::11 is written fd00:250::11 by every tool that prints it).
+        self.ip6: str | None = str(ipaddress.IPv6Address(f"{lab.prefix6}::{10 + index}")) if lab.ipv6 else None
         self.netns = f"{lab.prefix}-h{index}"
         self.dir = lab.workdir / self.name
         self.port_name = self.name  # bridge port in the switch namespace
@@ -1139,7 +1140,7 @@ class Lab:
         o2, o3 = subnet_base.split(".")[1:3]
         self.prefix6 = f"fd00:{o2}:{o3}"
         self.subnet6 = f"fd00:{o2}:{o3}::/64"
-        self.head_ip6: str | None = f"{self.prefix6}::1" if ipv6 else None
+        self.head_ip6: str | None = str(ipaddress.IPv6Address(f"{self.prefix6}::1")) if ipv6 else None
         self.n_hosts = n_hosts
         self.prefix = prefix
         self.subnet_base = subnet_base
