@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import dask.config
 
-from . import config, families, timeline
+from . import config, families, peerfamily, timeline
 from .addresses import url
 from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
@@ -29,6 +29,7 @@ from .errors import HostError
 from .hosts import HostTable, HostView
 from .inventory import HostSpec
 from .placement import uneven_gpus
+from .peerfamily import PeerFamily
 from .peerwheels import PeerFanout
 from .shipping import Wheelhouses, ensure_environment, env_lock_of, inspect_environment
 from .tasks import TaskSet, log_failures
@@ -104,6 +105,10 @@ class AgentPool:
         self.agent_probes = False
         self.probes: dict[str, asyncio.Future[dict[str, str] | None]] = {}
         self._probe_server: asyncio.AbstractServer | None = None
+        # The family the hosts use between them when it is not their SSH links' (peerfamily.py),
+        # and then the head's address of that family per host.
+        self.peer_family: PeerFamily | None = None
+        self.head_addresses: dict[str, str] = {}
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
         # Wakes a sleeping host before its agent starts (speccluster_power_on); the cluster sets it.
@@ -207,6 +212,22 @@ class AgentPool:
                 self._starting[name] = task
                 self._unclaimed.add(name)
 
+    async def wait_started(self, names: Iterable[str], timeout: float) -> dict[str, HostAgent]:
+        """The agents of ``names`` that run, or start within ``timeout`` s; a start's outcome stays unclaimed."""
+        names = [n for n in names if n in self.table]
+        starting = [self._starting[n] for n in names if n in self._starting]
+        if starting:
+            # Not cancelled at the deadline: the start goes on for whoever claims it.
+            await asyncio.wait(starting, timeout=timeout)
+        up: dict[str, HostAgent] = {}
+        for name in names:
+            task = self._starting.get(name)
+            if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+                up[name] = task.result()
+            elif task is None and name in self.table.agents:
+                up[name] = self.table.agents[name]
+        return up
+
     async def _start_agent(self, name: str) -> HostAgent:
         import distributed
 
@@ -261,6 +282,8 @@ class AgentPool:
             await agent.write_file(path, data)
         timeline.stamp("agent_ready", name)
         agent.on_lost(lambda reason, host=name, a=agent: self._lost(host, a, reason))
+        if self.peer_family is not None:
+            peerfamily.adopt(self, name, agent)  # the hosts' family between them, chosen before it came
         return agent
 
     async def _environment(self, name: str) -> str:
@@ -328,7 +351,9 @@ class AgentPool:
                 logger.exception("host-lost callback failed for %s", name)
 
     def head_address_for(self, name: str) -> str | None:
-        """The head's address as seen from host ``name`` (local end of the SSH link)."""
+        """The head's address as seen from host ``name`` (local end of the SSH link, or of the peers' family)."""
+        if name in self.head_addresses:
+            return self.head_addresses[name]
         conn = self.table.connections.get(name)
         return conn.local_address if conn is not None else None
 
