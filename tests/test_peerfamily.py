@@ -39,8 +39,12 @@ class _Pool:
     def __post_init__(self) -> None:
         self.table = _Table({n: _Spec() for n in self.agents_up})
 
-    async def wait_started(self, names: list[str], timeout: float) -> dict[str, _Agent]:
-        return {n: self.agents_up[n] for n in names}
+    def agent_starts(self, names: list[str]) -> dict[str, asyncio.Future[_Agent]]:
+        out: dict[str, asyncio.Future[_Agent]] = {}
+        for name in names:
+            out[name] = asyncio.get_running_loop().create_future()
+            out[name].set_result(self.agents_up[name])
+        return out
 
 
 def _dual(i: int) -> _Agent:
@@ -123,3 +127,18 @@ def test_the_agents_global_addresses_are_addresses_of_their_family() -> None:
     for version, listed in found.items():
         assert all(ipaddress.ip_address(a).version == int(version) for a in listed), found
         assert not any(ipaddress.ip_address(a).is_loopback for a in listed), found
+
+
+def test_the_first_host_of_one_family_ends_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host still starting (or down) does not hold a lab of one family up: the first hello of one family ends it."""
+    pool = _Pool({"h1": _Agent({"listen_address": "10.0.0.1", "addresses": {"4": ["10.0.0.1"], "6": []}}),
+                  "h2": _dual(2)})
+
+    async def main() -> PeerFamily | None:
+        never: asyncio.Future[_Agent] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[_Agent] = asyncio.get_running_loop().create_future()
+        done.set_result(pool.agents_up["h1"])
+        monkeypatch.setattr(pool, "agent_starts", lambda names: {"h1": done, "h2": never}, raising=False)
+        return await asyncio.wait_for(peerfamily.choose_at_start(pool, ["h1", "h2"], 600.0), 5)  # type: ignore[arg-type]
+
+    assert asyncio.run(main()) is None

@@ -19,6 +19,7 @@ the start no peer probe at all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -155,17 +156,36 @@ def adopt(pool: AgentPool, name: str, agent: HostAgent) -> None:
         _listen_at(pool, name, agent, address)
 
 
+async def _dual_stack_agents(pool: AgentPool, names: Sequence[str], timeout: float) -> dict[str, HostAgent] | None:
+    """The agents of ``names`` that start within ``timeout``; ``None`` as soon as one has a single family."""
+    starts = pool.agent_starts(names)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending: set[asyncio.Future[HostAgent]] = set(starts.values())
+    while pending:
+        # Not cancelled at the deadline: a start goes on for whoever claims it.
+        done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()),
+                                           return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            break
+        for name, start in starts.items():
+            if start in done and not start.cancelled() and start.exception() is None:
+                if other_addresses(pool, {name: start.result()}) is None:
+                    return None  # a host of one family: nothing to choose, and no probe
+    return {n: s.result() for n, s in starts.items() if s.done() and not s.cancelled() and s.exception() is None}
+
+
 async def choose_at_start(pool: AgentPool, names: Sequence[str], timeout: float) -> PeerFamily | None:
     """At a cluster's start: the family between hosts, when they have two and the links' one fails between them.
 
     Waits for the agents of ``names`` that are starting (their outcome left to
-    whoever claims it); with fewer than two of them, or any host of one
-    family, it probes nothing.
+    whoever claims it), and ends at the first one of a single family: labs of
+    one family wait for one agent's hello, and probe nothing.
     """
     from .reach import peer_probe
 
-    up = await pool.wait_started(names, timeout)
-    if len(up) < 2 or other_addresses(pool, up) is None:
+    up = await _dual_stack_agents(pool, names, timeout)
+    if up is None or len(up) < 2 or other_addresses(pool, up) is None:
         return None
     links = {n: str(a.facts.get("listen_address")) for n, a in up.items()}
     first = await peer_probe(pool, list(up), addresses=links)

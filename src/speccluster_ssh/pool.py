@@ -212,21 +212,17 @@ class AgentPool:
                 self._starting[name] = task
                 self._unclaimed.add(name)
 
-    async def wait_started(self, names: Iterable[str], timeout: float) -> dict[str, HostAgent]:
-        """The agents of ``names`` that run, or start within ``timeout`` s; a start's outcome stays unclaimed."""
-        names = [n for n in names if n in self.table]
-        starting = [self._starting[n] for n in names if n in self._starting]
-        if starting:
-            # Not cancelled at the deadline: the start goes on for whoever claims it.
-            await asyncio.wait(starting, timeout=timeout)
-        up: dict[str, HostAgent] = {}
+    def agent_starts(self, names: Iterable[str]) -> dict[str, asyncio.Future[HostAgent]]:
+        """Host -> its agent: a running one's resolved, a starting one's start (its outcome left unclaimed)."""
+        out: dict[str, asyncio.Future[HostAgent]] = {}
         for name in names:
-            task = self._starting.get(name)
-            if task is not None and task.done() and not task.cancelled() and task.exception() is None:
-                up[name] = task.result()
-            elif task is None and name in self.table.agents:
-                up[name] = self.table.agents[name]
-        return up
+            agent = self.table.agents.get(name)
+            if agent is not None and agent.alive:
+                out[name] = asyncio.get_running_loop().create_future()
+                out[name].set_result(agent)
+            elif name in self._starting:
+                out[name] = self._starting[name]
+        return out
 
     async def _start_agent(self, name: str) -> HostAgent:
         import distributed
