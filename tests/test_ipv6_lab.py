@@ -289,3 +289,34 @@ def test_dual_stack_with_ipv4_blocked_between_hosts_uses_ipv6_between_them(
     finally:
         lab6.restore_ipv4()
         lab6.drop_ipv4()
+
+
+def test_a_scheduler_on_a_host_listens_on_ipv6_when_ipv4_is_blocked_between_hosts(lab6: Lab, tmp_path: Path) -> None:
+    """Mode forward, IPv4 dropped between the hosts only: the scheduler on h1 is reached by the other hosts over IPv6."""
+    from speccluster_ssh.cluster import SSHSpecCluster
+
+    path = _inventory(lab6, tmp_path / "v4.yml", hosts={h.name: h.ip for h in lab6.hosts},
+                      speccluster_scheduler_reach="forward")
+
+    async def main() -> None:
+        async with SSHSpecCluster(
+            inventory=path, known_hosts=str(lab6.known_hosts), asynchronous=True, n_workers=3,
+        ) as cluster:
+            reach = cluster.status_report()["scheduler_reach"]
+            assert (reach["mode"], reach["scheduler_host"]) == ("forward", lab6.hosts[0].name), reach
+            assert cluster.scheduler.address.split("://")[1].startswith(f"[{lab6.hosts[0].ip6}]:"), cluster.scheduler.address
+            async with Client(cluster, asynchronous=True) as client:
+                await client.wait_for_workers(3, timeout=120)
+                workers = list(await client.run(os.getpid))
+                assert len(workers) == 3 and _v6_worker_addresses(workers, lab6), workers
+                first = client.submit(list, range(1000), workers=[workers[1]])
+                assert await asyncio.wait_for(client.submit(len, first, workers=[workers[2]]), 60) == 1000
+        await until(lambda: not processes_besides_sshd(lab6), 20, "every process on the lab hosts to end")
+
+    try:
+        lab6.restore_ipv4()
+        lab6.drop_ipv4_between_hosts()
+        run(main(), timeout=300)
+    finally:
+        lab6.restore_ipv4()
+        lab6.drop_ipv4()
