@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from speccluster_ssh import peerfamily, reach
+from speccluster_ssh import peerfamily
 from speccluster_ssh.agent.host import _global_addresses
 from speccluster_ssh.peerfamily import PeerFamily, address_of_family, other_addresses
 
@@ -71,9 +71,8 @@ def test_one_family_hosts_cost_no_probe_at_start(monkeypatch: pytest.MonkeyPatch
     async def no_probe(*args: Any, **kwargs: Any) -> dict[str, dict[str, str]]:
         raise AssertionError("probed hosts of one family")
 
-    monkeypatch.setattr(reach, "peer_probe", no_probe)
     pool = _Pool({"h1": _dual(1), "h2": _Agent({"listen_address": "10.0.0.2", "addresses": {"4": ["10.0.0.2"]}})})
-    assert asyncio.run(peerfamily.choose_at_start(pool, ["h1", "h2"], 1.0)) is None  # type: ignore[arg-type]
+    assert asyncio.run(peerfamily.choose_at_start(pool, ["h1", "h2"], 1.0, no_probe)) is None  # type: ignore[arg-type]
     assert pool.agents_up["h1"].facts["listen_address"] == "10.0.0.1"
 
 
@@ -91,10 +90,9 @@ def _probe_by_family(blocked: int) -> Any:
 
 def test_ipv4_blocked_between_hosts_switches_them_to_ipv6(monkeypatch: pytest.MonkeyPatch) -> None:
     probe, calls = _probe_by_family(blocked=4)
-    monkeypatch.setattr(reach, "peer_probe", probe)
     pool = _Pool({"h1": _dual(1), "h2": _dual(2)})
     monkeypatch.setattr(peerfamily.families, "route_source", lambda address: "fd00::99")
-    found = asyncio.run(peerfamily.choose_at_start(pool, ["h1", "h2"], 1.0))  # type: ignore[arg-type]
+    found = asyncio.run(peerfamily.choose_at_start(pool, ["h1", "h2"], 1.0, probe))  # type: ignore[arg-type]
     assert found == PeerFamily(6, ("h1", "h2")) and pool.peer_family == found
     assert len(calls) == 2  # the links' family, then the other one
     assert {n: a.facts["listen_address"] for n, a in pool.agents_up.items()} == {"h1": "fd00::1", "h2": "fd00::2"}
@@ -108,16 +106,14 @@ def test_ipv4_blocked_between_hosts_switches_them_to_ipv6(monkeypatch: pytest.Mo
 
 def test_both_families_blocked_or_none_keeps_the_links_family(monkeypatch: pytest.MonkeyPatch) -> None:
     probe, calls = _probe_by_family(blocked=6)  # the links' family works: one probe, nothing changes
-    monkeypatch.setattr(reach, "peer_probe", probe)
     pool = _Pool({"h1": _dual(1), "h2": _dual(2)})
-    assert asyncio.run(peerfamily.choose_at_start(pool, ["h1", "h2"], 1.0)) is None  # type: ignore[arg-type]
+    assert asyncio.run(peerfamily.choose_at_start(pool, ["h1", "h2"], 1.0, probe)) is None  # type: ignore[arg-type]
     assert len(calls) == 1 and pool.peer_family is None and not pool.head_addresses
 
     async def both(pool: Any, names: list[str], addresses: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
         return {n: {p: "refused" for p in names if p != n} for n in names}
 
-    monkeypatch.setattr(reach, "peer_probe", both)
-    assert asyncio.run(peerfamily.choose_at_start(pool, ["h1", "h2"], 1.0)) is None  # type: ignore[arg-type]
+    assert asyncio.run(peerfamily.choose_at_start(pool, ["h1", "h2"], 1.0, both)) is None  # type: ignore[arg-type]
     assert pool.agents_up["h1"].facts["listen_address"] == "10.0.0.1"
 
 
@@ -127,6 +123,10 @@ def test_the_agents_global_addresses_are_addresses_of_their_family() -> None:
     for version, listed in found.items():
         assert all(ipaddress.ip_address(a).version == int(version) for a in listed), found
         assert not any(ipaddress.ip_address(a).is_loopback for a in listed), found
+
+
+async def _no_probe(*args: Any, **kwargs: Any) -> dict[str, dict[str, str]]:
+    raise AssertionError("probed hosts of one family")
 
 
 def test_the_first_host_of_one_family_ends_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,6 +139,6 @@ def test_the_first_host_of_one_family_ends_the_wait(monkeypatch: pytest.MonkeyPa
         done: asyncio.Future[_Agent] = asyncio.get_running_loop().create_future()
         done.set_result(pool.agents_up["h1"])
         monkeypatch.setattr(pool, "agent_starts", lambda names: {"h1": done, "h2": never}, raising=False)
-        return await asyncio.wait_for(peerfamily.choose_at_start(pool, ["h1", "h2"], 600.0), 5)  # type: ignore[arg-type]
+        return await asyncio.wait_for(peerfamily.choose_at_start(pool, ["h1", "h2"], 600.0, _no_probe), 5)  # type: ignore[arg-type]
 
     assert asyncio.run(main()) is None

@@ -21,16 +21,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import families
 from .addresses import family, family_name
 
 if TYPE_CHECKING:
     from .agent import HostAgent
-    from .pool import AgentPool
+
+#: :func:`speccluster_ssh.reach.peer_probe`: (pool, hosts, addresses) -> host -> {peer: why not}.
+PeerProbe = Callable[..., Awaitable[dict[str, dict[str, str]]]]
+
+
+class AgentPool(Protocol):
+    """What this module uses of :class:`speccluster_ssh.pool.AgentPool` (which imports this module)."""
+
+    table: Any
+    peer_family: PeerFamily | None
+    head_addresses: dict[str, str]
+
+    def agent_starts(self, names: Sequence[str]) -> Mapping[str, asyncio.Future[HostAgent]]: ...
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +106,7 @@ def other_addresses(pool: AgentPool, agents: Mapping[str, HostAgent]) -> dict[st
 
 
 async def try_other_family(
-    pool: AgentPool, agents: Mapping[str, HostAgent], failed: Mapping[str, Mapping[str, str]]
+    pool: AgentPool, agents: Mapping[str, HostAgent], failed: Mapping[str, Mapping[str, str]], peer_probe: PeerProbe
 ) -> tuple[PeerFamily, dict[str, str]] | None:
     """After a peer probe that ``failed`` over the links' family: do the hosts reach each other over the other?
 
@@ -105,8 +117,6 @@ async def try_other_family(
         it; ``None`` when nothing failed, a host lacks the other family (no
         probe then), or the other family fails too.
     """
-    from .reach import peer_probe
-
     names = list(agents)
     if not any(failed.get(n) for n in names):
         return None
@@ -175,21 +185,22 @@ async def _dual_stack_agents(pool: AgentPool, names: Sequence[str], timeout: flo
     return {n: s.result() for n, s in starts.items() if s.done() and not s.cancelled() and s.exception() is None}
 
 
-async def choose_at_start(pool: AgentPool, names: Sequence[str], timeout: float) -> PeerFamily | None:
+async def choose_at_start(
+    pool: AgentPool, names: Sequence[str], timeout: float, peer_probe: PeerProbe
+) -> PeerFamily | None:
     """At a cluster's start: the family between hosts, when they have two and the links' one fails between them.
 
     Waits for the agents of ``names`` that are starting (their outcome left to
     whoever claims it), and ends at the first one of a single family: labs of
-    one family wait for one agent's hello, and probe nothing.
+    one family wait for one agent's hello, and probe nothing. ``peer_probe``
+    is :func:`speccluster_ssh.reach.peer_probe` (which imports this module).
     """
-    from .reach import peer_probe
-
     up = await _dual_stack_agents(pool, names, timeout)
     if up is None or len(up) < 2 or other_addresses(pool, up) is None:
         return None
     links = {n: str(a.facts.get("listen_address")) for n, a in up.items()}
     first = await peer_probe(pool, list(up), addresses=links)
-    found = await try_other_family(pool, up, first)
+    found = await try_other_family(pool, up, first, peer_probe)
     if found is None:
         return None
     use(pool, *found, up)

@@ -517,7 +517,7 @@ async def probe_by_channels(
         result.peers = await peer_probe(pool, up)
         if any(result.peers.values()) and all(n in pool.agents for n in up):
             # Hosts with both families may reach each other over the one their SSH links do not use.
-            found = await peerfamily.try_other_family(pool, {n: pool.agents[n] for n in up}, result.peers)
+            found = await peerfamily.try_other_family(pool, {n: pool.agents[n] for n in up}, result.peers, peer_probe)
             if found is not None:
                 result.peer_family, result.peers = found[0], {n: {} for n in up}
     return result

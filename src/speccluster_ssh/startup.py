@@ -163,7 +163,8 @@ async def start(
         # Hosts with both address families: which one works between them (peerfamily.py). It overlaps a
         # scheduler on the head's start; one on a host listens on that family, so it waits for it.
         family = cluster.pool.tasks.start(
-            peerfamily.choose_at_start(cluster.pool, sorted(names), cluster.pool.agent_timeout + reach.PROBE_SLACK),
+            peerfamily.choose_at_start(cluster.pool, sorted(names), cluster.pool.agent_timeout + reach.PROBE_SLACK,
+                                       reach.peer_probe),
             name="choose the address family between hosts",
         )
         if cluster.reach is not None and cluster.reach.scheduler_host is not None:
