@@ -1457,6 +1457,20 @@ class Lab:
             host.base_output_rules = ['oifname != "lo" meta nfproto ipv4 drop']
             host.firewall([])
 
+    def drop_ipv4_between_hosts(self) -> None:
+        """Drop IPv4 between the lab hosts only (head <-> host stays open), both ways, in their own nftables.
+
+        A dual-stack lab whose hosts reach each other over IPv6 alone;
+        ``reset()`` keeps this, :meth:`restore_ipv4` undoes it.
+        """
+        if not self.ipv6:
+            raise LabError("dropping IPv4 between the hosts leaves them nothing: make the lab with ipv6=True")
+        for host in self.hosts:
+            others = ", ".join(h.ip for h in self.hosts if h is not host)
+            host.base_rules = [f"ip saddr {{ {others} }} drop"]
+            host.base_output_rules = [f"ip daddr {{ {others} }} drop"]
+            host.firewall([])
+
     def restore_ipv4(self) -> None:
         """Undo :meth:`drop_ipv4` (and any other firewall of the hosts)."""
         for host in self.hosts:

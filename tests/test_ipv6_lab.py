@@ -248,3 +248,75 @@ def test_dual_stack_with_ipv4_blocked_picks_ipv6(lab6: Lab, cli: Cli, tmp_path: 
         cli.ok("down", "--name", "dual", "--timeout", "60")
     run(until(lambda: not processes_besides_sshd(lab6), 20, "every process on the lab hosts to end"), timeout=60)
 
+
+
+def test_dual_stack_with_ipv4_blocked_between_hosts_uses_ipv6_between_them(
+    lab6: Lab, cli: Cli, tmp_path: Path  # noqa: F811
+) -> None:
+    """IPv4 open head <-> hosts, dropped host <-> host: workers use IPv6, data moves between them, check says so."""
+    from speccluster_ssh.cluster import SSHSpecCluster
+
+    # The head reaches the hosts over IPv4 (their inventory address); the hosts each other over IPv6 alone.
+    path = _inventory(lab6, tmp_path / "v4.yml", hosts={h.name: h.ip for h in lab6.hosts})
+
+    async def main() -> None:
+        async with SSHSpecCluster(
+            inventory=path, known_hosts=str(lab6.known_hosts), asynchronous=True, n_workers=3,
+        ) as cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                await client.wait_for_workers(3, timeout=120)
+                workers = list(await client.run(os.getpid))
+                # A result held by one worker, needed by a task on another: a fetch between hosts.
+                first = client.submit(list, range(1000), workers=[workers[0]])
+                second = client.submit(len, first, workers=[workers[1]], allow_other_workers=False)
+                assert await asyncio.wait_for(second, 60) == 1000
+                assert len(workers) == 3 and _v6_worker_addresses(workers, lab6), workers
+        await until(lambda: not processes_besides_sshd(lab6), 20, "every process on the lab hosts to end")
+
+    try:
+        lab6.restore_ipv4()
+        lab6.drop_ipv4_between_hosts()
+        run(main(), timeout=300)
+        result = cli.run("check", str(path), "--timeout", "30")
+        print(result.stdout, result.stderr)
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert "address family: IPv4 (h1, h2, h3)" in result.stdout  # the head's links
+        assert "address family: IPv6 between hosts (IPv4 blocked between h1, h2, h3)" in result.stdout
+        rows = {row["host"]: row for row in cli.json("check", str(path), "--timeout", "30")["hosts"]}
+        assert {n: (r["peer_family"], r["reaches_peers"]) for n, r in rows.items()} == {
+            h.name: ("IPv6", True) for h in lab6.hosts
+        }, rows
+    finally:
+        lab6.restore_ipv4()
+        lab6.drop_ipv4()
+
+
+def test_a_scheduler_on_a_host_listens_on_ipv6_when_ipv4_is_blocked_between_hosts(lab6: Lab, tmp_path: Path) -> None:
+    """Mode forward, IPv4 dropped between the hosts only: the scheduler on h1 is reached by the other hosts over IPv6."""
+    from speccluster_ssh.cluster import SSHSpecCluster
+
+    path = _inventory(lab6, tmp_path / "v4.yml", hosts={h.name: h.ip for h in lab6.hosts},
+                      speccluster_scheduler_reach="forward")
+
+    async def main() -> None:
+        async with SSHSpecCluster(
+            inventory=path, known_hosts=str(lab6.known_hosts), asynchronous=True, n_workers=3,
+        ) as cluster:
+            reach = cluster.status_report()["scheduler_reach"]
+            assert (reach["mode"], reach["scheduler_host"]) == ("forward", lab6.hosts[0].name), reach
+            assert cluster.scheduler.address.split("://")[1].startswith(f"[{lab6.hosts[0].ip6}]:"), cluster.scheduler.address
+            async with Client(cluster, asynchronous=True) as client:
+                await client.wait_for_workers(3, timeout=120)
+                workers = list(await client.run(os.getpid))
+                assert len(workers) == 3 and _v6_worker_addresses(workers, lab6), workers
+                first = client.submit(list, range(1000), workers=[workers[1]])
+                assert await asyncio.wait_for(client.submit(len, first, workers=[workers[2]]), 60) == 1000
+        await until(lambda: not processes_besides_sshd(lab6), 20, "every process on the lab hosts to end")
+
+    try:
+        lab6.restore_ipv4()
+        lab6.drop_ipv4_between_hosts()
+        run(main(), timeout=300)
+    finally:
+        lab6.restore_ipv4()
+        lab6.drop_ipv4()

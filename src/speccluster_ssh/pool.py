@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import dask.config
 
-from . import config, families, timeline
+from . import config, families, peerfamily, timeline
 from .addresses import url
 from .agent import HostAgent
 from .connection import ConnectSettings, HostConnection
@@ -29,6 +29,7 @@ from .errors import HostError
 from .hosts import HostTable, HostView
 from .inventory import HostSpec
 from .placement import uneven_gpus
+from .peerfamily import PeerFamily
 from .peerwheels import PeerFanout
 from .shipping import Wheelhouses, ensure_environment, env_lock_of, inspect_environment
 from .tasks import TaskSet, log_failures
@@ -107,6 +108,10 @@ class AgentPool:
         self.agent_probes = False
         self.probes: dict[str, asyncio.Future[dict[str, str] | None]] = {}
         self._probe_server: asyncio.AbstractServer | None = None
+        # The family the hosts use between them when it is not their SSH links' (peerfamily.py),
+        # and then the head's address of that family per host.
+        self.peer_family: PeerFamily | None = None
+        self.head_addresses: dict[str, str] = {}
         # Agent starts and connection closes; awaited by close().
         self.tasks = TaskSet(f"agents of {cluster_id}", logger)
         # Wakes a sleeping host before its agent starts (speccluster_power_on); the cluster sets it.
@@ -210,6 +215,18 @@ class AgentPool:
                 self._starting[name] = task
                 self._unclaimed.add(name)
 
+    def agent_starts(self, names: Iterable[str]) -> dict[str, asyncio.Future[HostAgent]]:
+        """Host -> its agent: a running one's resolved, a starting one's start (its outcome left unclaimed)."""
+        out: dict[str, asyncio.Future[HostAgent]] = {}
+        for name in names:
+            agent = self.table.agents.get(name)
+            if agent is not None and agent.alive:
+                out[name] = asyncio.get_running_loop().create_future()
+                out[name].set_result(agent)
+            elif name in self._starting:
+                out[name] = self._starting[name]
+        return out
+
     async def _start_agent(self, name: str) -> HostAgent:
         import distributed
 
@@ -266,6 +283,8 @@ class AgentPool:
             await agent.write_file(path, data)
         timeline.stamp("agent_ready", name)
         agent.on_lost(lambda reason, host=name, a=agent: self._lost(host, a, reason))
+        if self.peer_family is not None:
+            peerfamily.adopt(self, name, agent)  # the hosts' family between them, chosen before it came
         return agent
 
     async def _environment(self, name: str) -> str:
@@ -333,7 +352,9 @@ class AgentPool:
                 logger.exception("host-lost callback failed for %s", name)
 
     def head_address_for(self, name: str) -> str | None:
-        """The head's address as seen from host ``name`` (local end of the SSH link)."""
+        """The head's address as seen from host ``name`` (local end of the SSH link, or of the peers' family)."""
+        if name in self.head_addresses:
+            return self.head_addresses[name]
         conn = self.table.connections.get(name)
         return conn.local_address if conn is not None else None
 

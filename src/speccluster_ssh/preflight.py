@@ -53,7 +53,9 @@ def check_lab(inv: Inventory, policy: str | None, timeout: float) -> tuple[list[
         the head reached it: ``via`` (the jump hosts as named, ``None`` when
         direct) and ``reach`` (``direct`` or ``through jump host NAME``);
         ``family``, ``"IPv4"`` or ``"IPv6"``: the address family the host was
-        reached over, which its workers listen on;
+        reached over, which its workers listen on; ``peer_family``, the family
+        its peers reach it over (``family``, unless only the other one works
+        between the hosts: then ``peer_family_why`` says so, and ``up`` uses it);
         ``reaches_peers`` (whether it can open a connection to a port every
         other host listens on, as dask workers do) and ``unreached_peers``;
         ``capacity``, ``free``, ``holders`` and ``wants`` as ``hosts --json``
@@ -193,6 +195,11 @@ def _add_reach(row: dict[str, Any], found: ReachProbe, choice: ReachChoice, peer
     unreached = found.peers.get(name, {})
     row["reaches_peers"] = not unreached if peers else None
     row["unreached_peers"] = sorted(unreached)
+    if peers:
+        # The family the host's peers reach it over: its SSH link's, unless only the other one works between hosts.
+        row["peer_family"] = family_name(found.peer_family.family) if found.peer_family else row.get("family")
+        if found.peer_family is not None:
+            row["peer_family_why"] = found.peer_family.describe()
     problems: list[str] = []
     if unreached:
         problems.append(peer_problem(name, unreached, peers))

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import families, timeline
+from . import families, peerfamily, timeline
 from .addresses import format_hostport
 from .errors import HostError, UserError
 from .pool import AgentPool
@@ -165,12 +165,16 @@ class ReachProbe:
         Host -> the jump hosts the head goes through, ``None`` when direct.
     peers
         Host -> {peer: why not} for the peers it cannot reach (empty when it reaches them all).
+    peer_family
+        Set when the hosts reach each other over the address family their
+        SSH links do not use only (then ``peers`` are those over it).
     """
 
     to_head: dict[str, str] = field(default_factory=dict)
     from_head: dict[str, str] = field(default_factory=dict)
     via: dict[str, str | None] = field(default_factory=dict)
     peers: dict[str, dict[str, str]] = field(default_factory=dict)
+    peer_family: peerfamily.PeerFamily | None = None
 
 
 @dataclass(frozen=True)
@@ -510,7 +514,12 @@ async def probe_by_channels(
     # A host that did not answer the first probe counts as not answering.
     result.from_head.update({t: why for t, why in answered.items() if t in result.to_head})
     if peers and len(up) > 1:
-        result.peers = await _peer_probe(pool, up)
+        result.peers = await peer_probe(pool, up)
+        if any(result.peers.values()) and all(n in pool.agents for n in up):
+            # Hosts with both families may reach each other over the one their SSH links do not use.
+            found = await peerfamily.try_other_family(pool, {n: pool.agents[n] for n in up}, result.peers, peer_probe)
+            if found is not None:
+                result.peer_family, result.peers = found[0], {n: {} for n in up}
     return result
 
 
@@ -532,8 +541,14 @@ async def _head_reaches(pool: AgentPool, name: str) -> str:
         return exc.reason if isinstance(exc, HostError) else "the probe listener did not start"
 
 
-async def _peer_probe(pool: AgentPool, names: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Host -> {peer: why not}: every host connects to a port each of its peers listens on."""
+async def peer_probe(
+    pool: AgentPool, names: Sequence[str], addresses: Mapping[str, str] | None = None
+) -> dict[str, dict[str, str]]:
+    """Host -> {peer: why not}: every host connects to a port each of its peers listens on.
+
+    ``addresses`` (host -> address) are where the peers are tried; by default
+    each host's end of its SSH link.
+    """
     async with contextlib.AsyncExitStack() as stack:
         listeners: dict[str, _Listener] = {}
         opened = await asyncio.gather(
@@ -542,7 +557,8 @@ async def _peer_probe(pool: AgentPool, names: Sequence[str]) -> dict[str, dict[s
         for name, item in zip(names, opened):
             if isinstance(item, _Listener) and item.port is not None:
                 listeners[name] = item
-        targets = {n: _target(_listen_address(pool, n), listeners[n].port or 0) for n in listeners}
+        where = {n: (addresses or {}).get(n) or _listen_address(pool, n) for n in listeners}
+        targets = {n: _target(where[n], listeners[n].port or 0) for n in listeners}
 
         async def one(name: str) -> tuple[str, dict[str, str]]:
             wanted = {targets[p]: p for p in listeners if p != name}

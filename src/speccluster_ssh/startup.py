@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.scheduler import Scheduler
 
 from . import config as sc_config
-from . import entries, reach, timeline
+from . import entries, peerfamily, reach, timeline
 from .addresses import split_url
 from .connection import ConnectSettings
 from .errors import HostError, StartError, UserError
@@ -160,11 +160,21 @@ async def start(
         except BaseException:
             await cluster.pool.close()
             raise
+        # Hosts with both address families: which one works between them (peerfamily.py). It overlaps a
+        # scheduler on the head's start; one on a host listens on that family, so it waits for it.
+        family = cluster.pool.tasks.start(
+            peerfamily.choose_at_start(cluster.pool, sorted(names), cluster.pool.agent_timeout + reach.PROBE_SLACK,
+                                       reach.peer_probe),
+            name="choose the address family between hosts",
+        )
+        if cluster.reach is not None and cluster.reach.scheduler_host is not None:
+            await family
         # distributed makes the scheduler from its spec: one on a host is handed the agent pool there.
         spec = cluster.scheduler_spec
         cluster.scheduler_spec = {**spec, "options": with_pool(spec["cls"], spec.get("options", {}), cluster.pool)}
         await start_scheduler()
         timeline.stamp("scheduler_ready")
+        await family
     except RuntimeError as exc:
         await cluster.pool.close()
         host_error = host_error_of(exc)

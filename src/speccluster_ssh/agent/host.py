@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 from typing import Any
 
 
@@ -202,6 +203,42 @@ def _listen_address(config: dict[str, Any]) -> str | None:
     if len(fields) == 4:
         return fields[2]
     return config.get("listen_address")
+
+
+def _global_addresses() -> dict[str, list[str]]:
+    """This host's global addresses, ``{"4": [...], "6": [...]}``: the head picks the family between hosts from them.
+
+    ``ip -j addr`` where there is one; else /proc/net/if_inet6 for IPv6 and
+    our end of the SSH link for IPv4 (the resolver's view of our own name is
+    unreliable).
+    """
+    found: dict[str, list[str]] = {"4": [], "6": []}
+    ip = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if os.path.exists(p)), None)
+    if ip:
+        try:
+            out = subprocess.run([ip, "-j", "addr", "show", "scope", "global"], capture_output=True, timeout=5,
+                                 check=True).stdout
+            for link in json.loads(out or b"[]"):
+                for info in link.get("addr_info", []):
+                    version = {"inet": "4", "inet6": "6"}.get(info.get("family"))
+                    if version and info.get("local") and not info.get("tentative") and not info.get("deprecated"):
+                        found[version].append(str(info["local"]))
+            return found
+        except (OSError, ValueError, AttributeError, TypeError, subprocess.SubprocessError):
+            found = {"4": [], "6": []}
+    try:
+        with open("/proc/net/if_inet6") as lines:
+            for line in lines:
+                fields = line.split()
+                # Scope 00 is global; flags 0x40 tentative, 0x20 deprecated.
+                if len(fields) >= 6 and fields[3] == "00" and not int(fields[4], 16) & 0x60:
+                    found["6"].append(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0])))
+    except (OSError, ValueError):
+        pass
+    ssh = os.environ.get("SSH_CONNECTION", "").split()
+    if len(ssh) == 4 and ":" not in ssh[2]:
+        found["4"].append(ssh[2])
+    return found
 
 
 def _distributed_version() -> str:

@@ -84,8 +84,8 @@ if TYPE_CHECKING:  # shipped, these are globals already: the other sources run f
     from .lease_keeper import LeaseKeeper
     from .leases import LEASE_LOCK_TIMEOUT
     from .host import (
-        _cpu_count, _detect_gpus, _distributed_version, _listen_address, _private_dir, _probe_writable, _reach_probe,
-        _total_memory,
+        _cpu_count, _detect_gpus, _distributed_version, _global_addresses, _listen_address, _private_dir,
+        _probe_writable, _reach_probe, _total_memory,
     )
     from .logs import (
         DEFAULT_RETENTION, TAIL_BYTES, LogFile, LogPipe, _base_dir, _hold_lock, _kept_logs, _leave, _sweep, _tail_of,
@@ -487,6 +487,7 @@ class Agent:
                 "memory": _total_memory(),
                 "dir": self.dir,
                 "listen_address": _listen_address(self.config),
+                "addresses": _global_addresses(),
                 "free_disk": shutil.disk_usage(self.dir).free,
                 **gpus,
                 **self.class_facts,

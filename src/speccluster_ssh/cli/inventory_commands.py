@@ -257,6 +257,10 @@ def check(
         if by_family:
             # Which family the hosts answered over, and so the one their workers will use.
             click.echo("address family: " + "; ".join(f"{fam} ({', '.join(names)})" for fam, names in sorted(by_family.items())))
+        between = sorted({r["peer_family_why"] for r in rows if r.get("peer_family_why")})
+        if between:
+            # The hosts reach each other only over the family their SSH links do not use: the workers use it.
+            click.echo("address family: " + "; ".join(between))
         for r in rows:
             if r.get("unreached_peers"):
                 click.echo(f"{r['host']}: {r['problems'][0]}")
