@@ -447,15 +447,7 @@ def lease_want(path: str, record: Dict[str, Any], warnings: Optional[LeaseWarnin
     amount, why = lease_amount(record.get("wants"))
     if amount is None:
         raise LeaseError(f"bad want: {why}", "this is a bug of speccluster-ssh")
-    dir_fd = lease_open_dir(path)
-    try:
-        _lease_lock(dir_fd, path, exclusive=True, timeout=timeout)
-        _lease_scan(dir_fd, path, warnings if warnings is not None else LeaseWarnings(), sweep=True)
-        return _lease_create(dir_fd, path, "want", _lease_content("want", record, amount))
-    except OSError as exc:
-        raise _lease_failed(path, "write", exc) from None
-    finally:
-        os.close(dir_fd)
+    return _lease_record(path, "want", _lease_content("want", record, amount), warnings, timeout)
 
 
 def lease_power(path: str, record: Dict[str, Any], warnings: Optional[LeaseWarnings] = None,
@@ -469,11 +461,17 @@ def lease_power(path: str, record: Dict[str, Any], warnings: Optional[LeaseWarni
     power = record.get("power")
     if power not in LEASE_POWER_STATES:
         raise LeaseError(f"bad power record: {power!r}", "this is a bug of speccluster-ssh")
+    return _lease_record(path, "power", _lease_content("power", record, power), warnings, timeout)
+
+
+def _lease_record(path: str, kind: str, content: Dict[str, Any], warnings: Optional[LeaseWarnings],
+                  timeout: float) -> LeaseHandle:  # fmt: skip
+    """Write a held record of ``kind`` (no capacity check: a want or a power record) under the directory's lock."""
     dir_fd = lease_open_dir(path)
     try:
         _lease_lock(dir_fd, path, exclusive=True, timeout=timeout)
         _lease_scan(dir_fd, path, warnings if warnings is not None else LeaseWarnings(), sweep=True)
-        return _lease_create(dir_fd, path, "power", _lease_content("power", record, power))
+        return _lease_create(dir_fd, path, kind, content)
     except OSError as exc:
         raise _lease_failed(path, "write", exc) from None
     finally:
