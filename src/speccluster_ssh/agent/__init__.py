@@ -61,9 +61,9 @@ namespace['main'](config)
 #: The agent's source files, in the order they run in one namespace on the
 #: host: each may use the names of those before it. Split by concern (log
 #: files, host facts, lease records, the lease store, the agent's leases, the
-#: forked child's body, the agent's loop) to keep each file small; none imports another there
+#: forked child's body, the agent's children, the agent's loop) to keep each file small; none imports another there
 #: (none is a package module), and no two define the same top-level name.
-AGENT_SOURCES = ("logs.py", "host.py", "lease_records.py", "leases.py", "lease_keeper.py", "child.py", "remote.py")
+AGENT_SOURCES = ("logs.py", "host.py", "lease_records.py", "leases.py", "lease_keeper.py", "child.py", "children.py", "remote.py")
 
 EventHandler = Callable[[dict[str, Any]], None]
 
