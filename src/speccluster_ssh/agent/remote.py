@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # shipped, these are globals already: the other sources run first in the same namespace
     from .child import worker_class_facts
-    from .children import Child, ChildProcesses, _drain
+    from .children import Child, _drain
     from .lease_keeper import LeaseKeeper
     from .leases import LEASE_LOCK_TIMEOUT
     from .host import (
@@ -91,6 +91,9 @@ if TYPE_CHECKING:  # shipped, these are globals already: the other sources run f
     from .logs import (
         DEFAULT_RETENTION, TAIL_BYTES, LogFile, LogPipe, _base_dir, _hold_lock, _kept_logs, _leave, _sweep, _tail_of,
     )
+
+if __name__ == "speccluster_ssh.agent.remote":  # imported as a package module (tests, docs), not shipped
+    from .children import ChildProcesses
 
 MAX_OUTBUF = 16 * 1024 * 1024
 MARKER_ENV = "SPECCLUSTER_SSH_CLUSTER"
